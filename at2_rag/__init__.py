@@ -1,0 +1,44 @@
+"""at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
+
+from .attributor import Attributor, CapturedRun
+from .errors import (
+    AT2Error,
+    ContextTooLongError,
+    EstimatorFormatError,
+    EstimatorMismatchError,
+    InvalidInputError,
+    NoDocumentsError,
+    PromptRenderError,
+    UnsupportedModelError,
+)
+from .estimator import ScoreEstimator
+from .models import DEFAULT_MODEL_ID, load_default_model, load_model
+from .prompt import PromptTemplate
+from .result import Attribution, Citation, CitedDocument, DocumentScore, SentenceScore
+from .sources import Document
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AT2Error",
+    "Attribution",
+    "Attributor",
+    "CapturedRun",
+    "Citation",
+    "CitedDocument",
+    "ContextTooLongError",
+    "DEFAULT_MODEL_ID",
+    "Document",
+    "DocumentScore",
+    "EstimatorFormatError",
+    "EstimatorMismatchError",
+    "InvalidInputError",
+    "NoDocumentsError",
+    "PromptRenderError",
+    "PromptTemplate",
+    "ScoreEstimator",
+    "SentenceScore",
+    "UnsupportedModelError",
+    "load_default_model",
+    "load_model",
+]

@@ -1,0 +1,388 @@
+"""The Attributor: generate (or take) an answer with attention capture and score every source with the estimator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .capture import capture_attention, install_capture, model_shape, source_matrix, text_config
+from .errors import ContextTooLongError, InvalidInputError
+from .estimator import ScoreEstimator
+from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
+from .prompt import PromptTemplate, RenderedPrompt, render_prompt
+from .result import (
+    MAX_CITED_PER_SENTENCE,
+    RELATIVE_CITATION_CUTOFF,
+    Attribution,
+    Citation,
+    CitedDocument,
+    DocumentScore,
+    SentenceScore,
+)
+from .sources import CharSpan, DocumentLike, normalize_documents
+
+logger = logging.getLogger(__name__)
+
+_UNSET: Any = object()
+DEFAULT_SUPPORT_THRESHOLD = 0.05
+
+
+@dataclass
+class CapturedRun:
+    """Everything one model run produced: the prompt, the answer and per-token features `[T, S, L*H]`
+    (sources = documents first, then sentences)."""
+
+    prompt: RenderedPrompt
+    answer: AnswerTokens
+    token_features: torch.Tensor
+    finish_reason: str | None = None
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.prompt.doc_sources)
+
+
+def _model_lock(model: torch.nn.Module) -> threading.RLock:
+    """One lock per model: capture switches the model's attention function, so runs must not interleave."""
+    lock = getattr(model, "_at2_lock", None)
+    if lock is None:
+        lock = threading.RLock()
+        object.__setattr__(model, "_at2_lock", lock)
+    return lock
+
+
+class Attributor:
+    """Attribute a causal LM's answers to the documents in its prompt with AT2.
+
+    `estimator` may be a ScoreEstimator, a folder, a reference `.pt` file or a Hub id; by default the
+    estimator shipped for this model is used, else uniform average attention (with a warning).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        estimator: ScoreEstimator | str | os.PathLike[str] | None = None,
+        template: PromptTemplate | None = None,
+        model_id: str | None = None,
+        check_model_id: bool = True,
+        support_threshold: float | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template or PromptTemplate()
+        self.model_id = model_id or getattr(model.config, "name_or_path", None) or None
+        self.num_layers, self.num_heads = model_shape(model)
+        install_capture(model)
+        self.estimator = self._resolve_estimator(estimator)
+        self.estimator.check_compatible(
+            self.num_layers, self.num_heads, self.model_id if check_model_id else None
+        )
+        if support_threshold is None:
+            support_threshold = float(self.estimator.metadata.get("support_threshold", DEFAULT_SUPPORT_THRESHOLD))
+        self.support_threshold = support_threshold
+        self._lock = _model_lock(model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        estimator: ScoreEstimator | str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> "Attributor":
+        """Load a local (or Hub) Hugging Face causal LM and wrap it."""
+        from .models import load_model
+
+        attributor_keys = {"template", "model_id", "check_model_id", "support_threshold"}
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k in attributor_keys}
+        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, **kwargs)
+        return cls(model, tokenizer, estimator=estimator, **own)
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> "Attributor":
+        """The embedded SmolLM2-135M-Instruct with its shipped estimator."""
+        from .models import load_default_model
+
+        model, tokenizer = load_default_model()
+        return cls(model, tokenizer, **kwargs)
+
+    def _resolve_estimator(self, estimator: Any) -> ScoreEstimator:
+        if isinstance(estimator, ScoreEstimator):
+            return estimator
+        if estimator is not None:
+            return ScoreEstimator.from_pretrained(estimator)
+        shipped = ScoreEstimator.shipped(self.model_id) if self.model_id else None
+        if shipped is not None:
+            return shipped
+        logger.warning(
+            "no trained AT2 estimator is known for %s: using uniform average attention, which is untrained and "
+            "less faithful; train one with `at2-rag collect` + `at2-rag train`",
+            self.model_id or type(self.model).__name__,
+        )
+        return ScoreEstimator.uniform(self.num_layers, self.num_heads, model_id=self.model_id)
+
+    # ---- public API -------------------------------------------------------------------------------------
+    def generate(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+        max_new_tokens: int = 256,
+        **generate_kwargs: Any,
+    ) -> Attribution:
+        """Generate an answer (greedy by default) while capturing attention; attribute it. No extra passes."""
+        run = self.generate_run(query, documents, history, system_prompt, max_new_tokens, **generate_kwargs)
+        return self.build_attribution(run, query)
+
+    def stream(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+        max_new_tokens: int = 256,
+        **generate_kwargs: Any,
+    ) -> Iterator[str | Attribution]:
+        """Yield answer text chunks as they are generated, then the Attribution as the last item."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["run"] = self.generate_run(
+                    query, documents, history, system_prompt, max_new_tokens, streamer=streamer, **generate_kwargs
+                )
+            except BaseException as exc:  # surfaced in the consuming thread
+                outcome["error"] = exc
+                streamer.end()
+
+        # validate eagerly so bad input fails in the caller's thread before any thread starts
+        self.render(query, documents, history, system_prompt)
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for chunk in streamer:
+            if chunk:
+                yield chunk
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield self.build_attribution(outcome["run"], query)
+
+    def attribute(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        answer: str,
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+    ) -> Attribution:
+        """Attribute an answer produced elsewhere with one forward pass over prompt + answer."""
+        run = self.forward_run(query, documents, answer, history, system_prompt)
+        return self.build_attribution(run, query)
+
+    # ---- runs -------------------------------------------------------------------------------------------
+    def render(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+    ) -> RenderedPrompt:
+        docs = normalize_documents(documents)
+        template = self.template
+        if system_prompt is not _UNSET:
+            template = template.model_copy(update={"system_prompt": system_prompt})
+        return render_prompt(self.tokenizer, query, docs, template, history)
+
+    @property
+    def context_window(self) -> int | None:
+        config = text_config(self.model)
+        return getattr(config, "max_position_embeddings", None)
+
+    def _check_length(self, needed: int, what: str) -> None:
+        limit = self.context_window
+        if limit is not None and needed > limit:
+            raise ContextTooLongError(needed, limit, what)
+
+    def _matrix(self, prompt: RenderedPrompt) -> torch.Tensor:
+        return source_matrix(prompt.num_tokens, prompt.doc_token_spans + prompt.sentence_token_spans)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def generate_run(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+        max_new_tokens: int = 256,
+        **generate_kwargs: Any,
+    ) -> CapturedRun:
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        prompt = self.render(query, documents, history, system_prompt)
+        self._check_length(prompt.num_tokens, "prompt")
+        self._check_length(prompt.num_tokens + max_new_tokens, f"prompt plus max_new_tokens={max_new_tokens}")
+        input_ids = torch.tensor([prompt.input_ids], device=self.device)
+        kwargs = {"do_sample": False, "pad_token_id": self._pad_id()}
+        if not generate_kwargs.get("do_sample"):
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(generate_kwargs)
+        with self._lock, torch.no_grad(), capture_attention(
+            self.model, self._matrix(prompt), prompt.num_tokens - 1
+        ) as state:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        generated = output[0, prompt.num_tokens :].tolist()
+        eos = self._eos_ids()
+        finish = "length"
+        while generated and generated[-1] in eos:
+            generated.pop()
+            finish = "stop"
+        if not generated:
+            logger.warning("the model produced an empty answer")
+        features = state.features()[0][: len(generated)]
+        return CapturedRun(prompt, decode_with_offsets(self.tokenizer, generated), features, finish)
+
+    def forward_run(
+        self,
+        query: str,
+        documents: Sequence[DocumentLike],
+        answer: str,
+        history: Sequence[Any] | None = None,
+        system_prompt: str | None = _UNSET,
+    ) -> CapturedRun:
+        if not isinstance(answer, str) or not answer.strip():
+            raise InvalidInputError("answer must be a non-empty string")
+        prompt = self.render(query, documents, history, system_prompt)
+        tokens = encode_with_offsets(self.tokenizer, answer)
+        total = prompt.num_tokens + len(tokens.token_ids)
+        self._check_length(total, "prompt plus answer")
+        ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
+        start = prompt.num_tokens - 1
+        with self._lock, torch.no_grad(), capture_attention(
+            self.model, self._matrix(prompt), start, start + len(tokens.token_ids)
+        ) as state:
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+        return CapturedRun(prompt, tokens, state.features()[0], None)
+
+    def _pad_id(self) -> int | None:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            eos = self._eos_ids()
+            pad = min(eos) if eos else None
+        return pad
+
+    # ---- scoring ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build_attribution(self, run: CapturedRun, query: str) -> Attribution:
+        prompt, answer = run.prompt, run.answer
+        n_docs = run.num_documents
+        rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
+        whole = self.estimator(target_features(run.token_features, rows_all)).tolist()  # [S]
+        doc_scores, sent_scores = whole[:n_docs], whole[n_docs:]
+
+        sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
+        for j, src in enumerate(prompt.sentence_sources):
+            sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
+
+        documents = []
+        for i, doc in enumerate(prompt.documents):
+            a, b = prompt.doc_token_spans[i]
+            documents.append(
+                DocumentScore(
+                    index=i,
+                    id=doc.id,
+                    title=doc.title,
+                    url=doc.url,
+                    text=doc.text,
+                    metadata=doc.metadata,
+                    score=doc_scores[i],
+                    num_tokens=b - a,
+                    sentences=[
+                        SentenceScore(text=s.text, start=s.span.start, end=s.span.end, score=sent_scores[j])
+                        for j, s in sentences_by_doc.get(i, [])
+                    ],
+                )
+            )
+
+        citations = []
+        for span, rows in answer_targets(answer):
+            scores = self.estimator(target_features(run.token_features, rows)).tolist()
+            citations.append(self._citation(answer.text, span, scores, prompt, sentences_by_doc))
+        supported = bool(max(doc_scores, default=0.0) >= self.support_threshold)
+        return Attribution(
+            query=query,
+            answer=answer.text,
+            prompt=prompt.text,
+            documents=documents,
+            citations=citations,
+            estimator=repr(self.estimator),
+            estimator_trained=self.estimator.trained,
+            support_threshold=self.support_threshold,
+            supported=supported,
+            num_prompt_tokens=prompt.num_tokens,
+            num_answer_tokens=len(answer.token_ids),
+            finish_reason=run.finish_reason,
+        )
+
+    def _citation(
+        self,
+        answer_text: str,
+        span: CharSpan,
+        scores: list[float],
+        prompt: RenderedPrompt,
+        sentences_by_doc: dict[int, list[tuple[int, Any]]],
+    ) -> Citation:
+        n_docs = len(prompt.doc_sources)
+        doc_scores, sent_scores = scores[:n_docs], scores[n_docs:]
+        ranked = sorted(range(n_docs), key=lambda i: doc_scores[i], reverse=True)
+        cited_docs = []
+        for i in ranked:
+            doc = prompt.documents[i]
+            sents = sorted(
+                (
+                    SentenceScore(text=s.text, start=s.span.start, end=s.span.end, score=sent_scores[j])
+                    for j, s in sentences_by_doc.get(i, [])
+                ),
+                key=lambda s: s.score,
+                reverse=True,
+            )[:3]
+            cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
+        best = doc_scores[ranked[0]] if ranked else 0.0
+        cited = [
+            d.id
+            for d in cited_docs[:MAX_CITED_PER_SENTENCE]
+            if d.score >= self.support_threshold and d.score >= RELATIVE_CITATION_CUTOFF * best
+        ]
+        return Citation(
+            text=answer_text[span.start : span.end],
+            start=span.start,
+            end=span.end,
+            documents=cited_docs,
+            cited=cited,
+            supported=bool(cited),
+        )

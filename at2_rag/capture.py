@@ -1,0 +1,241 @@
+"""Attention capture through transformers' AttentionInterface, without eager attention or N x N memory.
+
+A registered attention function wraps the model's own implementation (sdpa, or the model's eager function
+where sdpa is unsupported). Outside a capture it only delegates. Inside one, for the query rows that predict
+answer tokens, it computes softmax(QK^T) in fp32 for those rows only, honours the mask it was given
+(causal, sliding window, padding, ablation), reduces over every source's tokens at once with a
+[keys x sources] indicator matrix and keeps `[batch, rows, sources, heads]` per layer. When every row of a
+call is captured (a decode step), the output is computed from the same probabilities, so generation pays
+for attention once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_PREFIX = "at2_capture_"
+_SUPPORTED_BASES = ("sdpa", "eager")
+
+_ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar("at2_capture_state", default=None)
+
+
+@dataclass
+class CaptureState:
+    """What one capture records: per layer, a list of `[batch, rows, sources, heads]` tensors."""
+
+    source_matrix: torch.Tensor  # [prompt_tokens, sources], 1 where a prompt token belongs to a source
+    capture_from: int  # first absolute query position recorded
+    capture_to: int | None  # exclusive; None = no end
+    num_layers: int
+    seen: list[int] = field(default_factory=list)
+    rows: list[list[torch.Tensor]] = field(default_factory=list)
+    _matrix_cache: dict[tuple[Any, Any], torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.seen = [0] * self.num_layers
+        self.rows = [[] for _ in range(self.num_layers)]
+
+    def matrix_for(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._matrix_cache:
+            self._matrix_cache[key] = self.source_matrix.to(device=device, dtype=dtype)
+        return self._matrix_cache[key]
+
+    def features(self) -> torch.Tensor:
+        """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
+        missing = [i for i, r in enumerate(self.rows) if not r]
+        if missing:
+            raise UnsupportedModelError(
+                f"no attention was captured for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: this "
+                "model's attention does not go through transformers' AttentionInterface for every layer"
+            )
+        per_layer = [torch.cat(r, dim=1) for r in self.rows]  # each [B, T, S, H]
+        lengths = {t.shape[1] for t in per_layer}
+        if len(lengths) != 1:
+            raise UnsupportedModelError(f"layers captured different numbers of rows {sorted(lengths)}")
+        stacked = torch.stack(per_layer, dim=3)  # [B, T, S, L, H]
+        b, t, s, l, h = stacked.shape
+        return stacked.reshape(b, t, s, l * h)
+
+
+def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
+    if base == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    modeling = sys.modules.get(type(module).__module__)
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward to delegate to")
+    return eager
+
+
+def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """QK^T for query heads sharing key heads (GQA) without copying the keys: [B, H, T, K]."""
+    b, h, t, d = query.shape
+    kvh = key.shape[1]
+    rep = h // kvh
+    q = query.reshape(b, kvh, rep * t, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling
+    return scores.reshape(b, h, t, key.shape[2])
+
+
+def _grouped_output(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs @ V for grouped heads: [B, H, T, K] x [B, KVH, K, D] -> [B, T, H, D]."""
+    b, h, t, k = probs.shape
+    kvh = value.shape[1]
+    out = torch.matmul(probs.reshape(b, kvh, (h // kvh) * t, k), value)
+    return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _capturing_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    _base: str,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    base_fn = _base_function(module, _base)
+    state = _ACTIVE.get()
+    if state is None:
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError("attention sinks (s_aux) are not supported by at2-rag's capture")
+    layer = getattr(module, "layer_idx", None)
+    if layer is None or not 0 <= layer < state.num_layers:
+        raise UnsupportedModelError(f"{type(module).__name__} has no valid layer_idx ({layer!r})")
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    start = state.seen[layer]
+    state.seen[layer] = start + q_len
+    lo = max(state.capture_from - start, 0)
+    hi = q_len if state.capture_to is None else min(q_len, state.capture_to - start)
+    if lo >= hi:
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    scaling = scaling if scaling is not None else module.head_dim**-0.5
+    scores = _grouped_scores(query[:, :, lo:hi], key, scaling)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
+    if attention_mask is not None:
+        mask = attention_mask[..., lo:hi, :k_len]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    else:
+        q_pos = torch.arange(start + lo, start + hi, device=query.device)
+        k_pos = torch.arange(key_start, key_start + k_len, device=query.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        if window:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [B, H, T, K]
+
+    matrix = state.matrix_for(query.device, torch.float32)
+    prompt_len = matrix.shape[0]
+    k_hi = min(key_start + k_len, prompt_len)
+    if k_hi > key_start:
+        feats = torch.matmul(probs[..., : k_hi - key_start], matrix[key_start:k_hi])  # [B, H, T, S]
+    else:
+        feats = probs.new_zeros(*probs.shape[:3], matrix.shape[1])
+    state.rows[layer].append(feats.permute(0, 2, 3, 1))
+
+    if lo == 0 and hi == q_len:
+        return _grouped_output(probs.to(value.dtype), value), None
+    return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _make_function(base: str) -> Callable[..., Any]:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        return _capturing_attention(module, query, key, value, attention_mask, *args, _base=base, **kwargs)
+
+    attention.__name__ = f"{CAPTURE_PREFIX}{base}"
+    return attention
+
+
+def _register(base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"{CAPTURE_PREFIX}{base}"
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_function(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(num_layers, num_query_heads) of a decoder: the estimator's feature grid."""
+    config = text_config(model)
+    return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+
+def install_capture(model: torch.nn.Module) -> None:
+    """Route the model's attention through at2-rag's capturing function (a no-op outside a capture)."""
+    current = text_config(model)._attn_implementation or "sdpa"
+    if current.startswith(CAPTURE_PREFIX):
+        return
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, "
+            "so at2-rag cannot capture it"
+        )
+    base = current if current in _SUPPORTED_BASES else "sdpa"
+    if base != current:
+        logger.warning("attention implementation %r is not capturable; using sdpa for capture", current)
+    model.set_attn_implementation(_register(base))
+    if not str(text_config(model)._attn_implementation).startswith(CAPTURE_PREFIX):
+        raise UnsupportedModelError(f"{type(model).__name__} refused the capturing attention implementation")
+
+
+@contextlib.contextmanager
+def capture_attention(
+    model: torch.nn.Module,
+    source_matrix: torch.Tensor,
+    capture_from: int,
+    capture_to: int | None = None,
+) -> Iterator[CaptureState]:
+    """Record attention to sources for query positions in `[capture_from, capture_to)` during the block."""
+    install_capture(model)
+    num_layers, _ = model_shape(model)
+    state = CaptureState(source_matrix, capture_from, capture_to, num_layers)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def source_matrix(prompt_tokens: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[prompt_tokens, sources] indicator: column s is 1 on source s's tokens."""
+    matrix = torch.zeros(prompt_tokens, len(spans), dtype=torch.float32)
+    for s, (a, b) in enumerate(spans):
+        if b > a:
+            matrix[a:b, s] = 1.0
+    return matrix

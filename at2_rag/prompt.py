@@ -1,0 +1,254 @@
+"""Render the chat prompt and locate every source's exact token span from the tokenizer's offset mapping."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from .errors import InvalidInputError, PromptRenderError
+from .sources import Document, Source, build_sources
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using only the documents provided. "
+    "Be concise."
+)
+
+PLAIN_TEMPLATE_NOTE = (
+    "The tokenizer has no chat template; at2-rag renders a plain 'System:/User:/Assistant:' transcript instead."
+)
+
+_PLACEHOLDER = re.compile(r"\{(documents|query|index|title|text|id)\}")
+
+
+class PromptTemplate(BaseModel):
+    """How documents and the question become the user turn.
+
+    `user_template` must contain `{documents}` and `{query}` exactly once; `document_template` must contain
+    `{text}` exactly once and may use `{index}` (1-based), `{id}` and `{title}` (rendered as " (title)" or "").
+    Any other braces are kept literally.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    user_template: str = "Documents:\n\n{documents}\n\nQuestion: {query}"
+    document_template: str = "[{index}]{title}\n{text}"
+    document_separator: str = "\n\n"
+
+    @model_validator(mode="after")
+    def _check_placeholders(self) -> "PromptTemplate":
+        for name in ("documents", "query"):
+            if self.user_template.count("{" + name + "}") != 1:
+                raise InvalidInputError(f"user_template must contain {{{name}}} exactly once: {self.user_template!r}")
+        if self.document_template.count("{text}") != 1:
+            raise InvalidInputError(f"document_template must contain {{text}} exactly once: {self.document_template!r}")
+        return self
+
+
+def _fill(template: str, values: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+    """Substitute known `{name}` placeholders; return the text and where each placeholder's value starts."""
+    out: list[str] = []
+    starts: dict[str, int] = {}
+    length = 0
+    last = 0
+    for m in _PLACEHOLDER.finditer(template):
+        name = m.group(1)
+        if name not in values:
+            continue
+        literal = template[last : m.start()]
+        out.append(literal)
+        length += len(literal)
+        starts[name] = length
+        out.append(values[name])
+        length += len(values[name])
+        last = m.end()
+    out.append(template[last:])
+    return "".join(out), starts
+
+
+@dataclass
+class RenderedPrompt:
+    """The exact prompt the model sees, its tokens, and the token span of every source."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    documents: list[Document]
+    user_content: str
+    doc_sources: list[Source]
+    sentence_sources: list[Source]
+    doc_char_starts: list[int]  # where each document's text begins in `text`
+    doc_token_spans: list[tuple[int, int]] = field(default_factory=list)
+    sentence_token_spans: list[tuple[int, int]] = field(default_factory=list)
+    used_chat_template: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def source_char_range(self, source: Source) -> tuple[int, int]:
+        base = self.doc_char_starts[source.doc_index]
+        return base + source.span.start, base + source.span.end
+
+
+def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
+    """Earlier turns as chat messages. Accepts dicts with role/content, (role, content) pairs, or objects
+    with `type`/`role` and `content` attributes (LangChain and LlamaIndex messages)."""
+    messages: list[dict[str, str]] = []
+    for i, turn in enumerate(history or []):
+        if isinstance(turn, Mapping):
+            role, content = turn.get("role"), turn.get("content")
+        elif isinstance(turn, (tuple, list)) and len(turn) == 2:
+            role, content = turn
+        else:
+            role = getattr(turn, "role", None) or getattr(turn, "type", None)
+            role = getattr(role, "value", role)
+            content = getattr(turn, "content", None)
+        role = {"human": "user", "ai": "assistant", "chatbot": "assistant"}.get(str(role), role)
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise InvalidInputError(
+                f"history turn {i} must have role system/user/assistant and string content, got {turn!r}"
+            )
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _plain_render(messages: list[dict[str, str]]) -> str:
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        logger.info(PLAIN_TEMPLATE_NOTE)
+        return _plain_render(messages), False
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    except Exception as exc:  # some templates (Gemma) refuse a system turn: fold it into the first user turn
+        if messages and messages[0]["role"] == "system":
+            system, rest = messages[0]["content"], messages[1:]
+            if rest and rest[0]["role"] == "user":
+                rest = [{"role": "user", "content": system + "\n\n" + rest[0]["content"]}] + rest[1:]
+                logger.info("chat template refused a system turn (%s); folded it into the user turn", exc)
+                return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True), True
+        raise PromptRenderError(f"the tokenizer's chat template failed to render the prompt: {exc}") from exc
+
+
+def token_spans_for_ranges(
+    offsets: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Token span `[first, last)` of every char range: the tokens whose characters overlap it.
+
+    Ranges must be sorted and non-overlapping. A token straddling two ranges goes to the one it overlaps
+    most, so spans never share a token. An empty range gets an empty span at its position.
+    """
+    import bisect
+
+    ends = [b for _, b in offsets]
+    spans: list[tuple[int, int]] = []
+    for start, end in ranges:
+        first = bisect.bisect_right(ends, start)  # first token ending after `start`
+        last = first
+        while last < len(offsets) and offsets[last][0] < end:
+            last += 1
+        # skip zero-width tokens at the edges
+        while first < last and offsets[first][1] <= start:
+            first += 1
+        if end <= start:
+            last = first
+        spans.append((first, max(first, last)))
+    for i in range(1, len(spans)):
+        (a0, a1), (b0, b1) = spans[i - 1], spans[i]
+        if a1 > b0 and a1 > a0 and b1 > b0:  # shared boundary token
+            tok = a1 - 1
+            ts, te = offsets[tok]
+            overlap_a = min(te, ranges[i - 1][1]) - max(ts, ranges[i - 1][0])
+            overlap_b = min(te, ranges[i][1]) - max(ts, ranges[i][0])
+            if overlap_a >= overlap_b:
+                spans[i] = (tok + 1, max(tok + 1, b1))
+            else:
+                spans[i - 1] = (a0, tok)
+    return spans
+
+
+def render_prompt(
+    tokenizer: Any,
+    query: str,
+    documents: Sequence[Document],
+    template: PromptTemplate | None = None,
+    history: Sequence[Any] | None = None,
+) -> RenderedPrompt:
+    """Build the chat prompt and every source's token span. Spans come from offsets, never from guesses."""
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInputError("query must be a non-empty string")
+    template = template or PromptTemplate()
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidInputError(
+            "at2-rag needs a fast (Rust) tokenizer for exact offset mapping; load it with use_fast=True"
+        )
+
+    doc_blocks: list[str] = []
+    text_offsets: list[int] = []
+    for i, doc in enumerate(documents):
+        title = f" ({doc.title})" if doc.title else ""
+        block, starts = _fill(
+            template.document_template, {"index": str(i + 1), "title": title, "id": doc.id or "", "text": doc.text}
+        )
+        doc_blocks.append(block)
+        text_offsets.append(starts["text"])
+    joined_docs_parts: list[str] = []
+    doc_offsets_in_joined: list[int] = []
+    pos = 0
+    for i, block in enumerate(doc_blocks):
+        if i:
+            joined_docs_parts.append(template.document_separator)
+            pos += len(template.document_separator)
+        doc_offsets_in_joined.append(pos + text_offsets[i])
+        joined_docs_parts.append(block)
+        pos += len(block)
+    joined = "".join(joined_docs_parts)
+    user_content, starts = _fill(template.user_template, {"documents": joined, "query": query})
+    doc_offsets_in_user = [starts["documents"] + o for o in doc_offsets_in_joined]
+
+    messages: list[dict[str, str]] = []
+    if template.system_prompt:
+        messages.append({"role": "system", "content": template.system_prompt})
+    messages.extend(normalize_history(history))
+    messages.append({"role": "user", "content": user_content})
+    text, used_chat_template = _apply_template(tokenizer, messages)
+
+    base = text.rfind(user_content)
+    if base < 0:
+        raise PromptRenderError(
+            "the chat template altered the user turn (for example by trimming or escaping it), so document "
+            "spans cannot be located exactly; use a PromptTemplate whose text the template keeps verbatim"
+        )
+    doc_char_starts = [base + o for o in doc_offsets_in_user]
+
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+
+    doc_sources, sentence_sources = build_sources(documents)
+    rendered = RenderedPrompt(
+        text=text,
+        input_ids=input_ids,
+        offsets=offsets,
+        documents=list(documents),
+        user_content=user_content,
+        doc_sources=doc_sources,
+        sentence_sources=sentence_sources,
+        doc_char_starts=doc_char_starts,
+        used_chat_template=used_chat_template,
+    )
+    rendered.doc_token_spans = token_spans_for_ranges(offsets, [rendered.source_char_range(s) for s in doc_sources])
+    rendered.sentence_token_spans = token_spans_for_ranges(
+        offsets, [rendered.source_char_range(s) for s in sentence_sources]
+    )
+    return rendered
