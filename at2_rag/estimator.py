@@ -225,7 +225,12 @@ class ScoreEstimator(torch.nn.Module):
             raise EstimatorFormatError(
                 f"{repo_id!r} is neither a local estimator folder/file nor a reachable Hub repo: {exc}"
             ) from exc
-        return cls.from_folder(local)
+        estimator = cls.from_folder(local)
+        if estimator.model_id is None:
+            from .reference_format import PUBLISHED_ESTIMATORS
+
+            estimator.model_id = PUBLISHED_ESTIMATORS.get(repo_id)
+        return estimator
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None, **kwargs: Any) -> str:
         """Upload the safetensors estimator folder to the Hub; returns the commit URL."""

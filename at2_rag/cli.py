@@ -1,0 +1,160 @@
+"""`at2-rag` command line: demo, attribute, collect, train, evaluate, convert-estimator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import AT2Error, InvalidInputError
+
+logger = logging.getLogger("at2_rag")
+
+
+def _print_attribution(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    try:
+        from rich.console import Console
+
+        Console().print(result)
+    except ImportError:  # rich is a dependency, but stay usable without it
+        print(result.to_text())
+
+
+def _attributor(args: argparse.Namespace) -> Any:
+    from .attributor import Attributor
+
+    estimator = getattr(args, "estimator", None)
+    if getattr(args, "model", None):
+        return Attributor.from_pretrained(args.model, estimator=estimator)
+    return Attributor.default(estimator=estimator)
+
+
+def read_documents(path: str | Path) -> list[dict[str, Any]]:
+    """Documents from a JSONL file (one object with `text`, optional id/title/url/metadata per line) or a
+    folder of .txt/.md files (id = relative path, title = file name)."""
+    path = Path(path)
+    if path.is_dir():
+        docs = []
+        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in {".txt", ".md"} and p.is_file()):
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidInputError(f"cannot read {file}: {exc}") from exc
+            docs.append({"id": str(file.relative_to(path)), "title": file.stem, "text": text})
+        if not docs:
+            raise InvalidInputError(f"{path} contains no .txt or .md files")
+        return docs
+    if not path.is_file():
+        raise InvalidInputError(f"{path} is neither a JSONL file nor a folder")
+    docs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"{path}:{n} is not valid JSON: {exc}") from exc
+        if isinstance(row, str):
+            row = {"text": row}
+        if not isinstance(row, dict) or not isinstance(row.get("text", row.get("page_content")), str):
+            raise InvalidInputError(f"{path}:{n} needs a string field 'text'")
+        docs.append(row)
+    return docs
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_QUERY, run_demo
+
+    attributor = _attributor(args)
+    result = run_demo(attributor, query=args.query or DEMO_QUERY, max_new_tokens=args.max_new_tokens)
+    _print_attribution(result, args.json)
+    if args.plot:
+        logger.info("heatmap written to %s", result.plot(args.plot))
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    documents = read_documents(args.documents)
+    attributor = _attributor(args)
+    if args.answer is not None:
+        result = attributor.attribute(args.query, documents, answer=args.answer)
+    else:
+        result = attributor.generate(args.query, documents, max_new_tokens=args.max_new_tokens)
+    _print_attribution(result, args.json)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .estimator import ScoreEstimator
+    from .reference_format import load_reference_estimator
+
+    source = Path(args.source)
+    if source.is_file():
+        estimator = load_reference_estimator(source, model_id=args.model_id)
+    else:
+        estimator = ScoreEstimator.from_pretrained(args.source)
+        if args.model_id:
+            estimator.model_id = args.model_id
+    out = estimator.save_pretrained(args.output)
+    print(f"wrote {out} ({estimator.num_layers} layers x {estimator.num_heads} heads, model {estimator.model_id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="at2-rag", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="local folder or Hub id of a causal LM (default: embedded SmolLM2-135M)")
+        p.add_argument("--estimator", help="estimator folder, reference .pt file or Hub id")
+        p.add_argument("--max-new-tokens", type=int, default=96)
+        p.add_argument("--json", action="store_true", help="print the attribution as JSON")
+
+    demo = sub.add_parser("demo", help="answer a question over bundled documents and show citations")
+    model_options(demo)
+    demo.add_argument("--query", help="ask your own question over the demo documents")
+    demo.add_argument("--plot", help="also save a heatmap PNG here")
+    demo.set_defaults(func=cmd_demo)
+
+    attribute = sub.add_parser("attribute", help="answer (or take an answer) and attribute it to documents")
+    model_options(attribute)
+    attribute.add_argument("--query", required=True)
+    attribute.add_argument("--documents", required=True, help="JSONL file or folder of .txt/.md files")
+    attribute.add_argument("--answer", help="attribute this answer (one forward pass) instead of generating")
+    attribute.set_defaults(func=cmd_attribute)
+
+    convert = sub.add_parser("convert-estimator", help="convert a reference-format score_estimator.pt")
+    convert.add_argument("source", help="score_estimator.pt, a folder holding one, or a Hub id")
+    convert.add_argument("output", help="folder to write the at2-rag estimator to")
+    convert.add_argument("--model-id", help="model the estimator was trained for")
+    convert.set_defaults(func=cmd_convert)
+
+    try:
+        from .training.cli import add_training_commands
+    except ImportError:  # training extras absent
+        pass
+    else:
+        add_training_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except AT2Error as exc:
+        print(f"at2-rag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""CLI verbs for the training pipeline: collect, train, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
+    from ..attributor import Attributor
+    from ..estimator import ScoreEstimator
+    from ..models import load_default_model, load_model
+    from ..capture import model_shape
+
+    if args.model:
+        model, tokenizer = load_model(args.model)
+    else:
+        model, tokenizer = load_default_model()
+    from .collect import _process_split
+
+    _, _, device = _process_split()
+    if device is not None:
+        model.to(device)
+    if estimator is None:  # collection does not need a trained estimator
+        layers, heads = model_shape(model)
+        estimator = ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path)
+    return Attributor(model, tokenizer, estimator=estimator)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .collect import collect
+
+    summary = collect(
+        args.examples,
+        args.output,
+        _attributor(args),
+        num_masks=args.num_masks,
+        keep_prob=args.keep_prob,
+        sources=args.sources,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..models import DEFAULT_MODEL_ID
+    from .data import load_collected
+    from .train import train_estimator
+
+    examples = load_collected(args.data)
+    if not examples:
+        raise SystemExit(f"no collected shards in {args.data}")
+    num_layers, num_heads = args.num_layers, args.num_heads
+    if num_layers is None or num_heads is None:
+        d = examples[0].features.shape[-1]
+        if args.model is None and d == 30 * 9:
+            num_layers, num_heads = 30, 9
+        else:
+            raise SystemExit("pass --num-layers and --num-heads for this model")
+    estimator, report = train_estimator(
+        examples,
+        num_layers,
+        num_heads,
+        model_id=args.model or DEFAULT_MODEL_ID,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        heldout_fraction=args.heldout_fraction,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    estimator.metadata["training_data"] = args.training_data or str(args.data)
+    estimator.save_pretrained(args.output)
+    (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..estimator import ScoreEstimator
+    from ..evaluation.report import evaluate
+
+    estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
+    attributor = _attributor(args, estimator)
+    estimators = {"at2": attributor.estimator} if estimator is not None or attributor.estimator.trained else {}
+    estimators["average_attention"] = ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)
+    report = evaluate(
+        args.examples,
+        attributor,
+        estimators,
+        output=args.output,
+        plot=args.plot,
+        limit=args.limit,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
+def add_training_commands(sub: Any) -> None:
+    from pathlib import Path
+
+    c = sub.add_parser("collect", help="collect ablation data for training an estimator (resumable)")
+    c.add_argument("examples", help="JSONL of {id, query, documents}")
+    c.add_argument("output", help="folder of shards (rerun to resume)")
+    c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
+    c.add_argument("--num-masks", type=int, default=32)
+    c.add_argument("--keep-prob", type=float, default=0.5)
+    c.add_argument("--sources", choices=["documents", "sentences"], default="documents")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shard-size", type=int, default=16)
+    c.add_argument("--batch-size", type=int, default=8, help="ablation masks per forward pass")
+    c.add_argument("--limit", type=int)
+    c.set_defaults(func=cmd_collect)
+
+    t = sub.add_parser("train", help="fit the linear estimator on collected shards")
+    t.add_argument("data", type=Path, help="folder of shards from `collect`")
+    t.add_argument("output", type=Path, help="estimator folder to write")
+    t.add_argument("--model", help="model id the data was collected with (default: embedded SmolLM2-135M)")
+    t.add_argument("--num-layers", type=int)
+    t.add_argument("--num-heads", type=int)
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--heldout-fraction", type=float, default=0.15)
+    t.add_argument("--patience", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--training-data", help="description of the training data for the model card")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="LDS and top-k drop of AT2 vs baselines on held-out examples")
+    e.add_argument("examples", help="JSONL of held-out {id, query, documents}")
+    e.add_argument("--model")
+    e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
+    e.add_argument("--output", type=Path, default=Path("evaluation.json"))
+    e.add_argument("--plot", type=Path, default=Path("evaluation.png"))
+    e.add_argument("--limit", type=int)
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,300 @@
+"""Training pipeline: labels, mask semantics, shards and resume, the loss, training, metrics, estimators."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from at2_rag import EstimatorFormatError, ScoreEstimator
+from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
+from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
+from at2_rag.training.ablation import (
+    ablation_attention_mask,
+    answer_logit_probs,
+    log1mexp,
+    random_masks,
+    target_log_odds,
+    target_log_prob,
+    token_logit_probs,
+)
+from at2_rag.training.data import CollectedExample, completed_ids, load_collected, read_examples, write_shard
+from at2_rag.training.train import TargetBatch, correlation_loss, pearson, to_targets, train_estimator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- labels -------------------------------------------------------------------------------------------
+def test_token_logit_probs_match_direct_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 4
+    targets = torch.randint(0, 11, (3, 5))
+    lp = token_logit_probs(logits, targets)
+    p = torch.softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp.double(), torch.log(p) - torch.log1p(-p), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.nn.functional.logsigmoid(lp.double()), torch.log(p), atol=1e-5, rtol=1e-5)
+
+
+def test_target_log_odds_equals_direct_computation():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 6, 9)
+    targets = torch.randint(0, 9, (4, 6))
+    lp = token_logit_probs(logits, targets)
+    rows = [1, 2, 4]
+    p_tokens = torch.softmax(logits.double(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    p = p_tokens[:, rows].prod(-1)
+    expected = torch.log(p / (1 - p))
+    torch.testing.assert_close(target_log_odds(lp, rows).double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(target_log_prob(lp, rows).double(), torch.log(p), atol=1e-4, rtol=1e-5)
+
+
+def test_log_odds_stable_at_extremes():
+    # p close to 1 (log p = -1e-9) and tiny p (log p = -800) stay finite and correct
+    x = torch.tensor([-1e-9, -0.3, -800.0], dtype=torch.double)
+    expected = torch.tensor([math.log(1 - math.exp(-1e-9)), math.log(1 - math.exp(-0.3)), -math.exp(-800.0)], dtype=torch.double)
+    torch.testing.assert_close(log1mexp(x), expected, rtol=1e-6, atol=1e-300)
+    big = torch.full((1, 3), 40.0)  # each token p ~ 1 - 4e-18
+    assert torch.isfinite(target_log_odds(big, [0, 1, 2])).all()
+    tiny = torch.full((1, 3), -300.0)
+    torch.testing.assert_close(target_log_odds(tiny, [0, 1, 2]), torch.tensor([-900.0]), atol=1e-3, rtol=1e-6)
+
+
+# ---- mask semantics -----------------------------------------------------------------------------------
+def test_random_masks_keep_probability_and_determinism():
+    m1 = random_masks(6, 4000, 0.5, torch.Generator().manual_seed(3))
+    m2 = random_masks(6, 4000, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(m1, m2) and m1.dtype == torch.bool
+    assert abs(m1.float().mean().item() - 0.5) < 0.02
+
+
+def test_ablation_mask_zeroes_exactly_the_ablated_sources():
+    spans = [(2, 5), (5, 9), (12, 12)]
+    masks = torch.tensor([[True, False, True], [False, True, False]])
+    att = ablation_attention_mask(15, spans, masks)
+    assert att[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    assert att[1].tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_ablated_source_content_has_no_effect_but_kept_does(tiny_llama):
+    """Ablation = attention-masking: the ablated tokens' content cannot reach the answer; positions unchanged."""
+    ids = torch.randint(1, 64, (30,)).tolist()
+    spans = [(3, 10), (10, 18)]
+    keep_first = torch.tensor([[True, False]])
+    att = ablation_attention_mask(len(ids), spans, keep_first)
+    base = answer_logit_probs(tiny_llama, ids, 6, att)
+    changed = list(ids)
+    changed[10:18] = [(t + 7) % 63 + 1 for t in ids[10:18]]  # rewrite the ablated source
+    torch.testing.assert_close(answer_logit_probs(tiny_llama, changed, 6, att), base, atol=1e-5, rtol=1e-5)
+    changed_kept = list(ids)
+    changed_kept[3:10] = [(t + 7) % 63 + 1 for t in ids[3:10]]  # rewrite the kept source
+    assert (answer_logit_probs(tiny_llama, changed_kept, 6, att) - base).abs().max() > 1e-3
+    # nothing ablated equals a plain forward pass
+    full = answer_logit_probs(tiny_llama, ids, 6, torch.ones(1, len(ids), dtype=torch.long))
+    logits = tiny_llama(torch.tensor([ids])).logits[:, -7:-1]
+    torch.testing.assert_close(full, token_logit_probs(logits, torch.tensor([ids[-6:]])), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_ablations_equal_one_at_a_time(tiny_llama):
+    ids = torch.randint(1, 64, (25,)).tolist()
+    spans = [(2, 8), (8, 14), (14, 19)]
+    masks = random_masks(3, 5, 0.5, torch.Generator().manual_seed(0))
+    att = ablation_attention_mask(len(ids), spans, masks)
+    batched = answer_logit_probs(tiny_llama, ids, 5, att, batch_size=5)
+    single = torch.cat([answer_logit_probs(tiny_llama, ids, 5, att[i : i + 1], batch_size=1) for i in range(5)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+# ---- shards and resume --------------------------------------------------------------------------------
+def _fake_collected(i: int, sources: int = 3, d: int = 6) -> CollectedExample:
+    g = torch.Generator().manual_seed(i)
+    return CollectedExample(
+        id=f"ex{i}",
+        features=torch.rand(2, sources, d, generator=g),
+        masks=torch.rand(8, sources, generator=g) < 0.5,
+        labels=torch.randn(2, 8, generator=g),
+        full=torch.randn(2, generator=g),
+        meta={"id": f"ex{i}", "answer": "A. B."},
+    )
+
+
+def test_shard_round_trip_and_no_partial_files(tmp_path):
+    items = [_fake_collected(i) for i in range(3)]
+    write_shard(tmp_path / "shard-a.safetensors", items[:2])
+    write_shard(tmp_path / "shard-b.safetensors", items[1:])  # ex1 twice: loaded once
+    loaded = load_collected(tmp_path)
+    assert [e.id for e in loaded] == ["ex0", "ex1", "ex2"]
+    for a, b in zip(items, loaded):
+        assert torch.equal(a.features, b.features) and torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
+    assert completed_ids(tmp_path) == {"ex0", "ex1", "ex2"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_read_examples_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    with pytest.raises(ValueError, match="documents"):
+        read_examples(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_examples(bad)
+
+
+@pytest.mark.slow
+def test_collect_is_killed_and_resumes_without_loss_or_duplicates(tmp_path):
+    """A real collection run on the embedded model is killed after its first shard and resumed."""
+    docs = [
+        {"id": "a", "text": "The Orion rover landed in 2031. It carries a drill."},
+        {"id": "b", "text": "Basil grows best in warm weather. Water it daily."},
+        {"id": "c", "text": "The Danube flows through ten countries."},
+    ]
+    examples = [{"id": f"q{i}", "query": q, "documents": docs} for i, q in enumerate(
+        ["When did the Orion rover land?", "How should basil be watered?", "How many countries does the Danube cross?",
+         "What does the rover carry?", "When does basil grow best?"])]
+    src = tmp_path / "examples.jsonl"
+    src.write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "at2_rag.cli", "collect", str(src), str(out), "--num-masks", "4",
+           "--max-new-tokens", "12", "--shard-size", "1", "--batch-size", "5"]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(out.glob("shard-*.safetensors")):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "collection finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = completed_ids(out)
+    assert 1 <= len(first) < 5
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    collected = load_collected(out)
+    ids = [m["id"] for p in sorted(out.glob("shard-*.safetensors")) for m in json.loads(
+        __import__("safetensors").safe_open(str(p), framework="pt").metadata()["examples"])]
+    assert sorted(ids) == sorted(set(ids)), "an example was written twice"
+    assert summary["collected"] + len(first) + summary["skipped"] == 5
+    assert {e.id for e in collected} | set() >= first
+    for ex in collected:
+        assert ex.masks.shape == (4, 3) and ex.labels.shape[1] == 4 and ex.features.shape[1:] == (3, 270)
+        assert torch.isfinite(ex.labels).all()
+
+
+# ---- loss and training --------------------------------------------------------------------------------
+def test_pearson_matches_numpy():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 20), torch.randn(4, 20)
+    ours = pearson(a, b)
+    for i in range(4):
+        assert ours[i].item() == pytest.approx(np.corrcoef(a[i].numpy(), b[i].numpy())[0, 1], abs=1e-5)
+
+
+def test_loss_is_negative_correlation_of_signed_predictions():
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # 1 target, 2 sources, 2 heads
+    masks = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    w = torch.tensor([2.0, 1.0])
+    pred = masks @ (feats[0] @ w)  # [3, 1, -1, -3]
+    labels = pred * 5 + 1
+    batch = TargetBatch(feats, masks.unsqueeze(0), labels.unsqueeze(0))
+    assert correlation_loss(w, batch).item() == pytest.approx(-1.0, abs=1e-6)
+    batch_anti = TargetBatch(feats, masks.unsqueeze(0), -labels.unsqueeze(0))
+    assert correlation_loss(w, batch_anti).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_recovers_a_planted_estimator():
+    """Labels generated by a known head weighting: training must find weights that predict them."""
+    g = torch.Generator().manual_seed(0)
+    layers, heads = 3, 4
+    true_w = torch.zeros(layers * heads)
+    true_w[5], true_w[9] = 0.7, 0.3
+    examples = []
+    for i in range(60):
+        feats = torch.rand(2, 4, layers * heads, generator=g)
+        masks = torch.rand(32, 4, generator=g) < 0.5
+        signs = masks.float() * 2 - 1
+        labels = torch.stack([signs @ (feats[t] @ true_w) for t in range(2)]) + 0.01 * torch.randn(2, 32, generator=g)
+        examples.append(CollectedExample(f"e{i}", feats, masks, labels, labels[:, 0], {"id": f"e{i}"}))
+    est, report = train_estimator(examples, layers, heads, epochs=150, lr=1e-2, patience=200, progress=False)
+    assert report["heldout_correlation"] > 0.95 > report["initial_heldout_correlation"]
+    assert est.weights.abs().sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert int(est.weights.argmax()) == 5
+    assert est.metadata["support_threshold"] > 0
+
+
+def test_to_targets_pads_sources():
+    batch = to_targets([_fake_collected(0, sources=2), _fake_collected(1, sources=4)])
+    assert batch.features.shape == (4, 4, 6) and batch.signs.shape == (4, 8, 4)
+    assert batch.signs[0, :, 2:].abs().sum() == 0 and batch.features[0, 2:].abs().sum() == 0
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+def test_rankdata_and_spearman_hand_cases():
+    assert rankdata(torch.tensor([10.0, 30.0, 20.0, 20.0])).tolist() == [1.0, 4.0, 2.5, 2.5]
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    # ranks [1,2,3,4] vs [2,1,4,3]: d^2 sum = 4, rho = 1 - 6*4/(4*15) = 0.6
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 1, 4, 3])) == pytest.approx(0.6)
+    assert math.isnan(spearman(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])))
+
+
+def test_lds_hand_case():
+    scores = torch.tensor([3.0, 1.0, 0.0])
+    masks = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    # predicted effects: 4, 3, 1, 0 ; actual ordered the same -> 1 ; reversed -> -1
+    assert lds(scores, masks, torch.tensor([9.0, 5.0, 2.0, 1.0])) == pytest.approx(1.0)
+    assert lds(scores, masks, torch.tensor([1.0, 2.0, 5.0, 9.0])) == pytest.approx(-1.0)
+
+
+def test_top_k_mask_and_leave_one_out():
+    assert top_k_mask(torch.tensor([0.1, 0.5, 0.3]), 1).tolist() == [True, False, True]
+    assert top_k_mask(torch.tensor([0.1, 0.5, 0.3]), 2).tolist() == [True, False, False]
+    assert top_k_mask(torch.tensor([0.1, 0.5]), 5).tolist() == [False, False]
+    assert leave_one_out_scores(torch.tensor(2.0), torch.tensor([1.5, 2.0, -1.0])).tolist() == [0.5, 0.0, 3.0]
+
+
+def test_lasso_soft_thresholds_an_orthogonal_design():
+    # columns centred and orthogonal with variance 1: the solution is soft-thresholding of X^T y / n
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    y = torch.tensor([3.0, 1.0, -1.0, -3.0]) + 7.0  # = 2*x0 + 1*x1 + 7
+    b, c = lasso(x, y, alpha=0.5)
+    assert b.tolist() == pytest.approx([1.5, 0.5], abs=1e-6)
+    assert c == pytest.approx(7.0, abs=1e-6)
+    b0, _ = lasso(x, y, alpha=5.0)
+    assert b0.tolist() == [0.0, 0.0]
+
+
+# ---- estimator files ----------------------------------------------------------------------------------
+def test_estimator_round_trip_and_refusals(tmp_path):
+    est = ScoreEstimator(torch.arange(12, dtype=torch.float32), num_layers=3, num_heads=4, model_id="org/m",
+                         metadata={"support_threshold": 0.2})
+    folder = est.save_pretrained(tmp_path / "est")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    again = ScoreEstimator.from_pretrained(folder)
+    assert torch.equal(again.weights, est.weights) and again.model_id == "org/m"
+    assert again.metadata["support_threshold"] == 0.2
+    est.save_pretrained(folder)  # overwrite in place, atomically
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(EstimatorFormatError):
+        ScoreEstimator.from_pretrained(folder)
+    with pytest.raises(EstimatorFormatError):
+        ScoreEstimator(torch.ones(5), num_layers=2, num_heads=2)
