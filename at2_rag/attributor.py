@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -47,13 +48,18 @@ class CapturedRun:
         return len(self.prompt.doc_sources)
 
 
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
 def _model_lock(model: torch.nn.Module) -> threading.RLock:
-    """One lock per model: capture switches the model's attention function, so runs must not interleave."""
-    lock = getattr(model, "_at2_lock", None)
-    if lock is None:
-        lock = threading.RLock()
-        object.__setattr__(model, "_at2_lock", lock)
-    return lock
+    """One lock per model (kept off the model so it can still be copied or pickled): runs on one model are
+    serialised, since a capture records every attention call made while it is active."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
 
 
 class Attributor:

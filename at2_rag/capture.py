@@ -166,8 +166,11 @@ def _capturing_attention(
 
 
 def _make_function(base: str) -> Callable[..., Any]:
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        return _capturing_attention(module, query, key, value, attention_mask, *args, _base=base, **kwargs)
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        # positional order as transformers' sdpa_attention_forward (models pass these by keyword anyway)
+        return _capturing_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, _base=base, **kwargs
+        )
 
     attention.__name__ = f"{CAPTURE_PREFIX}{base}"
     return attention

@@ -1,0 +1,368 @@
+"""Captured features == eager `output_attentions` reduced the same way, on tiny random models of every family
+the design names (GQA, fp32), during `generate` and in one forward pass, including sliding windows shorter and
+longer than the context and Gemma-2's attention logit softcapping. Plus: the real embedded SmolLM2, refusal of
+models whose attention bypasses AttentionInterface, and bounded capture memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from at2_rag import UnsupportedModelError
+from at2_rag.capture import CAPTURE_PREFIX, capture_attention, install_capture, source_matrix
+
+TOL = 1e-4
+VOCAB = 96
+PROMPT_LEN = 44  # > 40 so a window of 8 is much shorter than the context
+NEW_TOKENS = 7
+SPANS = [(1, 9), (9, 20), (22, 22), (23, 37), (38, 43)]  # includes an empty source
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    max_position_embeddings=256,
+    initializer_range=0.25,  # peaky attention, so a wrong mask or row shows up as a large difference
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+SLIDE_MIX = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
+def _llama(**kw):
+    return LlamaForCausalLM, LlamaConfig(num_hidden_layers=2, **COMMON, **kw)
+
+
+def _qwen2(**kw):
+    return Qwen2ForCausalLM, Qwen2Config(num_hidden_layers=2, **COMMON, **kw)
+
+
+def _qwen2_mixed():
+    # use_sliding_window with max_window_layers=1: layer 0 full attention, layer 1 sliding (window 8)
+    return Qwen2ForCausalLM, Qwen2Config(
+        num_hidden_layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=1, **COMMON
+    )
+
+
+def _qwen3(**kw):
+    return Qwen3ForCausalLM, Qwen3Config(num_hidden_layers=2, head_dim=16, **COMMON, **kw)
+
+
+def _mistral(window, **kw):
+    return MistralForCausalLM, MistralConfig(num_hidden_layers=2, sliding_window=window, **COMMON, **kw)
+
+
+def _phi3(**kw):
+    return Phi3ForCausalLM, Phi3Config(num_hidden_layers=2, **COMMON, **kw)
+
+
+def _gemma2(window, layer_types=None):
+    return Gemma2ForCausalLM, Gemma2Config(
+        num_hidden_layers=3,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        layer_types=layer_types or ["sliding_attention"] * 3,
+        attn_logit_softcapping=3.0,  # small, so the softcap bends the logits for real
+        final_logit_softcapping=30.0,
+        **COMMON,
+    )
+
+
+def _gemma3(window, layer_types=None):
+    return Gemma3ForCausalLM, Gemma3TextConfig(
+        num_hidden_layers=3,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        layer_types=layer_types or ["sliding_attention"] * 3,
+        **COMMON,
+    )
+
+
+CASES = {
+    "llama": lambda: _llama(),
+    "qwen2": lambda: _qwen2(),
+    "qwen2-window-8-mixed": lambda: _qwen2_mixed(),
+    "qwen3": lambda: _qwen3(),
+    "mistral-window-long": lambda: _mistral(4096),
+    "mistral-window-8": lambda: _mistral(8),
+    "phi3": lambda: _phi3(),
+    "phi3-window-8": lambda: _phi3(sliding_window=8),
+    "gemma2-window-long": lambda: _gemma2(4096, SLIDE_MIX),
+    "gemma2-window-8-mixed": lambda: _gemma2(8, SLIDE_MIX),
+    "gemma3-window-long": lambda: _gemma3(4096, SLIDE_MIX),
+    "gemma3-window-8-mixed": lambda: _gemma3(8, SLIDE_MIX),
+}
+
+# Gemma-2 declares `_supports_sdpa = False` (sdpa cannot softcap), so its own implementation is eager.
+EXPECTED_BASE = {"gemma2-window-long": "eager", "gemma2-window-8-mixed": "eager"}
+
+
+def _build(name: str):
+    cls, config = CASES[name]()
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    reference = cls(copy.deepcopy(config)).eval()
+    reference.load_state_dict(model.state_dict())
+    reference.set_attn_implementation("eager")
+    assert reference.config._attn_implementation == "eager"
+    return model, reference
+
+
+def _reference_features(reference, ids: torch.Tensor, prompt_len: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Eager output_attentions, rows prompt_len-1 .. N-2, summed over each source's key tokens: [T, S, L*H]."""
+    with torch.no_grad():
+        out = reference(ids, output_attentions=True, use_cache=False)
+    att = torch.stack(out.attentions, 0).float()  # [L, B, H, N, N]
+    rows = att[:, 0, :, prompt_len - 1 : ids.shape[1] - 1, :prompt_len]  # [L, H, T, P]
+    feats = torch.einsum("lhtp,ps->tslh", rows, matrix)
+    return feats.reshape(feats.shape[0], feats.shape[1], -1)
+
+
+def _prompt(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, PROMPT_LEN), generator=g)
+
+
+def _check_base(name: str, model) -> None:
+    impl = model.config._attn_implementation
+    base = EXPECTED_BASE.get(name, "sdpa")
+    assert impl == f"{CAPTURE_PREFIX}{base}", f"{name}: attention implementation is {impl!r}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generate_capture_equals_eager(name):
+    model, reference = _build(name)
+    base = EXPECTED_BASE.get(name, "sdpa")
+    assert model.config._attn_implementation == base
+    prompt = _prompt()
+    matrix = source_matrix(PROMPT_LEN, SPANS)
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        plain = model.generate(prompt, **gen)  # before capture was ever installed
+    with torch.no_grad(), capture_attention(model, matrix, PROMPT_LEN - 1) as state:
+        out = model.generate(prompt, **gen)
+    _check_base(name, model)
+    assert torch.equal(out, plain), "capturing changed the generated tokens"
+    with torch.no_grad():
+        again = model.generate(prompt, **gen)  # installed but inactive: plain delegation
+    assert torch.equal(again, plain)
+    _check_base(name, model)
+
+    assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
+    got = state.features()
+    assert got.shape == (1, NEW_TOKENS, len(SPANS), model.config.num_hidden_layers * model.config.num_attention_heads)
+    ref = _reference_features(reference, out, PROMPT_LEN, matrix)
+    assert ref.std() > 1e-3, "attention is too uniform for this comparison to mean anything"
+    diff = (got[0] - ref).abs().max().item()
+    assert diff < TOL, f"{name}: max abs diff {diff:.3g}"
+    assert torch.all(got[0, :, 2] == 0)  # the empty source
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_capture_equals_eager(name):
+    model, reference = _build(name)
+    prompt = _prompt(seed=2)
+    answer = torch.randint(3, VOCAB, (1, NEW_TOKENS), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([prompt, answer], dim=1)
+    matrix = source_matrix(PROMPT_LEN, SPANS)
+    with torch.no_grad():
+        plain_logits = model(ids, use_cache=False).logits
+    start = PROMPT_LEN - 1
+    with torch.no_grad(), capture_attention(model, matrix, start, start + NEW_TOKENS) as state:
+        logits = model(ids, use_cache=False).logits
+    _check_base(name, model)
+    assert (logits - plain_logits).abs().max().item() < 1e-4, "capturing changed the forward pass"
+    got = state.features()
+    assert got.shape[1] == NEW_TOKENS
+    ref = _reference_features(reference, ids, PROMPT_LEN, matrix)
+    diff = (got[0] - ref).abs().max().item()
+    assert diff < TOL, f"{name}: max abs diff {diff:.3g}"
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2-window-8-mixed", "gemma3-window-8-mixed"])
+def test_forward_capture_honours_an_ablation_mask(name):
+    """Sources masked out through attention_mask (AT2's ablation) get exactly zero attention, as in eager."""
+    model, reference = _build(name)
+    ids = torch.randint(3, VOCAB, (1, PROMPT_LEN + NEW_TOKENS), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    for a, b in (SPANS[1], SPANS[4]):  # ablate sources 1 and 4 (source 4 is inside the last window of 8)
+        mask[0, a:b] = 0
+    matrix = source_matrix(PROMPT_LEN, SPANS)
+    with torch.no_grad():
+        out = reference(ids, attention_mask=mask, output_attentions=True, use_cache=False)
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+    att = torch.stack(out.attentions, 0).float()[:, 0, :, PROMPT_LEN - 1 : -1, :PROMPT_LEN]
+    ref = torch.einsum("lhtp,ps->tslh", att, matrix).reshape(NEW_TOKENS, len(SPANS), -1)
+    start = PROMPT_LEN - 1
+    with torch.no_grad(), capture_attention(model, matrix, start, start + NEW_TOKENS) as state:
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+    got = state.features()[0]
+    assert (logits - plain).abs().max().item() < 1e-4
+    assert torch.all(got[:, 1] == 0) and torch.all(got[:, 4] == 0)
+    assert got[:, 0].abs().sum() > 0
+    assert (got - ref).abs().max().item() < TOL
+
+
+def test_capture_inside_window_of_rows_only():
+    """A capture window in the middle of the answer records exactly those rows."""
+    model, reference = _build("mistral-window-8")
+    ids = torch.randint(3, VOCAB, (1, PROMPT_LEN + NEW_TOKENS), generator=torch.Generator().manual_seed(4))
+    matrix = source_matrix(PROMPT_LEN, SPANS)
+    ref = _reference_features(reference, ids, PROMPT_LEN, matrix)
+    with torch.no_grad(), capture_attention(model, matrix, PROMPT_LEN + 1, PROMPT_LEN + 4) as state:
+        model(ids, use_cache=False)
+    got = state.features()[0]
+    assert got.shape[0] == 3
+    assert (got - ref[2:5]).abs().max().item() < TOL
+
+
+# ---- the real embedded model ------------------------------------------------------------------------------
+def test_real_model_capture_equals_eager(smollm, clone_model):
+    from at2_rag import Document
+    from at2_rag.prompt import render_prompt
+
+    model, tokenizer = smollm
+    docs = [
+        Document(text="The Eiffel Tower is in Paris. It was finished in 1889.", id="a", title="Eiffel"),
+        Document(text="Mount Fuji is the highest mountain in Japan.", id="b"),
+        Document(text="Bananas are yellow when ripe.", id="c"),
+    ]
+    prompt = render_prompt(tokenizer, "When was the Eiffel Tower finished?", docs)
+    spans = prompt.doc_token_spans + prompt.sentence_token_spans
+    p = prompt.num_tokens
+    matrix = source_matrix(p, spans)
+    reference = clone_model(model)  # copy.deepcopy, tolerating an Attributor's lock on the model
+    reference.set_attn_implementation("eager")
+    assert reference.config._attn_implementation == "eager"
+
+    install_capture(model)
+    assert model.config._attn_implementation == f"{CAPTURE_PREFIX}sdpa"
+    ids = torch.tensor([prompt.input_ids])
+    n_new = 12
+    with torch.no_grad(), capture_attention(model, matrix, p - 1) as state:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    assert model.config._attn_implementation == f"{CAPTURE_PREFIX}sdpa"
+    got = state.features()[0]
+    ref = _reference_features(reference, out, p, matrix)
+    assert got.shape == ref.shape == (n_new, len(spans), 30 * 9)
+    assert (got - ref).abs().max().item() < TOL
+
+    # one forward pass over the same answer gives the same features
+    with torch.no_grad(), capture_attention(model, matrix, p - 1, p - 1 + n_new) as state2:
+        model(out, use_cache=False)
+    assert (state2.features()[0] - ref).abs().max().item() < TOL
+
+
+# ---- refusal of models that bypass AttentionInterface ------------------------------------------------------
+class TinyBypassConfig(PretrainedConfig):
+    model_type = "at2_tiny_bypass"
+
+    def __init__(self, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, **kw):
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        super().__init__(**kw)
+
+
+class TinyBypassAttention(nn.Module):
+    """Hand-written attention that never consults the attention-function registry."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+class TinyBypassModel(PreTrainedModel):
+    config_class = TinyBypassConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn = TinyBypassAttention(config)
+        self.post_init()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_model_bypassing_attention_interface_is_refused():
+    model = TinyBypassModel(TinyBypassConfig())
+    assert TinyBypassModel._can_set_attn_implementation() is False
+    with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
+        install_capture(model)
+    with pytest.raises(UnsupportedModelError):
+        with capture_attention(model, source_matrix(4, [(0, 2)]), 3):
+            pass
+    assert not str(model.config._attn_implementation).startswith(CAPTURE_PREFIX)
+
+
+def test_attributor_refuses_bypassing_model():
+    from at2_rag import Attributor
+
+    with pytest.raises(UnsupportedModelError):
+        Attributor(TinyBypassModel(TinyBypassConfig()), tokenizer=None)
+
+
+# ---- memory: only [T, S, H] per layer is kept ---------------------------------------------------------------
+def test_capture_memory_is_bounded_on_long_forward():
+    cls, config = _llama()
+    config.max_position_embeddings = 4096
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    n_prompt, n_answer = 2000, 16
+    spans = [(i * 100, i * 100 + 90) for i in range(20)]
+    matrix = source_matrix(n_prompt, spans)
+    ids = torch.randint(3, VOCAB, (1, n_prompt + n_answer))
+    with torch.no_grad(), capture_attention(model, matrix, n_prompt - 1, n_prompt - 1 + n_answer) as state:
+        model(ids, use_cache=False, logits_to_keep=1)
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    assert len(state.rows) == layers
+    total = 0
+    for per_layer in state.rows:
+        assert len(per_layer) == 1  # one forward call per layer
+        assert tuple(per_layer[0].shape) == (1, n_answer, len(spans), heads)
+        total += per_layer[0].numel()
+    assert total == layers * n_answer * len(spans) * heads  # nothing N x N (2016^2 = 4M) is kept
+    assert state.features().shape == (1, n_answer, len(spans), layers * heads)
