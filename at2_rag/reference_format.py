@@ -40,6 +40,8 @@ def read_reference_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # no class to import: junk or a truncated file
+            raise EstimatorFormatError(f"{path} is not a readable torch file: {exc}") from exc
         raise EstimatorFormatError(
             f"{path} needs arbitrary code to unpickle, which at2-rag refuses to run (weights_only=True): {exc}"
         ) from exc
