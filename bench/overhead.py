@@ -1,0 +1,191 @@
+"""Overhead of attribution during generation: `Attributor.generate` vs plain `model.generate`.
+
+Same prompt, same greedy tokens, at ~200, ~2k and ~6k prompt tokens. Time: both variants alternate in one
+process (median of --reps runs, after a warm-up). Peak memory: each variant runs in a fresh subprocess and
+reports its peak resident set size, so the two numbers are comparable. Prints ratios; writes JSON and a plot.
+
+    python bench/overhead.py [--sizes 200 2000 6000] [--new-tokens 64] [--reps 3] [--out docs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "rag_python_docs" / "train.jsonl"
+
+
+def documents_for(tokenizer, target_tokens: int) -> tuple[str, list[dict]]:
+    """Real passages from the python-docs set, added until the prompt reaches about `target_tokens`."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    docs, total, seen = [], 0, set()
+    for row in rows:
+        for d in row["documents"]:
+            if d["id"] in seen:
+                continue
+            seen.add(d["id"])
+            n = len(tokenizer(d["text"], add_special_tokens=False)["input_ids"]) + 8
+            if total + n > target_tokens - 60:
+                return rows[0]["query"], docs or [d]
+            docs.append(d)
+            total += n
+    return rows[0]["query"], docs
+
+
+def load(capture: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from at2_rag import Attributor
+    from at2_rag.models import DEFAULT_MODEL_ID, default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model.config._name_or_path = DEFAULT_MODEL_ID
+    attributor = Attributor(model, tokenizer) if capture else None
+    return model, tokenizer, attributor
+
+
+def run_once(model, tokenizer, attributor, query, docs, new_tokens):
+    """One generation; returns (seconds, generated token ids)."""
+    if attributor is None:  # plain generation on the identical prompt, rendered by the same code
+        from at2_rag.prompt import PromptTemplate, render_prompt
+        from at2_rag.sources import normalize_documents
+
+        prompt = render_prompt(tokenizer, query, normalize_documents(docs), PromptTemplate())
+        ids = torch.tensor([prompt.input_ids])
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        return time.perf_counter() - t, out[0, ids.shape[1]:].tolist(), ids.shape[1]
+    t = time.perf_counter()
+    run = attributor.generate_run(query, docs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    attributor.build_attribution(run, query)
+    return time.perf_counter() - t, run.answer.token_ids, run.prompt.num_tokens
+
+
+def child(mode: str, size: int, new_tokens: int) -> None:
+    """Subprocess entry: one generation of one variant, printing seconds and peak RSS."""
+    model, tokenizer, attributor = load(mode == "capture")
+    query, docs = documents_for(tokenizer, size)
+    run_once(model, tokenizer, attributor, query, docs[:2], 4)  # warm-up on a short prompt
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: measure generation, not loading
+    before = _status_mb("VmRSS")
+    seconds, tokens, prompt_tokens = run_once(model, tokenizer, attributor, query, docs, new_tokens)
+    impl = model.config._attn_implementation
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "impl": impl,
+                      "prompt_tokens": prompt_tokens, "tokens": tokens}))
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 6000])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+
+    plain_model, tokenizer, _ = load(False)
+    cap_model, _, attributor = load(True)
+    results = []
+    for size in args.sizes:
+        query, docs = documents_for(tokenizer, size)
+        run_once(plain_model, tokenizer, None, query, docs, 4)
+        run_once(cap_model, tokenizer, attributor, query, docs, 4)
+        plain_t, cap_t = [], []
+        for _ in range(args.reps):  # alternate so drifting machine load hits both alike
+            t, plain_tokens, n_prompt = run_once(plain_model, tokenizer, None, query, docs, args.new_tokens)
+            plain_t.append(t)
+            t, cap_tokens, _ = run_once(cap_model, tokenizer, attributor, query, docs, args.new_tokens)
+            cap_t.append(t)
+        impl = cap_model.config._attn_implementation
+        assert impl.startswith("at2_capture_sdpa"), f"capture fell back to {impl}"
+        mem = {}
+        for mode in ("plain", "capture"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, str(size), str(args.new_tokens)],
+                capture_output=True, text=True, check=True, cwd=ROOT,
+            )
+            mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        row = {
+            "prompt_tokens": n_prompt,
+            "new_tokens": args.new_tokens,
+            "plain_seconds": statistics.median(plain_t),
+            "capture_seconds": statistics.median(cap_t),
+            "time_ratio": statistics.median(cap_t) / statistics.median(plain_t),
+            "same_tokens": plain_tokens == cap_tokens and mem["plain"]["tokens"] == mem["capture"]["tokens"],
+            "plain_peak_rss_mb": mem["plain"]["peak_rss_mb"],
+            "capture_peak_rss_mb": mem["capture"]["peak_rss_mb"],
+            "memory_ratio": mem["capture"]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"],
+            "plain_generation_growth_mb": mem["plain"]["peak_rss_mb"] - mem["plain"]["rss_before_mb"],
+            "capture_generation_growth_mb": mem["capture"]["peak_rss_mb"] - mem["capture"]["rss_before_mb"],
+            "attention_implementation": impl,
+        }
+        results.append(row)
+        print(
+            f"prompt {n_prompt:>5} tok: time x{row['time_ratio']:.3f} ({row['plain_seconds']:.2f}s -> "
+            f"{row['capture_seconds']:.2f}s), peak RSS x{row['memory_ratio']:.3f} "
+            f"({row['plain_peak_rss_mb']:.0f} -> {row['capture_peak_rss_mb']:.0f} MB), same tokens: {row['same_tokens']}",
+            flush=True,
+        )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    plot(results, args.out / "overhead.png")
+    print(f"wrote {args.out / 'overhead.json'} and overhead.png")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["prompt_tokens"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].plot(x, [100 * (r["time_ratio"] - 1) for r in results], "o-")
+    axes[0].axhline(2, color="r", ls="--", lw=1, label="target +2%")
+    axes[0].set(xlabel="prompt tokens", ylabel="extra time (%)", title="generate with attribution vs plain", xscale="log")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(x, [100 * (r["memory_ratio"] - 1) for r in results], "o-")
+    axes[1].axhline(5, color="r", ls="--", lw=1, label="target +5%")
+    axes[1].set(xlabel="prompt tokens", ylabel="extra peak memory (%)", title="peak RSS", xscale="log")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
