@@ -177,3 +177,42 @@ def test_published_estimators_are_listed():
         "madrylab/at2-qwen2.5-7b-instruct",
         "madrylab/at2-gemma-3-4b-it",
     }
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Lay out a Hugging Face Hub cache entry exactly as huggingface_hub writes it (blobs, snapshot, ref)."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(blob)
+
+
+def test_hub_ids_load_through_huggingface_hub_offline(tmp_path, monkeypatch):
+    """The real snapshot_download path, served from a local Hub cache (no network here)."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    ref = tmp_path / "ref.pt"
+    torch.save(reference_payload(torch.rand(6), 2, 3), ref)
+    _fake_hub_cache(cache, "madrylab/at2-qwen2.5-7b-instruct", {"score_estimator.pt": ref.read_bytes()})
+    ours = ScoreEstimator(torch.rand(6), num_layers=2, num_heads=3, model_id="org/m")
+    folder = ours.save_pretrained(tmp_path / "ours")
+    _fake_hub_cache(cache, "me/at2-m", {p.name: p.read_bytes() for p in folder.iterdir()})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    published = ScoreEstimator.from_pretrained("madrylab/at2-qwen2.5-7b-instruct", cache_dir=str(cache))
+    assert published.model_id == "Qwen/Qwen2.5-7B-Instruct" and published.num_layers == 2
+    mine = ScoreEstimator.from_pretrained("me/at2-m", cache_dir=str(cache))
+    assert torch.equal(mine.weights, ours.weights) and mine.model_id == "org/m"
+    with pytest.raises(EstimatorFormatError, match="neither a local estimator"):
+        ScoreEstimator.from_pretrained("me/not-there", cache_dir=str(cache))
