@@ -1,0 +1,201 @@
+"""AT2LLM: the attributor's own local model as a LlamaIndex LLM, so the model that answers is the one attributed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Dict, Iterator, List, Sequence
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from ._common import default_attributor
+
+DEFAULT_CONTEXT_WINDOW = 2048
+
+
+class AT2LLM(CustomLLM):
+    """A LlamaIndex LLM over the Hugging Face model inside an `at2_rag.Attributor` (default: the embedded
+    SmolLM2-135M-Instruct). Prompts go through the tokenizer's chat template; decoding is greedy unless
+    `generate_kwargs` say otherwise. `metadata.context_window` is the model's `max_position_embeddings`,
+    `metadata.num_output` is `max_new_tokens`.
+
+    Use it as `Settings.llm` (or `llm=`) so LlamaIndex's synthesizers answer with the same model that
+    `AT2NodePostprocessor` / `AT2CitationQueryEngine` attribute.
+    """
+
+    max_new_tokens: int = Field(default=256, ge=1, description="Tokens to generate at most (num_output).")
+    context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, description="Set from the model at init.")
+    model_name: str = Field(default="local", description="Set from the model at init.")
+    generate_kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
+
+    _attributor: Any = PrivateAttr(default=None)
+
+    def __init__(self, attributor: Any = None, **kwargs: Any) -> None:
+        attributor = attributor if attributor is not None else default_attributor()
+        kwargs.setdefault("context_window", attributor.context_window or DEFAULT_CONTEXT_WINDOW)
+        kwargs.setdefault("model_name", attributor.model_id or type(attributor.model).__name__)
+        super().__init__(**kwargs)
+        self._attributor = attributor
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "AT2LLM"
+
+    @property
+    def attributor(self) -> Any:
+        return self._attributor
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=self.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    # ---- prompt rendering -------------------------------------------------------------------------------
+    def _render_messages(self, messages: Sequence[Dict[str, str]]) -> str:
+        tokenizer = self._attributor.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            names = {"system": "System", "user": "User", "assistant": "Assistant"}
+            return "".join(f"{names.get(m['role'], m['role'])}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        turns: List[Dict[str, str]] = []
+        for m in messages:
+            role = m.role.value if hasattr(m.role, "value") else str(m.role)
+            role = {"model": "assistant", "chatbot": "assistant", "developer": "system"}.get(role, role)
+            if role not in ("system", "user", "assistant"):
+                role = "user"
+            turns.append({"role": role, "content": m.content or ""})
+        if self.system_prompt and not any(t["role"] == "system" for t in turns):
+            turns.insert(0, {"role": "system", "content": self.system_prompt})
+        return self._render_messages(turns)
+
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
+        if formatted:
+            return prompt
+        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns.append({"role": "user", "content": prompt})
+        return self._render_messages(turns)
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def _generate_args(self, text: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        import torch
+
+        att = self._attributor
+        ids = att.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(att.device)
+        args: Dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens),
+            "do_sample": False,
+            "pad_token_id": att._pad_id(),
+        }
+        extra = {**self.generate_kwargs, **kwargs}
+        if not extra.get("do_sample"):
+            args.update(temperature=None, top_p=None, top_k=None)
+        args.update(extra)
+        return args
+
+    def _lock(self) -> Any:
+        lock = getattr(self._attributor, "_lock", None)
+        return lock if lock is not None else threading.RLock()
+
+    def _generate(self, text: str, **kwargs: Any) -> str:
+        import torch
+
+        args = self._generate_args(text, kwargs)
+        with self._lock(), torch.no_grad():
+            out = self._attributor.model.generate(**args)
+        new = out[0, args["input_ids"].shape[1] :]
+        return self._attributor.tokenizer.decode(new, skip_special_tokens=True)
+
+    def _stream(self, text: str, **kwargs: Any) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        tokenizer = self._attributor.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        args = self._generate_args(text, kwargs)
+        errors: List[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self._lock(), torch.no_grad():
+                    self._attributor.model.generate(streamer=streamer, **args)
+            except BaseException as exc:  # re-raised in the consuming thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for chunk in streamer:
+            if chunk:
+                yield chunk
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """`formatted=False` (default) wraps the prompt as one user turn in the chat template."""
+        return CompletionResponse(text=self._generate(self._completion_prompt(prompt, formatted), **kwargs))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        text = self._completion_prompt(prompt, formatted)
+
+        def gen() -> CompletionResponseGen:
+            so_far = ""
+            for chunk in self._stream(text, **kwargs):
+                so_far += chunk
+                yield CompletionResponse(text=so_far, delta=chunk)
+
+        return gen()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Messages are rendered with the model's own chat template (not LlamaIndex's generic one)."""
+        answer = self._generate(self._chat_prompt(messages), **kwargs)
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=answer))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        text = self._chat_prompt(messages)
+
+        def gen() -> ChatResponseGen:
+            so_far = ""
+            for chunk in self._stream(text, **kwargs):
+                so_far += chunk
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far), delta=chunk)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Generation runs in a worker thread so the event loop stays free."""
+        text = self._completion_prompt(prompt, formatted)
+        return CompletionResponse(text=await asyncio.to_thread(self._generate, text, **kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        answer = await asyncio.to_thread(self._generate, self._chat_prompt(messages), **kwargs)
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=answer))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._attributor.tokenizer(text, add_special_tokens=False)["input_ids"])

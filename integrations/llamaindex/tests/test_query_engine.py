@@ -1,0 +1,136 @@
+"""AT2CitationQueryEngine end to end: real index / retriever, real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
+
+from conftest import PENICILLIN
+
+MAX_NEW = 32
+EVEREST = "Who made the first confirmed ascent of Mount Everest?"
+
+
+@pytest.fixture(scope="module")
+def engine(attributor, vector_index):
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    return AT2CitationQueryEngine.from_args(vector_index, attributor=attributor, similarity_top_k=4, max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def response(engine):
+    return engine.query(PENICILLIN)
+
+
+def check_response(response, node_text, retrieved_ids=None):
+    meta = response.metadata
+    attribution = meta["attribution"]
+    assert response.response == attribution.answer and response.response.strip()
+    ids = [n.node.node_id for n in response.source_nodes]
+    if retrieved_ids is not None:
+        assert sorted(ids) == sorted(retrieved_ids)
+    # source_nodes: ranked by AT2; score = AT2 score; retrieval score kept in metadata
+    scores = [n.score for n in response.source_nodes]
+    assert scores == sorted(scores, reverse=True)
+    for n in response.source_nodes:
+        assert n.score == n.node.metadata["at2_score"] == pytest.approx(meta["at2"]["scores"][n.node.node_id])
+        assert n.node.metadata["retrieval_score"] == meta["at2"]["retrieval_scores"][n.node.node_id]
+    assert meta["at2"]["ranking"] == ids
+    assert sorted(meta["at2"]["prompt_order"]) == sorted(ids)
+    # citations: per answer sentence, spans in the answer, supporting sentences as spans in node text
+    citations = meta["citations"]
+    assert citations
+    for c in citations:
+        assert response.response[c["start"] : c["end"]] == c["text"]
+        assert set(c["node_ids"]) <= set(ids)
+        assert c["supported"] == bool(c["node_ids"])
+        assert set(c["scores"]) == set(ids)
+        assert [s["node_id"] for s in c["sources"]] == c["node_ids"]
+        for src in c["sources"]:
+            text = node_text[src["node_id"]]
+            for s in src["sentences"]:
+                assert text[s["start"] : s["end"]] == s["text"]
+    assert any(c["node_ids"] for c in citations)
+    assert meta["at2_complete"] is True
+    assert meta["cited_answer"].startswith(response.response[: citations[0]["end"]])
+
+
+def test_query_with_vector_index(response, node_text, vector_index):
+    assert isinstance(response, Response)
+    retrieved = [n.node.node_id for n in vector_index.as_retriever(similarity_top_k=4).retrieve(PENICILLIN)]
+    check_response(response, node_text, retrieved)
+    assert response.source_nodes[0].node.node_id in ("penicillin-0", retrieved[0]) or "penicillin-0" in [
+        n.node.node_id for n in response.source_nodes[:2]
+    ]
+
+
+def test_query_with_bm25_retriever(attributor, bm25, node_text):
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    engine = AT2CitationQueryEngine.from_args(bm25, attributor=attributor, max_new_tokens=MAX_NEW)
+    response = engine.query(EVEREST)
+    check_response(response, node_text, [n.node.node_id for n in bm25.retrieve(EVEREST)])
+    assert "mount_everest-0" in [n.node.node_id for n in response.source_nodes]
+
+
+def test_streaming_fills_attribution_after_the_stream(attributor, vector_index, response, node_text):
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    engine = AT2CitationQueryEngine.from_args(
+        vector_index, attributor=attributor, similarity_top_k=4, max_new_tokens=MAX_NEW, streaming=True
+    )
+    streaming = engine.query(PENICILLIN)
+    assert isinstance(streaming, StreamingResponse)
+    assert streaming.metadata["at2_complete"] is False and streaming.metadata["citations"] is None
+    chunks = list(streaming.response_gen)
+    assert len(chunks) > 1
+    assert "".join(chunks) == response.response  # greedy: same answer as the non-streaming engine
+    assert streaming.metadata["at2_complete"] is True
+    final = Response("".join(chunks), streaming.source_nodes, streaming.metadata)
+    check_response(final, node_text)
+    assert [n.score for n in streaming.source_nodes] == pytest.approx([n.score for n in response.source_nodes], abs=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_aquery(engine, response, node_text):
+    out = await engine.aquery(PENICILLIN)
+    assert isinstance(out, Response)
+    assert out.response == response.response
+    check_response(out, node_text)
+
+
+@pytest.mark.asyncio
+async def test_aquery_streaming(attributor, vector_index, response, node_text):
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    engine = AT2CitationQueryEngine.from_args(
+        vector_index, attributor=attributor, similarity_top_k=4, max_new_tokens=MAX_NEW, streaming=True
+    )
+    out = await engine.aquery(PENICILLIN)
+    assert isinstance(out, AsyncStreamingResponse)
+    chunks = [c async for c in out.async_response_gen()]
+    assert "".join(chunks) == response.response
+    final = await out.get_response()
+    check_response(final, node_text)
+
+
+def test_no_nodes_gives_empty_response(attributor, vector_index):
+    from llama_index.core.postprocessor import SimilarityPostprocessor
+
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    engine = AT2CitationQueryEngine.from_args(
+        vector_index,
+        attributor=attributor,
+        node_postprocessors=[SimilarityPostprocessor(similarity_cutoff=1.01)],  # cosine <= 1: drops every node
+    )
+    out = engine.query(PENICILLIN)
+    assert out.response == "Empty Response" and out.source_nodes == [] and out.metadata["citations"] == []
+
+
+def test_from_args_rejects_other_objects():
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    with pytest.raises(TypeError, match="index or BaseRetriever"):
+        AT2CitationQueryEngine.from_args("not an index")
