@@ -1,0 +1,341 @@
+"""A citation-grounded chatbot: BM25 retrieval over a folder of .txt/.md files, answers streamed from the
+model, and AT2 attribution turned into per-sentence citations with highlighted supporting sentences.
+
+Start it from the repository root:
+
+    python examples/chatbot/app.py [--docs FOLDER] [--port 8000]
+
+The page is plain HTML/CSS/JS in `static/`; the API is:
+
+    GET  /api/status   model, estimator, indexed files, files that were skipped (and why)
+    POST /api/chat     {"question": str, "history": [{"role", "content"}...]}  ->  text/event-stream of
+                       `retrieval`, `token`*, `attribution`, `done` events (or one `error` event)
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # `python examples/chatbot/app.py`: import as the `chatbot` package
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from chatbot.app import main
+
+    raise SystemExit(main())
+
+import argparse
+import asyncio
+import functools
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from at2_rag import AT2Error, Attribution, Attributor, ContextTooLongError, NoDocumentsError
+
+from .corpus import BM25Index, LoadReport, load_folder
+
+logger = logging.getLogger("at2_rag.chatbot")
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+SAMPLE_DOCS = HERE / "sample_docs"
+DEFAULT_TOP_K = 4
+DEFAULT_MAX_NEW_TOKENS = 80
+DEFAULT_MAX_HISTORY = 6  # earlier messages (user + assistant) passed to the model
+SAMPLE_QUESTIONS = [
+    "How many vacation days do I get per year?",
+    "What is the monthly internet allowance?",
+    "How many requests per minute does the Canopy API allow?",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def load_default_attributor() -> Attributor:
+    """The embedded SmolLM2-135M-Instruct with its estimator, loaded once per process."""
+    return Attributor.default()
+
+
+# ---- request / response shapes ------------------------------------------------------------------------
+class Turn(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    question: str = ""
+    history: list[Turn] = Field(default_factory=list)
+
+
+def error_response(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "message": message}, status_code=status)
+
+
+def sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def attribution_payload(attribution: Attribution) -> dict[str, Any]:
+    """The Attribution as JSON for the page (without the long prompt), plus each document's share of the
+    positive attribution mass (for the bars) and the answer with [n] marks."""
+    data = attribution.model_dump(exclude={"prompt"})
+    total = sum(max(0.0, d.score) for d in attribution.documents) or 1.0
+    for doc in data["documents"]:
+        doc["share"] = max(0.0, doc["score"]) / total
+    data["cited_answer"] = attribution.cited_answer()
+    return data
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation when the browser goes away."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# ---- the app -----------------------------------------------------------------------------------------
+class ChatService:
+    """Corpus + index + model, shared by every request; one answer is generated at a time."""
+
+    def __init__(
+        self,
+        docs: str | Path,
+        attributor: Attributor | None = None,
+        attributor_factory: Callable[[], Attributor] = load_default_attributor,
+        top_k: int = DEFAULT_TOP_K,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        system_prompt: str | None = None,
+        suggestions: list[str] | None = None,
+    ) -> None:
+        self.suggestions = suggestions or []
+        self.report: LoadReport = load_folder(docs)
+        self.index = BM25Index(self.report.passages)
+        self._attributor = attributor
+        self._factory = attributor_factory
+        self._load_lock = threading.Lock()
+        self.top_k = top_k
+        self.max_new_tokens = max_new_tokens
+        self.max_history = max_history
+        # None: the core's default system prompt (it works best with the small embedded model)
+        self.prompt_kwargs: dict[str, Any] = {} if system_prompt is None else {"system_prompt": system_prompt}
+        self.generation_lock = asyncio.Lock()
+        for problem in self.report.problems:
+            logger.warning("%s %s", problem["file"], problem["error"])
+
+    @property
+    def attributor(self) -> Attributor:
+        if self._attributor is None:
+            with self._load_lock:
+                if self._attributor is None:
+                    self._attributor = self._factory()
+        return self._attributor
+
+    @property
+    def no_documents_message(self) -> str | None:
+        if self.report.passages:
+            return None
+        return (
+            f"No documents are indexed: {self.report.folder} contains no readable .txt or .md files. "
+            "Start the app with --docs pointing at a folder of text files."
+        )
+
+    def status(self) -> dict[str, Any]:
+        att = self._attributor
+        return {
+            "folder": self.report.folder,
+            "files": self.report.files,
+            "num_files": len(self.report.files),
+            "num_passages": len(self.report.passages),
+            "problems": self.report.problems,
+            "error": self.no_documents_message,
+            "model_loaded": att is not None,
+            "model": att.model_id if att is not None else None,
+            "estimator_trained": att.estimator.trained if att is not None else None,
+            "estimator": repr(att.estimator) if att is not None else None,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "suggestions": self.suggestions if self.report.passages else [],
+        }
+
+    def retrieve(self, question: str, history: list[dict[str, str]]) -> list[Any]:
+        """Top-k passages for the question; a follow-up that matches nothing borrows the earlier questions' words."""
+        hits = self.index.search(question, self.top_k)
+        if not hits:
+            earlier = " ".join(t["content"] for t in history if t["role"] == "user")
+            if earlier:
+                hits = self.index.search(f"{question} {earlier}", self.top_k)
+        return [p.to_document(score, rank) for rank, (p, score) in enumerate(hits, 1)]
+
+    def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
+        """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
+        att = self.attributor
+        prompt = att.render(question, documents, history, **self.prompt_kwargs)
+        limit = att.context_window
+        needed = prompt.num_tokens + self.max_new_tokens
+        if limit is not None and needed > limit:
+            raise ContextTooLongError(needed, limit, f"prompt plus max_new_tokens={self.max_new_tokens}")
+
+
+def create_app(
+    docs: str | Path = SAMPLE_DOCS,
+    attributor: Attributor | None = None,
+    attributor_factory: Callable[[], Attributor] = load_default_attributor,
+    top_k: int = DEFAULT_TOP_K,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_history: int = DEFAULT_MAX_HISTORY,
+) -> FastAPI:
+    """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use."""
+    is_sample = Path(docs).expanduser().resolve() == SAMPLE_DOCS
+    service = ChatService(
+        docs,
+        attributor,
+        attributor_factory,
+        top_k,
+        max_new_tokens,
+        max_history,
+        suggestions=SAMPLE_QUESTIONS if is_sample else None,
+    )
+    app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
+    app.state.service = service
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return error_response(422, "invalid_request", f"The request is malformed: {problems}")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/status")
+    async def status() -> dict[str, Any]:
+        return service.status()
+
+    @app.post("/api/chat")
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        question = body.question.strip()
+        if not question:
+            return error_response(400, "empty_question", "Please type a question before sending.")
+        if service.no_documents_message:
+            return error_response(503, "no_documents", service.no_documents_message)
+        history = [t.model_dump() for t in body.history][-service.max_history :] if service.max_history else []
+        documents = service.retrieve(question, history)
+        if not documents:
+            return error_response(
+                404,
+                "no_match",
+                "None of the indexed documents contains the words of your question. Try other keywords.",
+            )
+        try:
+            await run_in_threadpool(service.check_fits, question, documents, history)
+        except ContextTooLongError as exc:
+            return error_response(413, "context_too_long", str(exc))
+        except NoDocumentsError as exc:
+            return error_response(503, "no_documents", str(exc))
+        except AT2Error as exc:
+            return error_response(400, "invalid_input", str(exc))
+        return StreamingResponse(
+            _events(service, question, documents, history),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+async def _events(service: ChatService, question: str, documents: list[Any], history: list[dict[str, str]]) -> AsyncIterator[str]:
+    retrieved = [
+        {"id": d.id, "title": d.title, "path": d.metadata["path"], "bm25": d.metadata["bm25"], "rank": d.metadata["bm25_rank"]}
+        for d in documents
+    ]
+    yield sse("retrieval", {"documents": retrieved})
+    if service.generation_lock.locked():
+        yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
+    cancel = _Cancelled()
+    end = object()
+    started = time.perf_counter()
+    try:
+        async with service.generation_lock:
+            from transformers import StoppingCriteriaList
+
+            stream = service.attributor.stream(
+                question,
+                documents,
+                history=history,
+                **service.prompt_kwargs,
+                max_new_tokens=service.max_new_tokens,
+                stopping_criteria=StoppingCriteriaList([cancel]),
+            )
+            while True:
+                item = await run_in_threadpool(next, stream, end)
+                if item is end:
+                    break
+                if isinstance(item, Attribution):
+                    yield sse("attribution", attribution_payload(item))
+                else:
+                    yield sse("token", {"text": item})
+        yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
+    except ContextTooLongError as exc:
+        yield sse("error", {"error": "context_too_long", "message": str(exc)})
+    except AT2Error as exc:
+        yield sse("error", {"error": "invalid_input", "message": str(exc)})
+    except (asyncio.CancelledError, GeneratorExit):
+        cancel.event.set()  # the page went away: stop generating so the next question is not kept waiting
+        logger.info("the client went away: generation stopped")
+        raise
+    except Exception as exc:  # keep the page informative instead of a silently broken stream
+        logger.exception("generation failed")
+        yield sse("error", {"error": "internal", "message": f"Generation failed: {type(exc).__name__}: {exc}"})
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python examples/chatbot/app.py",
+        description="Citation-grounded chatbot over a folder of .txt/.md files (AT2 attribution, BM25 retrieval).",
+    )
+    parser.add_argument("--docs", default=str(SAMPLE_DOCS), help="folder of .txt/.md files (default: the bundled sample_docs)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="documents retrieved per question (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit (default 80)")
+    args = parser.parse_args(argv)
+    if not Path(args.docs).expanduser().is_dir():
+        parser.error(f"--docs {args.docs!r} is not a folder")
+    if args.top_k < 1 or args.max_new_tokens < 1:
+        parser.error("--top-k and --max-new-tokens must be at least 1")
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import bm25s  # noqa: F401  (it sets its own logger to DEBUG on import: quiet it afterwards)
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    print("Loading the model (SmolLM2-135M-Instruct, embedded) …", flush=True)
+    attributor = load_default_attributor()
+    app = create_app(args.docs, attributor=attributor, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    status = app.state.service.status()
+    print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
+    if status["problems"]:
+        print(f"  {len(status['problems'])} file(s) skipped (listed above and in the page's status area)")
+    if status["error"]:
+        print(f"  {status['error']}")
+    print(f"Open http://{args.host}:{args.port}/ in your browser (Ctrl+C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,49 @@
+"""LangChain integration for at2-rag: which retrieved documents did the answer actually use?
+
+* `ChatAT2` - a local chat model (embedded SmolLM2 by default) whose answers carry AT2 scores and standard
+  `Citation` annotations;
+* `AT2CallbackHandler` / `AsyncAT2CallbackHandler` - attribute the answers of existing chains;
+* `AT2Citations` / `with_citations` - a post-processor for `{"answer", "context", "question"}` outputs.
+"""
+
+from importlib import metadata
+
+from . import annotations as _annotations  # registers the "at2" content translator
+from ._loading import clear_cache, get_attributor
+from .callbacks import EVENT_NAME, AsyncAT2CallbackHandler, AT2CallbackHandler, ChainAttribution
+from .chat_models import ChatAT2
+from .citations import AT2Citations, with_citations
+from .documents import (
+    document_blocks,
+    documents_message,
+    extract_documents,
+    rag_messages,
+    to_at2_document,
+    to_at2_documents,
+)
+
+try:
+    __version__ = metadata.version(__package__ or "langchain_at2")
+except metadata.PackageNotFoundError:  # pragma: no cover - not installed
+    __version__ = "0.0.0"
+
+del metadata, _annotations
+
+__all__ = [
+    "EVENT_NAME",
+    "AT2CallbackHandler",
+    "AT2Citations",
+    "AsyncAT2CallbackHandler",
+    "ChainAttribution",
+    "ChatAT2",
+    "__version__",
+    "clear_cache",
+    "document_blocks",
+    "documents_message",
+    "extract_documents",
+    "get_attributor",
+    "rag_messages",
+    "to_at2_document",
+    "to_at2_documents",
+    "with_citations",
+]

@@ -1,0 +1,139 @@
+"""A post-processor for RAG chains: score the documents, cite each answer sentence, flag unsupported answers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from at2_rag import AT2Error, Attribution, Attributor
+from langchain_core.documents import Document
+from langchain_core.messages import BaseMessage
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from pydantic import ConfigDict, Field
+
+from ._loading import get_attributor
+from ._messages import to_chat_dicts
+from .documents import convert_documents, to_langchain_document
+from .rendered import attribute_rendered
+
+
+class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
+    """Pipe after a chain that returns `{"answer": str, "context": [Document, ...], "question": str}`.
+
+    Returns the same dict with:
+
+    * the documents (same key, same order) copied with `metadata["at2_score"]`;
+    * `citations`: per answer sentence `{"text", "start", "end", "document_ids", "scores", "supported"}`;
+    * `cited_answer`: the answer with `[n]` marks (n = 1-based position in the documents);
+    * `unsupported`: True when no document reaches the estimator's support threshold
+      (`attributor.support_threshold`), or when nothing could be attributed;
+    * `attribution`: the full `at2_rag.Attribution` (None if nothing could be attributed), and `at2_error`.
+
+    Keys are configurable: `answer_key`, `question_keys` (first present wins), `documents_keys`. The answer may
+    be a string or an `AIMessage`. If the input also has the prompt the chain's model saw (`prompt_key`,
+    default "prompt": a string, a PromptValue or a list of messages), the documents are located inside that
+    prompt and the attribution reads it; otherwise at2-rag renders its own RAG prompt from question and
+    documents (`Attributor.attribute`).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    attributor: Any = Field(default=None, exclude=True)
+    model_name: str | None = None
+    estimator: str | None = None
+    answer_key: str = "answer"
+    question_keys: tuple[str, ...] = ("question", "query", "input")
+    documents_keys: tuple[str, ...] = ("context", "documents", "source_documents")
+    prompt_key: str | None = "prompt"
+
+    def get_attributor(self) -> Attributor:
+        if self.attributor is not None:
+            return self.attributor
+        return get_attributor(self.model_name, estimator=self.estimator)
+
+    def invoke(self, input: dict[str, Any], config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+        return self._call_with_config(self._cite, input, config, run_type="parser")
+
+    def _cite(self, input: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(input, Mapping):
+            raise TypeError(f"AT2Citations expects a dict with the answer and documents, got {type(input).__name__}")
+        answer = input.get(self.answer_key)
+        if isinstance(answer, BaseMessage):
+            answer = answer.text
+        if not isinstance(answer, str):
+            raise KeyError(f"AT2Citations: the input has no string {self.answer_key!r}; keys are {sorted(input)}")
+        question = next((input[k] for k in self.question_keys if isinstance(input.get(k), str)), "")
+        doc_key = next((k for k in self.documents_keys if k in input), None)
+        if doc_key is None:
+            raise KeyError(f"AT2Citations: the input has none of {self.documents_keys}; keys are {sorted(input)}")
+        raw_docs: Sequence[Any] = input[doc_key] or []
+        documents, ids = convert_documents(raw_docs)
+
+        attribution: Attribution | None = None
+        error: str | None = None
+        if not documents:
+            error = "no documents"
+        elif not answer.strip():
+            error = "empty answer"
+        else:
+            attributor = self.get_attributor()
+            prompt = input.get(self.prompt_key) if self.prompt_key else None
+            try:
+                if prompt is not None:
+                    attribution, _ = attribute_rendered(
+                        attributor, _prompt_arg(prompt), documents, answer, question
+                    )
+                    if attribution is None:
+                        error = "none of the documents occurs in the prompt"
+                else:
+                    attribution = attributor.attribute(question, documents, answer)
+            except (AT2Error, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+
+        scores = attribution.document_scores() if attribution else {}
+        output = dict(input)
+        output[doc_key] = [_scored(doc, doc_id, scores.get(doc_id), i) for i, (doc, doc_id) in enumerate(zip(raw_docs, ids))]
+        output["citations"] = (
+            [
+                {
+                    "text": c.text,
+                    "start": c.start,
+                    "end": c.end,
+                    "document_ids": list(c.cited),
+                    "scores": {d.id: d.score for d in c.documents},
+                    "supported": c.supported,
+                }
+                for c in attribution.citations
+            ]
+            if attribution
+            else []
+        )
+        output["cited_answer"] = attribution.cited_answer() if attribution else answer
+        output["unsupported"] = not (attribution is not None and attribution.supported)
+        output["attribution"] = attribution
+        output["at2_error"] = error
+        return output
+
+
+def _prompt_arg(prompt: Any) -> Any:
+    if isinstance(prompt, PromptValue):
+        prompt = prompt.to_messages()
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and all(isinstance(m, BaseMessage) for m in prompt):
+        return to_chat_dicts(prompt)
+    raise TypeError(f"prompt must be a string, a PromptValue or a list of messages, got {type(prompt).__name__}")
+
+
+def _scored(doc: Any, doc_id: str, score: float | None, index: int) -> Document:
+    if isinstance(doc, Document):
+        return Document(page_content=doc.page_content, id=doc.id, metadata={**doc.metadata, "at2_score": score, "at2_id": doc_id})
+    from .documents import to_at2_document
+
+    return to_langchain_document(to_at2_document(doc, index), at2_score=score, at2_id=doc_id)
+
+
+def with_citations(chain: Runnable[Any, Any], **kwargs: Any) -> Runnable[Any, dict[str, Any]]:
+    """`chain | AT2Citations(**kwargs)`."""
+    return chain | AT2Citations(**kwargs)

@@ -1,0 +1,80 @@
+"""LangChain's standard integration tests for chat models, on the real embedded SmolLM2-135M-Instruct.
+
+Features a 135M local model does not have are switched off through the documented properties: tool calling,
+structured output, JSON mode, image/audio/PDF/video inputs, per-call model override. Generations are kept
+short (max_tokens=12) for CPU time.
+"""
+
+from __future__ import annotations
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_at2 import ChatAT2
+
+
+@pytest.mark.slow
+class TestChatAT2Integration(ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _model_loaded_once(self, attributor) -> None:  # the session fixture: weights load once
+        return None
+
+    @property
+    def chat_model_class(self) -> type[ChatAT2]:
+        return ChatAT2
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"max_tokens": 12}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_video_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True

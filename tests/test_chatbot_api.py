@@ -1,0 +1,200 @@
+"""API tests of the chatbot example (examples/chatbot) with FastAPI's TestClient.
+
+The validation, corpus and error-path tests never load the model; the `slow` ones generate real answers with the
+embedded SmolLM2-135M-Instruct (greedy decoding, so they are deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from chatbot.app import SAMPLE_DOCS, create_app, load_default_attributor, main  # noqa: E402
+from chatbot.corpus import BM25Index, load_folder  # noqa: E402
+
+QUESTION = "How many vacation days do I get per year?"
+RIGHT_DOC = "vacation-policy.md"
+
+
+def no_model():
+    raise AssertionError("this request must be answered without loading the model")
+
+
+def client_for(docs: Path | str = SAMPLE_DOCS, **kwargs) -> TestClient:
+    kwargs.setdefault("attributor_factory", no_model)
+    return TestClient(create_app(docs, **kwargs))
+
+
+def parse_sse(body: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# ---- pages and status -----------------------------------------------------------------------------------
+def test_page_and_static_files_are_served():
+    client = client_for()
+    page = client.get("/")
+    assert page.status_code == 200 and "AT2 Cited Chat" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert "text/css" in client.get("/static/app.css").headers["content-type"]
+
+
+def test_status_lists_the_sample_documents():
+    status = client_for().get("/api/status").json()
+    assert status["num_files"] == len(list(SAMPLE_DOCS.glob("*.md"))) >= 8
+    assert RIGHT_DOC in status["files"]
+    assert status["problems"] == [] and status["error"] is None
+    assert status["suggestions"] and status["model_loaded"] is False  # loads lazily on the first question
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("question", ["", "   ", "\n\t "])
+def test_empty_question_is_rejected_server_side(question):
+    res = client_for().post("/api/chat", json={"question": question, "history": []})
+    assert res.status_code == 400
+    assert res.json() == {"error": "empty_question", "message": "Please type a question before sending."}
+
+
+def test_missing_question_counts_as_empty():
+    res = client_for().post("/api/chat", json={})
+    assert res.status_code == 400 and res.json()["error"] == "empty_question"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"question": 3}, {"question": "hi", "history": [{"role": "robot", "content": "x"}]}, {"question": "hi", "history": "no"}],
+)
+def test_malformed_requests_get_a_readable_422(body):
+    res = client_for().post("/api/chat", json=body)
+    assert res.status_code == 422
+    data = res.json()
+    assert data["error"] == "invalid_request" and data["message"].startswith("The request is malformed:")
+
+
+def test_question_matching_no_document_is_reported():
+    res = client_for().post("/api/chat", json={"question": "xyzzy plugh quux"})
+    assert res.status_code == 404 and res.json()["error"] == "no_match"
+
+
+# ---- folders: unreadable files, no documents, long files ---------------------------------------------------
+@pytest.fixture()
+def messy_folder(tmp_path: Path) -> Path:
+    (tmp_path / "good.md").write_text("# Coffee machine\n\nThe espresso machine on floor two is descaled every Monday.\n")
+    (tmp_path / "notes.txt").write_text("Parking permits are renewed every January at the front desk.\n")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 opening hours: 9 to 5.".encode("latin-1"))
+    (tmp_path / "binary.md").write_bytes(b"\x00\x01\x02 not text")
+    (tmp_path / "empty.md").write_text("   \n")
+    (tmp_path / "dangling.md").symlink_to(tmp_path / "missing-target.md")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")  # not a .txt/.md file: ignored, not reported
+    return tmp_path
+
+
+def test_unreadable_files_are_reported_and_the_rest_is_indexed(messy_folder: Path):
+    client = client_for(messy_folder)
+    status = client.get("/api/status").json()
+    assert sorted(status["files"]) == ["good.md", "notes.txt"]
+    problems = {p["file"]: p["error"] for p in status["problems"]}
+    assert set(problems) == {"latin1.txt", "binary.md", "empty.md", "dangling.md"}
+    assert "UTF-8" in problems["latin1.txt"] and "binary" in problems["binary.md"]
+    assert "empty" in problems["empty.md"] and "cannot be read" in problems["dangling.md"]
+    assert status["error"] is None and status["suggestions"] == []
+    hits = client.app.state.service.retrieve("When is the espresso machine descaled?", [])
+    assert hits[0].id == "good.md" and hits[0].title == "Coffee machine"
+
+
+def test_no_documents_is_a_clear_error(tmp_path: Path):
+    client = client_for(tmp_path)
+    status = client.get("/api/status").json()
+    assert status["num_files"] == 0 and "No documents are indexed" in status["error"]
+    res = client.post("/api/chat", json={"question": "Anything?"})
+    assert res.status_code == 503
+    assert res.json()["error"] == "no_documents" and str(tmp_path) in res.json()["message"]
+
+
+def test_long_files_become_several_passages(tmp_path: Path):
+    paragraphs = [f"Paragraph {i} talks about topic{i} in some detail. " * 6 for i in range(12)]
+    (tmp_path / "handbook.md").write_text("# Big handbook\n\n" + "\n\n".join(paragraphs))
+    report = load_folder(tmp_path, max_chars=600)
+    assert len(report.passages) > 3
+    assert all(len(p.text) <= 600 for p in report.passages)
+    assert report.passages[0].id == "handbook.md#1" and report.passages[0].title.startswith("Big handbook (part 1/")
+    best = BM25Index(report.passages).search("topic7", k=2)
+    assert "topic7" in best[0][0].text
+
+
+def test_cli_refuses_a_missing_folder(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--docs", "/nonexistent/folder"])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+# ---- with the real model ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def attributor():
+    return load_default_attributor()
+
+
+@pytest.mark.slow
+def test_context_too_long_is_reported_before_streaming(attributor):
+    client = client_for(attributor=attributor)
+    res = client.post("/api/chat", json={"question": "vacation days " * 5000})
+    assert res.status_code == 413
+    data = res.json()
+    assert data["error"] == "context_too_long" and "context window is 8192 tokens" in data["message"]
+
+
+@pytest.mark.slow
+def test_chat_streams_the_answer_then_its_attribution(attributor):
+    client = client_for(attributor=attributor, max_new_tokens=64)
+    with client.stream("POST", "/api/chat", json={"question": QUESTION, "history": []}) as res:
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(res.read().decode())
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "retrieval" and kinds[-2:] == ["attribution", "done"]
+    assert kinds.count("token") >= 2  # streamed in pieces
+    retrieved = events[0][1]["documents"]
+    assert retrieved[0]["id"] == RIGHT_DOC and len(retrieved) == 4
+
+    att = events[-2][1]
+    streamed = "".join(data["text"] for kind, data in events if kind == "token")
+    assert streamed.strip() == att["answer"].strip() and "27" in att["answer"]
+    ranked = sorted(att["documents"], key=lambda d: d["score"], reverse=True)
+    assert ranked[0]["id"] == RIGHT_DOC, [(d["id"], d["score"]) for d in ranked]
+    assert abs(sum(d["share"] for d in att["documents"]) - 1) < 1e-6
+    assert "prompt" not in att and att["cited_answer"].count("[") >= 1
+
+    first = att["citations"][0]
+    assert "27" in first["text"] and first["cited"][0] == RIGHT_DOC and first["supported"]
+    support = next(d for d in first["documents"] if d["id"] == RIGHT_DOC)
+    doc_text = next(d["text"] for d in att["documents"] if d["id"] == RIGHT_DOC)
+    top = support["sentences"][0]
+    assert doc_text[top["start"] : top["end"]] == top["text"] and "27 days" in top["text"]
+    assert events[-1][1]["history_messages"] == 0
+
+
+@pytest.mark.slow
+def test_follow_up_turn_passes_history_to_the_model(attributor):
+    client = client_for(attributor=attributor, max_new_tokens=12)
+    history = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": "Every full-time employee receives 27 days of paid vacation per year."},
+    ]
+    sizes = {}
+    for name, turns in (("without", []), ("with", history)):
+        with client.stream("POST", "/api/chat", json={"question": "Can unused vacation days be carried over?", "history": turns}) as res:
+            events = dict(parse_sse(res.read().decode()))
+        assert events["done"]["history_messages"] == len(turns)
+        sizes[name] = events["attribution"]["num_prompt_tokens"]
+        assert events["attribution"]["documents"][0]["id"] == RIGHT_DOC  # retrieved first
+    assert sizes["with"] > sizes["without"] + 20

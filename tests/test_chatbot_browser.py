@@ -1,0 +1,257 @@
+"""End-to-end tests of the chatbot example in headless Chromium, driven by Playwright.
+
+The app runs in-process (uvicorn in a thread, on a free localhost port) with the real embedded SmolLM2-135M-Instruct
+and BM25 over the bundled sample documents. Chromium is Debian's (`apt-get install chromium`), never a downloaded
+browser; set AT2_CHROMIUM to use another binary. The tests are skipped only when no Chromium binary is found.
+
+Screenshots go to $AT2_ARTIFACTS (or a pytest temp folder); docs/img/chatbot.png is written when it is missing or
+when AT2_UPDATE_DOCS_IMG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("AT2_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    pytest.skip(
+        "Chromium not found (looked at $AT2_CHROMIUM, /usr/bin/chromium, `chromium` on PATH): "
+        "install it with `apt-get install chromium` to run the browser tests",
+        allow_module_level=True,
+    )
+
+import uvicorn  # noqa: E402
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+from chatbot.app import create_app, load_default_attributor  # noqa: E402
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+QUESTION = "How many vacation days do I get per year?"
+FOLLOW_UP = "Can unused vacation days be carried over?"
+RIGHT_DOC = "vacation-policy.md"
+ANSWER_TIMEOUT_MS = 300_000  # a CPU shared with other work can be slow; an idle one answers in seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on 127.0.0.1:<free port> in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the chatbot server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    folder = Path(os.environ["AT2_ARTIFACTS"]) if os.environ.get("AT2_ARTIFACTS") else tmp_path_factory.mktemp("chatbot-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def sample_server():
+    # the model loads on the first question, so tests that never ask one stay fast
+    app = create_app(attributor_factory=load_default_attributor, max_new_tokens=64)
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1360, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_app(page: Page, url: str) -> None:
+    page.goto(url)
+    expect(page.locator("#status-docs")).to_contain_text(" indexed")
+
+
+def ask(page: Page, question: str, answers_before: int) -> None:
+    page.fill("#question", question)
+    page.click("#send")
+    expect(page.locator(".msg.user .bubble").last).to_have_text(question)
+    # the answer is done (attribution rendered) when its meta line appears
+    expect(page.locator(".msg.assistant .meta")).to_have_count(answers_before + 1, timeout=ANSWER_TIMEOUT_MS)
+
+
+def test_empty_question_shows_an_error_without_asking_the_server(page, sample_server):
+    open_app(page, sample_server.url)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url) if "/api/chat" in r.url else None)
+    page.click("#send")
+    expect(page.locator("#composer-error")).to_be_visible()
+    expect(page.locator("#composer-error")).to_have_text("Please type a question before sending.")
+    page.fill("#question", "   ")
+    page.press("#question", "Enter")
+    expect(page.locator("#composer-error")).to_be_visible()
+    assert requests == [] and page.locator(".msg").count() == 0
+    page.fill("#question", "How")  # typing clears the error
+    expect(page.locator("#composer-error")).to_be_hidden()
+
+
+@pytest.mark.slow
+def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_server, artifacts):
+    open_app(page, sample_server.url)
+
+    # ---- turn 1: the answer streams in, then gets citation marks -------------------------------------------
+    ask(page, QUESTION, answers_before=0)
+    answer = page.locator(".msg.assistant").first
+    expect(answer.locator(".answer-text")).to_contain_text("27")
+    marks = answer.locator("button.cite")
+    assert marks.count() >= 1
+    expect(answer.locator(".unsupported-flag")).to_have_count(0)
+
+    # the side panel ranks the retrieved documents by attribution: the vacation policy first
+    rows = page.locator("#sources .source-row")
+    expect(rows).to_have_count(4)
+    expect(rows.first).to_have_attribute("data-doc-id", RIGHT_DOC)
+    expect(rows.first.locator(".title")).to_have_text("Vacation and Paid Time Off")
+    percents = [int(t.strip("%")) for t in rows.locator(".pct").all_inner_texts()]
+    assert percents == sorted(percents, reverse=True) and percents[0] > percents[1], percents
+
+    # clicking the first sentence's mark for the vacation policy shows it with the supporting sentence highlighted
+    mark = answer.locator(f"button.cite[data-citation='0'][data-doc='{RIGHT_DOC}']")
+    expect(mark).to_have_count(1)
+    mark.click()
+    expect(page.locator("#doc-card")).to_be_visible()
+    expect(page.locator("#doc-title")).to_have_text(f"[{mark.get_attribute('data-n')}] Vacation and Paid Time Off")
+    expect(page.locator("#doc-claim")).to_contain_text("27 days")
+    highlights = page.locator("#doc-view mark.hl")
+    assert 1 <= highlights.count() <= 3
+    expect(page.locator("#doc-view mark.hl.top")).to_contain_text("receives 27 days of paid vacation")
+    expect(mark).to_have_class("cite active")
+    expect(answer.locator(".sent.active")).to_have_count(1)
+    expect(page.locator("#sources .source-row.active")).to_have_attribute("data-doc-id", RIGHT_DOC)
+
+    shot = artifacts / "chatbot.png"
+    page.screenshot(path=str(shot))
+    docs_img = ROOT / "docs" / "img" / "chatbot.png"
+    if os.environ.get("AT2_UPDATE_DOCS_IMG") == "1" or not docs_img.exists():
+        docs_img.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, docs_img)
+
+    # clicking a source row shows the whole-answer sentence scores of that document
+    rows.nth(1).click()
+    expect(page.locator("#doc-card")).to_have_attribute("data-mode", "document")
+    expect(page.locator("#doc-claim")).to_contain_text("Whole answer")
+
+    # ---- turn 2: the earlier turn goes to the model as history ---------------------------------------------
+    with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as req:
+        ask(page, FOLLOW_UP, answers_before=1)
+    sent = json.loads(req.value.post_data)
+    assert sent["question"] == FOLLOW_UP
+    assert [t["role"] for t in sent["history"]] == ["user", "assistant"]
+    assert sent["history"][0]["content"] == QUESTION and "27" in sent["history"][1]["content"]
+    second = page.locator(".msg.assistant").nth(1)
+    expect(second.locator(".answer-text")).not_to_be_empty()
+    assert second.locator("button.cite").count() + second.locator(".flag-sentence").count() >= 1
+    expect(second).to_have_class(re.compile(r"\bselected\b"))  # the side panel follows the newest answer
+    expect(page.locator("#sources-sub")).to_contain_text("Answer 2")
+    page.screenshot(path=str(artifacts / "chatbot-two-turns.png"))
+
+
+@pytest.mark.slow
+def test_context_too_long_is_shown_in_the_page(page, sample_server, artifacts):
+    open_app(page, sample_server.url)
+    page.fill("#question", "vacation days " * 5000)
+    page.click("#send")
+    error = page.locator(".msg.error")
+    expect(error).to_have_attribute("data-kind", "context_too_long", timeout=60_000)
+    expect(error).to_contain_text("Context too long")
+    expect(error).to_contain_text("context window is 8192 tokens")
+    expect(page.locator("#send")).to_be_enabled()
+    page.screenshot(path=str(artifacts / "chatbot-context-too-long.png"))
+
+
+def test_unreadable_files_are_listed_in_the_status_area(page, tmp_path):
+    (tmp_path / "coffee.md").write_text("# Coffee\n\nThe espresso machine is descaled every Monday.\n")
+    (tmp_path / "old-notes.txt").write_bytes("Caf\xe9 menu".encode("latin-1"))
+    (tmp_path / "dangling.md").symlink_to(tmp_path / "gone.md")
+    with ServerThread(create_app(tmp_path, attributor_factory=load_default_attributor)) as server:
+        open_app(page, server.url)
+        expect(page.locator("#status-docs")).to_contain_text("1 document indexed · 2 skipped")
+        banner = page.locator("#status-banner")
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("old-notes.txt")
+        expect(banner).to_contain_text("not valid UTF-8")
+        expect(banner).to_contain_text("dangling.md")
+
+
+def test_no_documents_is_shown_in_the_page(page, tmp_path, artifacts):
+    with ServerThread(create_app(tmp_path, attributor_factory=load_default_attributor)) as server:
+        page.goto(server.url)
+        expect(page.locator("#status-docs")).to_contain_text("No documents")
+        expect(page.locator("#status-banner")).to_contain_text("No documents are indexed")
+        page.fill("#question", "Is anything indexed?")
+        page.click("#send")
+        error = page.locator(".msg.error")
+        expect(error).to_have_attribute("data-kind", "no_documents")
+        expect(error).to_contain_text(str(tmp_path))
+        page.screenshot(path=str(artifacts / "chatbot-no-documents.png"))
