@@ -179,7 +179,7 @@ def test_published_estimators_are_listed():
     }
 
 
-def _fake_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+def _local_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
     """Lay out a Hugging Face Hub cache entry exactly as huggingface_hub writes it (blobs, snapshot, ref)."""
     import hashlib
 
@@ -203,10 +203,10 @@ def test_hub_ids_load_through_huggingface_hub_offline(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     ref = tmp_path / "ref.pt"
     torch.save(reference_payload(torch.rand(6), 2, 3), ref)
-    _fake_hub_cache(cache, "madrylab/at2-qwen2.5-7b-instruct", {"score_estimator.pt": ref.read_bytes()})
+    _local_hub_cache(cache, "madrylab/at2-qwen2.5-7b-instruct", {"score_estimator.pt": ref.read_bytes()})
     ours = ScoreEstimator(torch.rand(6), num_layers=2, num_heads=3, model_id="org/m")
     folder = ours.save_pretrained(tmp_path / "ours")
-    _fake_hub_cache(cache, "me/at2-m", {p.name: p.read_bytes() for p in folder.iterdir()})
+    _local_hub_cache(cache, "me/at2-m", {p.name: p.read_bytes() for p in folder.iterdir()})
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 

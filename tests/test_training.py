@@ -123,7 +123,7 @@ def test_batched_ablations_equal_one_at_a_time(tiny_llama):
 
 
 # ---- shards and resume --------------------------------------------------------------------------------
-def _fake_collected(i: int, sources: int = 3, d: int = 6) -> CollectedExample:
+def _synthetic_collected(i: int, sources: int = 3, d: int = 6) -> CollectedExample:
     g = torch.Generator().manual_seed(i)
     return CollectedExample(
         id=f"ex{i}",
@@ -136,7 +136,7 @@ def _fake_collected(i: int, sources: int = 3, d: int = 6) -> CollectedExample:
 
 
 def test_shard_round_trip_and_no_partial_files(tmp_path):
-    items = [_fake_collected(i) for i in range(3)]
+    items = [_synthetic_collected(i) for i in range(3)]
     write_shard(tmp_path / "shard-a.safetensors", items[:2])
     write_shard(tmp_path / "shard-b.safetensors", items[1:])  # ex1 twice: loaded once
     loaded = load_collected(tmp_path)
@@ -241,7 +241,7 @@ def test_training_recovers_a_planted_estimator():
 
 
 def test_to_targets_pads_sources():
-    batch = to_targets([_fake_collected(0, sources=2), _fake_collected(1, sources=4)])
+    batch = to_targets([_synthetic_collected(0, sources=2), _synthetic_collected(1, sources=4)])
     assert batch.features.shape == (4, 4, 6) and batch.signs.shape == (4, 8, 4)
     assert batch.signs[0, :, 2:].abs().sum() == 0 and batch.features[0, 2:].abs().sum() == 0
 
