@@ -58,7 +58,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF once and write a plain safetensors checkpoint, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to a cached checkpoint (first run only, ~20 s)", gguf.name)
+    logger.warning("first run: converting %s to a cached checkpoint in %s (~20 s, once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -298,3 +298,26 @@ def test_estimator_round_trip_and_refusals(tmp_path):
         ScoreEstimator.from_pretrained(folder)
     with pytest.raises(EstimatorFormatError):
         ScoreEstimator(torch.ones(5), num_layers=2, num_heads=2)
+
+
+@pytest.mark.slow
+def test_collect_splits_examples_over_launched_processes(tmp_path):
+    """Two processes (torchrun sets the same env as `accelerate launch` on several GPUs) take disjoint examples."""
+    docs = [{"id": "a", "text": "Copper conducts electricity well."}, {"id": "b", "text": "Owls hunt at night."}]
+    src = tmp_path / "examples.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"q{i}", "query": q, "documents": docs})
+                             for i, q in enumerate(["What conducts electricity?", "When do owls hunt?", "Is copper a metal?"])))
+    out = tmp_path / "shards"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "at2_rag.cli", "collect", str(src), str(out),
+         "--num-masks", "4", "--max-new-tokens", "8", "--shard-size", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(s["rank"] for s in summaries) == [0, 1]
+    ranks = {p.name.split("-")[1] for p in out.glob("shard-*.safetensors")}
+    assert ranks == {"r00", "r01"}
+    assert sorted(e.id for e in load_collected(out)) == ["q0", "q1", "q2"]
+    assert sum(s["collected"] + s["skipped"] for s in summaries) == 3

@@ -67,7 +67,7 @@ def collect_example(
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
     attention = ablation_attention_mask(len(ids), spans, all_masks)
-    with attributor._lock:
+    with attributor.lock:
         logit_probs = answer_logit_probs(attributor.model, ids, len(run.answer.token_ids), attention, batch_size)
     labels = torch.stack([target_log_odds(logit_probs, rows) for _, rows in targets])  # [targets, 1 + masks]
     meta = {
@@ -89,7 +89,12 @@ def _process_split() -> tuple[int, int, Any]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_MIXED_PRECISION"):
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes need the gloo backend
+        if int(os.environ.get("WORLD_SIZE", "1")) != state.num_processes:
+            raise RuntimeError(
+                f"launched {os.environ.get('WORLD_SIZE')} processes but accelerate sees {state.num_processes}: "
+                "refusing to collect, every process would take every example"
+            )
         return state.process_index, state.num_processes, state.device
     return 0, 1, None
 
