@@ -4,6 +4,7 @@ from .attributor import Attributor, CapturedRun
 from .errors import (
     AT2Error,
     ContextTooLongError,
+    DocumentsNotLocatedError,
     EstimatorFormatError,
     EstimatorMismatchError,
     InvalidInputError,
@@ -14,7 +15,7 @@ from .errors import (
 from .estimator import ScoreEstimator
 from .models import DEFAULT_MODEL_ID, load_default_model, load_model
 from .prompt import PromptTemplate
-from .result import Attribution, Citation, CitedDocument, DocumentScore, SentenceScore
+from .result import Attribution, Citation, CitedDocument, DocumentScore, SentenceScore, UnlocatedDocument
 from .sources import Document
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "Document",
     "DocumentScore",
+    "DocumentsNotLocatedError",
     "EstimatorFormatError",
     "EstimatorMismatchError",
     "InvalidInputError",
@@ -38,6 +40,7 @@ __all__ = [
     "PromptTemplate",
     "ScoreEstimator",
     "SentenceScore",
+    "UnlocatedDocument",
     "UnsupportedModelError",
     "load_default_model",
     "load_model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -12,10 +13,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .capture import capture_attention, install_capture, model_shape, source_matrix, text_config
-from .errors import ContextTooLongError, InvalidInputError
+from .errors import ContextTooLongError, DocumentsNotLocatedError, InvalidInputError
 from .estimator import ScoreEstimator
 from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
-from .prompt import PromptTemplate, RenderedPrompt, render_prompt
+from .locate import LocatedPrompt, locate_prompt
+from .prompt import PromptTemplate, RenderedPrompt, render_messages, render_prompt
 from .result import (
     MAX_CITED_PER_SENTENCE,
     RELATIVE_CITATION_CUTOFF,
@@ -60,6 +62,16 @@ def _model_lock(model: torch.nn.Module) -> threading.RLock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
+
+
+def _check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
+def _check_answer(answer: Any) -> None:
+    if not isinstance(answer, str) or not answer.strip():
+        raise InvalidInputError("answer must be a non-empty string")
 
 
 class Attributor:
@@ -157,32 +169,13 @@ class Attributor:
         max_new_tokens: int = 256,
         **generate_kwargs: Any,
     ) -> Iterator[str | Attribution]:
-        """Yield answer text chunks as they are generated, then the Attribution as the last item."""
-        from transformers import TextIteratorStreamer
+        """Yield answer text chunks as they are generated, then the Attribution as the last item.
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                outcome["run"] = self.generate_run(
-                    query, documents, history, system_prompt, max_new_tokens, streamer=streamer, **generate_kwargs
-                )
-            except BaseException as exc:  # surfaced in the consuming thread
-                outcome["error"] = exc
-                streamer.end()
-
-        # validate eagerly so bad input fails in the caller's thread before any thread starts
-        self.render(query, documents, history, system_prompt)
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        for chunk in streamer:
-            if chunk:
-                yield chunk
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        yield self.build_attribution(outcome["run"], query)
+        Bad input and a prompt + max_new_tokens that exceeds the context window raise on the first `next()`, in
+        the caller's thread, before the generation thread starts."""
+        prompt = self.render(query, documents, history, system_prompt)
+        for item in self.stream_prompt_run(prompt, max_new_tokens, **generate_kwargs):
+            yield self.build_attribution(item, query) if isinstance(item, CapturedRun) else item
 
     def attribute(
         self,
@@ -196,7 +189,59 @@ class Attributor:
         run = self.forward_run(query, documents, answer, history, system_prompt)
         return self.build_attribution(run, query)
 
-    # ---- runs -------------------------------------------------------------------------------------------
+    def attribute_rendered(
+        self,
+        prompt: str | Sequence[Any],
+        documents: Sequence[DocumentLike],
+        answer: str | None = None,
+        query: str = "",
+        max_new_tokens: int = 256,
+        **generate_kwargs: Any,
+    ) -> Attribution:
+        """Attribute an answer to the documents inside a prompt rendered elsewhere (a framework's template).
+
+        `prompt` is the exact prompt text, or chat messages (role/content dicts, LangChain/LlamaIndex messages)
+        rendered with the model's chat template. Each document is located in it (`at2_rag.locate`); documents
+        that are not found are listed, with the reason, in `Attribution.unlocated_documents`. With `answer`
+        given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
+        prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` only labels the
+        result. Raises `DocumentsNotLocatedError` (a `NoDocumentsError`, with `.unlocated`) when no document
+        occurs in the prompt.
+        """
+        located = self.locate(prompt, documents)
+        if not located.located:
+            raise DocumentsNotLocatedError(located.unlocated)
+        if answer is None:
+            run = self.generate_prompt_run(located.prompt, max_new_tokens, **generate_kwargs)
+        else:
+            run = self.forward_prompt_run(located.prompt, answer)
+        return self.build_attribution(run, query)
+
+    def generate_text(
+        self,
+        prompt: str | Sequence[Any],
+        max_new_tokens: int = 256,
+        streamer: Any = None,
+        **generate_kwargs: Any,
+    ) -> str:
+        """Plain generation, without capture (a chat model with no documents): the answer text.
+
+        `prompt` is the exact prompt text or chat messages (rendered with the chat template, as in
+        `attribute_rendered`). Greedy by default; serialised with every other run on this model (`lock`)."""
+        prompt_run = self.generate_prompt_run(
+            self.locate(prompt).prompt, max_new_tokens, capture=False, streamer=streamer, **generate_kwargs
+        )
+        return prompt_run.answer.text
+
+    def stream_text(
+        self, prompt: str | Sequence[Any], max_new_tokens: int = 256, **generate_kwargs: Any
+    ) -> Iterator[str]:
+        """`generate_text`, yielding the text in chunks as it is generated."""
+        for item in self.stream_prompt_run(self.locate(prompt).prompt, max_new_tokens, capture=False, **generate_kwargs):
+            if isinstance(item, str):
+                yield item
+
+    # ---- prompts ----------------------------------------------------------------------------------------
     def render(
         self,
         query: str,
@@ -204,36 +249,79 @@ class Attributor:
         history: Sequence[Any] | None = None,
         system_prompt: str | None = _UNSET,
     ) -> RenderedPrompt:
+        """at2-rag's own prompt (the template's user turn, the chat template) with every source's token span."""
         docs = normalize_documents(documents)
         template = self.template
         if system_prompt is not _UNSET:
             template = template.model_copy(update={"system_prompt": system_prompt})
         return render_prompt(self.tokenizer, query, docs, template, history)
 
+    def locate(self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = ()) -> LocatedPrompt:
+        """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.locate`).
+
+        A string is used as the exact prompt text; messages are rendered with `render_messages` first."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidInputError("the prompt must be a non-empty string or a list of messages")
+            text, used = prompt, False
+        else:
+            text, used = render_messages(self.tokenizer, prompt)
+        return locate_prompt(self.tokenizer, text, documents, used_chat_template=used)
+
     @property
     def context_window(self) -> int | None:
         config = text_config(self.model)
         return getattr(config, "max_position_embeddings", None)
 
-    def _check_length(self, needed: int, what: str) -> None:
+    def check_fits(
+        self, prompt: RenderedPrompt | int, max_new_tokens: int = 0, *, answer_tokens: int | None = None
+    ) -> None:
+        """Raise `ContextTooLongError` unless the prompt (a RenderedPrompt or its number of tokens) fits the
+        context window, and so does the prompt plus `max_new_tokens` to generate, or plus an answer of
+        `answer_tokens` tokens."""
+        num = prompt if isinstance(prompt, int) else prompt.num_tokens
         limit = self.context_window
-        if limit is not None and needed > limit:
-            raise ContextTooLongError(needed, limit, what)
+        if limit is None:
+            return
+        checks = [(num, "prompt")]
+        if answer_tokens is not None:
+            checks.append((num + answer_tokens, "prompt plus answer"))
+        if max_new_tokens:
+            checks.append((num + max_new_tokens, f"prompt plus max_new_tokens={max_new_tokens}"))
+        for needed, what in checks:
+            if needed > limit:
+                raise ContextTooLongError(needed, limit, what)
 
-    def _matrix(self, prompt: RenderedPrompt) -> torch.Tensor:
-        return source_matrix(prompt.num_tokens, prompt.doc_token_spans + prompt.sentence_token_spans)
-
+    # ---- the model ----------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _eos_ids(self) -> set[int]:
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's lock (one per model, shared by every Attributor on it). Every run holds it, since a
+        capture records every attention call made while it is active: hold it for any other use of the model."""
+        return self._lock
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation (the generation config's and the tokenizer's)."""
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return frozenset(ids)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """The tokenizer's pad token, else the smallest end-of-sequence id."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            eos = self.eos_token_ids
+            pad = min(eos) if eos else None
+        return pad
+
+    # ---- runs -------------------------------------------------------------------------------------------
     def generate_run(
         self,
         query: str,
@@ -243,35 +331,10 @@ class Attributor:
         max_new_tokens: int = 256,
         **generate_kwargs: Any,
     ) -> CapturedRun:
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        """`render` + `generate_prompt_run`."""
+        _check_max_new_tokens(max_new_tokens)
         prompt = self.render(query, documents, history, system_prompt)
-        self._check_length(prompt.num_tokens, "prompt")
-        self._check_length(prompt.num_tokens + max_new_tokens, f"prompt plus max_new_tokens={max_new_tokens}")
-        input_ids = torch.tensor([prompt.input_ids], device=self.device)
-        kwargs = {"do_sample": False, "pad_token_id": self._pad_id()}
-        if not generate_kwargs.get("do_sample"):
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        kwargs.update(generate_kwargs)
-        with self._lock, torch.no_grad(), capture_attention(
-            self.model, self._matrix(prompt), prompt.num_tokens - 1
-        ) as state:
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                **kwargs,
-            )
-        generated = output[0, prompt.num_tokens :].tolist()
-        eos = self._eos_ids()
-        finish = "length"
-        while generated and generated[-1] in eos:
-            generated.pop()
-            finish = "stop"
-        if not generated:
-            logger.warning("the model produced an empty answer")
-        features = state.features()[0][: len(generated)]
-        return CapturedRun(prompt, decode_with_offsets(self.tokenizer, generated), features, finish)
+        return self.generate_prompt_run(prompt, max_new_tokens, **generate_kwargs)
 
     def forward_run(
         self,
@@ -281,26 +344,112 @@ class Attributor:
         history: Sequence[Any] | None = None,
         system_prompt: str | None = _UNSET,
     ) -> CapturedRun:
-        if not isinstance(answer, str) or not answer.strip():
-            raise InvalidInputError("answer must be a non-empty string")
+        """`render` + `forward_prompt_run`."""
+        _check_answer(answer)
         prompt = self.render(query, documents, history, system_prompt)
+        return self.forward_prompt_run(prompt, answer)
+
+    def _matrix(self, prompt: RenderedPrompt) -> torch.Tensor:
+        return source_matrix(prompt.num_tokens, prompt.doc_token_spans + prompt.sentence_token_spans)
+
+    def generate_prompt_run(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int = 256,
+        capture: bool = True,
+        streamer: Any = None,
+        **generate_kwargs: Any,
+    ) -> CapturedRun:
+        """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
+
+        With `capture=False` it is a plain generation: no features (`token_features` has no source columns)
+        and no per-token answer offsets. `streamer` is handed to `generate` (e.g. a `TextIteratorStreamer`)."""
+        _check_max_new_tokens(max_new_tokens)
+        self.check_fits(prompt, max_new_tokens)
+        input_ids = torch.tensor([prompt.input_ids], device=self.device)
+        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_token_id}
+        if not generate_kwargs.get("do_sample"):
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(generate_kwargs)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        ctx = (
+            capture_attention(self.model, self._matrix(prompt), prompt.num_tokens - 1)
+            if capture
+            else contextlib.nullcontext(None)
+        )
+        with self.lock, torch.no_grad(), ctx as state:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        generated = output[0, prompt.num_tokens :].tolist()
+        eos = self.eos_token_ids
+        finish = "length"
+        while generated and generated[-1] in eos:
+            generated.pop()
+            finish = "stop"
+        if not generated:
+            logger.warning("the model produced an empty answer")
+        if state is None:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            answer = AnswerTokens(token_ids=generated, text=text, char_spans=[])
+            features = torch.zeros(len(generated), 0, self.num_layers * self.num_heads)
+        else:
+            answer = decode_with_offsets(self.tokenizer, generated)
+            features = state.features()[0][: len(generated)]
+        return CapturedRun(prompt, answer, features, finish)
+
+    def forward_prompt_run(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
+        """One forward pass over a ready prompt + `answer`, capturing the answer rows' attention to its sources."""
+        _check_answer(answer)
         tokens = encode_with_offsets(self.tokenizer, answer)
-        total = prompt.num_tokens + len(tokens.token_ids)
-        self._check_length(total, "prompt plus answer")
+        self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
         ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
         start = prompt.num_tokens - 1
-        with self._lock, torch.no_grad(), capture_attention(
+        with self.lock, torch.no_grad(), capture_attention(
             self.model, self._matrix(prompt), start, start + len(tokens.token_ids)
         ) as state:
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
         return CapturedRun(prompt, tokens, state.features()[0], None)
 
-    def _pad_id(self) -> int | None:
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            eos = self._eos_ids()
-            pad = min(eos) if eos else None
-        return pad
+    def stream_prompt_run(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int = 256,
+        capture: bool = True,
+        **generate_kwargs: Any,
+    ) -> Iterator[str | CapturedRun]:
+        """`generate_prompt_run` in a worker thread: yield text chunks as they are generated, then the
+        CapturedRun. The length check runs in the caller's thread, before the worker starts; an error in the
+        worker is re-raised here."""
+        from transformers import TextIteratorStreamer
+
+        _check_max_new_tokens(max_new_tokens)
+        self.check_fits(prompt, max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["run"] = self.generate_prompt_run(
+                    prompt, max_new_tokens, capture=capture, streamer=streamer, **generate_kwargs
+                )
+            except BaseException as exc:  # surfaced in the consuming thread
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for chunk in streamer:
+            if chunk:
+                yield chunk
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["run"]
 
     # ---- scoring ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,6 +502,7 @@ class Attributor:
             num_prompt_tokens=prompt.num_tokens,
             num_answer_tokens=len(answer.token_ids),
             finish_reason=run.finish_reason,
+            unlocated_documents=list(prompt.unlocated_documents),
         )
 
     def _citation(

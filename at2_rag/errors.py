@@ -11,6 +11,21 @@ class NoDocumentsError(AT2Error, ValueError):
     """Attribution needs at least one document to attribute to."""
 
 
+class DocumentsNotLocatedError(NoDocumentsError):
+    """None of the documents occurs in an already-rendered prompt (`Attributor.attribute_rendered`).
+
+    `unlocated` lists every document with the reason (`at2_rag.result.UnlocatedDocument`).
+    """
+
+    def __init__(self, unlocated: list) -> None:
+        self.unlocated = list(unlocated)
+        reasons = "; ".join(f"{u.id}: {u.reason}" for u in self.unlocated) or "no documents were given"
+        super().__init__(
+            f"none of the {len(self.unlocated)} documents occurs in the prompt, so there is nothing to attribute "
+            f"to ({reasons})"
+        )
+
+
 class InvalidInputError(AT2Error, ValueError):
     """A query, document, answer or option is malformed."""
 

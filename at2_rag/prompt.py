@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import InvalidInputError, PromptRenderError
+from .result import UnlocatedDocument
 from .sources import Document, Source, build_sources
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ def _fill(template: str, values: Mapping[str, str]) -> tuple[str, dict[str, int]
 
 @dataclass
 class RenderedPrompt:
-    """The exact prompt the model sees, its tokens, and the token span of every source."""
+    """The exact prompt the model sees, its tokens, and the token span of every source.
+
+    Built by `render_prompt` (at2-rag's own template) or by `at2_rag.locate.locate_prompt` (documents found
+    inside a prompt rendered elsewhere; `unlocated_documents` lists the given documents it does not contain).
+    """
 
     text: str
     input_ids: list[int]
@@ -93,6 +98,7 @@ class RenderedPrompt:
     doc_token_spans: list[tuple[int, int]] = field(default_factory=list)
     sentence_token_spans: list[tuple[int, int]] = field(default_factory=list)
     used_chat_template: bool = True
+    unlocated_documents: list[UnlocatedDocument] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +109,7 @@ class RenderedPrompt:
         return base + source.span.start, base + source.span.end
 
 
-def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
+def normalize_history(history: Sequence[Any] | None, what: str = "history turn") -> list[dict[str, str]]:
     """Earlier turns as chat messages. Accepts dicts with role/content, (role, content) pairs, or objects
     with `type`/`role` and `content` attributes (LangChain and LlamaIndex messages)."""
     messages: list[dict[str, str]] = []
@@ -119,7 +125,7 @@ def normalize_history(history: Sequence[Any] | None) -> list[dict[str, str]]:
         role = {"human": "user", "ai": "assistant", "chatbot": "assistant"}.get(str(role), role)
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise InvalidInputError(
-                f"history turn {i} must have role system/user/assistant and string content, got {turn!r}"
+                f"{what} {i} must have role system/user/assistant and string content, got {turn!r}"
             )
         messages.append({"role": role, "content": content})
     return messages
@@ -130,7 +136,14 @@ def _plain_render(messages: list[dict[str, str]]) -> str:
     return "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
+def render_messages(tokenizer: Any, messages: Sequence[Any]) -> tuple[str, bool]:
+    """The tokenizer's chat template over `messages`, with the generation prompt: `(text, used_chat_template)`.
+
+    Messages are anything `normalize_history` accepts (role/content dicts, (role, content) pairs, LangChain or
+    LlamaIndex messages). Without a chat template a plain 'System:/User:/Assistant:' transcript is rendered
+    (`used_chat_template` False); a template that refuses a system turn gets it folded into the first user turn.
+    """
+    messages = normalize_history(messages, what="message")
     if getattr(tokenizer, "chat_template", None) is None:
         logger.info(PLAIN_TEMPLATE_NOTE)
         return _plain_render(messages), False
@@ -239,7 +252,7 @@ def render_prompt(
         messages.append({"role": "system", "content": template.system_prompt})
     messages.extend(normalize_history(history))
     messages.append({"role": "user", "content": user_content})
-    text, used_chat_template = _apply_template(tokenizer, messages)
+    text, used_chat_template = render_messages(tokenizer, messages)
 
     base = text.rfind(user_content)
     if base < 0:

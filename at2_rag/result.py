@@ -63,6 +63,21 @@ class Citation(BaseModel):
     supported: bool = True
 
 
+class UnlocatedDocument(BaseModel):
+    """A document that was given but could not be found in the prompt (see `Attributor.attribute_rendered`),
+    so it has no score: `position` is its index in the caller's list, `reason` says why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    position: int
+    id: str
+    title: str | None = None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "position": self.position, "reason": self.reason}
+
+
 class Attribution(BaseModel):
     """What the answer used. `document_scores()` for the whole answer, `citations` per answer sentence."""
 
@@ -80,6 +95,10 @@ class Attribution(BaseModel):
     num_prompt_tokens: int
     num_answer_tokens: int
     finish_reason: str | None = None
+    unlocated_documents: list[UnlocatedDocument] = Field(
+        default_factory=list,
+        description="documents given but not found in an already-rendered prompt: not scored, listed with the reason",
+    )
 
     # ---- accessors -------------------------------------------------------------------------------------
     def document_scores(self) -> dict[str, float]:
@@ -138,6 +157,9 @@ class Attribution(BaseModel):
                 f"<b>{label}</b> <code>{d.score:.3f}</code><br><small>{body}</small></li>"
             )
         parts.append("</ol>")
+        if self.unlocated_documents:
+            missing = ", ".join(html.escape(f"{u.title or u.id} ({u.reason})") for u in self.unlocated_documents)
+            parts.append(f"<p><i>Not found in the prompt, so not scored:</i> {missing}</p>")
         if not self.estimator_trained:
             parts.append("<p><i>Scores come from an untrained estimator (average attention).</i></p>")
         parts.append("</div>")
@@ -153,6 +175,8 @@ class Attribution(BaseModel):
         for rank, d in enumerate(self.top_documents(len(self.documents)), 1):
             title = (d.title or d.id or "")[: max(10, width - 24)]
             lines.append(f"{rank:>4}  {d.score:>8.4f}  [{d.index + 1}]  {title}")
+        for u in self.unlocated_documents:
+            lines.append(f"{'-':>4}  {'-':>8}  {'-':<4} {u.title or u.id} (not in the prompt: {u.reason})")
         return "\n".join(lines)
 
     def __rich__(self) -> Any:

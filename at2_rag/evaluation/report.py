@@ -43,7 +43,7 @@ TOP_K = (1, 3)
 
 def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int) -> torch.Tensor:
     attention = ablation_attention_mask(len(ids), spans, masks)
-    with attributor._lock:
+    with attributor.lock:
         return answer_logit_probs(attributor.model, ids, answer_len, attention, batch)
 
 

@@ -184,11 +184,7 @@ class ChatService:
     def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
         """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
         att = self.attributor
-        prompt = att.render(question, documents, history, **self.prompt_kwargs)
-        limit = att.context_window
-        needed = prompt.num_tokens + self.max_new_tokens
-        if limit is not None and needed > limit:
-            raise ContextTooLongError(needed, limit, f"prompt plus max_new_tokens={self.max_new_tokens}")
+        att.check_fits(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
 
 
 def create_app(

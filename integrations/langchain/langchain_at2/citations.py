@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from at2_rag import AT2Error, Attribution, Attributor
+from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.prompt_values import PromptValue
@@ -15,7 +15,6 @@ from pydantic import ConfigDict, Field
 from ._loading import get_attributor
 from ._messages import to_chat_dicts
 from .documents import convert_documents, to_langchain_document
-from .rendered import attribute_rendered
 
 
 class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
@@ -81,13 +80,11 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
             prompt = input.get(self.prompt_key) if self.prompt_key else None
             try:
                 if prompt is not None:
-                    attribution, _ = attribute_rendered(
-                        attributor, _prompt_arg(prompt), documents, answer, question
-                    )
-                    if attribution is None:
-                        error = "none of the documents occurs in the prompt"
+                    attribution = attributor.attribute_rendered(_prompt_arg(prompt), documents, answer, question)
                 else:
                     attribution = attributor.attribute(question, documents, answer)
+            except DocumentsNotLocatedError:
+                error = "none of the documents occurs in the prompt"
             except (AT2Error, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
 

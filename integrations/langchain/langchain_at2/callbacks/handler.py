@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from at2_rag import AT2Error, Attribution, Attributor
+from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.documents import Document
@@ -32,7 +32,6 @@ from .._loading import get_attributor
 from .._messages import last_human_text, to_chat_dicts
 from ..annotations import attribution_metadata
 from ..documents import to_at2_documents, to_langchain_document
-from ..rendered import attribute_rendered
 
 logger = logging.getLogger(__name__)
 
@@ -214,12 +213,13 @@ class _AT2Tracker:
             error = "the model's answer is empty"
         else:
             try:
-                attribution, located = attribute_rendered(
-                    self.attributor, job["prompt"], documents, job["answer"], job["query"]
+                attribution = self.attributor.attribute_rendered(
+                    job["prompt"], documents, job["answer"], job["query"]
                 )
-                unlocated = [u.to_dict() for u in located.unlocated]
-                if attribution is None:
-                    error = f"none of the {len(documents)} retrieved documents occurs in the prompt"
+                unlocated = [u.to_dict() for u in attribution.unlocated_documents]
+            except DocumentsNotLocatedError as exc:
+                unlocated = [u.to_dict() for u in exc.unlocated]
+                error = f"none of the {len(documents)} retrieved documents occurs in the prompt"
             except (AT2Error, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if unlocated:

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from at2_rag import DEFAULT_MODEL_ID, Attribution, Attributor, PromptTemplate
-from at2_rag.attributor import CapturedRun
+from at2_rag import DEFAULT_MODEL_ID, Attribution, Attributor, CapturedRun, PromptTemplate
+from at2_rag.locate import LocatedPrompt
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -22,7 +22,6 @@ from .._loading import get_attributor, is_default_model
 from .._messages import split_for_core, to_chat_dicts
 from ..annotations import PROVIDER, attribution_metadata, trim_attribution
 from ..documents import extract_documents, to_at2_documents
-from ..rendered import LocatedPrompt, generate_located, locate_prompt, render_chat, stream_located
 
 logger = logging.getLogger(__name__)
 
@@ -228,17 +227,14 @@ class ChatAT2(BaseChatModel):
         if explicit is not None and not isinstance(explicit, (list, tuple)):
             raise TypeError("documents must be a list of documents")
         raw_docs = [*(explicit or []), *embedded]
-        tokenizer = attributor.tokenizer
         if not raw_docs:
-            text, used = render_chat(tokenizer, to_chat_dicts(messages))
-            plan.located = locate_prompt(tokenizer, text, [], used_chat_template=used)
+            plan.located = attributor.locate(to_chat_dicts(messages))
             return plan
 
         documents = to_at2_documents(raw_docs)
         plan.documents = documents
         if self.documents_mode != "template":
-            text, used = render_chat(tokenizer, to_chat_dicts(messages))
-            located = locate_prompt(tokenizer, text, documents, used_chat_template=used)
+            located = attributor.locate(to_chat_dicts(messages), documents)
             if located.located:
                 if located.unlocated:
                     logger.warning(
@@ -284,7 +280,7 @@ class ChatAT2(BaseChatModel):
             "finish_reason": finish_reason,
         }
         if attribution is not None:
-            unlocated = [u.to_dict() for u in plan.located.unlocated] if plan.located is not None else []
+            unlocated = [u.to_dict() for u in attribution.unlocated_documents]
             metadata[PROVIDER] = attribution_metadata(
                 attribution, mode="template" if plan.mode == "template" else "prompt", unlocated=unlocated
             )
@@ -309,7 +305,7 @@ class ChatAT2(BaseChatModel):
             )
         assert plan.located is not None
         capture = plan.mode == "prompt"
-        run = generate_located(att, plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
+        run = att.generate_prompt_run(plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
         attribution = att.build_attribution(run, plan.query) if capture else None
         return self._finish(
             plan, run.answer.text, attribution, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
@@ -360,10 +356,8 @@ class ChatAT2(BaseChatModel):
             )
         else:
             assert plan.located is not None
-            items = stream_located(
-                att,
+            items = att.stream_prompt_run(
                 plan.located.prompt,
-                plan.query,
                 plan.max_new_tokens,
                 capture=plan.mode == "prompt",
                 **plan.generate_kwargs,
@@ -389,6 +383,8 @@ class ChatAT2(BaseChatModel):
         tail = filt.flush()
         if tail:
             yield chunk_of(tail)
+        if isinstance(final, CapturedRun) and plan.mode == "prompt":
+            final = att.build_attribution(final, plan.query)
 
         if isinstance(final, Attribution):
             text, metadata, usage = self._finish(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any, Dict, Iterator, List, Sequence
 
 from llama_index.core.base.llms.types import (
@@ -68,11 +67,9 @@ class AT2LLM(CustomLLM):
 
     # ---- prompt rendering -------------------------------------------------------------------------------
     def _render_messages(self, messages: Sequence[Dict[str, str]]) -> str:
-        tokenizer = self._attributor.tokenizer
-        if getattr(tokenizer, "chat_template", None) is None:
-            names = {"system": "System", "user": "User", "assistant": "Assistant"}
-            return "".join(f"{names.get(m['role'], m['role'])}: {m['content']}\n\n" for m in messages) + "Assistant:"
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        from at2_rag.prompt import render_messages  # at2_rag (and torch) load on first use, as elsewhere here
+
+        return render_messages(self._attributor.tokenizer, messages)[0]
 
     def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         turns: List[Dict[str, str]] = []
@@ -93,63 +90,15 @@ class AT2LLM(CustomLLM):
         turns.append({"role": "user", "content": prompt})
         return self._render_messages(turns)
 
-    # ---- generation -------------------------------------------------------------------------------------
-    def _generate_args(self, text: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        import torch
-
-        att = self._attributor
-        ids = att.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(att.device)
-        args: Dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens),
-            "do_sample": False,
-            "pad_token_id": att._pad_id(),
-        }
-        extra = {**self.generate_kwargs, **kwargs}
-        if not extra.get("do_sample"):
-            args.update(temperature=None, top_p=None, top_k=None)
-        args.update(extra)
-        return args
-
-    def _lock(self) -> Any:
-        lock = getattr(self._attributor, "_lock", None)
-        return lock if lock is not None else threading.RLock()
+    # ---- generation (the core's plain generation: no capture, under the model's lock) -------------------
+    def _generate_args(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        return {"max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens), **self.generate_kwargs, **kwargs}
 
     def _generate(self, text: str, **kwargs: Any) -> str:
-        import torch
-
-        args = self._generate_args(text, kwargs)
-        with self._lock(), torch.no_grad():
-            out = self._attributor.model.generate(**args)
-        new = out[0, args["input_ids"].shape[1] :]
-        return self._attributor.tokenizer.decode(new, skip_special_tokens=True)
+        return self._attributor.generate_text(text, **self._generate_args(kwargs))
 
     def _stream(self, text: str, **kwargs: Any) -> Iterator[str]:
-        import torch
-        from transformers import TextIteratorStreamer
-
-        tokenizer = self._attributor.tokenizer
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        args = self._generate_args(text, kwargs)
-        errors: List[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self._lock(), torch.no_grad():
-                    self._attributor.model.generate(streamer=streamer, **args)
-            except BaseException as exc:  # re-raised in the consuming thread
-                errors.append(exc)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        for chunk in streamer:
-            if chunk:
-                yield chunk
-        thread.join()
-        if errors:
-            raise errors[0]
+        return self._attributor.stream_text(text, **self._generate_args(kwargs))
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

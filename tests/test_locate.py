@@ -1,14 +1,26 @@
-"""Locating documents inside an already-rendered prompt (the core capability this package adds)."""
+"""Locating documents inside a prompt rendered elsewhere (moved from langchain_at2's tests with the code)."""
 
 from __future__ import annotations
 
-from at2_rag import Document as AT2Document
+import pytest
 
-from langchain_at2.rendered import locate_documents, locate_prompt, render_chat
+from at2_rag import Document as AT2Document
+from at2_rag import InvalidInputError
+from at2_rag.locate import locate_documents, locate_prompt
+from at2_rag.prompt import render_messages
 
 A = AT2Document(id="a", text="The Amazon River flows through South America.")
 B = AT2Document(id="b", text="Jupiter is the largest planet.\nIt is a gas giant.")
 C = AT2Document(id="c", text="Octopuses have three hearts.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from at2_rag.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(str(default_model_path()), use_fast=True)
 
 
 def test_exact_and_whitespace_matches_in_prompt_order() -> None:
@@ -35,6 +47,8 @@ def test_missing_duplicate_and_empty_documents_are_reported() -> None:
     assert "another document" in reasons["dup"]
     assert "does not occur" in reasons["c"]
     assert reasons["empty"] == "empty text"
+    assert [u.position for u in unlocated] == [1, 2, 3]
+    assert unlocated[1].to_dict() == {"id": "c", "title": None, "position": 2, "reason": reasons["c"]}
     # the same text twice in the prompt: each copy goes to one document
     located, unlocated = locate_documents(f"{A.text}\n{A.text}", [A, dup])
     assert len(located) == 2 and not unlocated
@@ -45,11 +59,12 @@ def test_token_spans_cover_exactly_the_documents(tokenizer) -> None:
         {"role": "system", "content": "Answer from the context.\n\n" + A.text + "\n\n" + B.text},
         {"role": "user", "content": "Which planet is largest?"},
     ]
-    text, used = render_chat(tokenizer, messages)
+    text, used = render_messages(tokenizer, messages)
     assert used
     lp = locate_prompt(tokenizer, text, [A, B, C])
     assert [u.id for u in lp.unlocated] == ["c"]
     prompt = lp.prompt
+    assert prompt.unlocated_documents is lp.unlocated  # runs over the prompt report them
     assert [d.id for d in prompt.documents] == ["a", "b"]
     for (start, end), doc in zip(prompt.doc_token_spans, prompt.documents):
         decoded = tokenizer.decode(prompt.input_ids[start:end])
@@ -62,6 +77,28 @@ def test_token_spans_cover_exactly_the_documents(tokenizer) -> None:
 
 
 def test_no_documents_gives_a_plain_prompt(tokenizer) -> None:
-    text, _ = render_chat(tokenizer, [{"role": "user", "content": "hi"}])
+    text, _ = render_messages(tokenizer, [{"role": "user", "content": "hi"}])
     lp = locate_prompt(tokenizer, text, [])
-    assert lp.prompt.documents == [] and lp.prompt.num_tokens > 0
+    assert lp.prompt.documents == [] and lp.prompt.num_tokens > 0 and lp.unlocated == []
+
+
+def test_render_messages_accepts_message_objects_and_checks_roles(tokenizer) -> None:
+    class Msg:  # a LangChain-style message: `type` + `content`
+        def __init__(self, type_: str, content: str) -> None:
+            self.type, self.content = type_, content
+
+    as_dicts, _ = render_messages(tokenizer, [{"role": "user", "content": "hi"}])
+    as_objects, _ = render_messages(tokenizer, [Msg("human", "hi")])
+    as_pairs, _ = render_messages(tokenizer, [("user", "hi")])
+    assert as_dicts == as_objects == as_pairs
+    with pytest.raises(InvalidInputError, match="message 0"):
+        render_messages(tokenizer, [{"role": "wizard", "content": "hi"}])
+
+
+def test_render_messages_without_a_chat_template(tokenizer) -> None:
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    text, used = render_messages(plain, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert not used and text == "System: Be brief.\n\nUser: hi\n\nAssistant:"
