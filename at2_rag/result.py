@@ -206,11 +206,11 @@ class Attribution(BaseModel):
 
     def plot(self, path: str | Path, show_sentences: bool = False) -> Path:
         """Save a heatmap of answer sentences x documents (scores) to `path` (PNG, SVG or PDF)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
         import numpy as np
+
+        from .plotting import pyplot, save_figure
+
+        plt = pyplot()
 
         rows = self.citations or []
         ids = [d.id for d in self.documents]
@@ -225,12 +225,7 @@ class Attribution(BaseModel):
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title("AT2 attribution: answer sentences x documents", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.04)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def _short(text: str, n: int) -> str:

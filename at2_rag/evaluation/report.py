@@ -156,11 +156,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
-    import matplotlib
+    from ..plotting import pyplot, save_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(summary)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, metric, label in zip(axes, ["lds", "top1_drop", "top3_drop"], ["LDS (higher is better)", "top-1 log-prob drop", "top-3 log-prob drop"]):
@@ -171,12 +169,7 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], title: s
         ax.set_xticks(range(len(names)), [f"{n}\n({summary[n]['extra_forward_passes']:.0f} passes)" for n in names], fontsize=7)
         ax.set_title(label, fontsize=9)
     fig.suptitle(title or "Attribution faithfulness on held-out examples", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evaluate(
