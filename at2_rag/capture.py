@@ -87,7 +87,8 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> t
     kvh = key.shape[1]
     rep = h // kvh
     q = query.reshape(b, kvh, rep * t, d)
-    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling
+    # K @ q^T rather than q @ K^T: the (large, growing) key cache is read in place, never copied transposed
+    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2) * scaling
     return scores.reshape(b, h, t, key.shape[2])
 
 
