@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .capture import capture_attention, install_capture, model_shape, source_matrix, text_config
+from .capture import capture_attention, install_capture, model_shape, text_config
 from .errors import ContextTooLongError, DocumentsNotLocatedError, InvalidInputError
 from .estimator import ScoreEstimator
 from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
@@ -349,8 +349,10 @@ class Attributor:
         prompt = self.render(query, documents, history, system_prompt)
         return self.forward_prompt_run(prompt, answer)
 
-    def _matrix(self, prompt: RenderedPrompt) -> torch.Tensor:
-        return source_matrix(prompt.num_tokens, prompt.doc_token_spans + prompt.sentence_token_spans)
+    @staticmethod
+    def _source_spans(prompt: RenderedPrompt) -> list[tuple[int, int]]:
+        """Documents first, then sentences: the column order of every captured feature tensor."""
+        return prompt.doc_token_spans + prompt.sentence_token_spans
 
     def generate_prompt_run(
         self,
@@ -374,7 +376,7 @@ class Attributor:
         if streamer is not None:
             kwargs["streamer"] = streamer
         ctx = (
-            capture_attention(self.model, self._matrix(prompt), prompt.num_tokens - 1)
+            capture_attention(self.model, self._source_spans(prompt), prompt.num_tokens - 1)
             if capture
             else contextlib.nullcontext(None)
         )
@@ -410,7 +412,7 @@ class Attributor:
         ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
         start = prompt.num_tokens - 1
         with self.lock, torch.no_grad(), capture_attention(
-            self.model, self._matrix(prompt), start, start + len(tokens.token_ids)
+            self.model, self._source_spans(prompt), start, start + len(tokens.token_ids)
         ) as state:
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
         return CapturedRun(prompt, tokens, state.features()[0], None)

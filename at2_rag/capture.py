@@ -3,8 +3,8 @@
 A registered attention function wraps the model's own implementation (sdpa, or the model's eager function
 where sdpa is unsupported). Outside a capture it only delegates. Inside one, for the query rows that predict
 answer tokens, it computes softmax(QK^T) in fp32 for those rows only, honours the mask it was given
-(causal, sliding window, padding, ablation), reduces over every source's tokens at once with a
-[keys x sources] indicator matrix and keeps `[batch, rows, sources, heads]` per layer. When every row of a
+(causal, sliding window, padding, ablation), reduces over every source's tokens at once with
+prefix sums and keeps `[batch, rows, sources, heads]` per layer. When every row of a
 call is captured (a decode step), the output is computed from the same probabilities, so generation pays
 for attention once.
 """
@@ -16,7 +16,7 @@ import contextvars
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -34,23 +34,41 @@ _ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar(
 class CaptureState:
     """What one capture records: per layer, a list of `[batch, rows, sources, heads]` tensors."""
 
-    source_matrix: torch.Tensor  # [prompt_tokens, sources], 1 where a prompt token belongs to a source
+    spans: list[tuple[int, int]]  # token span [start, end) of every source, in absolute positions
     capture_from: int  # first absolute query position recorded
     capture_to: int | None  # exclusive; None = no end
     num_layers: int
     seen: list[int] = field(default_factory=list)
     rows: list[list[torch.Tensor]] = field(default_factory=list)
-    _matrix_cache: dict[tuple[Any, Any], torch.Tensor] = field(default_factory=dict)
+    _bounds: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.seen = [0] * self.num_layers
         self.rows = [[] for _ in range(self.num_layers)]
+        for a, b in self.spans:
+            if a < 0 or b < a:
+                raise ValueError(f"invalid source span ({a}, {b})")
 
-    def matrix_for(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._matrix_cache:
-            self._matrix_cache[key] = self.source_matrix.to(device=device, dtype=dtype)
-        return self._matrix_cache[key]
+    def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Span starts and ends as tensors on `device` (built once per device)."""
+        if device not in self._bounds:
+            starts = torch.tensor([a for a, _ in self.spans], dtype=torch.long, device=device)
+            ends = torch.tensor([b for _, b in self.spans], dtype=torch.long, device=device)
+            self._bounds[device] = (starts, ends)
+        return self._bounds[device]
+
+    def reduce(self, probs: torch.Tensor, key_start: int) -> torch.Tensor:
+        """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]`.
+
+        Prefix sums (fp64) make each source's sum a difference of two entries: O(K + S) per row instead of
+        an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
+        """
+        k_len = probs.shape[-1]
+        prefix = torch.nn.functional.pad(probs.cumsum(-1, dtype=torch.float64), (1, 0))
+        starts, ends = self.bounds(probs.device)
+        lo = (starts - key_start).clamp(0, k_len)
+        hi = (ends - key_start).clamp(0, k_len)
+        return (prefix[..., hi] - prefix[..., lo]).to(torch.float32)
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
@@ -152,14 +170,7 @@ def _capturing_attention(
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [B, H, T, K]
 
-    matrix = state.matrix_for(query.device, torch.float32)
-    prompt_len = matrix.shape[0]
-    k_hi = min(key_start + k_len, prompt_len)
-    if k_hi > key_start:
-        feats = torch.matmul(probs[..., : k_hi - key_start], matrix[key_start:k_hi])  # [B, H, T, S]
-    else:
-        feats = probs.new_zeros(*probs.shape[:3], matrix.shape[1])
-    state.rows[layer].append(feats.permute(0, 2, 3, 1))
+    state.rows[layer].append(state.reduce(probs, key_start).permute(0, 2, 3, 1))  # [B, T, S, H]
 
     if lo == 0 and hi == q_len:
         return _grouped_output(probs.to(value.dtype), value), None
@@ -221,25 +232,17 @@ def install_capture(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def capture_attention(
     model: torch.nn.Module,
-    source_matrix: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
     capture_from: int,
     capture_to: int | None = None,
 ) -> Iterator[CaptureState]:
-    """Record attention to sources for query positions in `[capture_from, capture_to)` during the block."""
+    """Record attention to the sources (token spans `[start, end)`) for query positions in
+    `[capture_from, capture_to)` during the block."""
     install_capture(model)
     num_layers, _ = model_shape(model)
-    state = CaptureState(source_matrix, capture_from, capture_to, num_layers)
+    state = CaptureState([(int(a), int(b)) for a, b in spans], capture_from, capture_to, num_layers)
     token = _ACTIVE.set(state)
     try:
         yield state
     finally:
         _ACTIVE.reset(token)
-
-
-def source_matrix(prompt_tokens: int, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """[prompt_tokens, sources] indicator: column s is 1 on source s's tokens."""
-    matrix = torch.zeros(prompt_tokens, len(spans), dtype=torch.float32)
-    for s, (a, b) in enumerate(spans):
-        if b > a:
-            matrix[a:b, s] = 1.0
-    return matrix

@@ -30,7 +30,16 @@ from transformers import (
 )
 
 from at2_rag import UnsupportedModelError
-from at2_rag.capture import CAPTURE_PREFIX, capture_attention, install_capture, source_matrix
+from at2_rag.capture import CAPTURE_PREFIX, capture_attention, install_capture
+
+def source_matrix(prompt_tokens: int, spans) -> torch.Tensor:
+    """Dense [prompt_tokens, sources] indicator: the reference reduction, independent of the capture's."""
+    matrix = torch.zeros(prompt_tokens, len(spans), dtype=torch.float32)
+    for s, (a, b) in enumerate(spans):
+        if b > a:
+            matrix[a:b, s] = 1.0
+    return matrix
+
 
 TOL = 1e-4
 VOCAB = 96
@@ -168,7 +177,7 @@ def test_generate_capture_equals_eager(name):
 
     with torch.no_grad():
         plain = model.generate(prompt, **gen)  # before capture was ever installed
-    with torch.no_grad(), capture_attention(model, matrix, PROMPT_LEN - 1) as state:
+    with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
         out = model.generate(prompt, **gen)
     _check_base(name, model)
     assert torch.equal(out, plain), "capturing changed the generated tokens"
@@ -197,7 +206,7 @@ def test_forward_capture_equals_eager(name):
     with torch.no_grad():
         plain_logits = model(ids, use_cache=False).logits
     start = PROMPT_LEN - 1
-    with torch.no_grad(), capture_attention(model, matrix, start, start + NEW_TOKENS) as state:
+    with torch.no_grad(), capture_attention(model, SPANS, start, start + NEW_TOKENS) as state:
         logits = model(ids, use_cache=False).logits
     _check_base(name, model)
     assert (logits - plain_logits).abs().max().item() < 1e-4, "capturing changed the forward pass"
@@ -223,7 +232,7 @@ def test_forward_capture_honours_an_ablation_mask(name):
     att = torch.stack(out.attentions, 0).float()[:, 0, :, PROMPT_LEN - 1 : -1, :PROMPT_LEN]
     ref = torch.einsum("lhtp,ps->tslh", att, matrix).reshape(NEW_TOKENS, len(SPANS), -1)
     start = PROMPT_LEN - 1
-    with torch.no_grad(), capture_attention(model, matrix, start, start + NEW_TOKENS) as state:
+    with torch.no_grad(), capture_attention(model, SPANS, start, start + NEW_TOKENS) as state:
         logits = model(ids, attention_mask=mask, use_cache=False).logits
     got = state.features()[0]
     assert (logits - plain).abs().max().item() < 1e-4
@@ -238,7 +247,7 @@ def test_capture_inside_window_of_rows_only():
     ids = torch.randint(3, VOCAB, (1, PROMPT_LEN + NEW_TOKENS), generator=torch.Generator().manual_seed(4))
     matrix = source_matrix(PROMPT_LEN, SPANS)
     ref = _reference_features(reference, ids, PROMPT_LEN, matrix)
-    with torch.no_grad(), capture_attention(model, matrix, PROMPT_LEN + 1, PROMPT_LEN + 4) as state:
+    with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN + 1, PROMPT_LEN + 4) as state:
         model(ids, use_cache=False)
     got = state.features()[0]
     assert got.shape[0] == 3
@@ -268,7 +277,7 @@ def test_real_model_capture_equals_eager(smollm, clone_model):
     assert model.config._attn_implementation == f"{CAPTURE_PREFIX}sdpa"
     ids = torch.tensor([prompt.input_ids])
     n_new = 12
-    with torch.no_grad(), capture_attention(model, matrix, p - 1) as state:
+    with torch.no_grad(), capture_attention(model, spans, p - 1) as state:
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -287,7 +296,7 @@ def test_real_model_capture_equals_eager(smollm, clone_model):
     assert (got - ref).abs().max().item() < TOL
 
     # one forward pass over the same answer gives the same features
-    with torch.no_grad(), capture_attention(model, matrix, p - 1, p - 1 + n_new) as state2:
+    with torch.no_grad(), capture_attention(model, spans, p - 1, p - 1 + n_new) as state2:
         model(out, use_cache=False)
     assert (state2.features()[0] - ref).abs().max().item() < TOL
 
@@ -333,7 +342,7 @@ def test_model_bypassing_attention_interface_is_refused():
     with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
         install_capture(model)
     with pytest.raises(UnsupportedModelError):
-        with capture_attention(model, source_matrix(4, [(0, 2)]), 3):
+        with capture_attention(model, [(0, 2)], 3):
             pass
     assert not str(model.config._attn_implementation).startswith(CAPTURE_PREFIX)
 
@@ -355,7 +364,7 @@ def test_capture_memory_is_bounded_on_long_forward():
     spans = [(i * 100, i * 100 + 90) for i in range(20)]
     matrix = source_matrix(n_prompt, spans)
     ids = torch.randint(3, VOCAB, (1, n_prompt + n_answer))
-    with torch.no_grad(), capture_attention(model, matrix, n_prompt - 1, n_prompt - 1 + n_answer) as state:
+    with torch.no_grad(), capture_attention(model, spans, n_prompt - 1, n_prompt - 1 + n_answer) as state:
         model(ids, use_cache=False, logits_to_keep=1)
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     assert len(state.rows) == layers
