@@ -104,8 +104,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
@@ -125,13 +128,23 @@ def main() -> None:
             cap_t.append(t)
         impl = cap_model.config._attn_implementation
         assert impl.startswith("at2_capture_sdpa"), f"capture fell back to {impl}"
-        mem = {}
-        for mode in ("plain", "capture"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", mode, str(size), str(args.new_tokens)],
-                capture_output=True, text=True, check=True, cwd=ROOT,
-            )
-            mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict]] = {"plain": [], "capture": []}
+        for _ in range(args.reps):  # allocator noise is a few %: take the median of fresh processes
+            for mode in ("plain", "capture"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", mode, str(size),
+                     str(args.new_tokens)],
+                    capture_output=True, text=True, check=True, cwd=ROOT,
+                )
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        mem = {
+            mode: {
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                "rss_before_mb": statistics.median(r["rss_before_mb"] for r in rs),
+                "tokens": rs[0]["tokens"],
+            }
+            for mode, rs in runs.items()
+        }
         row = {
             "prompt_tokens": n_prompt,
             "new_tokens": args.new_tokens,
