@@ -182,9 +182,12 @@ def evaluate(
     seed: int = 1,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every method on the examples; write the JSON report (atomically) and the plot if asked."""
+    """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side);
+    write the JSON report (atomically) and the plot if asked."""
     todo = read_examples(examples)[: limit or None]
+    todo = todo[part[0] :: part[1]] if part else todo
     if estimators is None:
         estimators = {"at2": attributor.estimator, "average_attention": ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)}
     rows = []
@@ -200,6 +203,11 @@ def evaluate(
         "summary": summarize(rows),
         "examples": rows,
     }
+    write_report(report, output, plot)
+    return report
+
+
+def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None) -> None:
     if output is not None:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -208,5 +216,11 @@ def evaluate(
             json.dump(report, f, indent=2)
         os.replace(tmp, output)
     if plot is not None:
-        plot_summary(report["summary"], plot, f"{attributor.model_id}: {len(rows)} held-out examples")
-    return report
+        plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples")
+
+
+def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """One report from the parts written by several evaluation processes."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [row for part in parts for row in part["examples"]]
+    return {**parts[0], "num_examples": len(rows), "summary": summarize(rows), "examples": rows}

@@ -84,7 +84,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..estimator import ScoreEstimator
-    from ..evaluation.report import evaluate
+    from ..evaluation.report import evaluate, merge_reports, write_report
+
+    if args.merge:
+        report = merge_reports(args.merge)
+        write_report(report, args.output, args.plot)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+    if not args.examples:
+        raise SystemExit("evaluate needs a JSONL of examples (or --merge PART.json ...)")
+    part = None
+    if args.part:
+        k, n = (int(x) for x in args.part.split("/"))
+        part = (k, n)
 
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
@@ -100,6 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        part=part,
     )
     print(json.dumps(report["summary"], indent=2))
     return 0
@@ -138,7 +151,9 @@ def add_training_commands(sub: Any) -> None:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="LDS and top-k drop of AT2 vs baselines on held-out examples")
-    e.add_argument("examples", help="JSONL of held-out {id, query, documents}")
+    e.add_argument("examples", nargs="?", help="JSONL of held-out {id, query, documents}")
+    e.add_argument("--part", help="K/N: evaluate every N-th example starting at K (run N processes, then --merge)")
+    e.add_argument("--merge", nargs="+", help="merge part reports into --output/--plot instead of evaluating")
     e.add_argument("--model")
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
