@@ -60,15 +60,15 @@ class CaptureState:
     def reduce(self, probs: torch.Tensor, key_start: int) -> torch.Tensor:
         """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]`.
 
-        Prefix sums (fp64) make each source's sum a difference of two entries: O(K + S) per row instead of
+        Prefix sums make each source's sum a difference of two entries: O(K + S) per row instead of
         an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
         """
         k_len = probs.shape[-1]
-        prefix = torch.nn.functional.pad(probs.cumsum(-1, dtype=torch.float64), (1, 0))
+        prefix = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))  # fp32: error ~1e-7 of a total <= 1
         starts, ends = self.bounds(probs.device)
         lo = (starts - key_start).clamp(0, k_len)
         hi = (ends - key_start).clamp(0, k_len)
-        return (prefix[..., hi] - prefix[..., lo]).to(torch.float32)
+        return prefix[..., hi] - prefix[..., lo]
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
@@ -87,11 +87,16 @@ class CaptureState:
         return stacked.reshape(b, t, s, l * h)
 
 
+_SDPA: list[Callable[..., Any]] = []  # imported once, on first use
+
+
 def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
     if base == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        if not _SDPA:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward
+            _SDPA.append(sdpa_attention_forward)
+        return _SDPA[0]
     modeling = sys.modules.get(type(module).__module__)
     eager = getattr(modeling, "eager_attention_forward", None)
     if eager is None:
@@ -104,9 +109,9 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> t
     b, h, t, d = query.shape
     kvh = key.shape[1]
     rep = h // kvh
-    q = query.reshape(b, kvh, rep * t, d)
+    q = query.reshape(b, kvh, rep * t, d) * scaling  # scale the few query rows, not the K scores
     # K @ q^T rather than q @ K^T: the (large, growing) key cache is read in place, never copied transposed
-    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2) * scaling
+    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2)
     return scores.reshape(b, h, t, key.shape[2])
 
 
@@ -154,17 +159,19 @@ def _capturing_attention(
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if attention_mask is not None:
         mask = attention_mask[..., lo:hi, :k_len]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
+    elif hi - lo == 1 and hi == q_len and (not window or k_len <= window):
+        pass  # one row at the newest position: every key in the window is visible (prefill end, decode step)
     else:
         q_pos = torch.arange(start + lo, start + hi, device=query.device)
         k_pos = torch.arange(key_start, key_start + k_len, device=query.device)
         allowed = k_pos[None, :] <= q_pos[:, None]
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
         if window:
             allowed &= k_pos[None, :] > q_pos[:, None] - window
         scores = scores.masked_fill(~allowed, float("-inf"))

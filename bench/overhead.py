@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+PHASES: list[dict[str, float]] = []  # where the capture path's time goes, per run
 DATA = ROOT / "data" / "rag_python_docs" / "train.jsonl"
 
 
@@ -71,10 +72,15 @@ def run_once(model, tokenizer, attributor, query, docs, new_tokens):
                 pad_token_id=tokenizer.eos_token_id,
             )
         return time.perf_counter() - t, out[0, ids.shape[1]:].tolist(), ids.shape[1]
-    t = time.perf_counter()
-    run = attributor.generate_run(query, docs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    attributor.build_attribution(run, query)
-    return time.perf_counter() - t, run.answer.token_ids, run.prompt.num_tokens
+    t0 = time.perf_counter()
+    prompt = attributor.render(query, docs)  # chat template, tokenization, sentence splitting
+    t1 = time.perf_counter()
+    run = attributor.generate_prompt_run(prompt, new_tokens, min_new_tokens=new_tokens)  # with capture
+    t2 = time.perf_counter()
+    attributor.build_attribution(run, query)  # answer sentences, estimator, result objects
+    t3 = time.perf_counter()
+    PHASES.append({"render": t1 - t0, "generate": t2 - t1, "attribute": t3 - t2})
+    return t3 - t0, run.answer.token_ids, run.prompt.num_tokens
 
 
 def child(mode: str, size: int, new_tokens: int) -> None:
@@ -121,11 +127,13 @@ def main() -> None:
         run_once(plain_model, tokenizer, None, query, docs, 4)
         run_once(cap_model, tokenizer, attributor, query, docs, 4)
         plain_t, cap_t = [], []
+        PHASES.clear()
         for _ in range(args.reps):  # alternate so drifting machine load hits both alike
             t, plain_tokens, n_prompt = run_once(plain_model, tokenizer, None, query, docs, args.new_tokens)
             plain_t.append(t)
             t, cap_tokens, _ = run_once(cap_model, tokenizer, attributor, query, docs, args.new_tokens)
             cap_t.append(t)
+        phases = {k: statistics.median(p[k] for p in PHASES[-args.reps:]) for k in ("render", "generate", "attribute")}
         impl = cap_model.config._attn_implementation
         assert impl.startswith("at2_capture_sdpa"), f"capture fell back to {impl}"
         runs: dict[str, list[dict]] = {"plain": [], "capture": []}
@@ -151,6 +159,8 @@ def main() -> None:
             "plain_seconds": statistics.median(plain_t),
             "capture_seconds": statistics.median(cap_t),
             "time_ratio": statistics.median(cap_t) / statistics.median(plain_t),
+            "capture_phase_seconds": phases,
+            "generation_only_time_ratio": phases["generate"] / statistics.median(plain_t),
             "same_tokens": plain_tokens == cap_tokens and mem["plain"]["tokens"] == mem["capture"]["tokens"],
             "plain_peak_rss_mb": mem["plain"]["peak_rss_mb"],
             "capture_peak_rss_mb": mem["capture"]["peak_rss_mb"],
@@ -162,7 +172,7 @@ def main() -> None:
         results.append(row)
         print(
             f"prompt {n_prompt:>5} tok: time x{row['time_ratio']:.3f} ({row['plain_seconds']:.2f}s -> "
-            f"{row['capture_seconds']:.2f}s), peak RSS x{row['memory_ratio']:.3f} "
+            f"{row['capture_seconds']:.2f}s; generation alone x{row['generation_only_time_ratio']:.3f}), peak RSS x{row['memory_ratio']:.3f} "
             f"({row['plain_peak_rss_mb']:.0f} -> {row['capture_peak_rss_mb']:.0f} MB), same tokens: {row['same_tokens']}",
             flush=True,
         )
