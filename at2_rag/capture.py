@@ -64,11 +64,14 @@ class CaptureState:
         an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
         """
         k_len = probs.shape[-1]
-        prefix = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))  # fp32: error ~1e-7 of a total <= 1
+        prefix = probs.cumsum(-1)  # fp32: error ~1e-7 of a total <= 1
         starts, ends = self.bounds(probs.device)
         lo = (starts - key_start).clamp(0, k_len)
         hi = (ends - key_start).clamp(0, k_len)
-        return prefix[..., hi] - prefix[..., lo]
+        # sum over [lo, hi) = prefix[hi - 1] - prefix[lo - 1], with prefix[-1] = 0
+        upper = prefix[..., (hi - 1).clamp(min=0)] * (hi > 0)
+        lower = prefix[..., (lo - 1).clamp(min=0)] * (lo > 0)
+        return upper - lower
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
@@ -110,8 +113,7 @@ def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> t
     kvh = key.shape[1]
     rep = h // kvh
     q = query.reshape(b, kvh, rep * t, d) * scaling  # scale the few query rows, not the K scores
-    # K @ q^T rather than q @ K^T: the (large, growing) key cache is read in place, never copied transposed
-    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2)
+    scores = torch.matmul(q, key.transpose(-1, -2))  # BLAS reads the transposed cache in place
     return scores.reshape(b, h, t, key.shape[2])
 
 
@@ -154,18 +156,20 @@ def _capturing_attention(
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     scaling = scaling if scaling is not None else module.head_dim**-0.5
-    scores = _grouped_scores(query[:, :, lo:hi], key, scaling)
+    # Decode steps run this for every layer and token, so the [heads x keys] work happens in place on one
+    # buffer: fresh same-sized temporaries per step fragment the heap as the cache grows (seen as peak RSS).
+    scores = _grouped_scores(query[:, :, lo:hi], key, scaling).to(torch.float32)
     softcap = kwargs.get("softcap")
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if attention_mask is not None:
         mask = attention_mask[..., lo:hi, :k_len]
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
         else:
-            scores = scores + mask
+            scores.add_(mask)
     elif hi - lo == 1 and hi == q_len and (not window or k_len <= window):
         pass  # one row at the newest position: every key in the window is visible (prefill end, decode step)
     else:
@@ -174,8 +178,9 @@ def _capturing_attention(
         allowed = k_pos[None, :] <= q_pos[:, None]
         if window:
             allowed &= k_pos[None, :] > q_pos[:, None] - window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # [B, H, T, K]
+        scores.masked_fill_(~allowed, float("-inf"))
+    probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # fp32 softmax, in place: [B, H, T, K]
+    probs.div_(probs.sum(-1, keepdim=True))
 
     state.rows[layer].append(state.reduce(probs, key_start).permute(0, 2, 3, 1))  # [B, T, S, H]
 
