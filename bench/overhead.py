@@ -190,24 +190,23 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+    from matplotlib.ticker import NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from at2_rag.plotting import pyplot, save_figure
 
+    plt = pyplot()
     x = [r["prompt_tokens"] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    axes[0].plot(x, [100 * (r["time_ratio"] - 1) for r in results], "o-")
-    axes[0].axhline(2, color="r", ls="--", lw=1, label="target +2%")
-    axes[0].set(xlabel="prompt tokens", ylabel="extra time (%)", title="generate with attribution vs plain", xscale="log")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(x, [100 * (r["memory_ratio"] - 1) for r in results], "o-")
-    axes[1].axhline(5, color="r", ls="--", lw=1, label="target +5%")
-    axes[1].set(xlabel="prompt tokens", ylabel="extra peak memory (%)", title="peak RSS", xscale="log")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    panels = [("time_ratio", 2, "extra time (%)", "generate with attribution vs plain"),
+              ("memory_ratio", 5, "extra peak RSS (%)", "peak resident memory")]
+    for ax, (key, target, ylabel, title) in zip(axes, panels):
+        ax.plot(x, [100 * (r[key] - 1) for r in results], "o-")
+        ax.axhline(target, color="r", ls="--", lw=1, label=f"target +{target}%")
+        ax.set(xlabel="prompt tokens", ylabel=ylabel, title=title, xscale="log")
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
