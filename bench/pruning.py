@@ -48,20 +48,11 @@ QUERIES = [
 
 
 def load_nodes(directory: Path):
-    from llama_index.core import SimpleDirectoryReader
     from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.postprocessor.at2 import load_folder
 
-    docs = SimpleDirectoryReader(input_dir=str(directory), required_exts=[".txt", ".md"]).load_data()
-    for doc in docs:
-        stem = Path(doc.metadata["file_name"]).stem
-        doc.id_ = stem
-        doc.metadata["title"] = stem.replace("_", " ").title()
-        for keys in (doc.excluded_llm_metadata_keys, doc.excluded_embed_metadata_keys):
-            if "file_path" not in keys:
-                keys.append("file_path")
-    docs.sort(key=lambda d: d.id_)
     splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0, id_func=lambda i, doc: f"{doc.node_id}-{i}")
-    return splitter.get_nodes_from_documents(docs)
+    return splitter.get_nodes_from_documents(load_folder(directory))
 
 
 def answer_logprob(attributor: Any, query: str, documents: Sequence[Any], answer_ids: Sequence[int]) -> float:

@@ -26,21 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "integrations" / "llamaindex" / "tests" / "data" / "corpus"
 
 
-def load_documents(directory: Path):
-    """One Document per file; the file stem is the document id, so node ids are stable across runs."""
-    from llama_index.core import SimpleDirectoryReader
-
-    docs = SimpleDirectoryReader(input_dir=str(directory), required_exts=[".txt", ".md"]).load_data()
-    for doc in docs:
-        stem = Path(doc.metadata["file_name"]).stem
-        doc.id_ = stem
-        doc.metadata["title"] = stem.replace("_", " ").title()
-        for keys in (doc.excluded_llm_metadata_keys, doc.excluded_embed_metadata_keys):
-            if "file_path" not in keys:  # keep machine paths out of what the LLM / embedder reads
-                keys.append("file_path")
-    return sorted(docs, key=lambda d: d.id_)
-
-
 def build_retriever(kind: str, nodes, top_k: int):
     if kind == "bm25":
         from llama_index.retrievers.bm25 import BM25Retriever
@@ -96,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from llama_index.core.node_parser import SentenceSplitter
 
-    from llama_index.postprocessor.at2 import AT2CitationQueryEngine, AT2LLM, AT2NodePostprocessor, use_local_settings
+    from llama_index.postprocessor.at2 import (
+        AT2CitationQueryEngine,
+        AT2LLM,
+        AT2NodePostprocessor,
+        load_folder,
+        use_local_settings,
+    )
 
     t0 = time.perf_counter()
     # Local LLM (the attributed model), local embeddings, the model's own tokenizer: no OpenAI, no tiktoken.
     attributor = use_local_settings(embed_model="minilm" if args.retriever == "vector" else None)
-    documents = load_documents(args.data)
+    documents = load_folder(args.data)
     splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0, id_func=lambda i, doc: f"{doc.node_id}-{i}")
     nodes = splitter.get_nodes_from_documents(documents)
     retriever, index = build_retriever(args.retriever, nodes, args.top_k)

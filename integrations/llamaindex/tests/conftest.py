@@ -23,18 +23,10 @@ PENICILLIN = "Who discovered penicillin?"
 
 
 def load_corpus(directory: Path = CORPUS_DIR):
-    """One LlamaIndex Document per file, with a stable id (the file stem) and a title."""
-    from llama_index.core import SimpleDirectoryReader
+    """The test corpus: one Document per file, id = file stem (see `load_folder`)."""
+    from llama_index.postprocessor.at2 import load_folder
 
-    docs = SimpleDirectoryReader(input_dir=str(directory), required_exts=[".txt"]).load_data()
-    for doc in docs:
-        stem = Path(doc.metadata["file_name"]).stem
-        doc.id_ = stem
-        doc.metadata["title"] = stem.replace("_", " ").title()
-        for keys in (doc.excluded_llm_metadata_keys, doc.excluded_embed_metadata_keys):
-            if "file_path" not in keys:
-                keys.append("file_path")
-    return sorted(docs, key=lambda d: d.id_)
+    return load_folder(directory, extensions=(".txt",))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from ._common import (
     nodes_to_documents,
 )
 from .base import AT2NodePostprocessor
+from .documents import load_folder
 from .llm import AT2LLM
 from .query_engine import AT2CitationQueryEngine
 from .settings import use_local_settings
@@ -38,6 +39,7 @@ __all__ = [
     "AT2_SCORE_KEY",
     "AT2_SENTENCES_KEY",
     "MiniLMEmbedding",
+    "load_folder",
     "RETRIEVAL_SCORE_KEY",
     "citations_to_dicts",
     "default_attributor",
