@@ -166,7 +166,7 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], title: s
         errs = [summary[n].get(metric + "_sem", 0) for n in names]
         errs = [0 if (e is None or math.isnan(e)) else e for e in errs]
         ax.bar(range(len(names)), values, yerr=errs, color=["#d62728" if n == "at2" else "#7f7f7f" for n in names])
-        ax.set_xticks(range(len(names)), [f"{n}\n({summary[n]['extra_forward_passes']:.0f} passes)" for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [f"{n}\n({summary[n]['extra_forward_passes']:.0f} passes)" for n in names], fontsize=7, rotation=30, ha="right")
         ax.set_title(label, fontsize=9)
     fig.suptitle(title or "Attribution faithfulness on held-out examples", fontsize=10)
     return save_figure(fig, path)
