@@ -6,7 +6,6 @@ Scores are unitless estimates of how much the answer depends on each source; com
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +203,7 @@ class Attribution(BaseModel):
     def __str__(self) -> str:
         return self.to_text()
 
-    def plot(self, path: str | Path, show_sentences: bool = False) -> Path:
+    def plot(self, path: str | Path) -> Path:
         """Save a heatmap of answer sentences x documents (scores) to `path` (PNG, SVG or PDF)."""
         import numpy as np
 
@@ -243,7 +242,3 @@ def _highlight_sentences(doc: DocumentScore) -> str:
         last = s.end
     out.append(html.escape(doc.text[last:]))
     return "".join(out)
-
-
-def dump_json(attribution: Attribution) -> str:
-    return json.dumps(attribution.model_dump(), indent=2)
