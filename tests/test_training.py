@@ -20,6 +20,8 @@ from at2_rag import EstimatorFormatError, ScoreEstimator
 from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
 from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
 from at2_rag.training.ablation import (
+    _full_attention_cache,
+    ablated_answer_logit_probs,
     ablation_attention_mask,
     answer_logit_probs,
     log1mexp,
@@ -120,6 +122,64 @@ def test_batched_ablations_equal_one_at_a_time(tiny_llama):
     batched = answer_logit_probs(tiny_llama, ids, 5, att, batch_size=5)
     single = torch.cat([answer_logit_probs(tiny_llama, ids, 5, att[i : i + 1], batch_size=1) for i in range(5)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 33])
+def test_shared_prefix_ablations_equal_full_passes(tiny_llama, batch_size):
+    """Prefix sharing computes each distinct prompt prefix once yet gives the full passes' numbers."""
+    assert _full_attention_cache(tiny_llama) is not None  # the shared path really runs here
+    gen = torch.Generator().manual_seed(batch_size)
+    ids = torch.randint(1, 64, (60,), generator=gen).tolist()
+    spans = [(4, 12), (12, 20), (23, 31), (31, 31), (35, 44)]  # adjacent, gapped and empty sources
+    masks = torch.cat([torch.ones(1, 5, dtype=torch.bool), random_masks(5, 32, 0.5, gen)])
+    full = answer_logit_probs(tiny_llama, ids, 9, ablation_attention_mask(len(ids), spans, masks))
+    shared = ablated_answer_logit_probs(tiny_llama, ids, 9, spans, masks, batch_size=batch_size)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_falls_back_for_overlapping_sources_and_sliding_windows(tiny_llama):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    ids = torch.randint(1, 64, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    masks = random_masks(3, 6, 0.5, torch.Generator().manual_seed(2))
+    overlapping = [(2, 20), (5, 9), (22, 30)]  # a document and one of its sentences
+    torch.testing.assert_close(
+        ablated_answer_logit_probs(tiny_llama, ids, 5, overlapping, masks),
+        answer_logit_probs(tiny_llama, ids, 5, ablation_attention_mask(len(ids), overlapping, masks)),
+    )
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               sliding_window=8)).eval()
+    spans = [(2, 10), (10, 18), (20, 28)]
+    torch.testing.assert_close(
+        ablated_answer_logit_probs(sliding, ids, 5, spans, masks),
+        answer_logit_probs(sliding, ids, 5, ablation_attention_mask(len(ids), spans, masks)),
+    )
+
+
+def test_shared_prefix_equals_full_passes_on_the_real_model(smollm):
+    from at2_rag import Attributor, ScoreEstimator
+
+    model, tokenizer = smollm
+    attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
+    docs = ["The Eiffel Tower is in Paris. It opened in 1889.", "Bananas are yellow when ripe.",
+            "Paris is the capital of France.", "The Moon orbits the Earth."]
+    run = attributor.generate_run("When did the Eiffel Tower open?", docs, max_new_tokens=12)
+    ids = run.prompt.input_ids + run.answer.token_ids
+    spans = run.prompt.doc_token_spans
+    masks = torch.cat([torch.ones(1, 4, dtype=torch.bool), random_masks(4, 12, 0.5, torch.Generator().manual_seed(0))])
+    a_len = len(run.answer.token_ids)
+    full = answer_logit_probs(model, ids, a_len, ablation_attention_mask(len(ids), spans, masks))
+    shared = ablated_answer_logit_probs(model, ids, a_len, spans, masks, batch_size=13)
+    torch.testing.assert_close(shared, full, atol=1e-3, rtol=1e-4)
+    sentence_spans = run.prompt.sentence_token_spans
+    smasks = random_masks(len(sentence_spans), 6, 0.5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        ablated_answer_logit_probs(model, ids, a_len, sentence_spans, smasks),
+        answer_logit_probs(model, ids, a_len, ablation_attention_mask(len(ids), sentence_spans, smasks)),
+        atol=1e-3, rtol=1e-4,
+    )
 
 
 # ---- shards and resume --------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ from ..attributor import Attributor
 from ..estimator import ScoreEstimator
 from ..features import answer_targets, target_features
 from ..training.ablation import (
-    ablation_attention_mask,
-    answer_logit_probs,
+    ablated_answer_logit_probs,
     random_masks,
     target_log_odds,
     target_log_prob,
@@ -42,9 +41,8 @@ TOP_K = (1, 3)
 
 
 def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int) -> torch.Tensor:
-    attention = ablation_attention_mask(len(ids), spans, masks)
     with attributor.lock:
-        return answer_logit_probs(attributor.model, ids, answer_len, attention, batch)
+        return ablated_answer_logit_probs(attributor.model, ids, answer_len, spans, masks, batch)
 
 
 def evaluate_example(

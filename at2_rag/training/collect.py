@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..attributor import Attributor
 from ..features import answer_targets, target_features
-from .ablation import ablation_attention_mask, answer_logit_probs, random_masks, target_log_odds
+from .ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from .data import CollectedExample, Example, completed_ids, read_examples, write_shard
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,8 @@ def collect_example(
     masks = random_masks(len(spans), num_masks, keep_prob, generator)
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
-    attention = ablation_attention_mask(len(ids), spans, all_masks)
     with attributor.lock:
-        logit_probs = answer_logit_probs(attributor.model, ids, len(run.answer.token_ids), attention, batch_size)
+        logit_probs = ablated_answer_logit_probs(attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size)
     labels = torch.stack([target_log_odds(logit_probs, rows) for _, rows in targets])  # [targets, 1 + masks]
     meta = {
         "id": example.id,
