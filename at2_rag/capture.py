@@ -2,11 +2,12 @@
 
 A registered attention function wraps the model's own implementation (sdpa, or the model's eager function
 where sdpa is unsupported). Outside a capture it only delegates. Inside one, for the query rows that predict
-answer tokens, it computes softmax(QK^T) in fp32 for those rows only, honours the mask it was given
-(causal, sliding window, padding, ablation), reduces over every source's tokens at once with
-prefix sums and keeps `[batch, rows, sources, heads]` per layer. When every row of a
-call is captured (a decode step), the output is computed from the same probabilities, so generation pays
-for attention once.
+answer tokens, it keeps the rows' queries and a reference to the layer's keys and lets the model's own kernel
+compute the output: a decode step pays for no extra tensor work. The captured rows are turned into features
+once, when they are read: softmax(QK^T) in fp32 for those rows only, masked causally (and by the sliding
+window), reduced over every source's tokens at once with prefix sums to `[batch, rows, sources, heads]` per
+layer. Calls whose keys do not start at position 0 (a sliding-window cache) or that carry an explicit mask
+(padding, ablation, eager models) are reduced at once instead, honouring that mask.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class CaptureState:
     num_layers: int
     seen: list[int] = field(default_factory=list)
     rows: list[list[torch.Tensor]] = field(default_factory=list)
+    pending: list["_PendingRows | None"] = field(default_factory=list)
     _bounds: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.seen = [0] * self.num_layers
         self.rows = [[] for _ in range(self.num_layers)]
+        self.pending = [None] * self.num_layers
         for a, b in self.spans:
             if a < 0 or b < a:
                 raise ValueError(f"invalid source span ({a}, {b})")
@@ -73,8 +76,46 @@ class CaptureState:
         lower = prefix[..., (lo - 1).clamp(min=0)] * (lo > 0)
         return upper - lower
 
+    def defer(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, first_position: int,
+        scaling: float, softcap: float | None, window: int | None,
+    ) -> None:
+        """Keep query rows (positions `first_position`...) and the layer's newest keys for `flush`."""
+        pending = self.pending[layer]
+        if pending is None:
+            self.pending[layer] = _PendingRows([query], first_position, key, scaling, softcap, window)
+        else:
+            pending.queries.append(query)
+            pending.keys = key  # the cache's newest tensor holds every earlier key too
+
+    def flush(self, layer: int) -> None:
+        """Reduce a layer's deferred rows against the keys kept for them."""
+        pending = self.pending[layer]
+        if pending is None:
+            return
+        self.pending[layer] = None
+        with torch.no_grad():
+            query = torch.cat(pending.queries, dim=2) if len(pending.queries) > 1 else pending.queries[0]
+            key = pending.keys
+            b, h, t, _ = query.shape
+            k_len = key.shape[2]
+            # bound the fp32 [B, H, rows, K] block to ~64 MiB however long the answer is
+            step = max(1, (64 << 20) // max(1, 4 * b * h * k_len))
+            for lo in range(0, t, step):
+                hi = min(t, lo + step)
+                scores = _grouped_scores(query[:, :, lo:hi], key, pending.scaling).to(torch.float32)
+                if pending.softcap is not None:
+                    scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
+                first = pending.first_position + lo
+                if first < k_len - 1 or pending.window:  # a row before the newest key sees fewer keys
+                    q_pos = torch.arange(first, first + hi - lo, device=key.device)
+                    scores.masked_fill_(~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window), float("-inf"))
+                self.rows[layer].append(self.reduce(_softmax_(scores), 0).permute(0, 2, 3, 1))
+
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
+        for layer in range(self.num_layers):
+            self.flush(layer)
         missing = [i for i, r in enumerate(self.rows) if not r]
         if missing:
             raise UnsupportedModelError(
@@ -88,6 +129,32 @@ class CaptureState:
         stacked = torch.stack(per_layer, dim=3)  # [B, T, S, L, H]
         b, t, s, l, h = stacked.shape
         return stacked.reshape(b, t, s, l * h)
+
+
+@dataclass
+class _PendingRows:
+    """Captured query rows of one layer not yet reduced, with the keys they attend to."""
+
+    queries: list[torch.Tensor]  # each [B, H, rows, D], consecutive positions
+    first_position: int
+    keys: torch.Tensor  # [B, KVH, K, D], positions 0..K-1
+    scaling: float
+    softcap: float | None
+    window: int | None
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[rows, keys] bool: causal, and inside the sliding window when there is one."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """In-place fp32 softmax over the last dim (fresh same-sized temporaries would fragment the heap)."""
+    probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(-1, keepdim=True))
 
 
 _SDPA: list[Callable[..., Any]] = []  # imported once, on first use
@@ -156,14 +223,20 @@ def _capturing_attention(
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     scaling = scaling if scaling is not None else module.head_dim**-0.5
-    # Decode steps run this for every layer and token, so the [heads x keys] work happens in place on one
-    # buffer: fresh same-sized temporaries per step fragment the heap as the cache grows (seen as peak RSS).
-    scores = _grouped_scores(query[:, :, lo:hi], key, scaling).to(torch.float32)
     softcap = kwargs.get("softcap")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
+    if attention_mask is None and key_start == 0:
+        # every key from position 0 is here and only causality (and the window) masks it: reduce later, let
+        # the model's kernel compute the output now
+        rows = query[:, :, lo:hi]
+        state.defer(layer, rows if hi - lo == q_len else rows.clone(), key, start + lo, scaling, softcap, window)
+        return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    state.flush(layer)  # keep the rows in order: earlier deferred rows first
+    scores = _grouped_scores(query[:, :, lo:hi], key, scaling).to(torch.float32)
     if softcap is not None:
         scores.div_(softcap).tanh_().mul_(softcap)
-    key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     if attention_mask is not None:
         mask = attention_mask[..., lo:hi, :k_len]
         if mask.dtype == torch.bool:
@@ -175,12 +248,8 @@ def _capturing_attention(
     else:
         q_pos = torch.arange(start + lo, start + hi, device=query.device)
         k_pos = torch.arange(key_start, key_start + k_len, device=query.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window:
-            allowed &= k_pos[None, :] > q_pos[:, None] - window
-        scores.masked_fill_(~allowed, float("-inf"))
-    probs = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # fp32 softmax, in place: [B, H, T, K]
-    probs.div_(probs.sum(-1, keepdim=True))
+        scores.masked_fill_(~_visible(q_pos, k_pos, window), float("-inf"))
+    probs = _softmax_(scores)  # [B, H, T, K]
 
     state.rows[layer].append(state.reduce(probs, key_start).permute(0, 2, 3, 1))  # [B, T, S, H]
 

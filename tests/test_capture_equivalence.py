@@ -367,10 +367,16 @@ def test_capture_memory_is_bounded_on_long_forward():
     with torch.no_grad(), capture_attention(model, spans, n_prompt - 1, n_prompt - 1 + n_answer) as state:
         model(ids, use_cache=False, logits_to_keep=1)
     layers, heads = config.num_hidden_layers, config.num_attention_heads
+    n = n_prompt + n_answer
+    # until read, a layer keeps only its answer rows' queries and a reference to its keys: O(N), never N x N
+    for pending in state.pending:
+        assert sum(q.numel() for q in pending.queries) == heads * n_answer * config.head_dim
+        assert pending.keys.shape[2] == n and pending.keys.numel() < n * n / 10
+    state.features()
     assert len(state.rows) == layers
     total = 0
     for per_layer in state.rows:
-        assert len(per_layer) == 1  # one forward call per layer
+        assert len(per_layer) == 1  # one block of rows per layer
         assert tuple(per_layer[0].shape) == (1, n_answer, len(spans), heads)
         total += per_layer[0].numel()
     assert total == layers * n_answer * len(spans) * heads  # nothing N x N (2016^2 = 4M) is kept

@@ -48,3 +48,66 @@ def test_evaluate_reports_every_method_with_costs(smollm, tmp_path):
     assert summary["contextcite_64"]["extra_forward_passes"] == 64
     assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 2
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _count_forward_rows(model):
+    """Wrap `model.forward` to count forward calls and the masks scored (rows whose answer logits are kept)."""
+    calls = {"calls": 0, "rows": 0}
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        calls["calls"] += 1
+        if kwargs.get("logits_to_keep", 0) > 1:  # the pass that scores the answer under each mask
+            calls["rows"] += kwargs["input_ids"].shape[0]
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    return calls, lambda: setattr(model, "forward", original)
+
+
+@pytest.mark.slow
+def test_evaluation_cache_reuses_ablations_and_measures_only_new_top_k_masks(smollm, tmp_path):
+    from at2_rag.evaluation.report import ExampleAblations, _cache_path
+
+    model, tokenizer = smollm
+    attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
+    uniform = {"average_attention": ScoreEstimator.uniform(30, 9)}
+    cache = tmp_path / "cache"
+    first = evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=12, cache_dir=cache)
+    path = _cache_path(cache, "e1")
+    assert path.exists() and not list(cache.glob(".*"))  # written atomically, nothing half-written left
+    saved = ExampleAblations.load(path)
+    assert saved.lds_masks.shape == (32, 3) and saved.surrogate_masks.shape == (64, 3)
+    assert saved.loo_lp.shape == (3, saved.full_lp.shape[0])
+
+    calls, undo = _count_forward_rows(model)
+    try:
+        again = evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=12, cache_dir=cache)
+        assert calls["calls"] == 0  # nothing generated, nothing ablated
+        single_head = {"at2": ScoreEstimator.single_head(20, 3, 30, 9), **uniform}
+        evaluate(EXAMPLES[:1], attributor, single_head, max_new_tokens=12, cache_dir=cache)
+        measured = ExampleAblations.load(path)
+    finally:
+        undo()
+    def numbers(report):  # everything but wall-clock seconds
+        return [{name: {k: v for k, v in m.items() if k != "cost"} for name, m in row["methods"].items()}
+                for row in report["examples"]]
+
+    assert numbers(again) == numbers(first)
+    # a new estimator costs at most its top-1 and top-3 masks, the rest is read from the cache
+    assert calls["rows"] == measured.probe_masks.shape[0] <= 2
+    # a different setting measures afresh instead of reusing numbers that do not apply
+    other = evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=8, cache_dir=cache)
+    assert ExampleAblations.load(path).key["max_new_tokens"] == 8
+    assert other["num_examples"] == 1
+
+
+def test_evaluation_cache_refuses_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from at2_rag.evaluation.report import ExampleAblations
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": __import__("torch").zeros(1)}, str(path), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not an at2-rag evaluation cache"):
+        ExampleAblations.load(path)

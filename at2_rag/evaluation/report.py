@@ -7,16 +7,21 @@ fresh random masks; top-k drop uses the whole answer as target.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..attributor import Attributor
@@ -45,16 +50,97 @@ def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any,
         return ablated_answer_logit_probs(attributor.model, ids, answer_len, spans, masks, batch)
 
 
-def evaluate_example(
+@dataclass
+class ExampleAblations:
+    """Everything about one held-out example that does not depend on the estimator under test.
+
+    The answer's target features and every ablation measured for it (LDS ground truth, leave-one-out,
+    surrogate fits, top-k probes). Saved per example under `--cache`, so evaluating another estimator on the
+    same examples re-runs nothing but the few top-k masks no earlier run measured.
+    """
+
+    id: str
+    input_ids: torch.Tensor  # prompt + the greedy answer, as measured
+    spans: torch.Tensor  # [sources, 2] token span of every document
+    target_rows: list[list[int]]  # answer rows of each target sentence, then of the whole answer
+    features: torch.Tensor  # [targets + 1, sources, layers * heads]
+    full_lp: torch.Tensor  # [answer_len] nothing ablated
+    lds_masks: torch.Tensor  # [LDS_MASKS, sources]
+    lds_lp: torch.Tensor  # [LDS_MASKS, answer_len]
+    loo_lp: torch.Tensor  # [sources, answer_len], row i = source i ablated
+    surrogate_masks: torch.Tensor  # [max surrogate size, sources]
+    surrogate_lp: torch.Tensor
+    probe_masks: torch.Tensor  # further masks measured for top-k drops
+    probe_lp: torch.Tensor
+    seconds: dict[str, float]  # generation, leave_one_out, surrogate_pass
+    key: dict[str, Any]  # what the numbers depend on: model, seed, max_new_tokens, mask counts
+
+    @property
+    def num_sources(self) -> int:
+        return self.features.shape[1]
+
+    def measured(self) -> dict[tuple[bool, ...], torch.Tensor]:
+        """Every mask with a measured answer, keep-mask tuple -> per-token logit-probs."""
+        n = self.num_sources
+        table = {tuple([True] * n): self.full_lp}
+        loo = ~torch.eye(n, dtype=torch.bool)
+        for masks, lps in ((self.lds_masks, self.lds_lp), (loo, self.loo_lp),
+                           (self.surrogate_masks, self.surrogate_lp), (self.probe_masks, self.probe_lp)):
+            for mask, lp in zip(masks.tolist(), lps):
+                table[tuple(mask)] = lp
+        return table
+
+    def save(self, path: Path) -> None:
+        """Atomically: a killed run leaves the old file or none, never half of one."""
+        tensors = {
+            name: getattr(self, name).contiguous()
+            for name in ("input_ids", "spans", "features", "full_lp", "lds_lp", "loo_lp", "surrogate_lp", "probe_lp")
+        }
+        for name in ("lds_masks", "surrogate_masks", "probe_masks"):
+            tensors[name] = getattr(self, name).to(torch.uint8).contiguous()
+        meta = {"format": CACHE_FORMAT, "id": self.id, "target_rows": json.dumps(self.target_rows),
+                "seconds": json.dumps(self.seconds), "key": json.dumps(self.key, sort_keys=True)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> "ExampleAblations":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT:
+                raise ValueError(f"{path} is not an at2-rag evaluation cache file ({meta.get('format')!r})")
+            t = {name: f.get_tensor(name) for name in f.keys()}
+        for name in ("lds_masks", "surrogate_masks", "probe_masks"):
+            t[name] = t[name].bool()
+        return cls(id=meta["id"], target_rows=json.loads(meta["target_rows"]), seconds=json.loads(meta["seconds"]),
+                   key=json.loads(meta["key"]), **t)
+
+
+CACHE_FORMAT = "at2-rag-eval-cache-v1"
+
+
+def _cache_path(cache_dir: Path, example_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", example_id)[:60]
+    digest = hashlib.sha256(example_id.encode()).hexdigest()[:10]
+    return cache_dir / f"{safe}-{digest}.safetensors"
+
+
+def measure_ablations(
     attributor: Attributor,
-    estimators: dict[str, ScoreEstimator],
     example: Any,
     seed: int = 1,
     max_new_tokens: int = 64,
     batch_size: int = 8,
-    surrogate_sizes: Sequence[int] = SURROGATE_SIZES,
-) -> dict[str, Any] | None:
-    """Per-method LDS (mean over target sentences), top-k drops and cost for one example."""
+    surrogate_size: int = max(SURROGATE_SIZES),
+) -> ExampleAblations | None:
+    """Generate the answer with capture and run every estimator-independent ablation of one example."""
     t0 = time.perf_counter()
     run = attributor.generate_run(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
     gen_seconds = time.perf_counter() - t0
@@ -65,57 +151,105 @@ def evaluate_example(
         return None
     ids = run.prompt.input_ids + run.answer.token_ids
     a_len = len(run.answer.token_ids)
-    all_rows = [r for _, rows in targets for r in rows]
+    target_rows = [list(rows) for _, rows in targets]
+    target_rows.append([r for rows in target_rows for r in rows])
+    features = torch.stack([target_features(run.token_features[:, columns], rows) for rows in target_rows])
     gen = torch.Generator().manual_seed(example_seed(seed, example.id))
 
-    # ground truth for LDS: fresh random masks (row 0 = nothing ablated)
-    lds_masks = random_masks(n, LDS_MASKS, 0.5, gen)
+    lds_masks = random_masks(n, LDS_MASKS, 0.5, gen)  # fresh masks: the LDS ground truth
     truth = _labels(attributor, ids, a_len, spans, torch.cat([torch.ones(1, n, dtype=torch.bool), lds_masks]), batch_size)
-    full_lp = truth[0]
-    truth = truth[1:]
+    t = time.perf_counter()
+    loo_lp = _labels(attributor, ids, a_len, spans, ~torch.eye(n, dtype=torch.bool), batch_size)
+    loo_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    surrogate_masks = random_masks(n, surrogate_size, 0.5, gen)
+    surrogate_lp = _labels(attributor, ids, a_len, spans, surrogate_masks, batch_size)
+    pass_seconds = (time.perf_counter() - t) / surrogate_size
+    return ExampleAblations(
+        id=example.id, input_ids=torch.tensor(ids), spans=torch.tensor(spans, dtype=torch.long).reshape(n, 2),
+        target_rows=target_rows, features=features.float(), full_lp=truth[0], lds_masks=lds_masks,
+        lds_lp=truth[1:], loo_lp=loo_lp, surrogate_masks=surrogate_masks, surrogate_lp=surrogate_lp,
+        probe_masks=torch.zeros(0, n, dtype=torch.bool), probe_lp=torch.zeros(0, a_len),
+        seconds={"generation": gen_seconds, "leave_one_out": loo_seconds, "surrogate_pass": pass_seconds},
+        key={},
+    )
 
-    scores: dict[str, list[torch.Tensor]] = {}  # method -> per target (+ whole answer last)
+
+def evaluate_example(
+    attributor: Attributor,
+    estimators: dict[str, ScoreEstimator],
+    example: Any,
+    seed: int = 1,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    surrogate_sizes: Sequence[int] = SURROGATE_SIZES,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any] | None:
+    """Per-method LDS (mean over target sentences), top-k drops and cost for one example.
+
+    With `cache_dir`, the example's ablations are read from there when an earlier run with the same model,
+    seed and settings measured them, and written there otherwise.
+    """
+    key = {"model_id": attributor.model_id, "seed": seed, "max_new_tokens": max_new_tokens,
+           "lds_masks": LDS_MASKS, "surrogate_size": max(surrogate_sizes)}
+    path = _cache_path(Path(cache_dir), example.id) if cache_dir is not None else None
+    data = None
+    if path is not None and path.exists():
+        cached = ExampleAblations.load(path)
+        if cached.key == key and cached.id == example.id:
+            data = cached
+        else:
+            logger.info("cache for %s was measured with %s, not %s: measuring again", example.id, cached.key, key)
+    if data is None:
+        data = measure_ablations(attributor, example, seed, max_new_tokens, batch_size, max(surrogate_sizes))
+        if data is None:
+            return None
+        data.key = key
+        if path is not None:
+            data.save(path)
+    n = data.num_sources
+    targets, whole = data.target_rows[:-1], data.target_rows[-1]
+
+    scores: dict[str, torch.Tensor] = {}  # method -> [targets + 1, sources]
     cost: dict[str, dict[str, float]] = {}
-    targets_rows = [rows for _, rows in targets] + [all_rows]
     for name, est in estimators.items():
         t = time.perf_counter()
-        scores[name] = [est(target_features(run.token_features[:, columns], rows)) for rows in targets_rows]
-        cost[name] = {"forward_passes": 0, "seconds": time.perf_counter() - t, "generation_seconds": gen_seconds}
-
-    t = time.perf_counter()
-    single = ~torch.eye(n, dtype=torch.bool)
-    loo_lp = _labels(attributor, ids, a_len, spans, single, batch_size)
-    scores["leave_one_out"] = [
-        leave_one_out_scores(target_log_odds(full_lp, rows), target_log_odds(loo_lp, rows)) for rows in targets_rows
-    ]
-    cost["leave_one_out"] = {"forward_passes": n + 1, "seconds": time.perf_counter() - t}
-
-    biggest = max(surrogate_sizes)
-    t = time.perf_counter()
-    sur_masks = random_masks(n, biggest, 0.5, gen)
-    sur_lp = _labels(attributor, ids, a_len, spans, sur_masks, batch_size)
-    pass_seconds = (time.perf_counter() - t) / biggest
+        scores[name] = torch.stack([est(f) for f in data.features])
+        cost[name] = {"forward_passes": 0, "seconds": time.perf_counter() - t, "generation_seconds": data.seconds["generation"]}
+    scores["leave_one_out"] = torch.stack([
+        leave_one_out_scores(target_log_odds(data.full_lp, rows), target_log_odds(data.loo_lp, rows))
+        for rows in data.target_rows
+    ])
+    cost["leave_one_out"] = {"forward_passes": n + 1, "seconds": data.seconds["leave_one_out"]}
     for size in surrogate_sizes:
         t = time.perf_counter()
-        scores[f"contextcite_{size}"] = [
-            surrogate_scores(sur_masks[:size], target_log_odds(sur_lp[:size], rows)) for rows in targets_rows
-        ]
-        cost[f"contextcite_{size}"] = {"forward_passes": size, "seconds": pass_seconds * size + time.perf_counter() - t}
+        masks, lps = data.surrogate_masks[:size], data.surrogate_lp[:size]
+        scores[f"contextcite_{size}"] = torch.stack([surrogate_scores(masks, target_log_odds(lps, rows)) for rows in data.target_rows])
+        cost[f"contextcite_{size}"] = {
+            "forward_passes": size, "seconds": data.seconds["surrogate_pass"] * size + time.perf_counter() - t
+        }
 
     result: dict[str, Any] = {"id": example.id, "num_sources": n, "num_targets": len(targets), "methods": {}}
-    drop_masks: dict[tuple[str, int], torch.Tensor] = {}
+    drop_masks: dict[tuple[str, int], tuple[bool, ...]] = {}
     for name, per_target in scores.items():
-        lds_values = [lds(per_target[i], lds_masks, target_log_odds(truth, rows)) for i, (_, rows) in enumerate(targets)]
+        lds_values = [lds(per_target[i], data.lds_masks, target_log_odds(data.lds_lp, rows)) for i, rows in enumerate(targets)]
         lds_values = [v for v in lds_values if not math.isnan(v)]
         result["methods"][name] = {"lds": sum(lds_values) / len(lds_values) if lds_values else float("nan"), "cost": cost[name]}
         for k in TOP_K:
-            drop_masks[(name, k)] = top_k_mask(per_target[-1], k)
-    unique = sorted({tuple(m.tolist()) for m in drop_masks.values()})
-    unique_lp = _labels(attributor, ids, a_len, spans, torch.tensor(unique, dtype=torch.bool), batch_size)
-    full_answer_lp = float(target_log_prob(full_lp, all_rows))
+            drop_masks[(name, k)] = tuple(top_k_mask(per_target[-1], k).tolist())
+    measured = data.measured()
+    missing = sorted({m for m in drop_masks.values() if m not in measured})
+    if missing:
+        new_lp = _labels(attributor, data.input_ids.tolist(), data.full_lp.shape[0], [tuple(s) for s in data.spans.tolist()],
+                         torch.tensor(missing, dtype=torch.bool), batch_size)
+        data.probe_masks = torch.cat([data.probe_masks, torch.tensor(missing, dtype=torch.bool)])
+        data.probe_lp = torch.cat([data.probe_lp, new_lp])
+        measured.update(zip(missing, new_lp))
+        if path is not None:
+            data.save(path)
+    full_answer_lp = float(target_log_prob(data.full_lp, whole))
     for (name, k), mask in drop_masks.items():
-        lp = float(target_log_prob(unique_lp[unique.index(tuple(mask.tolist()))], all_rows))
-        result["methods"][name][f"top{k}_drop"] = full_answer_lp - lp
+        result["methods"][name][f"top{k}_drop"] = full_answer_lp - float(target_log_prob(measured[mask], whole))
     return result
 
 
@@ -181,6 +315,7 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     part: tuple[int, int] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side);
     write the JSON report (atomically) and the plot if asked."""
@@ -190,7 +325,7 @@ def evaluate(
         estimators = {"at2": attributor.estimator, "average_attention": ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)}
     rows = []
     for example in tqdm(todo, desc="evaluate", unit="ex", disable=None):
-        row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size)
+        row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size, cache_dir=cache_dir)
         if row is not None:
             rows.append(row)
     report = {

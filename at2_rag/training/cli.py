@@ -113,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         part=part,
+        cache_dir=args.cache,
     )
     print(json.dumps(report["summary"], indent=2))
     return 0
@@ -162,4 +163,6 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--cache", type=Path, help="folder keeping each example's ablations: rerun with another "
+                   "estimator measures only its new top-k masks (resumable)")
     e.set_defaults(func=cmd_evaluate)
