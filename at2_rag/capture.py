@@ -107,9 +107,12 @@ class CaptureState:
                 if pending.softcap is not None:
                     scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
                 first = pending.first_position + lo
-                if first < k_len - 1 or pending.window:  # a row before the newest key sees fewer keys
-                    q_pos = torch.arange(first, first + hi - lo, device=key.device)
+                q_pos = torch.arange(first, first + hi - lo, device=key.device)
+                if pending.window:
                     scores.masked_fill_(~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window), float("-inf"))
+                elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
+                    tail = torch.arange(first + 1, k_len, device=key.device)
+                    scores[..., first + 1 :].masked_fill_(~_visible(q_pos, tail, None), float("-inf"))
                 self.rows[layer].append(self.reduce(_softmax_(scores), 0).permute(0, 2, 3, 1))
 
     def features(self) -> torch.Tensor:
