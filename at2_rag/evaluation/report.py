@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..training.collect import example_seed, source_layout
 from ..training.data import read_examples
 from .baselines import leave_one_out_scores, surrogate_scores
 from .metrics import lds, top_k_mask
+from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +100,8 @@ class ExampleAblations:
             tensors[name] = getattr(self, name).to(torch.uint8).contiguous()
         meta = {"format": CACHE_FORMAT, "id": self.id, "target_rows": json.dumps(self.target_rows),
                 "seconds": json.dumps(self.seconds), "key": json.dumps(self.key, sort_keys=True)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> "ExampleAblations":
@@ -342,12 +335,8 @@ def evaluate(
 
 def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None) -> None:
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, output)
+        with atomic_path(output) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
     if plot is not None:
         plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import InvalidInputError
+from ..files import atomic_path
 
 SHARD_GLOB = "shard-*.safetensors"
 
@@ -87,15 +87,8 @@ def write_shard(path: Path, examples: list[CollectedExample]) -> None:
         tensors[f"{k}.labels"] = ex.labels.float().contiguous()
         tensors[f"{k}.full"] = ex.full.float().contiguous()
     meta = {"examples": json.dumps([ex.meta for ex in examples]), "format": "at2-rag-shard-v1"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def shard_example_meta(path: Path) -> list[dict[str, Any]]:

@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
+from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -1108,19 +1108,9 @@ def build_examples(
 
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
     """Write rows as UTF-8 JSON lines atomically (temp file + os.replace) so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files should be readable like any other output
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
