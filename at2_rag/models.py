@@ -75,7 +75,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
+        if target.exists():  # a stale, incomplete folder (the lock rules out a live writer)
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
@@ -86,8 +86,16 @@ def default_model_path() -> Path:
     """The cached converted checkpoint of the embedded model, converting it on first use."""
     gguf = default_gguf_path()
     target = cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
-    if not (target / "model.safetensors").is_file():
-        _convert_gguf(gguf, target)
+    if (target / "model.safetensors").is_file():
+        return target
+    from filelock import FileLock  # a dependency of huggingface_hub
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (accelerate/torchrun, pytest-xdist) may start cold together: one converts, the
+    # others wait and then load its result instead of replacing the folder under a reader.
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model.safetensors").is_file():
+            _convert_gguf(gguf, target)
     return target
 
 
