@@ -162,9 +162,12 @@ class ScoreEstimator(torch.nn.Module):
             f"- Trained: {self.trained}",
             f"- Feature definition (v{FEATURE_VERSION}): {FEATURE_DEFINITION}",
         ]
-        for key in ("training_data", "num_examples", "epochs", "heldout_correlation", "evaluation"):
+        for key in ("training_data", "num_examples", "epochs", "heldout_correlation"):
             if key in meta:
                 lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
+        evaluation = meta.get("evaluation")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("summary"), dict):
+            lines += ["", *evaluation_table(evaluation)]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -254,3 +257,30 @@ class ScoreEstimator(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self.num_layers}, heads={self.num_heads}, model_id={self.model_id!r}, trained={self.trained}"
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
+    """Markdown lines for an `at2-rag evaluate` summary recorded in an estimator's metadata."""
+    summary = evaluation["summary"]
+
+    def number(row: dict[str, Any], key: str, digits: int) -> str:
+        value = row.get(key)
+        if not isinstance(value, (int, float)) or value != value:  # missing or NaN
+            return "n/a"
+        sem = row.get(key + "_sem")
+        spread = f" ± {sem:.{digits}f}" if isinstance(sem, (int, float)) and sem == sem else ""
+        return f"{value:.{digits}f}{spread}"
+
+    lines = [
+        f"## Evaluation ({evaluation.get('num_examples', '?')} held-out examples"
+        + (f", {evaluation['examples']}" if evaluation.get("examples") else "") + ")",
+        "",
+        "| method | LDS | top-1 log-prob drop | top-3 log-prob drop | extra forward passes |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        lines.append(
+            f"| {name} | {number(row, 'lds', 3)} | {number(row, 'top1_drop', 2)} | {number(row, 'top3_drop', 2)} "
+            f"| {number(row, 'extra_forward_passes', 1)} |"
+        )
+    return lines

@@ -111,3 +111,32 @@ def test_evaluation_cache_refuses_foreign_files(tmp_path):
     save_file({"a": __import__("torch").zeros(1)}, str(path), metadata={"format": "something-else"})
     with pytest.raises(ValueError, match="not an at2-rag evaluation cache"):
         ExampleAblations.load(path)
+
+
+def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
+    """`at2-rag evaluate --record`: the summary is kept in config.json and rendered as a table in README.md."""
+    from at2_rag.training.cli import record_evaluation
+
+    folder = ScoreEstimator.single_head(2, 1, 4, 2, model_id="org/model").save_pretrained(tmp_path / "est")
+    summary = {
+        "at2": {"lds": 0.6123, "lds_sem": 0.0211, "top1_drop": 12.5, "top1_drop_sem": 1.25, "top3_drop": 20.0,
+                "top3_drop_sem": float("nan"), "extra_forward_passes": 0.0, "seconds_per_example": 0.001},
+        "contextcite_32": {"lds": float("nan"), "top1_drop": 13.0, "top3_drop": 21.0, "extra_forward_passes": 32.0},
+    }
+    record_evaluation(folder, {"num_examples": 7, "lds_masks": 32, "summary": summary}, "heldout.jsonl")
+
+    loaded = ScoreEstimator.from_pretrained(folder)
+    assert loaded.metadata["evaluation"]["num_examples"] == 7
+    assert loaded.metadata["evaluation"]["summary"]["at2"]["lds"] == pytest.approx(0.6123)
+    assert loaded.head_weights()[2, 1] == 1  # the weights themselves are untouched
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation (7 held-out examples, heldout.jsonl)" in card
+    assert "| at2 | 0.612 ± 0.021 | 12.50 ± 1.25 | 20.00 | 0.0 |" in card
+    assert "| contextcite_32 | n/a | 13.00 | 21.00 | 32.0 |" in card
+
+
+def test_record_needs_an_estimator_folder(tmp_path, capsys):
+    from at2_rag.cli import main
+
+    with pytest.raises(SystemExit, match="--record needs --estimator"):
+        main(["evaluate", "--merge", str(tmp_path / "part.json"), "--record"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -86,9 +87,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..estimator import ScoreEstimator
     from ..evaluation.report import evaluate, merge_reports, write_report
 
+    if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
+        raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
     if args.merge:
         report = merge_reports(args.merge)
         write_report(report, args.output, args.plot)
+        if args.record:
+            record_evaluation(Path(args.estimator), report, args.examples or "merged parts")
         print(json.dumps(report["summary"], indent=2))
         return 0
     if not args.examples:
@@ -115,13 +120,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         part=part,
         cache_dir=args.cache,
     )
+    if args.record:
+        record_evaluation(Path(args.estimator), report, str(args.examples))
     print(json.dumps(report["summary"], indent=2))
     return 0
 
 
-def add_training_commands(sub: Any) -> None:
-    from pathlib import Path
+def record_evaluation(folder: Path, report: dict[str, Any], examples: str) -> None:
+    """Keep an evaluation summary in the estimator's config and model card (what a Hub page shows)."""
+    from ..estimator import ScoreEstimator
 
+    estimator = ScoreEstimator.from_folder(folder)
+    estimator.metadata["evaluation"] = {
+        "examples": examples,
+        "num_examples": report["num_examples"],
+        "lds_masks": report.get("lds_masks"),
+        "summary": report["summary"],
+    }
+    estimator.save_pretrained(folder)
+
+
+def add_training_commands(sub: Any) -> None:
     c = sub.add_parser("collect", help="collect ablation data for training an estimator (resumable)")
     c.add_argument("examples", help="JSONL of {id, query, documents}")
     c.add_argument("output", help="folder of shards (rerun to resume)")
@@ -165,4 +184,6 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--cache", type=Path, help="folder keeping each example's ablations: rerun with another "
                    "estimator measures only its new top-k masks (resumable)")
+    e.add_argument("--record", action="store_true", help="write the summary into the --estimator folder's "
+                   "config.json and model card")
     e.set_defaults(func=cmd_evaluate)
