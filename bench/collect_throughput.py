@@ -104,6 +104,27 @@ def main() -> None:
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "rows": rows,
         "mean_ratio": mean_ratio, "mean_ratio_without_prefix_sharing": mean_full,
     }, indent=2))
+    plot(rows, args.out / "collect_throughput.png")
+    print(f"wrote {args.out / 'collect_throughput.json'} and collect_throughput.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Ablated sequence tokens per second of each variant, relative to plain passes, per example."""
+    from at2_rag.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    labels = [f"{r['sequence_tokens']} tok" for r in rows]
+    width = 0.38
+    for k, (key, name) in enumerate([("throughput_ratio", "collect (prefix sharing)"),
+                                      ("full_passes_ratio", "masked full passes")]):
+        ax.bar([i + (k - 0.5) * width for i in range(len(rows))], [100 * r[key] for r in rows], width, label=name)
+    ax.axhline(100, color="k", lw=1, label="plain batched passes")
+    ax.axhline(90, color="r", ls="--", lw=1, label="target 90%")
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set(ylabel="throughput vs plain (%)", title="Ablation passes: tokens/s relative to plain forward passes")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
