@@ -130,7 +130,7 @@ def measure_ablations(
     example: Any,
     seed: int = 1,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 64,
     surrogate_size: int = max(SURROGATE_SIZES),
 ) -> ExampleAblations | None:
     """Generate the answer with capture and run every estimator-independent ablation of one example."""
@@ -174,7 +174,7 @@ def evaluate_example(
     example: Any,
     seed: int = 1,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 64,
     surrogate_sizes: Sequence[int] = SURROGATE_SIZES,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any] | None:
@@ -306,7 +306,7 @@ def evaluate(
     limit: int | None = None,
     seed: int = 1,
     max_new_tokens: int = 64,
-    batch_size: int = 8,
+    batch_size: int = 64,
     part: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:

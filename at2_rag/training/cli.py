@@ -151,7 +151,8 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-size", type=int, default=16)
-    c.add_argument("--batch-size", type=int, default=8, help="ablation masks per forward pass")
+    c.add_argument("--batch-size", type=int, default=33, help="ablation masks per forward pass (default: all 1 + 32 "
+                   "of an example, so every shared prompt prefix is computed once; lower it if memory is short)")
     c.add_argument("--limit", type=int)
     c.set_defaults(func=cmd_collect)
 
@@ -181,7 +182,8 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--limit", type=int)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=64, help="ablation masks per forward pass (lower it if memory "
+                   "is short: the prefix cache holds this many rows)")
     e.add_argument("--cache", type=Path, help="folder keeping each example's ablations: rerun with another "
                    "estimator measures only its new top-k masks (resumable)")
     e.add_argument("--record", action="store_true", help="write the summary into the --estimator folder's "

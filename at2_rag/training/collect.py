@@ -52,7 +52,7 @@ def collect_example(
     sources: Literal["documents", "sentences"] = "documents",
     max_new_tokens: int = 64,
     seed: int = 0,
-    batch_size: int = 8,
+    batch_size: int = NUM_MASKS + 1,
 ) -> CollectedExample | None:
     """Features and ablation labels for one example, or None when the answer has no usable target."""
     run = attributor.generate_run(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
@@ -108,7 +108,7 @@ def collect(
     max_new_tokens: int = 64,
     seed: int = 0,
     shard_size: int = 16,
-    batch_size: int = 8,
+    batch_size: int = NUM_MASKS + 1,
     limit: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
