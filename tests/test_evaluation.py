@@ -40,8 +40,15 @@ def test_evaluate_reports_every_method_with_costs(smollm, tmp_path):
     for name, row in summary.items():
         assert math.isnan(row["lds"]) or -1.0 <= row["lds"] <= 1.0
         assert math.isfinite(row["top1_drop"]) and math.isfinite(row["top3_drop"])
-    # costs: attention methods need no extra pass; LOO needs n + 1; surrogates N
     by_id = {row["id"]: row for row in report["examples"]}
+    for row in report["examples"]:  # the document-dependent subset is chosen by the labels, the same for all
+        assert 0 <= row["num_dependent_targets"] <= row["num_targets"]
+        for values in row["methods"].values():
+            if row["num_dependent_targets"] == 0:
+                assert math.isnan(values["lds_dependent"])
+            elif row["num_dependent_targets"] == row["num_targets"]:
+                assert values["lds_dependent"] == pytest.approx(values["lds"], nan_ok=True)
+    # costs: attention methods need no extra pass; LOO needs n + 1; surrogates N
     assert by_id["e1"]["methods"]["leave_one_out"]["cost"]["forward_passes"] == 4
     assert by_id["e2"]["methods"]["leave_one_out"]["cost"]["forward_passes"] == 3
     assert summary["at2"]["extra_forward_passes"] == 0
@@ -131,8 +138,8 @@ def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
     assert loaded.head_weights()[2, 1] == 1  # the weights themselves are untouched
     card = (folder / "README.md").read_text()
     assert "## Evaluation (7 held-out examples, heldout.jsonl)" in card
-    assert "| at2 | 0.612 ± 0.021 | 12.50 ± 1.25 | 20.00 | 0.0 |" in card
-    assert "| contextcite_32 | n/a | 13.00 | 21.00 | 32.0 |" in card
+    assert "| at2 | 0.612 ± 0.021 | n/a | 12.50 ± 1.25 | 20.00 | 0.0 |" in card
+    assert "| contextcite_32 | n/a | n/a | 13.00 | 21.00 | 32.0 |" in card
 
 
 def test_record_needs_an_estimator_folder(tmp_path, capsys):

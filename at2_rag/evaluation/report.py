@@ -2,7 +2,9 @@
 
 Methods: the trained estimator (AT2), average attention (uniform weights), leave-one-out (n + 1 passes) and
 ContextCite-style lasso surrogates fitted on N random ablations. LDS uses answer sentences as targets and
-fresh random masks; top-k drop uses the whole answer as target.
+fresh random masks (also reported over the document-dependent sentences alone: those whose log-odds the masks
+move by at least a nat, since a sentence the documents barely affect, such as a fragment cut off by the token
+limit, has a near-constant label whose ranking is noise); top-k drop uses the whole answer as target.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..files import atomic_path
 logger = logging.getLogger(__name__)
 
 LDS_MASKS = 32
+DEPENDENT_STD = 1.0  # nats: a target counts as document-dependent when its log-odds vary this much across masks
 SURROGATE_SIZES = (32, 64)
 TOP_K = (1, 3)
 
@@ -224,10 +227,18 @@ def evaluate_example(
 
     result: dict[str, Any] = {"id": example.id, "num_sources": n, "num_targets": len(targets), "methods": {}}
     drop_masks: dict[tuple[str, int], tuple[bool, ...]] = {}
+    truths = [target_log_odds(data.lds_lp, rows) for rows in targets]
+    # targets whose answer the documents move (label spread >= DEPENDENT_STD nats across the LDS masks): chosen
+    # from the ground truth alone, so the subset is the same for every method
+    dependent = [float(y.std()) >= DEPENDENT_STD for y in truths]
+    result["num_dependent_targets"] = sum(dependent)
     for name, per_target in scores.items():
-        lds_values = [lds(per_target[i], data.lds_masks, target_log_odds(data.lds_lp, rows)) for i, rows in enumerate(targets)]
-        lds_values = [v for v in lds_values if not math.isnan(v)]
-        result["methods"][name] = {"lds": sum(lds_values) / len(lds_values) if lds_values else float("nan"), "cost": cost[name]}
+        values = [lds(per_target[i], data.lds_masks, y) for i, y in enumerate(truths)]
+        result["methods"][name] = {
+            "lds": _nanmean(values),
+            "lds_dependent": _nanmean([v for v, dep in zip(values, dependent) if dep]),
+            "cost": cost[name],
+        }
         for k in TOP_K:
             drop_masks[(name, k)] = tuple(top_k_mask(per_target[-1], k).tolist())
     measured = data.measured()
@@ -246,13 +257,21 @@ def evaluate_example(
     return result
 
 
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     methods: dict[str, dict[str, Any]] = {}
     for row in rows:
         for name, values in row["methods"].items():
-            agg = methods.setdefault(name, {"lds": [], **{f"top{k}_drop": [] for k in TOP_K}, "passes": [], "seconds": []})
-            if not math.isnan(values["lds"]):
-                agg["lds"].append(values["lds"])
+            agg = methods.setdefault(
+                name, {"lds": [], "lds_dependent": [], **{f"top{k}_drop": [] for k in TOP_K}, "passes": [], "seconds": []}
+            )
+            for key in ("lds", "lds_dependent"):
+                if not math.isnan(values.get(key, float("nan"))):
+                    agg[key].append(values[key])
             for k in TOP_K:
                 agg[f"top{k}_drop"].append(values[f"top{k}_drop"])
             agg["passes"].append(values["cost"]["forward_passes"])
@@ -271,6 +290,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         name: {
             "lds": mean(a["lds"]),
             "lds_sem": sem(a["lds"]),
+            "lds_dependent": mean(a["lds_dependent"]),
+            "lds_dependent_sem": sem(a["lds_dependent"]),
             **{f"top{k}_drop": mean(a[f"top{k}_drop"]) for k in TOP_K},
             **{f"top{k}_drop_sem": sem(a[f"top{k}_drop"]) for k in TOP_K},
             "extra_forward_passes": mean(a["passes"]),
@@ -285,9 +306,12 @@ def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], title: s
 
     plt = pyplot()
     names = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, metric, label in zip(axes, ["lds", "top1_drop", "top3_drop"], ["LDS (higher is better)", "top-1 log-prob drop", "top-3 log-prob drop"]):
-        values = [summary[n][metric] for n in names]
+    panels = {"lds": "LDS, all answer sentences", "lds_dependent": "LDS, document-dependent sentences",
+              "top1_drop": "top-1 log-prob drop", "top3_drop": "top-3 log-prob drop"}
+    panels = {k: v for k, v in panels.items() if any(k in summary[n] for n in names)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
+    for ax, (metric, label) in zip(axes, panels.items()):
+        values = [summary[n].get(metric, float("nan")) for n in names]
         errs = [summary[n].get(metric + "_sem", 0) for n in names]
         errs = [0 if (e is None or math.isnan(e)) else e for e in errs]
         ax.bar(range(len(names)), values, yerr=errs, color=["#d62728" if n == "at2" else "#7f7f7f" for n in names])
