@@ -132,6 +132,9 @@ class ScoreEstimator(torch.nn.Module):
             save_file({"weights": self.weights.detach().contiguous().cpu()}, str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, default=str) + "\n")
             (tmp / CARD_NAME).write_text(self.model_card())
+            tmp.chmod(0o755)  # mkdtemp makes 0700: a saved estimator is meant to be shared
+            for child in tmp.iterdir():
+                child.chmod(0o644)
             if folder.exists():
                 backup = folder.with_name(folder.name + ".old")
                 shutil.rmtree(backup, ignore_errors=True)

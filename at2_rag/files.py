@@ -16,9 +16,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should be readable like any other file
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and some writers, safetensors among them, recreate the file so): outputs should
+        # be readable like any other file
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

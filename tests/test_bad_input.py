@@ -189,6 +189,8 @@ def test_estimator_save_load_round_trip(tmp_path):
     assert config["num_layers"] == 30 and config["num_heads"] == 9
     assert config["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "SmolLM2" in (folder / "README.md").read_text()
+    assert folder.stat().st_mode & 0o777 == 0o755  # shareable, not mkdtemp's 0700
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
     loaded = ScoreEstimator.from_pretrained(folder)
     assert torch.equal(loaded.weights, est.weights)
     assert (loaded.num_layers, loaded.num_heads, loaded.model_id) == (30, 9, est.model_id)
