@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 INTEGRATIONS := $(wildcard integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-core test-integrations browser data clean-venv
+.PHONY: install demo test system-deps data clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,18 +30,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/at2-rag demo
 
-# Chromium for the browser tests (Debian's package; never a browser download of a test tool's own).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "chromium could not be installed: browser tests will be skipped"; }
+# Debian packages the tests read: Chromium for the browser tests (Debian's build; never a browser download of a
+# test tool's own) and python3-doc, the real documentation the dataset builder turns into RAG examples.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	test -d /usr/share/doc/python3-doc/html || missing="$$missing python3-doc"; \
+	if [ -n "$$missing" ]; then \
+		(apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) \
+		|| echo "could not install$$missing: the browser tests skip without chromium, the dataset tests fail without python3-doc"; \
+	fi
 
-test: $(STAMP) browser
+test: $(STAMP) system-deps
 	@bash scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
 
 # The RAG training/evaluation examples, rebuilt from Debian's python3-doc (already committed under data/).
-data:
-	@test -d /usr/share/doc/python3-doc/html || (apt-get update -qq && apt-get install -y -qq python3-doc)
+data: $(STAMP) system-deps
 	$(PY) -m at2_rag.training.dataset_builder --out data/rag_python_docs --train 700 --heldout 120 --seed 0
 
 clean-venv:
