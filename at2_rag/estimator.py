@@ -147,6 +147,17 @@ class ScoreEstimator(torch.nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    def update_card(self, folder: str | os.PathLike[str]) -> None:
+        """Rewrite config.json and README.md of a saved estimator (metadata changed, weights did not); other
+        files in the folder, such as a training report, stay."""
+        from .files import atomic_path
+
+        folder = Path(folder)
+        with atomic_path(folder / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(self.config_dict(), indent=2, default=str) + "\n")
+        with atomic_path(folder / CARD_NAME) as tmp:
+            tmp.write_text(self.model_card())
+
     def model_card(self) -> str:
         meta = self.metadata
         lines = [

@@ -125,6 +125,7 @@ def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
     from at2_rag.training.cli import record_evaluation
 
     folder = ScoreEstimator.single_head(2, 1, 4, 2, model_id="org/model").save_pretrained(tmp_path / "est")
+    (folder / "training_report.json").write_text("{}")
     summary = {
         "at2": {"lds": 0.6123, "lds_sem": 0.0211, "top1_drop": 12.5, "top1_drop_sem": 1.25, "top3_drop": 20.0,
                 "top3_drop_sem": float("nan"), "extra_forward_passes": 0.0, "seconds_per_example": 0.001},
@@ -136,6 +137,7 @@ def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
     assert loaded.metadata["evaluation"]["num_examples"] == 7
     assert loaded.metadata["evaluation"]["summary"]["at2"]["lds"] == pytest.approx(0.6123)
     assert loaded.head_weights()[2, 1] == 1  # the weights themselves are untouched
+    assert (folder / "training_report.json").read_text() == "{}"  # the rest of the folder stays
     card = (folder / "README.md").read_text()
     assert "## Evaluation (7 held-out examples, heldout.jsonl)" in card
     assert "| at2 | 0.612 ± 0.021 | n/a | 12.50 ± 1.25 | 20.00 | 0.0 |" in card

@@ -137,7 +137,7 @@ def record_evaluation(folder: Path, report: dict[str, Any], examples: str) -> No
         "lds_masks": report.get("lds_masks"),
         "summary": report["summary"],
     }
-    estimator.save_pretrained(folder)
+    estimator.update_card(folder)
 
 
 def add_training_commands(sub: Any) -> None:
