@@ -202,7 +202,26 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     plot(results, args.out / "overhead.png")
-    print(f"wrote {args.out / 'overhead.json'} and overhead.png")
+    print(f"wrote {args.out / 'overhead.json'} and overhead.png\n")
+    print(markdown_table(results))
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The results as the table in docs/benchmarks.md."""
+    lines = [
+        "| prompt tokens | plain generate | with attribution | extra time (median) | extra time (best-of) "
+        "| generation alone | plain peak RSS | with attribution | extra peak | same tokens |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['prompt_tokens']} | {r['plain_seconds']:.2f} s | {r['capture_seconds']:.2f} s "
+            f"| {100 * (r['time_ratio'] - 1):+.1f} % | {100 * (r['best_time_ratio'] - 1):+.1f} % "
+            f"| {100 * (r['generation_only_time_ratio'] - 1):+.1f} % | {r['plain_peak_rss_mb']:.0f} MB "
+            f"| {r['capture_peak_rss_mb']:.0f} MB | {100 * (r['memory_ratio'] - 1):+.1f} % "
+            f"| {'yes' if r['same_tokens'] else 'NO'} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
