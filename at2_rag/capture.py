@@ -60,21 +60,24 @@ class CaptureState:
             self._bounds[device] = (starts, ends)
         return self._bounds[device]
 
-    def reduce(self, probs: torch.Tensor, key_start: int) -> torch.Tensor:
+    def reduce(self, probs: torch.Tensor, key_start: int, normalize: bool = False) -> torch.Tensor:
         """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]`.
 
         Prefix sums make each source's sum a difference of two entries: O(K + S) per row instead of
         an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
+        With `normalize`, `probs` are unnormalised softmax weights and the S sums are divided by the row's
+        total (the prefix's last entry): two passes over the K-wide block fewer than a full softmax.
         """
         k_len = probs.shape[-1]
-        prefix = probs.cumsum(-1)  # fp32: error ~1e-7 of a total <= 1
+        prefix = probs.cumsum(-1)  # fp32: error ~1e-7 of the row total
         starts, ends = self.bounds(probs.device)
         lo = (starts - key_start).clamp(0, k_len)
         hi = (ends - key_start).clamp(0, k_len)
         # sum over [lo, hi) = prefix[hi - 1] - prefix[lo - 1], with prefix[-1] = 0
         upper = prefix[..., (hi - 1).clamp(min=0)] * (hi > 0)
         lower = prefix[..., (lo - 1).clamp(min=0)] * (lo > 0)
-        return upper - lower
+        sums = upper - lower
+        return sums.div_(prefix[..., -1:]) if normalize else sums
 
     def defer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, first_position: int,
@@ -113,7 +116,8 @@ class CaptureState:
                 elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
                     tail = torch.arange(first + 1, k_len, device=key.device)
                     scores[..., first + 1 :].masked_fill_(~_visible(q_pos, tail, None), float("-inf"))
-                self.rows[layer].append(self.reduce(_softmax_(scores), 0).permute(0, 2, 3, 1))
+                weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax numerators, in place
+                self.rows[layer].append(self.reduce(weights, 0, normalize=True).permute(0, 2, 3, 1))
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
