@@ -90,55 +90,73 @@ def run_once(model, tokenizer, attributor, query, docs, new_tokens):
     return t3 - t0, run.answer.token_ids, run.prompt.num_tokens
 
 
+def _clocked(fn, clock: dict, key: str):
+    """`fn`, adding the seconds each call takes to `clock[key]`."""
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[key] += time.perf_counter() - t
+
+    return timed
+
+
 def capture_work(model, tokenizer, attributor, query, docs, new_tokens) -> dict[str, float]:
     """Seconds of capture's own work in one attributed generation, clocked where it happens.
 
     End-to-end differences on a shared VM swing by several % between identical runs; this accounting does not
     depend on them. It clocks (a) the capturing attention function minus the stock kernel it delegates to (the
-    per-call bookkeeping of every prefill and decode step) and (b) the read: softmax rows and source sums at
-    the end. One instrumented run, outside the timed ones.
+    per-call bookkeeping of every prefill and decode step), less the clocks' own cost (calibrated on no-op
+    calls) and less the release of the cache's previous key tensor (a free that plain generation performs
+    too, inside the cache update; with capture the last reference to it is dropped in the attention call), and
+    (b) the read: softmax rows and source sums at the end. One instrumented run, outside the timed ones.
     """
     import at2_rag.capture as capture
 
-    clock = {"wrapper": 0.0, "kernel": 0.0, "read": 0.0, "calls": 0}
-    wrapped, base, features = capture._capturing_attention, capture._base_function, capture.CaptureState.features
+    probe = {"wrapper": 0.0, "kernel": 0.0}
+    noop = _clocked(lambda *a, **k: None, probe, "kernel")
+    outer = _clocked(lambda *a, **k: _clocked(noop, probe, "kernel")(*a, **k), probe, "wrapper")
+    for _ in range(5000):
+        outer(1, 2, x=3)
+    bias = (probe["wrapper"] - probe["kernel"]) / 5000  # what the clocks add to wrapper-minus-kernel per call
 
-    def timed_attention(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            clock["wrapper"] += time.perf_counter() - t
-            clock["calls"] += 1
+    clock = {"wrapper": 0.0, "kernel": 0.0, "read": 0.0, "release": 0.0}
+    calls = [0]
+    wrapped, base, pending_cls = capture._capturing_attention, capture._base_function, capture._PendingRows
+    features = capture.CaptureState.features
 
-    def timed_base(module, name):
-        fn = base(module, name)
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return wrapped(*args, **kwargs)
 
-        def kernel(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock["kernel"] += time.perf_counter() - t
+    class ClockedPending(pending_cls):
+        def __setattr__(self, name, value):
+            if name == "keys" and "keys" in self.__dict__:  # replacing the previous step's key tensor frees it
+                t = time.perf_counter()
+                super().__setattr__(name, value)
+                clock["release"] += time.perf_counter() - t
+            else:
+                super().__setattr__(name, value)
 
-        return kernel
-
-    def timed_features(state):
-        t = time.perf_counter()
-        try:
-            return features(state)
-        finally:
-            clock["read"] += time.perf_counter() - t
-
-    capture._capturing_attention, capture._base_function = timed_attention, timed_base
-    capture.CaptureState.features = timed_features
+    capture._capturing_attention = _clocked(counted, clock, "wrapper")
+    capture._base_function = lambda module, name: _clocked(base(module, name), clock, "kernel")
+    capture._PendingRows = ClockedPending
+    capture.CaptureState.features = _clocked(features, clock, "read")
     try:
         run_once(model, tokenizer, attributor, query, docs, new_tokens)
     finally:
-        capture._capturing_attention, capture._base_function = wrapped, base
+        capture._capturing_attention, capture._base_function, capture._PendingRows = wrapped, base, pending_cls
         capture.CaptureState.features = features
         PHASES.pop()
-    return {"bookkeeping": clock["wrapper"] - clock["kernel"], "read": clock["read"], "calls": clock["calls"]}
+    return {
+        "bookkeeping": clock["wrapper"] - clock["kernel"] - clock["release"] - bias * calls[0],
+        "read": clock["read"],
+        "calls": calls[0],
+        "clock_bias_per_call": bias,
+        "key_release": clock["release"],
+    }
 
 
 def _seconds(fn) -> float:
