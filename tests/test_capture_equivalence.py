@@ -196,6 +196,23 @@ def test_generate_capture_equals_eager(name):
     assert torch.all(got[0, :, 2] == 0)  # the empty source
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma3-window-8-mixed"])
+def test_generate_capture_across_row_blocks(name, monkeypatch):
+    """Decode-step rows are kept in blocks of ROW_BLOCK steps; answers longer than one block stay exact."""
+    import at2_rag.capture as capture
+
+    monkeypatch.setattr(capture, "ROW_BLOCK", 3)  # 7 new tokens span three blocks
+    model, reference = _build(name)
+    prompt = _prompt()
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
+        out = model.generate(prompt, **gen)
+    assert len(state._row_blocks) == 3
+    ref = _reference_features(reference, out, PROMPT_LEN, source_matrix(PROMPT_LEN, SPANS))
+    diff = (state.features()[0] - ref).abs().max().item()
+    assert diff < TOL, f"{name}: max abs diff {diff:.3g}"
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_capture_equals_eager(name):
     model, reference = _build(name)
