@@ -5,9 +5,9 @@ where sdpa is unsupported). Outside a capture it only delegates. Inside one, for
 answer tokens, it keeps the rows' queries and a reference to the layer's keys and lets the model's own kernel
 compute the output: a decode step pays for no extra tensor work. The captured rows are turned into features
 once, when they are read: softmax(QK^T) in fp32 for those rows only, masked causally (and by the sliding
-window), reduced over every source's tokens at once with prefix sums to `[batch, rows, sources, heads]` per
-layer. Calls whose keys do not start at position 0 (a sliding-window cache) or that carry an explicit mask
-(padding, ablation, eager models) are reduced at once instead, honouring that mask.
+window), summed per source segment of the keys in one pass to `[batch, rows, sources, heads]` per layer.
+Calls whose keys do not start at position 0 (a sliding-window cache) or that carry an explicit mask (padding,
+ablation, eager models) are reduced at once instead, honouring that mask.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class CaptureState:
     _row_blocks: list[list[tuple[torch.Tensor, ...]]] = field(default_factory=list)  # block, layer, row: [B, H, 1, D]
     _rows_kept: list[int] = field(default_factory=list)  # single rows stored in _row_blocks, per layer
     _module_windows: dict[int, int | None] = field(default_factory=dict)  # layer -> module's sliding window
+    _segments: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.seen = [0] * self.num_layers
@@ -66,27 +67,21 @@ class CaptureState:
             self._bounds[device] = (starts, ends)
         return self._bounds[device]
 
-    def reduce(
-        self, probs: torch.Tensor, key_start: int, normalize: bool = False, prefix: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]`.
+    def reduce(self, probs: torch.Tensor, key_start: int) -> torch.Tensor:
+        """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]` (calls reduced at once).
 
         Prefix sums make each source's sum a difference of two entries: O(K + S) per row instead of
         an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
-        With `normalize`, `probs` are unnormalised softmax weights and the S sums are divided by the row's
-        total (the prefix's last entry): two passes over the K-wide block fewer than a full softmax. `prefix`, a
-        buffer shaped like `probs`, receives the prefix sums.
         """
         k_len = probs.shape[-1]
-        prefix = torch.cumsum(probs, -1, out=prefix) if prefix is not None else probs.cumsum(-1)  # fp32: ~1e-7 error
+        prefix = probs.cumsum(-1)  # fp32: ~1e-7 error
         starts, ends = self.bounds(probs.device)
         lo = (starts - key_start).clamp(0, k_len)
         hi = (ends - key_start).clamp(0, k_len)
         # sum over [lo, hi) = prefix[hi - 1] - prefix[lo - 1], with prefix[-1] = 0
         upper = prefix[..., (hi - 1).clamp(min=0)] * (hi > 0)
         lower = prefix[..., (lo - 1).clamp(min=0)] * (lo > 0)
-        sums = upper - lower
-        return sums.div_(prefix[..., -1:]) if normalize else sums
+        return upper - lower
 
     def defer(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, first_position: int,
@@ -127,9 +122,30 @@ class CaptureState:
             self._module_windows[layer] = getattr(module, "sliding_window", None)
         return self._module_windows[layer]
 
+    def key_segments(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys 0..k_len-1 cut at every source boundary: each key's segment, and each source's first and end
+        segment (a source is the run of segments between them). Built once per key length and device."""
+        cache_key = (k_len, device)
+        if cache_key not in self._segments:
+            clipped = [(min(a, k_len), min(b, k_len)) for a, b in self.spans]
+            edges = sorted({0, k_len, *(x for span in clipped for x in span)})
+            index = {x: i for i, x in enumerate(edges)}
+            segment_of_key = torch.searchsorted(
+                torch.tensor(edges[1:], device=device), torch.arange(k_len, device=device), right=True
+            )
+            first = torch.tensor([index[a] for a, _ in clipped], dtype=torch.long, device=device)
+            end = torch.tensor([index[b] for _, b in clipped], dtype=torch.long, device=device)
+            self._segments[cache_key] = (segment_of_key, first, end)
+        return self._segments[cache_key]
+
     def flush(self, layer: int, workspace: "_Workspace | None" = None) -> None:
         """Reduce a layer's deferred rows against the keys kept for them (scratch from `workspace`, shared by the
-        layers of one read; a flush on its own frees its scratch when it returns)."""
+        layers of one read; a flush on its own frees its scratch when it returns).
+
+        Scores are laid out keys-major (`[B, KVH, K, rows]`, each key's rows contiguous): BLAS runs K @ Q^T
+        faster than Q @ K^T for these shapes, and the softmax numerators then add up per source segment with one
+        `index_add_` over whole rows (vectorised) instead of a prefix sum along every row.
+        """
         pending = self.pending[layer]
         if pending is None:
             return
@@ -138,27 +154,39 @@ class CaptureState:
         with torch.no_grad():
             query = torch.cat(pending.queries, dim=2) if len(pending.queries) > 1 else pending.queries[0]
             key = pending.keys
-            b, h, t, _ = query.shape
-            k_len = key.shape[2]
-            # bound the fp32 [B, H, rows, K] block to ~64 MiB however long the answer is
+            b, h, t, d = query.shape
+            kvh, k_len = key.shape[1], key.shape[2]
+            rep = h // kvh
+            segment_of_key, first_segment, end_segment = self.key_segments(k_len, key.device)
+            num_segments = int(segment_of_key[-1]) + 1 if k_len else 0
+            # bound the fp32 [B, KVH, K, rows] block to ~64 MiB however long the answer is
             step = max(1, (64 << 20) // max(1, 4 * b * h * k_len))
             for lo in range(0, t, step):
                 hi = min(t, lo + step)
-                shape = (b, h, hi - lo, k_len)
-                raw = _grouped_scores(query[:, :, lo:hi], key, pending.scaling, take(0, shape, query.dtype, key.device))
+                rows = hi - lo
+                shape = (b, kvh, k_len, rep * rows)
+                q = query[:, :, lo:hi].reshape(b, kvh, rep * rows, d) * pending.scaling  # columns: (head in group, row)
+                raw = torch.matmul(key, q.transpose(-1, -2), out=take(0, shape, query.dtype, key.device))
                 scores = raw if raw.dtype == torch.float32 else take(1, shape, torch.float32, key.device).copy_(raw)
                 if pending.softcap is not None:
                     scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
                 first = pending.first_position + lo
-                q_pos = torch.arange(first, first + hi - lo, device=key.device)
+                q_pos = torch.arange(first, first + rows, device=key.device)
+                by_row = scores.view(b, kvh, k_len, rep, rows)
                 if pending.window:
-                    scores.masked_fill_(~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window), float("-inf"))
+                    hidden = ~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window)
+                    by_row.masked_fill_(hidden.T[:, None, :], float("-inf"))
                 elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
-                    tail = torch.arange(first + 1, k_len, device=key.device)
-                    scores[..., first + 1 :].masked_fill_(~_visible(q_pos, tail, None), float("-inf"))
-                weights = scores.sub_(scores.amax(-1, keepdim=True)).exp_()  # softmax numerators, in place
-                sums = self.reduce(weights, 0, normalize=True, prefix=take(2, shape, torch.float32, key.device))
-                self.rows[layer].append(sums.permute(0, 2, 3, 1))
+                    hidden = ~_visible(q_pos, torch.arange(first + 1, k_len, device=key.device), None)
+                    by_row[:, :, first + 1 :].masked_fill_(hidden.T[:, None, :], float("-inf"))
+                weights = scores.sub_(scores.amax(2, keepdim=True)).exp_()  # softmax numerators, in place
+                # totals[:, :, j] = sum of segments before j; totals[:, :, -1] = the row's softmax denominator
+                totals = take(2, (b, kvh, num_segments + 1, rep * rows), torch.float32, key.device).zero_()
+                totals[:, :, 1:].index_add_(2, segment_of_key, weights).cumsum_(2)
+                sums = totals.index_select(2, end_segment).sub_(totals.index_select(2, first_segment))
+                sums.div_(totals[:, :, -1:])  # [B, KVH, S, rep * rows]
+                s = sums.shape[2]
+                self.rows[layer].append(sums.view(b, kvh, s, rep, rows).permute(0, 4, 2, 1, 3).reshape(b, rows, s, h))
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
