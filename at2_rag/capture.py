@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import sys
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_PREFIX = "at2_capture_"
 ROW_BLOCK = 64  # decode steps whose query rows share one allocation
+ROWS_PER_PACK = 8  # decode rows held as the model's tensors before one copy packs them (divides ROW_BLOCK)
 _SUPPORTED_BASES = ("sdpa", "eager")
 
 _ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar("at2_capture_state", default=None)
@@ -87,33 +89,60 @@ class CaptureState:
         self, layer: int, query: torch.Tensor, key: torch.Tensor, first_position: int,
         scaling: float, softcap: float | None, window: int | None,
     ) -> None:
-        """Keep query rows (positions `first_position`...) and the layer's newest keys for `flush`."""
-        if query.shape[2] == 1:
-            query = self._keep_row(layer, query)
+        """Keep query rows (positions `first_position`...) and the layer's newest keys for `flush`.
+
+        A decode step's row is kept as the model's own tensor, and every ROWS_PER_PACK such rows are packed into a
+        block shared by all layers: one copy per pack instead of one per step (each tensor op on a decode step
+        costs tens of microseconds in place, the model having just streamed its weights through the caches).
+        """
         pending = self.pending[layer]
         if pending is None:
-            self.pending[layer] = _PendingRows([query], first_position, key, scaling, softcap, window)
-        else:
-            pending.queries.append(query)
-            pending.keys = key  # the cache's newest tensor holds every earlier key too
+            pending = self.pending[layer] = _PendingRows([], first_position, key, scaling, softcap, window)
+        pending.queries.append(query)
+        pending.keys = key  # the cache's newest tensor holds every earlier key too
+        if query.shape[2] == 1:
+            pending.loose += 1
+            if pending.loose == ROWS_PER_PACK:
+                self._pack_rows(layer, pending)
 
-    def _keep_row(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """Copy one decode step's query row into a block shared by all layers and return the block's view.
+    def keep_decode_row(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """A decode step's row for a layer already deferring rows, kept with as little work as possible (the path
+        of all but one call per layer in a generation); False where the general path must decide."""
+        pending = self.pending[layer] if type(layer) is int and 0 <= layer < self.num_layers else None
+        if pending is None:
+            return False
+        start = self.seen[layer]
+        if key.shape[2] != start + 1 or (self.capture_to is not None and start >= self.capture_to):
+            return False  # keys not from position 0, or past the captured rows
+        self.seen[layer] = start + 1
+        pending.queries.append(query)
+        pending.keys = key  # the cache's newest tensor holds every earlier key too
+        pending.loose += 1
+        if pending.loose == ROWS_PER_PACK:
+            self._pack_rows(layer, pending)
+        return True
 
-        Keeping the model's own small per-step tensors alive would pin thousands of little allocations between
-        the KV cache's growing blocks and fragment the heap (measured: up to +30 % peak RSS at 2k tokens); one
-        block per ROW_BLOCK steps for every layer at once keeps the heap as plain generation leaves it.
+    def _pack_rows(self, layer: int, pending: "_PendingRows") -> None:
+        """Copy a layer's loose decode rows into the block shared by all layers; the block's view replaces them.
+
+        Keeping the model's own small per-step tensors alive for the whole answer would pin thousands of little
+        allocations between the KV cache's growing blocks and fragment the heap (measured: up to +30 % peak RSS
+        at 2k tokens); rows held for a few steps, then one block per ROW_BLOCK steps for every layer at once, keep
+        the heap as plain generation leaves it.
         """
+        count, pending.loose = pending.loose, 0
+        loose = pending.queries[-count:]
+        del pending.queries[-count:]
         index, offset = divmod(self._rows_kept[layer], ROW_BLOCK)
         if index == len(self._row_blocks):  # the first layer to reach a new block allocates it for every layer
-            b, h, _, d = query.shape
-            block = query.new_empty(self.num_layers, b, h, ROW_BLOCK, d)
-            self._row_blocks.append([rows.split(1, dim=2) for rows in block.unbind(0)])  # views made once
-        row = self._row_blocks[index][layer][offset]
-        if row.shape != query.shape or row.dtype != query.dtype:
-            return query.clone()  # a layer shaped unlike the first one: keep its row apart
-        self._rows_kept[layer] += 1
-        return row.copy_(query)
+            b, h, _, d = loose[0].shape
+            self._row_blocks.append(list(loose[0].new_empty(self.num_layers, b, h, ROW_BLOCK, d).unbind(0)))
+        target = self._row_blocks[index][layer].narrow(2, offset, count)
+        if target.shape[:2] != loose[0].shape[:2] or target.shape[3] != loose[0].shape[3] or target.dtype != loose[0].dtype:
+            pending.queries.append(torch.cat(loose, dim=2))  # a layer shaped unlike the first one: keep it apart
+            return
+        self._rows_kept[layer] += count
+        pending.queries.append(torch.cat(loose, dim=2, out=target))
 
     def module_window(self, layer: int, module: torch.nn.Module) -> int | None:
         """The attention module's own sliding window, looked up once per layer (a missing attribute costs an
@@ -237,6 +266,7 @@ class _PendingRows:
     scaling: float
     softcap: float | None
     window: int | None
+    loose: int = 0  # trailing decode rows still held as the model's own tensors
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -298,15 +328,19 @@ def _capturing_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     *,
     _base: str,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    """The registered attention function (positional order as transformers' sdpa_attention_forward; models pass
+    the rest by keyword), bound to its base implementation with functools.partial: no extra Python frame."""
     base_fn = _base_function(module, _base)
     state = _ACTIVE.get()
-    if state is None:
+    if state is None or (
+        attention_mask is None and query.shape[2] == 1 and state.keep_decode_row(getattr(module, "layer_idx", None), query, key)
+    ):
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise UnsupportedModelError("attention sinks (s_aux) are not supported by at2-rag's capture")
@@ -329,10 +363,8 @@ def _capturing_attention(
     if attention_mask is None and key_start == 0:
         # every key from position 0 is here and only causality (and the window) masks it: reduce later, let
         # the model's kernel compute the output now
-        if hi - lo == q_len:
-            rows = query
-        else:  # single rows are copied by defer
-            rows = query[:, :, lo:hi] if hi - lo == 1 else query[:, :, lo:hi].clone()
+        # a slice is copied at once: it would pin the whole query tensor of a prefill
+        rows = query if hi - lo == q_len else query[:, :, lo:hi].clone()
         state.defer(layer, rows, key, start + lo, scaling, softcap, window)
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -361,24 +393,13 @@ def _capturing_attention(
     return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _make_function(base: str) -> Callable[..., Any]:
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        # positional order as transformers' sdpa_attention_forward (models pass these by keyword anyway)
-        return _capturing_attention(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, _base=base, **kwargs
-        )
-
-    attention.__name__ = f"{CAPTURE_PREFIX}{base}"
-    return attention
-
-
 def _register(base: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     name = f"{CAPTURE_PREFIX}{base}"
     if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _make_function(base))
+        AttentionInterface.register(name, functools.partial(_capturing_attention, _base=base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 

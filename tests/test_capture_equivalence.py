@@ -197,17 +197,21 @@ def test_generate_capture_equals_eager(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma3-window-8-mixed"])
-def test_generate_capture_across_row_blocks(name, monkeypatch):
-    """Decode-step rows are kept in blocks of ROW_BLOCK steps; answers longer than one block stay exact."""
+@pytest.mark.parametrize(("block", "pack", "blocks", "loose"), [(4, 2, 2, 1), (7, 7, 1, 0)])
+def test_generate_capture_across_row_blocks(name, block, pack, blocks, loose, monkeypatch):
+    """Decode rows are packed ROWS_PER_PACK at a time into blocks of ROW_BLOCK steps; answers longer than one
+    block, and rows still loose when the features are read, stay exact."""
     import at2_rag.capture as capture
 
-    monkeypatch.setattr(capture, "ROW_BLOCK", 3)  # 7 new tokens span three blocks
+    monkeypatch.setattr(capture, "ROW_BLOCK", block)  # 7 rows: the prefill's last and 6 decode steps
+    monkeypatch.setattr(capture, "ROWS_PER_PACK", pack)
     model, reference = _build(name)
     prompt = _prompt()
     gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
         out = model.generate(prompt, **gen)
-    assert len(state._row_blocks) == 3
+    assert len(state._row_blocks) == blocks
+    assert {p.loose for p in state.pending if p is not None} == {loose}  # None: layers reduced at once
     ref = _reference_features(reference, out, PROMPT_LEN, source_matrix(PROMPT_LEN, SPANS))
     diff = (state.features()[0] - ref).abs().max().item()
     assert diff < TOL, f"{name}: max abs diff {diff:.3g}"
