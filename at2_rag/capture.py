@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 CAPTURE_PREFIX = "at2_capture_"
 ROW_BLOCK = 64  # decode steps whose query rows share one allocation
 ROWS_PER_PACK = 8  # decode rows held as the model's tensors before one copy packs them (divides ROW_BLOCK)
+_NORMAL_RANGE = (1e-30, 1e37)  # softmax denominators summed without a max shift must land inside this
 _SUPPORTED_BASES = ("sdpa", "eager")
 
 _ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar("at2_capture_state", default=None)
@@ -37,7 +38,8 @@ _ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar(
 
 @dataclass
 class CaptureState:
-    """What one capture records: per layer, a list of `[batch, rows, sources, heads]` tensors."""
+    """What one capture records: per layer, a list of `[batch, rows, sources, heads]` tensors (heads split as
+    `[..., key heads, query heads per key head]` for rows reduced from deferred queries)."""
 
     spans: list[tuple[int, int]]  # token span [start, end) of every source, in absolute positions
     capture_from: int  # first absolute query position recorded
@@ -183,59 +185,97 @@ class CaptureState:
         with torch.no_grad():
             query = torch.cat(pending.queries, dim=2) if len(pending.queries) > 1 else pending.queries[0]
             key = pending.keys
-            b, h, t, d = query.shape
-            kvh, k_len = key.shape[1], key.shape[2]
-            rep = h // kvh
-            segment_of_key, first_segment, end_segment = self.key_segments(k_len, key.device)
-            num_segments = int(segment_of_key[-1]) + 1 if k_len else 0
+            b, h, t, _ = query.shape
+            k_len = key.shape[2]
             # bound the fp32 [B, KVH, K, rows] block to ~64 MiB however long the answer is
             step = max(1, (64 << 20) // max(1, 4 * b * h * k_len))
             for lo in range(0, t, step):
-                hi = min(t, lo + step)
-                rows = hi - lo
-                shape = (b, kvh, k_len, rep * rows)
-                q = query[:, :, lo:hi].reshape(b, kvh, rep * rows, d) * pending.scaling  # columns: (head in group, row)
-                raw = torch.matmul(key, q.transpose(-1, -2), out=take(0, shape, query.dtype, key.device))
-                scores = raw if raw.dtype == torch.float32 else take(1, shape, torch.float32, key.device).copy_(raw)
-                if pending.softcap is not None:
-                    scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
-                first = pending.first_position + lo
-                q_pos = torch.arange(first, first + rows, device=key.device)
-                by_row = scores.view(b, kvh, k_len, rep, rows)
-                if pending.window:
-                    hidden = ~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window)
-                    by_row.masked_fill_(hidden.T[:, None, :], float("-inf"))
-                elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
-                    hidden = ~_visible(q_pos, torch.arange(first + 1, k_len, device=key.device), None)
-                    by_row[:, :, first + 1 :].masked_fill_(hidden.T[:, None, :], float("-inf"))
-                weights = scores.sub_(scores.amax(2, keepdim=True)).exp_()  # softmax numerators, in place
-                # totals[:, :, j] = sum of segments before j; totals[:, :, -1] = the row's softmax denominator
-                totals = take(2, (b, kvh, num_segments + 1, rep * rows), torch.float32, key.device).zero_()
-                totals[:, :, 1:].index_add_(2, segment_of_key, weights).cumsum_(2)
-                sums = totals.index_select(2, end_segment).sub_(totals.index_select(2, first_segment))
-                sums.div_(totals[:, :, -1:])  # [B, KVH, S, rep * rows]
-                s = sums.shape[2]
-                self.rows[layer].append(sums.view(b, kvh, s, rep, rows).permute(0, 4, 2, 1, 3).reshape(b, rows, s, h))
+                chunk = (query[:, :, lo : min(t, lo + step)], key, pending, pending.first_position + lo, take)
+                shares = self._source_shares(*chunk, shifted=False)
+                if shares is None:  # a score outside exp's fp32 range: the max-shifted softmax instead
+                    shares = self._source_shares(*chunk, shifted=True)
+                self.rows[layer].append(shares)
+
+    def _source_shares(
+        self, query: torch.Tensor, key: torch.Tensor, pending: "_PendingRows", first: int,
+        take: Callable[..., torch.Tensor], shifted: bool,
+    ) -> torch.Tensor | None:
+        """Softmax mass of every source for query rows at positions `first`...: `[B, rows, S, KVH, rep]` (heads
+        in query order once the last two dims are merged).
+
+        Unshifted (`shifted=False`), the numerators are plain exp(score): exact while every row's denominator
+        stays inside fp32's normal range, which is checked (None when it does not), and two passes over the
+        `[K, rows]` block cheaper than subtracting each row's max first.
+        """
+        b, h, rows, d = query.shape
+        kvh, k_len = key.shape[1], key.shape[2]
+        rep = h // kvh
+        shape = (b, kvh, k_len, rep * rows)
+        q = query.reshape(b, kvh, rep * rows, d) * pending.scaling  # columns: (head in group, row)
+        raw = torch.matmul(key, q.transpose(-1, -2), out=take(0, shape, query.dtype, key.device))
+        scores = raw if raw.dtype == torch.float32 else take(1, shape, torch.float32, key.device).copy_(raw)
+        if pending.softcap is not None:
+            scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
+        q_pos = torch.arange(first, first + rows, device=key.device)
+        by_row = scores.view(b, kvh, k_len, rep, rows)
+        if pending.window:
+            hidden = ~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window)
+            by_row.masked_fill_(hidden.T[:, None, :], float("-inf"))
+        elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
+            hidden = ~_visible(q_pos, torch.arange(first + 1, k_len, device=key.device), None)
+            by_row[:, :, first + 1 :].masked_fill_(hidden.T[:, None, :], float("-inf"))
+        weights = (scores.sub_(scores.amax(2, keepdim=True)) if shifted else scores).exp_()  # numerators, in place
+        segment_of_key, first_segment, end_segment = self.key_segments(k_len, key.device)
+        num_segments = int(segment_of_key[-1]) + 1 if k_len else 0
+        # totals[:, :, j] = sum of segments before j; totals[:, :, -1] = the row's softmax denominator
+        totals = take(2, (b, kvh, num_segments + 1, rep * rows), torch.float32, key.device).zero_()
+        totals[:, :, 1:].index_add_(2, segment_of_key, weights).cumsum_(2)
+        denominator = totals[:, :, -1:]
+        if not shifted:
+            smallest, largest = torch.aminmax(denominator)
+            if not (_NORMAL_RANGE[0] < smallest.item() and largest.item() < _NORMAL_RANGE[1]):
+                return None
+        shares = totals.index_select(2, end_segment).sub_(totals.index_select(2, first_segment))
+        shares.div_(denominator)  # [B, KVH, S, rep * rows]
+        return shares.view(b, kvh, shares.shape[2], rep, rows).permute(0, 4, 2, 1, 3)
 
     def features(self) -> torch.Tensor:
-        """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package)."""
+        """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package).
+
+        Each layer is reduced and copied straight into its slot of the result; its rows are then kept as a view
+        of that slot, so the features exist once in memory, and a second call returns the same values.
+        """
         workspace = _Workspace()
+        out: torch.Tensor | None = None
+        missing, lengths = [], set()
         for layer in range(self.num_layers):
             self.flush(layer, workspace)
-        del workspace  # the scratch goes before the layers are stacked
-        missing = [i for i, r in enumerate(self.rows) if not r]
+            chunks = self.rows[layer]
+            if not chunks:
+                missing.append(layer)
+                continue
+            total = sum(c.shape[1] for c in chunks)
+            lengths.add(total)
+            if out is None:
+                heads = math.prod(chunks[0].shape[3:])
+                out = chunks[0].new_empty(chunks[0].shape[0], total, len(self.spans), self.num_layers, heads)
+            if total != out.shape[1]:
+                continue  # reported below with every layer's count
+            slot, row = out[:, :, :, layer], 0
+            for chunk in chunks:
+                target = slot[:, row : row + chunk.shape[1]]
+                (target if chunk.dim() == 4 else target.unflatten(-1, chunk.shape[3:])).copy_(chunk)
+                row += chunk.shape[1]
+            self.rows[layer] = [slot]
         if missing:
             raise UnsupportedModelError(
                 f"no attention was captured for layers {missing[:8]}{'...' if len(missing) > 8 else ''}: this "
                 "model's attention does not go through transformers' AttentionInterface for every layer"
             )
-        per_layer = [torch.cat(r, dim=1) for r in self.rows]  # each [B, T, S, H]
-        lengths = {t.shape[1] for t in per_layer}
-        if len(lengths) != 1:
+        if len(lengths) != 1 or out is None:
             raise UnsupportedModelError(f"layers captured different numbers of rows {sorted(lengths)}")
-        stacked = torch.stack(per_layer, dim=3)  # [B, T, S, L, H]
-        b, t, s, l, h = stacked.shape
-        return stacked.reshape(b, t, s, l * h)
+        b, t, s, l, h = out.shape
+        return out.view(b, t, s, l * h)
 
 
 class _Workspace:

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from at2_rag import UnsupportedModelError
-from at2_rag.capture import CAPTURE_PREFIX, capture_attention, install_capture
+from at2_rag.capture import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
 
 def source_matrix(prompt_tokens: int, spans) -> torch.Tensor:
     """Dense [prompt_tokens, sources] indicator: the reference reduction, independent of the capture's."""
@@ -373,6 +373,38 @@ def test_attributor_refuses_bypassing_model():
 
     with pytest.raises(UnsupportedModelError):
         Attributor(TinyBypassModel(TinyBypassConfig()), tokenizer=None)
+
+
+# ---- the read's unshifted softmax and its fallback ------------------------------------------------------------
+@pytest.mark.parametrize("case", ["in range", "overflow", "underflow"])
+def test_deferred_read_exact_beyond_exp_range(case, monkeypatch):
+    """The read sums exp(score) without a max shift while denominators stay in fp32's normal range; scores that
+    overflow or underflow exp take the max-shifted path and give the same shares (float64 reference)."""
+    torch.manual_seed(0)
+    kvh, rep, d, k_len, rows = 2, 3, 16, 40, 5
+    spans = [(0, 7), (7, 20), (20, 20), (25, 40)]
+    key = torch.randn(1, kvh, k_len, d)
+    query = torch.randn(1, kvh * rep, rows, d)
+    if case == "overflow":
+        query *= 400  # scores of +-1000s
+    elif case == "underflow":
+        key = key * 0.05 + 1  # every key close to all-ones, every query far on the other side
+        query = query * 0.05 - 20
+    calls = []
+    shares = CaptureState._source_shares
+    monkeypatch.setattr(
+        CaptureState, "_source_shares", lambda self, *a, shifted: calls.append(shifted) or shares(self, *a, shifted=shifted)
+    )
+    first = k_len - rows
+    state = CaptureState(spans, first, None, num_layers=1)
+    state.defer(0, query, key, first, 1.0, None, None)
+    got = state.features()[0]  # [rows, S, H]
+    scores = query.double() @ key.double().repeat_interleave(rep, 1).transpose(-1, -2)
+    visible = torch.arange(k_len)[None, :] <= torch.arange(first, k_len)[:, None]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)[0]  # [H, T, K]
+    ref = (probs @ source_matrix(k_len, spans).double()).permute(1, 2, 0)  # [T, S, H]
+    assert (got.double() - ref).abs().max().item() < TOL  # fp32 scores of magnitude ~300 round at ~3e-5
+    assert calls == ([False] if case == "in range" else [False, True])
 
 
 # ---- memory: only [T, S, H] per layer is kept ---------------------------------------------------------------
