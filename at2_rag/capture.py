@@ -52,7 +52,8 @@ class CaptureState:
     _row_blocks: list[list[tuple[torch.Tensor, ...]]] = field(default_factory=list)  # block, layer, row: [B, H, 1, D]
     _rows_kept: list[int] = field(default_factory=list)  # single rows stored in _row_blocks, per layer
     _module_windows: dict[int, int | None] = field(default_factory=dict)  # layer -> module's sliding window
-    _segments: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _segments: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    _hidden: dict[Any, torch.Tensor] = field(default_factory=dict)  # masks shared by the layers of one read
 
     def __post_init__(self) -> None:
         self.seen = [0] * self.num_layers
@@ -153,9 +154,9 @@ class CaptureState:
             self._module_windows[layer] = getattr(module, "sliding_window", None)
         return self._module_windows[layer]
 
-    def key_segments(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys 0..k_len-1 cut at every source boundary: each key's segment, and each source's first and end
-        segment (a source is the run of segments between them). Built once per key length and device."""
+    def key_segments(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Keys 0..k_len-1 cut at every source boundary: each key's segment, each source's first and end segment
+        (a source is the run of segments between them), and the number of segments. Built once per key length."""
         cache_key = (k_len, device)
         if cache_key not in self._segments:
             clipped = [(min(a, k_len), min(b, k_len)) for a, b in self.spans]
@@ -166,8 +167,18 @@ class CaptureState:
             )
             first = torch.tensor([index[a] for a, _ in clipped], dtype=torch.long, device=device)
             end = torch.tensor([index[b] for _, b in clipped], dtype=torch.long, device=device)
-            self._segments[cache_key] = (segment_of_key, first, end)
+            self._segments[cache_key] = (segment_of_key, first, end, len(edges) - 1)
         return self._segments[cache_key]
+
+    def hidden_keys(self, first: int, rows: int, k_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+        """`[keys from `first` + 1 (all keys with a window), rows]` bool: keys a row may not see (shared by every
+        layer of one read, built once)."""
+        cache_key = (first, rows, k_len, window, device)
+        if cache_key not in self._hidden:
+            q_pos = torch.arange(first, first + rows, device=device)
+            k_pos = torch.arange(0 if window else first + 1, k_len, device=device)
+            self._hidden[cache_key] = (~_visible(q_pos, k_pos, window)).T[:, None, :]  # [keys, 1, rows]
+        return self._hidden[cache_key]
 
     def flush(self, layer: int, workspace: "_Workspace | None" = None) -> None:
         """Reduce a layer's deferred rows against the keys kept for them (scratch from `workspace`, shared by the
@@ -216,17 +227,14 @@ class CaptureState:
         scores = raw if raw.dtype == torch.float32 else take(1, shape, torch.float32, key.device).copy_(raw)
         if pending.softcap is not None:
             scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
-        q_pos = torch.arange(first, first + rows, device=key.device)
         by_row = scores.view(b, kvh, k_len, rep, rows)
         if pending.window:
-            hidden = ~_visible(q_pos, torch.arange(k_len, device=key.device), pending.window)
-            by_row.masked_fill_(hidden.T[:, None, :], float("-inf"))
+            by_row.masked_fill_(self.hidden_keys(first, rows, k_len, pending.window, key.device), float("-inf"))
         elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
-            hidden = ~_visible(q_pos, torch.arange(first + 1, k_len, device=key.device), None)
-            by_row[:, :, first + 1 :].masked_fill_(hidden.T[:, None, :], float("-inf"))
+            hidden = self.hidden_keys(first, rows, k_len, None, key.device)
+            by_row[:, :, first + 1 :].masked_fill_(hidden, float("-inf"))
         weights = (scores.sub_(scores.amax(2, keepdim=True)) if shifted else scores).exp_()  # numerators, in place
-        segment_of_key, first_segment, end_segment = self.key_segments(k_len, key.device)
-        num_segments = int(segment_of_key[-1]) + 1 if k_len else 0
+        segment_of_key, first_segment, end_segment, num_segments = self.key_segments(k_len, key.device)
         # totals[:, :, j] = sum of segments before j; totals[:, :, -1] = the row's softmax denominator
         totals = take(2, (b, kvh, num_segments + 1, rep * rows), torch.float32, key.device).zero_()
         totals[:, :, 1:].index_add_(2, segment_of_key, weights).cumsum_(2)
