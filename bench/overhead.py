@@ -5,13 +5,15 @@ process on one model instance (stock sdpa for plain runs, the capturing implemen
 median of --reps runs, after a warm-up, the first variant swapped every run). Peak memory: each variant runs in a fresh subprocess and
 reports its peak resident set size, so the two numbers are comparable. Prints ratios; writes JSON and a plot.
 
-    python bench/overhead.py [--sizes 200 2000 6000] [--new-tokens 64] [--reps 5] [--mem-reps 2] [--out docs/bench]
+    python bench/overhead.py [--sizes 200 2000 6000] [--new-tokens 64] [--reps 5] [--mem-reps 2]
+                             [--malloc-arena-max N] [--out docs/bench]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -226,6 +228,11 @@ def main() -> None:
     parser.add_argument("--mem-reps", type=int, default=2, help="fresh processes per variant for peak memory")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument(
+        "--malloc-arena-max", type=int,
+        help="MALLOC_ARENA_MAX for the peak-memory processes (glibc's per-thread arenas put identical runs in "
+        "modes up to ~35 %% apart; 1 narrows them)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
     if args.threads:
@@ -265,10 +272,13 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"plain": [], "capture": []}
         for _ in range(args.mem_reps):  # allocator noise is a few %: take the median of fresh processes
             for mode in ("plain", "capture"):
+                env = dict(os.environ)
+                if args.malloc_arena_max:
+                    env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
                 out = subprocess.run(
                     [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", mode, str(size),
                      str(args.new_tokens)],
-                    capture_output=True, text=True, check=True, cwd=ROOT,
+                    capture_output=True, text=True, check=True, cwd=ROOT, env=env,
                 )
                 runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
         mem = {
@@ -318,7 +328,8 @@ def main() -> None:
         )
     machine = {
         "cpu": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
+        "cores": os.cpu_count(),
+        "malloc_arena_max": args.malloc_arena_max,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
