@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument(
         "--malloc-arena-max", type=int,
         help="MALLOC_ARENA_MAX for the peak-memory processes (glibc's per-thread arenas put identical runs in "
-        "modes up to ~35 %% apart; 1 narrows them)",
+        "modes up to ~35 %% apart; one arena does not remove them)",
     )
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
