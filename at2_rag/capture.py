@@ -101,12 +101,7 @@ class CaptureState:
         pending = self.pending[layer]
         if pending is None:
             pending = self.pending[layer] = _PendingRows([], first_position, key, scaling, softcap, window)
-        pending.queries.append(query)
-        pending.keys = key  # the cache's newest tensor holds every earlier key too
-        if query.shape[2] == 1:
-            pending.loose += 1
-            if pending.loose == ROWS_PER_PACK:
-                self._pack_rows(layer, pending)
+        self._append_rows(layer, pending, query, key)
 
     def keep_decode_row(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
         """A decode step's row for a layer already deferring rows, kept with as little work as possible (the path
@@ -118,12 +113,17 @@ class CaptureState:
         if key.shape[2] != start + 1 or (self.capture_to is not None and start >= self.capture_to):
             return False  # keys not from position 0, or past the captured rows
         self.seen[layer] = start + 1
+        self._append_rows(layer, pending, query, key)
+        return True
+
+    def _append_rows(self, layer: int, pending: "_PendingRows", query: torch.Tensor, key: torch.Tensor) -> None:
+        """Queue query rows after a layer's earlier ones, keep its newest keys, pack loose decode rows when due."""
         pending.queries.append(query)
         pending.keys = key  # the cache's newest tensor holds every earlier key too
-        pending.loose += 1
-        if pending.loose == ROWS_PER_PACK:
-            self._pack_rows(layer, pending)
-        return True
+        if query.shape[2] == 1:
+            pending.loose += 1
+            if pending.loose == ROWS_PER_PACK:
+                self._pack_rows(layer, pending)
 
     def _pack_rows(self, layer: int, pending: "_PendingRows") -> None:
         """Copy a layer's loose decode rows into the block shared by all layers; the block's view replaces them.
