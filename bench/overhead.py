@@ -2,11 +2,13 @@
 
 Same prompt, same greedy tokens, at ~200, ~2k and ~6k prompt tokens. Time: both variants alternate in one
 process on one model instance (stock sdpa for plain runs, the capturing implementation for attributed ones;
-median of --reps runs, after a warm-up, the first variant swapped every run). Peak memory: each variant runs in a fresh subprocess and
-reports its peak resident set size, so the two numbers are comparable. Prints ratios; writes JSON and a plot.
+median of --reps runs, after a warm-up, the first variant swapped every run). Peak memory: each variant runs in
+fresh subprocesses that report their peak resident set size and glibc's heap totals at the prefill's end; the
+figure uses a fixed mmap threshold (peak RSS then follows live memory), glibc's defaults are reported beside it.
+Prints ratios; writes JSON and a plot.
 
-    python bench/overhead.py [--sizes 200 2000 6000] [--new-tokens 64] [--reps 5] [--mem-reps 2]
-                             [--malloc-arena-max N] [--out docs/bench]
+    python bench/overhead.py [--sizes 200 2000 6000] [--new-tokens 64] [--reps 5] [--mem-reps 3]
+                             [--default-malloc-reps 4] [--mmap-threshold BYTES] [--out docs/bench]
 """
 
 from __future__ import annotations
@@ -204,17 +206,44 @@ def _seconds(fn) -> float:
 
 
 def child(mode: str, size: int, new_tokens: int) -> None:
-    """Subprocess entry: one generation of one variant, printing seconds and peak RSS."""
+    """Subprocess entry: one generation of one variant, printing seconds, peak RSS and the heap at the prefill's end."""
     model, tokenizer, attributor = load(mode == "capture")
     query, docs = documents_for(tokenizer, size)
     run_once(model, tokenizer, attributor, query, docs[:2], 4)  # warm-up on a short prompt
+    heap: dict[str, float] = {}
+
+    def after_prefill(module, args, output):  # the first lm_head call ends the prefill, where the peak falls
+        if not heap:
+            heap.update(_heap_mb())
+
+    hook = model.lm_head.register_forward_hook(after_prefill)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: measure generation, not loading
     before = _status_mb("VmRSS")
     seconds, tokens, prompt_tokens = run_once(model, tokenizer, attributor, query, docs, new_tokens)
+    hook.remove()
     impl = model.config._attn_implementation
     peak = _status_mb("VmHWM")
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "impl": impl,
-                      "prompt_tokens": prompt_tokens, "tokens": tokens}))
+                      "prompt_tokens": prompt_tokens, "tokens": tokens, "heap_at_prefill_end": heap}))
+
+
+def _heap_mb() -> dict[str, float]:
+    """glibc's malloc totals (`mallinfo2`): bytes in use vs free inside the heap, in MB; empty elsewhere."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    mb = 1 << 20
+    return {"in_use_mb": (info.uordblks + info.hblkhd) / mb, "free_in_heap_mb": info.fordblks / mb,
+            "heap_mb": info.arena / mb}
 
 
 def _status_mb(field: str) -> float:
@@ -229,14 +258,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 6000])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--mem-reps", type=int, default=2, help="fresh processes per variant for peak memory")
+    parser.add_argument("--mem-reps", type=int, default=3,
+                        help="fresh processes per variant for peak memory, with a fixed mmap threshold (the figure)")
+    parser.add_argument("--default-malloc-reps", type=int, default=4,
+                        help="more fresh processes per variant under glibc's default malloc settings (reported beside)")
+    parser.add_argument(
+        "--mmap-threshold", type=int, default=1 << 20,
+        help="M_MMAP_THRESHOLD (bytes) for the --mem-reps processes: tensors this large get their own mapping, "
+        "returned to the system when freed, so peak RSS follows live memory instead of the heap's layout",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
-    parser.add_argument(
-        "--malloc-arena-max", type=int,
-        help="MALLOC_ARENA_MAX for the peak-memory processes (glibc's per-thread arenas put identical runs in "
-        "modes up to ~35 %% apart; one arena does not remove them)",
-    )
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
     if args.threads:
@@ -273,27 +305,8 @@ def main() -> None:
         work["plain_tokenize"] = statistics.median(_seconds(lambda: tokenizer(text, add_special_tokens=False)) for _ in range(3))
         # rendering beyond the tokenization a plain pipeline does too, bookkeeping, read, building the result
         extra = work["bookkeeping"] + work["read"] + phases["render"] - work["plain_tokenize"] + phases["attribute"]
-        runs: dict[str, list[dict]] = {"plain": [], "capture": []}
-        for _ in range(args.mem_reps):  # allocator noise is a few %: take the median of fresh processes
-            for mode in ("plain", "capture"):
-                env = dict(os.environ)
-                if args.malloc_arena_max:
-                    env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", mode, str(size),
-                     str(args.new_tokens)],
-                    capture_output=True, text=True, check=True, cwd=ROOT, env=env,
-                )
-                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        mem = {
-            mode: {
-                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
-                "rss_before_mb": statistics.median(r["rss_before_mb"] for r in rs),
-                "tokens": rs[0]["tokens"],
-                "all": [r["peak_rss_mb"] for r in rs],  # the allocator's modes differ by up to ~35 % between processes
-            }
-            for mode, rs in runs.items()
-        }
+        mem = peak_memory(size, args.new_tokens, args.mem_reps, {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)})
+        default_mem = peak_memory(size, args.new_tokens, args.default_malloc_reps, {})
         row = {
             "prompt_tokens": n_prompt,
             "new_tokens": args.new_tokens,
@@ -312,14 +325,16 @@ def main() -> None:
             "accounted_time_ratio": 1 + extra / statistics.median(plain_t),
             # the same work against the fastest plain run: the figure a quieter machine would give
             "accounted_vs_fastest_ratio": 1 + extra / min(plain_t),
-            "same_tokens": plain_tokens == cap_tokens and mem["plain"]["tokens"] == mem["capture"]["tokens"],
+            "same_tokens": plain_tokens == cap_tokens
+            and all(m[v]["tokens"] in (None, plain_tokens) for m in (mem, default_mem) for v in m),
             "plain_peak_rss_mb": mem["plain"]["peak_rss_mb"],
             "capture_peak_rss_mb": mem["capture"]["peak_rss_mb"],
             "memory_ratio": mem["capture"]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"],
-            "plain_peak_rss_mb_all": mem["plain"]["all"],
-            "capture_peak_rss_mb_all": mem["capture"]["all"],
             "plain_generation_growth_mb": mem["plain"]["peak_rss_mb"] - mem["plain"]["rss_before_mb"],
             "capture_generation_growth_mb": mem["capture"]["peak_rss_mb"] - mem["capture"]["rss_before_mb"],
+            "mmap_threshold": args.mmap_threshold,
+            "peak_memory": mem,  # every process: peak RSS, heap in use / free at the prefill's end
+            "default_malloc_peak_memory": default_mem,
             "attention_implementation": impl,
         }
         results.append(row)
@@ -327,13 +342,14 @@ def main() -> None:
             f"prompt {n_prompt:>5} tok: time x{row['time_ratio']:.3f} (best-of x{row['best_time_ratio']:.3f}; {row['plain_seconds']:.2f}s -> "
             f"{row['capture_seconds']:.2f}s; generation alone x{row['generation_only_time_ratio']:.3f}; "
             f"accounted x{row['accounted_time_ratio']:.4f}, vs fastest plain x{row['accounted_vs_fastest_ratio']:.4f}), peak RSS x{row['memory_ratio']:.3f} "
-            f"({row['plain_peak_rss_mb']:.0f} -> {row['capture_peak_rss_mb']:.0f} MB), same tokens: {row['same_tokens']}",
+            f"({row['plain_peak_rss_mb']:.0f} -> {row['capture_peak_rss_mb']:.0f} MB; glibc defaults, each process: "
+            f"{[round(v) for v in default_mem['plain']['all']]} -> {[round(v) for v in default_mem['capture']['all']]}), "
+            f"same tokens: {row['same_tokens']}",
             flush=True,
         )
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "malloc_arena_max": args.malloc_arena_max,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -343,6 +359,38 @@ def main() -> None:
     plot(results, args.out / "overhead.png")
     print(f"wrote {args.out / 'overhead.json'} and overhead.png\n")
     print(markdown_table(results))
+    print()
+    print(memory_table(results))
+
+
+def peak_memory(size: int, new_tokens: int, reps: int, env: dict[str, str]) -> dict[str, dict]:
+    """Each variant's peak RSS over `reps` fresh processes (alternating), with glibc's malloc tuned by `env`.
+
+    With glibc's defaults, mmap's threshold rises to the size of the first large block freed, after which the
+    prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole (posix_memalign's
+    padding keeps a freed block from fitting the next request of its own size) depends on the heap's state before
+    the prompt, and identical processes of either variant peak ~140 MB apart at 6k tokens.
+    """
+    runs: dict[str, list[dict]] = {"plain": [], "capture": []}
+    for _ in range(reps):
+        for mode in runs:
+            out = subprocess.run(
+                [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", mode, str(size),
+                 str(new_tokens)],
+                capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, **env},
+            )
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {
+        mode: {
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs) if rs else None,
+            "rss_before_mb": statistics.median(r["rss_before_mb"] for r in rs) if rs else None,
+            "tokens": rs[0]["tokens"] if rs else None,
+            "all": [r["peak_rss_mb"] for r in rs],
+            "heap_at_prefill_end": [r["heap_at_prefill_end"] for r in rs],
+            "env": env,
+        }
+        for mode, rs in runs.items()
+    }
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -365,6 +413,32 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(results: list[dict]) -> str:
+    """Every memory process, for docs/benchmarks.md: peak RSS and the heap in use at the prefill's end."""
+
+    def each(values: list[float]) -> str:
+        return " / ".join(f"{v:.0f}" for v in values)
+
+    def in_use(mem: dict, variant: str) -> float:
+        return statistics.median(h["in_use_mb"] for h in mem[variant]["heap_at_prefill_end"])
+
+    lines = [
+        "| prompt tokens | fixed mmap threshold: plain peak RSS (each process) | with attribution | extra peak "
+        "| heap in use at prefill end, plain -> with attribution | glibc defaults: plain peak RSS (each process) "
+        "| with attribution |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mem, default = r["peak_memory"], r["default_malloc_peak_memory"]
+        lines.append(
+            f"| {r['prompt_tokens']} | {each(mem['plain']['all'])} MB | {each(mem['capture']['all'])} MB "
+            f"| {100 * (r['memory_ratio'] - 1):+.1f} % "
+            f"| {in_use(mem, 'plain'):.0f} -> {in_use(mem, 'capture'):.0f} MB "
+            f"| {each(default['plain']['all'])} MB | {each(default['capture']['all'])} MB |"
+        )
+    return "\n".join(lines)
+
+
 def plot(results: list[dict], path: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
@@ -379,6 +453,11 @@ def plot(results: list[dict], path: Path) -> None:
         ax.plot(x, [100 * (r[key] - 1) for r in results], "o-", label="end to end (median)" if key == "time_ratio" else None)
         if key == "time_ratio":
             ax.plot(x, [100 * (r["accounted_time_ratio"] - 1) for r in results], "s-", label="capture's own work, clocked")
+        else:
+            ax.lines[-1].set_label("fixed mmap threshold (median)")
+            ratios = [r["default_malloc_peak_memory"]["capture"]["peak_rss_mb"]
+                      / r["default_malloc_peak_memory"]["plain"]["peak_rss_mb"] for r in results]
+            ax.plot(x, [100 * (v - 1) for v in ratios], "x:", label="glibc defaults (median)")
         ax.axhline(target, color="r", ls="--", lw=1, label=f"target +{target}%")
         ax.set(xlabel="prompt tokens", ylabel=ylabel, title=title, xscale="log")
         ax.set_xticks(x, [str(v) for v in x])
