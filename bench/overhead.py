@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
+    if args.mem_reps < 1 or args.default_malloc_reps < 0:
+        parser.error("--mem-reps must be at least 1 and --default-malloc-reps at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -367,9 +369,9 @@ def peak_memory(size: int, new_tokens: int, reps: int, env: dict[str, str]) -> d
     """Each variant's peak RSS over `reps` fresh processes (alternating), with glibc's malloc tuned by `env`.
 
     With glibc's defaults, mmap's threshold rises to the size of the first large block freed, after which the
-    prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole (posix_memalign's
-    padding keeps a freed block from fitting the next request of its own size) depends on the heap's state before
-    the prompt, and identical processes of either variant peak ~140 MB apart at 6k tokens.
+    prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole
+    (posix_memalign's padding keeps a freed block from fitting the next request of its own size) depends on the
+    heap's state before the prompt, and identical processes of either variant peak ~140 MB apart at 6k tokens.
     """
     runs: dict[str, list[dict]] = {"plain": [], "capture": []}
     for _ in range(reps):
@@ -450,13 +452,13 @@ def plot(results: list[dict], path: Path) -> None:
     panels = [("time_ratio", 2, "extra time (%)", "generate with attribution vs plain"),
               ("memory_ratio", 5, "extra peak RSS (%)", "peak resident memory")]
     for ax, (key, target, ylabel, title) in zip(axes, panels):
-        ax.plot(x, [100 * (r[key] - 1) for r in results], "o-", label="end to end (median)" if key == "time_ratio" else None)
+        label = "end to end (median)" if key == "time_ratio" else "fixed mmap threshold (median)"
+        ax.plot(x, [100 * (r[key] - 1) for r in results], "o-", label=label)
         if key == "time_ratio":
             ax.plot(x, [100 * (r["accounted_time_ratio"] - 1) for r in results], "s-", label="capture's own work, clocked")
-        else:
-            ax.lines[-1].set_label("fixed mmap threshold (median)")
-            ratios = [r["default_malloc_peak_memory"]["capture"]["peak_rss_mb"]
-                      / r["default_malloc_peak_memory"]["plain"]["peak_rss_mb"] for r in results]
+        elif all(r["default_malloc_peak_memory"]["plain"]["all"] for r in results):
+            medians = [r["default_malloc_peak_memory"] for r in results]
+            ratios = [m["capture"]["peak_rss_mb"] / m["plain"]["peak_rss_mb"] for m in medians]
             ax.plot(x, [100 * (v - 1) for v in ratios], "x:", label="glibc defaults (median)")
         ax.axhline(target, color="r", ls="--", lw=1, label=f"target +{target}%")
         ax.set(xlabel="prompt tokens", ylabel=ylabel, title=title, xscale="log")
