@@ -370,7 +370,7 @@ def peak_memory(size: int, new_tokens: int, reps: int, env: dict[str, str]) -> d
 
     With glibc's defaults, mmap's threshold rises to the size of the first large block freed, after which the
     prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole
-    (posix_memalign's padding keeps a freed block from fitting the next request of its own size) depends on the
+    (as we read it, posix_memalign's padding keeps a freed block from fitting the next request of its size) depends on the
     heap's state before the prompt, and identical processes of either variant peak ~140 MB apart at 6k tokens.
     """
     runs: dict[str, list[dict]] = {"plain": [], "capture": []}
