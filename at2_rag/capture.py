@@ -172,8 +172,8 @@ class CaptureState:
         return self._segments[cache_key]
 
     def hidden_keys(self, first: int, rows: int, k_len: int, window: int | None, device: torch.device) -> torch.Tensor:
-        """`[keys from `first` + 1 (all keys with a window), rows]` bool: keys a row may not see (shared by every
-        layer of one read, built once)."""
+        """Bool `[keys, 1, rows]`, True where a row may not see a key; the keys run from `first + 1` (from 0 with
+        a window). Shared by every layer of one read, built once."""
         cache_key = (first, rows, k_len, window, device)
         if cache_key not in self._hidden:
             q_pos = torch.arange(first, first + rows, device=device)

@@ -369,9 +369,10 @@ def peak_memory(size: int, new_tokens: int, reps: int, env: dict[str, str]) -> d
     """Each variant's peak RSS over `reps` fresh processes (alternating), with glibc's malloc tuned by `env`.
 
     With glibc's defaults, mmap's threshold rises to the size of the first large block freed, after which the
-    prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole
-    (as we read it, posix_memalign's padding keeps a freed block from fitting the next request of its size) depends on the
-    heap's state before the prompt, and identical processes of either variant peak ~140 MB apart at 6k tokens.
+    prefill's temporaries share the heap with the KV cache; whether each layer then leaves a K-sized hole (as
+    we read it, posix_memalign's padding keeps a freed block from fitting the next request of its size) depends
+    on the heap's state before the prompt, and identical processes of either variant peak ~140 MB apart at 6k
+    tokens.
     """
     runs: dict[str, list[dict]] = {"plain": [], "capture": []}
     for _ in range(reps):
@@ -421,8 +422,9 @@ def memory_table(results: list[dict]) -> str:
     def each(values: list[float]) -> str:
         return " / ".join(f"{v:.0f}" for v in values)
 
-    def in_use(mem: dict, variant: str) -> float:
-        return statistics.median(h["in_use_mb"] for h in mem[variant]["heap_at_prefill_end"])
+    def in_use(mem: dict, variant: str) -> str:  # heap totals are empty where the C library is not glibc
+        values = [h["in_use_mb"] for h in mem[variant]["heap_at_prefill_end"] if h]
+        return f"{statistics.median(values):.0f}" if values else "n/a"
 
     lines = [
         "| prompt tokens | fixed mmap threshold: plain peak RSS (each process) | with attribution | extra peak "
@@ -435,7 +437,7 @@ def memory_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['prompt_tokens']} | {each(mem['plain']['all'])} MB | {each(mem['capture']['all'])} MB "
             f"| {100 * (r['memory_ratio'] - 1):+.1f} % "
-            f"| {in_use(mem, 'plain'):.0f} -> {in_use(mem, 'capture'):.0f} MB "
+            f"| {in_use(mem, 'plain')} -> {in_use(mem, 'capture')} MB "
             f"| {each(default['plain']['all'])} MB | {each(default['capture']['all'])} MB |"
         )
     return "\n".join(lines)
@@ -457,8 +459,8 @@ def plot(results: list[dict], path: Path) -> None:
         if key == "time_ratio":
             ax.plot(x, [100 * (r["accounted_time_ratio"] - 1) for r in results], "s-", label="capture's own work, clocked")
         elif all(r["default_malloc_peak_memory"]["plain"]["all"] for r in results):
-            medians = [r["default_malloc_peak_memory"] for r in results]
-            ratios = [m["capture"]["peak_rss_mb"] / m["plain"]["peak_rss_mb"] for m in medians]
+            defaults = [r["default_malloc_peak_memory"] for r in results]
+            ratios = [m["capture"]["peak_rss_mb"] / m["plain"]["peak_rss_mb"] for m in defaults]
             ax.plot(x, [100 * (v - 1) for v in ratios], "x:", label="glibc defaults (median)")
         ax.axhline(target, color="r", ls="--", lw=1, label=f"target +{target}%")
         ax.set(xlabel="prompt tokens", ylabel=ylabel, title=title, xscale="log")
