@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 INTEGRATIONS := $(wildcard integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test system-deps data clean-venv
+.PHONY: install demo test fuzz system-deps data clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ system-deps:
 
 test: $(STAMP) system-deps
 	@bash scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
+
+# The standing fuzz suite at full size: 5 properties x 2,100 cases (CI runs 40 of each inside `make test`).
+FUZZ_EXAMPLES ?= 2100
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AT2_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -p no:cacheprovider --hypothesis-show-statistics
 
 # The RAG training/evaluation examples, rebuilt from Debian's python3-doc (already committed under data/).
 data: $(STAMP) system-deps

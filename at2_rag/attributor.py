@@ -17,7 +17,7 @@ from .errors import ContextTooLongError, DocumentsNotLocatedError, InvalidInputE
 from .estimator import ScoreEstimator
 from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
 from .locate import LocatedPrompt, locate_prompt
-from .prompt import PromptTemplate, RenderedPrompt, render_messages, render_prompt
+from .prompt import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
 from .result import (
     MAX_CITED_PER_SENTENCE,
     RELATIVE_CITATION_CUTOFF,
@@ -263,10 +263,8 @@ class Attributor:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidInputError("the prompt must be a non-empty string or a list of messages")
-            text, used = prompt, False
-        else:
-            text, used = render_messages(self.tokenizer, prompt)
-        return locate_prompt(self.tokenizer, text, documents, used_chat_template=used)
+            return locate_prompt(self.tokenizer, prompt, documents, used_chat_template=False)
+        return locate_prompt(self.tokenizer, render_messages_with_ranges(self.tokenizer, prompt), documents)
 
     @property
     def context_window(self) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .sources import CharSpan, split_sentences
+from .untrusted import encode_text
 
 FEATURE_VERSION = 1
 FEATURE_DEFINITION = (
@@ -48,10 +49,8 @@ def decode_with_offsets(tokenizer: Any, token_ids: Sequence[int]) -> AnswerToken
 
 def encode_with_offsets(tokenizer: Any, answer: str) -> AnswerTokens:
     """Tokenize an answer produced elsewhere, keeping each token's char span."""
-    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    return AnswerTokens(
-        token_ids=list(enc["input_ids"]), text=answer, char_spans=[tuple(o) for o in enc["offset_mapping"]]
-    )
+    token_ids, offsets = encode_text(tokenizer, answer)  # untrusted text: control-token strings stay text
+    return AnswerTokens(token_ids=token_ids, text=answer, char_spans=offsets)
 
 
 def rows_for_span(answer: AnswerTokens, span: CharSpan) -> list[int]:

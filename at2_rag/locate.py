@@ -12,15 +12,24 @@ prompt order) and their sentences, so every run and the scoring work on it uncha
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInputError
-from .prompt import RenderedPrompt, token_spans_for_ranges
+from .prompt import RenderedMessages, RenderedPrompt, check_untrusted_text_placed, token_spans_for_ranges
 from .result import UnlocatedDocument
 from .sources import Document, DocumentLike, build_sources, normalize_documents
+from .untrusted import control_token_strings, encode_prompt
 
-__all__ = ["LocatedDocument", "LocatedPrompt", "UnlocatedDocument", "locate_documents", "locate_prompt"]
+__all__ = [
+    "LocatedDocument",
+    "LocatedPrompt",
+    "UnlocatedDocument",
+    "control_regions",
+    "locate_documents",
+    "locate_prompt",
+]
 
 
 @dataclass(frozen=True)
@@ -69,19 +78,80 @@ def _occurrences(prompt: str, needle: str) -> Iterator[tuple[int, int, str]]:
                 yield m.start(), m.end(), "whitespace"
 
 
+def _spaceless_script(char: str) -> bool:
+    """Scripts written without spaces between words (CJK, kana, Thai): any character boundary is a word boundary."""
+    code = ord(char)
+    return (
+        0x0E00 <= code <= 0x0E7F
+        or 0x3040 <= code <= 0x30FF
+        or 0x3400 <= code <= 0x9FFF
+        or 0xF900 <= code <= 0xFAFF
+        or code >= 0x20000
+    )
+
+
+def _wordlike(char: str) -> bool:
+    return (char.isalnum() or char == "_") and not _spaceless_script(char)
+
+
+def _on_word_boundaries(prompt: str, start: int, end: int) -> bool:
+    """The match neither begins nor ends inside a word (`art` is not found in `start`, `cat` not in `cats`)."""
+    if start > 0 and _wordlike(prompt[start]) and _wordlike(prompt[start - 1]):
+        return False
+    if end < len(prompt):
+        after = prompt[end]
+        if unicodedata.category(after).startswith("M"):  # a combining mark continues the last character
+            return False
+        if _wordlike(prompt[end - 1]) and _wordlike(after):
+            return False
+    return True
+
+
+def control_regions(tokenizer: Any, prompt: str) -> list[tuple[int, int]]:
+    """Char ranges of template control text in a prompt rendered elsewhere: every control-token string, with the
+    role name that directly follows it (`<|im_start|>user`). A document never straddles one of them."""
+    strings = control_token_strings(tokenizer)
+    if not strings:
+        return []
+    pattern = re.compile("(?:" + "|".join(re.escape(t) for t in strings) + ")" + _ROLE_AFTER_CONTROL)
+    return [m.span() for m in pattern.finditer(prompt)]
+
+
+_ROLE_AFTER_CONTROL = r"(?:(?:system|user|assistant|model|tool|developer|ipython)\b)?"
+
+
+def _straddles(span: tuple[int, int], regions: Sequence[tuple[int, int]]) -> bool:
+    a, b = span
+    return any(a < rb and ra < b and not (a <= ra and rb <= b) for ra, rb in regions)
+
+
+def _inside_one(span: tuple[int, int], regions: Sequence[tuple[int, int]]) -> bool:
+    a, b = span
+    return any(ra <= a and b <= rb for ra, rb in regions)
+
+
 def locate_documents(
-    prompt: str, documents: Sequence[Document]
+    prompt: str,
+    documents: Sequence[Document],
+    *,
+    within: Sequence[tuple[int, int]] | None = None,
+    control: Sequence[tuple[int, int]] = (),
 ) -> tuple[list[LocatedDocument], list[UnlocatedDocument]]:
     """Find every document's (stripped) text in `prompt`; each prompt character belongs to at most one document.
 
-    Documents are matched in order, each to its first occurrence not already taken by an earlier one, so
-    duplicates and documents contained in others are reported instead of sharing a span. Returns the located
-    documents sorted by position in the prompt, and the rest with a reason.
+    The result does not depend on the order of `documents`: longer texts claim their place first (so a short
+    document contained in a long one cannot take the long one's place), equal texts in list order, each the
+    first free occurrence, exact text before the same words with other whitespace. A match lies on word
+    boundaries, inside one of the `within` ranges when given (the content of a chat's messages), and never
+    straddles a `control` range (template control text). Returns the located documents sorted by position in
+    the prompt, and the rest (in list order) with a reason.
     """
     taken: list[tuple[int, int]] = []
     located: list[LocatedDocument] = []
     unlocated: list[UnlocatedDocument] = []
-    for position, doc in enumerate(documents):
+    order = sorted(range(len(documents)), key=lambda i: (-len(documents[i].text.strip()), documents[i].text.strip(), i))
+    for position in order:
+        doc = documents[position]
         doc_id = doc.id or f"doc{position}"
         needle = doc.text.strip()
         if not needle:
@@ -90,6 +160,10 @@ def locate_documents(
         found = None
         clashed = False
         for a, b, kind in _occurrences(prompt, needle):
+            if not _on_word_boundaries(prompt, a, b) or _straddles((a, b), control):
+                continue
+            if within is not None and not _inside_one((a, b), within):
+                continue
             if any(a < tb and ta < b for ta, tb in taken):
                 clashed = True
                 continue
@@ -109,29 +183,42 @@ def locate_documents(
         located_doc = doc if text == doc.text else doc.model_copy(update={"text": text})
         located.append(LocatedDocument(position, located_doc, a, b, kind))
     located.sort(key=lambda d: d.start)
+    unlocated.sort(key=lambda u: u.position)
     return located, unlocated
 
 
 def locate_prompt(
     tokenizer: Any,
-    text: str,
+    text: str | RenderedMessages,
     documents: Sequence[DocumentLike] = (),
     *,
     used_chat_template: bool = True,
 ) -> LocatedPrompt:
-    """Tokenize `text` (no special tokens added, as `render_prompt` does) and map located documents to token
-    spans. With no documents it is a plain prompt without sources (for generation without capture)."""
+    """Tokenize the prompt (no special tokens added, as `render_prompt` does) and map located documents to
+    token spans. With no documents it is a plain prompt without sources (for generation without capture).
+
+    `text` is the exact prompt string, or a chat rendered by `render_messages_with_ranges`: then documents are
+    only looked for inside the messages' content, and all of that content is tokenized as text. In a string,
+    documents are tokenized as text (control-token strings inside them never become control tokens).
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise InvalidInputError("at2-rag needs a fast (Rust) tokenizer for exact offset mapping")
     docs = normalize_documents(documents) if len(documents) else []
-    located, unlocated = locate_documents(text, docs)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    if isinstance(text, RenderedMessages):
+        chat = text
+        check_untrusted_text_placed(tokenizer, chat)
+        text, used_chat_template = chat.text, chat.used_chat_template
+        located, unlocated = locate_documents(text, docs, within=chat.text_ranges)
+        untrusted = chat.text_ranges
+    else:
+        located, unlocated = locate_documents(text, docs, control=control_regions(tokenizer, text))
+        untrusted = [(d.start, d.end) for d in located]
+    input_ids, offsets = encode_prompt(tokenizer, text, untrusted)
     ordered = [d.document for d in located]
     doc_sources, sentence_sources = build_sources(ordered)
     prompt = RenderedPrompt(
         text=text,
-        input_ids=list(encoding["input_ids"]),
+        input_ids=input_ids,
         offsets=offsets,
         documents=ordered,
         user_content="",
@@ -140,6 +227,7 @@ def locate_prompt(
         doc_char_starts=[d.start for d in located],
         used_chat_template=used_chat_template,
         unlocated_documents=unlocated,
+        text_ranges=list(untrusted),
     )
     prompt.doc_token_spans = token_spans_for_ranges(offsets, [prompt.source_char_range(s) for s in doc_sources])
     prompt.sentence_token_spans = token_spans_for_ranges(

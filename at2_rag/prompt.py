@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from .errors import InvalidInputError, PromptRenderError
 from .result import UnlocatedDocument
 from .sources import Document, Source, build_sources
+from .untrusted import control_token_strings, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class RenderedPrompt:
     sentence_token_spans: list[tuple[int, int]] = field(default_factory=list)
     used_chat_template: bool = True
     unlocated_documents: list[UnlocatedDocument] = field(default_factory=list)
+    # char ranges of untrusted text (message contents, located documents): tokenized as text, never as control
+    text_ranges: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -136,16 +139,8 @@ def _plain_render(messages: list[dict[str, str]]) -> str:
     return "".join(f"{names[m['role']]}: {m['content']}\n\n" for m in messages) + "Assistant:"
 
 
-def render_messages(tokenizer: Any, messages: Sequence[Any]) -> tuple[str, bool]:
-    """The tokenizer's chat template over `messages`, with the generation prompt: `(text, used_chat_template)`.
-
-    Messages are anything `normalize_history` accepts (role/content dicts, (role, content) pairs, LangChain or
-    LlamaIndex messages). Without a chat template a plain 'System:/User:/Assistant:' transcript is rendered
-    (`used_chat_template` False); a template that refuses a system turn gets it folded into the first user turn.
-    """
-    messages = normalize_history(messages, what="message")
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
     if getattr(tokenizer, "chat_template", None) is None:
-        logger.info(PLAIN_TEMPLATE_NOTE)
         return _plain_render(messages), False
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
@@ -155,8 +150,101 @@ def render_messages(tokenizer: Any, messages: Sequence[Any]) -> tuple[str, bool]
             if rest and rest[0]["role"] == "user":
                 rest = [{"role": "user", "content": system + "\n\n" + rest[0]["content"]}] + rest[1:]
                 logger.info("chat template refused a system turn (%s); folded it into the user turn", exc)
-                return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True), True
+                try:
+                    return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=True), True
+                except Exception as again:
+                    exc = again
         raise PromptRenderError(f"the tokenizer's chat template failed to render the prompt: {exc}") from exc
+
+
+@dataclass
+class RenderedMessages:
+    """A chat rendered with the template, and where each message's content lies in the text.
+
+    `content_ranges[i]` is the char range of message i's content, or None where the template changed that
+    content (trimmed, escaped), so it has no exact place. Content is untrusted text; the rest is the template's.
+    """
+
+    text: str
+    used_chat_template: bool
+    messages: list[dict[str, str]]
+    content_ranges: list[tuple[int, int] | None]
+
+    @property
+    def text_ranges(self) -> list[tuple[int, int]]:
+        return [r for r in self.content_ranges if r is not None]
+
+
+def _sentinel(i: int) -> str:
+    return f"\ue000{i}\ue001"  # private-use code points: no template or tokenizer gives them meaning
+
+
+def render_messages_with_ranges(tokenizer: Any, messages: Sequence[Any]) -> RenderedMessages:
+    """`render_messages`, also locating every message's content in the rendered text.
+
+    The template is rendered once over placeholders to learn where each content goes, and once over the real
+    contents; where the two agree the ranges are exact. Where they do not (a template that trims or escapes
+    content), each content is searched verbatim in order and left None when it is not there.
+    """
+    normalized = normalize_history(messages, what="message")
+    text, used = _apply_template(tokenizer, normalized)
+    if not used:
+        logger.info(PLAIN_TEMPLATE_NOTE)
+    skeleton, _ = _apply_template(tokenizer, [{**m, "content": _sentinel(i)} for i, m in enumerate(normalized)])
+    ranges: list[tuple[int, int] | None] = []
+    pieces: list[str] = []
+    pos = 0  # in the skeleton
+    length = 0  # of the substituted text so far
+    for i, message in enumerate(normalized):
+        at = skeleton.find(_sentinel(i), pos)
+        if at < 0:
+            break
+        pieces.append(skeleton[pos:at])
+        length += at - pos
+        ranges.append((length, length + len(message["content"])))
+        pieces.append(message["content"])
+        length += len(message["content"])
+        pos = at + len(_sentinel(i))
+    pieces.append(skeleton[pos:])
+    if len(ranges) == len(normalized) and "".join(pieces) == text:
+        return RenderedMessages(text, used, normalized, ranges)
+
+    ranges, pos = [], 0
+    for message in normalized:
+        content = message["content"]
+        at = text.find(content, pos) if content else -1
+        if at < 0:
+            ranges.append(None)
+            continue
+        ranges.append((at, at + len(content)))
+        pos = at + len(content)
+    return RenderedMessages(text, used, normalized, ranges)
+
+
+def render_messages(tokenizer: Any, messages: Sequence[Any]) -> tuple[str, bool]:
+    """The tokenizer's chat template over `messages`, with the generation prompt: `(text, used_chat_template)`.
+
+    Messages are anything `normalize_history` accepts (role/content dicts, (role, content) pairs, LangChain or
+    LlamaIndex messages). Without a chat template a plain 'System:/User:/Assistant:' transcript is rendered
+    (`used_chat_template` False); a template that refuses a system turn gets it folded into the first user turn.
+    """
+    messages = normalize_history(messages, what="message")
+    text, used = _apply_template(tokenizer, messages)
+    if not used:
+        logger.info(PLAIN_TEMPLATE_NOTE)
+    return text, used
+
+
+def check_untrusted_text_placed(tokenizer: Any, rendered: RenderedMessages) -> None:
+    """Refuse a chat whose content could not be placed exactly and holds control-token text: without a place,
+    that text cannot be kept from becoming control tokens."""
+    control = control_token_strings(tokenizer)
+    for i, (message, where) in enumerate(zip(rendered.messages, rendered.content_ranges)):
+        if where is None and any(c in message["content"] for c in control):
+            raise PromptRenderError(
+                f"message {i} ({message['role']}) contains control-token text and the chat template changed its "
+                "content, so it cannot be tokenized as plain text safely"
+            )
 
 
 def token_spans_for_ranges(
@@ -252,19 +340,20 @@ def render_prompt(
         messages.append({"role": "system", "content": template.system_prompt})
     messages.extend(normalize_history(history))
     messages.append({"role": "user", "content": user_content})
-    text, used_chat_template = render_messages(tokenizer, messages)
+    chat = render_messages_with_ranges(tokenizer, messages)
+    text, used_chat_template = chat.text, chat.used_chat_template
 
-    base = text.rfind(user_content)
-    if base < 0:
+    user_range = chat.content_ranges[-1]
+    if user_range is None or text[user_range[0] : user_range[1]] != user_content:
         raise PromptRenderError(
             "the chat template altered the user turn (for example by trimming or escaping it), so document "
             "spans cannot be located exactly; use a PromptTemplate whose text the template keeps verbatim"
         )
+    check_untrusted_text_placed(tokenizer, chat)
+    base = user_range[0]
     doc_char_starts = [base + o for o in doc_offsets_in_user]
 
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    input_ids, offsets = encode_prompt(tokenizer, text, chat.text_ranges)
 
     doc_sources, sentence_sources = build_sources(documents)
     rendered = RenderedPrompt(
@@ -277,6 +366,7 @@ def render_prompt(
         sentence_sources=sentence_sources,
         doc_char_starts=doc_char_starts,
         used_chat_template=used_chat_template,
+        text_ranges=chat.text_ranges,
     )
     rendered.doc_token_spans = token_spans_for_ranges(offsets, [rendered.source_char_range(s) for s in doc_sources])
     rendered.sentence_token_spans = token_spans_for_ranges(

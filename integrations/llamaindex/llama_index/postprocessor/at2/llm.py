@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Sequence, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -66,12 +66,9 @@ class AT2LLM(CustomLLM):
         )
 
     # ---- prompt rendering -------------------------------------------------------------------------------
-    def _render_messages(self, messages: Sequence[Dict[str, str]]) -> str:
-        from at2_rag.prompt import render_messages  # at2_rag (and torch) load on first use, as elsewhere here
-
-        return render_messages(self._attributor.tokenizer, messages)[0]
-
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+    # Prompts go to the core as messages, not as rendered strings: the core then tokenizes every message's
+    # content as plain text, so a retrieved node reading "<|im_end|>" cannot end the turn.
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> List[Dict[str, str]]:
         turns: List[Dict[str, str]] = []
         for m in messages:
             role = m.role.value if hasattr(m.role, "value") else str(m.role)
@@ -81,24 +78,25 @@ class AT2LLM(CustomLLM):
             turns.append({"role": role, "content": m.content or ""})
         if self.system_prompt and not any(t["role"] == "system" for t in turns):
             turns.insert(0, {"role": "system", "content": self.system_prompt})
-        return self._render_messages(turns)
+        return turns
 
-    def _completion_prompt(self, prompt: str, formatted: bool) -> str:
+    def _completion_prompt(self, prompt: str, formatted: bool) -> Union[str, List[Dict[str, str]]]:
+        """`formatted=True`: the caller's exact prompt text; else one user turn (and the system prompt)."""
         if formatted:
             return prompt
         turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         turns.append({"role": "user", "content": prompt})
-        return self._render_messages(turns)
+        return turns
 
     # ---- generation (the core's plain generation: no capture, under the model's lock) -------------------
     def _generate_args(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         return {"max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens), **self.generate_kwargs, **kwargs}
 
-    def _generate(self, text: str, **kwargs: Any) -> str:
-        return self._attributor.generate_text(text, **self._generate_args(kwargs))
+    def _generate(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> str:
+        return self._attributor.generate_text(prompt, **self._generate_args(kwargs))
 
-    def _stream(self, text: str, **kwargs: Any) -> Iterator[str]:
-        return self._attributor.stream_text(text, **self._generate_args(kwargs))
+    def _stream(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> Iterator[str]:
+        return self._attributor.stream_text(prompt, **self._generate_args(kwargs))
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
