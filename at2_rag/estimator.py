@@ -1,18 +1,28 @@
-"""The linear score estimator: score = w . f over the L*H head features; stored as safetensors + config.json."""
+"""The linear score estimator: score = w . f over the L*H head features; stored as safetensors + config.json.
+
+Estimator folders are untrusted input (downloaded from the Hub, shared by others): config.json is validated with
+strict pydantic models and the weight tensor's name, dtype, shape and values are checked, so a malformed file
+fails with an EstimatorFormatError naming the file and the field instead of crashing or loading silently wrong.
+save_pretrained runs the same checks before writing, so whatever it writes loads back.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import operator
 import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import EstimatorFormatError, EstimatorMismatchError
 from .features import FEATURE_DEFINITION, FEATURE_VERSION
@@ -24,6 +34,171 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 REFERENCE_NAME = "score_estimator.pt"
 SHIPPED_PACKAGE = "at2_rag.estimators"
+FORMAT_NAME = "at2-rag-estimator"
+WEIGHTS_KEY = "weights"
+# config.json holds a few numbers and an evaluation summary; anything near this size is not an estimator config
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# safetensors dtype names of the floating-point types a weight vector may be stored in (it is read as float32)
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+# ---- validating untrusted estimator files ---------------------------------------------------------------
+_JSON_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}
+
+
+def describe_value(value: Any) -> str:
+    """A short `type value` phrase for error messages (JSON type names: the files are JSON or plain dicts)."""
+    if value is None:
+        return "null"
+    name = _JSON_TYPE_NAMES.get(type(value)) or type(value).__name__
+    text = repr(value)
+    return f"{name} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def describe_validation_error(exc: ValidationError, where: str) -> str:
+    """`where: field 'a.b': what was wrong (got ...)` for each error pydantic found, so a user can fix the file."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or "(the top level)"
+        got = "" if err["type"] == "missing" else f" (got {describe_value(err.get('input'))})"
+        problems.append(f"field {field!r}: {err['msg']}{got}")
+    return f"{where}: " + "; ".join(problems)
+
+
+def _support_threshold(value: float) -> float:
+    # +inf is what training writes when no positive score-to-log-odds scale was found ("never supported"), so a
+    # file save_pretrained wrote may hold it; NaN and -inf would make every comparison meaningless.
+    if math.isnan(value) or value == -math.inf:
+        raise ValueError("must be a finite number (or Infinity: nothing is ever supported)")
+    return value
+
+
+class _Strict(BaseModel):
+    """Strict types throughout: "false" is not False, 9.5 is not 9, "3" is not 3."""
+
+    model_config = ConfigDict(strict=True, protected_namespaces=(), frozen=True)
+
+
+class EvaluationRecord(_Strict):
+    """`metadata.evaluation` as `at2-rag evaluate --record` writes it; the model card renders its summary rows."""
+
+    model_config = ConfigDict(extra="allow")
+    summary: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class EstimatorMetadata(_Strict):
+    """The metadata keys at2-rag reads back (the attributor's support threshold, the card's evaluation table);
+    every other key is free-form JSON kept as it was written."""
+
+    model_config = ConfigDict(extra="allow")
+    support_threshold: Annotated[float, AfterValidator(_support_threshold)] = 0.0
+    evaluation: EvaluationRecord | None = None
+
+
+class EstimatorConfig(_Strict):
+    """config.json of an estimator folder, exactly as `ScoreEstimator.config_dict()` writes it.
+
+    Unknown keys are refused rather than ignored: a misspelt `trainedd: false` must not load as trained.
+    Free-form information belongs in `metadata`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["at2-rag-estimator"] = FORMAT_NAME
+    model_id: str | None = None
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    feature_version: int = FEATURE_VERSION
+    feature_definition: str | None = None
+    trained: bool = True
+    metadata: EstimatorMetadata | None = None
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # json.loads would silently keep the last one
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_config(data: bytes, where: str) -> tuple[EstimatorConfig, dict[str, Any]]:
+    """Validate config.json bytes; returns the typed config and the metadata dict as written (order and all)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EstimatorFormatError(f"{where} is not UTF-8 text ({exc})") from exc
+    try:
+        raw = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicate keys, over-long integers, nesting
+        raise EstimatorFormatError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise EstimatorFormatError(f"{where} must hold a JSON object, found {describe_value(raw)}")
+    try:
+        config = EstimatorConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise EstimatorFormatError(describe_validation_error(exc, where)) from exc
+    if config.feature_version != FEATURE_VERSION:
+        raise EstimatorFormatError(
+            f"{where}: field 'feature_version': the estimator uses feature version {config.feature_version}, "
+            f"this at2-rag computes version {FEATURE_VERSION}"
+        )
+    return config, dict(raw.get("metadata") or {})
+
+
+def read_config(path: Path) -> tuple[EstimatorConfig, dict[str, Any]]:
+    """Read and validate an estimator's config.json (size-capped: the file is untrusted)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise EstimatorFormatError(f"{path} is {size} bytes, far too large for an estimator config")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EstimatorFormatError(f"cannot read {path}: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+def read_weights(path: Path, num_layers: int, num_heads: int) -> torch.Tensor:
+    """The float32 weight vector from model.safetensors, checked (name, dtype, shape, finiteness) before use."""
+    n = num_layers * num_heads
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = sorted(f.keys())
+            if names != [WEIGHTS_KEY]:
+                raise EstimatorFormatError(
+                    f"{path}: expected exactly one tensor named {WEIGHTS_KEY!r}, found {names or 'none'}"
+                )
+            handle = f.get_slice(WEIGHTS_KEY)
+            dtype, shape = handle.get_dtype(), list(handle.get_shape())
+            if dtype not in FLOAT_DTYPES:
+                raise EstimatorFormatError(
+                    f"{path}: tensor {WEIGHTS_KEY!r} has dtype {dtype}, expected a float type ({', '.join(FLOAT_DTYPES)})"
+                )
+            if shape not in ([n], [num_layers, num_heads]):
+                raise EstimatorFormatError(
+                    f"{path}: tensor {WEIGHTS_KEY!r} has shape {shape}, expected [{n}] or [{num_layers}, {num_heads}] "
+                    f"(num_layers x num_heads = {num_layers} x {num_heads} in {CONFIG_NAME})"
+                )
+            weights = f.get_tensor(WEIGHTS_KEY)
+    except EstimatorFormatError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # garbage, truncated, unreadable
+        raise EstimatorFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
+    weights = weights.to(torch.float32).flatten()
+    if not torch.isfinite(weights).all():
+        bad = int((~torch.isfinite(weights)).sum())
+        raise EstimatorFormatError(f"{path}: tensor {WEIGHTS_KEY!r} has {bad} NaN or infinite values")
+    return weights
+
+
+def _index(value: Any, name: str) -> int:
+    """An integer argument (numpy / torch integers too), never a float silently truncated or a bool."""
+    if isinstance(value, bool):
+        raise EstimatorFormatError(f"{name} must be an integer, got {describe_value(value)}")
+    try:
+        return operator.index(value)
+    except TypeError as exc:
+        raise EstimatorFormatError(f"{name} must be an integer, got {describe_value(value)}") from exc
 
 
 def model_slug(model_id: str) -> str:
@@ -45,6 +220,11 @@ class ScoreEstimator(torch.nn.Module):
     ) -> None:
         super().__init__()
         weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        num_layers, num_heads = _index(num_layers, "num_layers"), _index(num_heads, "num_heads")
+        if model_id is not None and not isinstance(model_id, str):
+            raise EstimatorFormatError(f"model_id must be a string or None, got {describe_value(model_id)}")
+        if not isinstance(trained, bool):
+            raise EstimatorFormatError(f"trained must be True or False, got {describe_value(trained)}")
         if num_layers <= 0 or num_heads <= 0:
             raise EstimatorFormatError(f"num_layers and num_heads must be positive, got {num_layers}, {num_heads}")
         if weights.numel() != num_layers * num_heads:
@@ -113,7 +293,7 @@ class ScoreEstimator(torch.nn.Module):
     # persistence ----------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {
-            "format": "at2-rag-estimator",
+            "format": FORMAT_NAME,
             "model_id": self.model_id,
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
@@ -129,8 +309,9 @@ class ScoreEstimator(torch.nn.Module):
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            save_file({"weights": self.weights.detach().contiguous().cpu()}, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, default=str) + "\n")
+            config = self._config_json()
+            save_file({WEIGHTS_KEY: self.weights.detach().contiguous().cpu()}, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(config)
             (tmp / CARD_NAME).write_text(self.model_card())
             tmp.chmod(0o755)  # mkdtemp makes 0700: a saved estimator is meant to be shared
             for child in tmp.iterdir():
@@ -153,10 +334,17 @@ class ScoreEstimator(torch.nn.Module):
         from .files import atomic_path
 
         folder = Path(folder)
+        config = self._config_json()
         with atomic_path(folder / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(self.config_dict(), indent=2, default=str) + "\n")
+            tmp.write_text(config)
         with atomic_path(folder / CARD_NAME) as tmp:
             tmp.write_text(self.model_card())
+
+    def _config_json(self) -> str:
+        """config.json's text, checked with the loader's own rules first: whatever is saved must load back."""
+        text = json.dumps(self.config_dict(), indent=2, default=str) + "\n"
+        parse_config(text.encode("utf-8"), f"{CONFIG_NAME} about to be written")
+        return text
 
     def model_card(self) -> str:
         meta = self.metadata
@@ -186,37 +374,32 @@ class ScoreEstimator(torch.nn.Module):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> "ScoreEstimator":
+        """Load config.json + model.safetensors (or a reference score_estimator.pt), validating both: the folder
+        may come from anywhere (the Hub, a colleague), so every field is checked before it is used."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise EstimatorFormatError(f"{folder} is not a folder")
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file() or not weights_path.is_file():
+        has_config, has_weights = config_path.is_file(), weights_path.is_file()
+        if not (has_config and has_weights):
             if (folder / REFERENCE_NAME).is_file():
                 from .reference_format import load_reference_estimator
 
                 return load_reference_estimator(folder / REFERENCE_NAME)
+            if has_config or has_weights:
+                missing, present = (weights_path, CONFIG_NAME) if has_config else (config_path, WEIGHTS_NAME)
+                raise EstimatorFormatError(f"{missing} is missing (the folder has {present} but needs both)")
             raise EstimatorFormatError(f"{folder} has no {CONFIG_NAME} + {WEIGHTS_NAME} (nor a {REFERENCE_NAME})")
-        try:
-            config = json.loads(config_path.read_text())
-            tensors = load_file(str(weights_path))
-        except Exception as exc:
-            raise EstimatorFormatError(f"cannot read the estimator in {folder}: {exc}") from exc
-        if config.get("feature_version", FEATURE_VERSION) != FEATURE_VERSION:
-            raise EstimatorFormatError(
-                f"estimator in {folder} uses feature version {config.get('feature_version')}, this at2-rag "
-                f"computes version {FEATURE_VERSION}"
-            )
-        if "weights" not in tensors:
-            raise EstimatorFormatError(f"{weights_path} has no 'weights' tensor (found {sorted(tensors)})")
-        try:
-            return cls(
-                tensors["weights"],
-                int(config["num_layers"]),
-                int(config["num_heads"]),
-                model_id=config.get("model_id"),
-                trained=bool(config.get("trained", True)),
-                metadata=config.get("metadata") or {},
-            )
-        except KeyError as exc:
-            raise EstimatorFormatError(f"{config_path} lacks the key {exc}") from exc
+        config, metadata = read_config(config_path)
+        weights = read_weights(weights_path, config.num_layers, config.num_heads)
+        return cls(
+            weights,
+            config.num_layers,
+            config.num_heads,
+            model_id=config.model_id,
+            trained=config.trained,
+            metadata=metadata,
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> "ScoreEstimator":
@@ -294,6 +477,8 @@ def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():
+        if not isinstance(row, dict):  # not a method's row (a hand-edited record): nothing to show
+            continue
         lines.append(
             f"| {name} | {number(row, 'lds', 3)} | {number(row, 'lds_dependent', 3)} | {number(row, 'top1_drop', 2)} "
             f"| {number(row, 'top3_drop', 2)} | {number(row, 'extra_forward_passes', 1)} |"

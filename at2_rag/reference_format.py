@@ -1,8 +1,11 @@
 """Read estimators published for the reference `at2` package (`score_estimator.pt`) without running their code.
 
 The file is a torch-saved dict of plain types and tensors. It is opened with `torch.load(weights_only=True)`
-only; anything that would need to unpickle a class is refused. Its features are the same as ours: one per
-query head, layer-major, mean over target tokens of the summed attention to each source.
+only (torch's restricted unpickler: it rebuilds tensors and plain containers from a fixed allowlist and runs
+no other code); anything that would need to unpickle a class is refused. The dict is untrusted too: every
+field read from it is checked with strict pydantic models and tensor checks, and a malformed one is an
+EstimatorFormatError naming the file and the field. Its features are the same as ours: one per query head,
+layer-major, mean over target tokens of the summed attention to each source.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import EstimatorFormatError
-from .estimator import ScoreEstimator
+from .estimator import ScoreEstimator, describe_validation_error, describe_value
 
 logger = logging.getLogger(__name__)
 
@@ -52,46 +56,98 @@ def read_reference_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def convert_reference(data: dict[str, Any], model_id: str | None = None, source: str = "") -> ScoreEstimator:
-    """Turn the reference dict into a ScoreEstimator, checking every field it relies on."""
-    where = f" in {source}" if source else ""
-    if data.get("class") != REFERENCE_CLASS:
-        raise EstimatorFormatError(f"expected class {REFERENCE_CLASS!r}{where}, found {data.get('class')!r}")
-    extractor = data.get("feature_extractor") or {}
-    if extractor.get("class") != REFERENCE_EXTRACTOR:
+class _Reference(BaseModel):
+    """Strict types (a "3" is not 3, 9.5 is not 9); keys at2-rag does not read are allowed: the format is not ours."""
+
+    model_config = ConfigDict(strict=True, extra="allow", protected_namespaces=(), frozen=True)
+
+
+class ReferenceExtractorKwargs(_Reference):
+    """`AttentionFeatureExtractor(num_layers, num_heads, model_type=None)`'s arguments."""
+
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    model_type: str | None = None
+
+
+class ReferenceExtractor(_Reference):
+    class_: Literal["AttentionFeatureExtractor"] = Field(alias="class")
+    kwargs: ReferenceExtractorKwargs
+
+
+class ReferenceEstimatorKwargs(_Reference):
+    """`LinearScoreEstimator`'s switches; kept in the converted estimator's metadata, `bias` decides the warning."""
+
+    normalize: bool | None = None
+    non_negative: bool | None = None
+    bias: bool | None = None
+
+
+class ReferenceEstimatorFile(_Reference):
+    """The dict the reference package torch-saves as score_estimator.pt (the fields at2-rag reads)."""
+
+    class_: Literal["LinearScoreEstimator"] = Field(alias="class")
+    feature_extractor: ReferenceExtractor
+    state_dict: dict[str, Any]
+    kwargs: ReferenceEstimatorKwargs | None = None
+    extras: dict[Any, Any] | None = None  # informational: only its str -> scalar entries are kept
+
+
+def _float_tensor(value: Any, name: str, where: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A dense floating-point tensor of exactly `shape` with finite values, as float32."""
+    if value is None:
+        raise EstimatorFormatError(f"{where}: state_dict has no tensor {name!r}")
+    if not isinstance(value, torch.Tensor):
+        raise EstimatorFormatError(f"{where}: state_dict[{name!r}] is {describe_value(value)}, expected a tensor")
+    if value.layout != torch.strided or not value.is_floating_point():
         raise EstimatorFormatError(
-            f"expected feature extractor {REFERENCE_EXTRACTOR!r}{where}, found {extractor.get('class')!r}"
+            f"{where}: state_dict[{name!r}] is a {value.layout} {value.dtype} tensor, expected dense floating point"
         )
-    ex_kwargs = extractor.get("kwargs") or {}
+    if tuple(value.shape) != shape:
+        raise EstimatorFormatError(
+            f"{where}: state_dict[{name!r}] has shape {list(value.shape)}, expected {list(shape)}"
+            + (" ([1, L*H], num_layers x num_heads from feature_extractor.kwargs)" if name == "linear.weight" else "")
+        )
+    out = value.detach().to(torch.float32)
+    if not torch.isfinite(out).all():
+        raise EstimatorFormatError(f"{where}: state_dict[{name!r}] has NaN or infinite values")
+    return out
+
+
+def convert_reference(data: dict[str, Any], model_id: str | None = None, source: str = "") -> ScoreEstimator:
+    """Turn the reference dict into a ScoreEstimator, checking every field it relies on (the file is untrusted)."""
+    where = source or "reference estimator"
+    if not isinstance(data, dict):
+        raise EstimatorFormatError(f"{where} holds {describe_value(data)}, expected the reference estimator dict")
     try:
-        num_layers, num_heads = int(ex_kwargs["num_layers"]), int(ex_kwargs["num_heads"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EstimatorFormatError(f"feature_extractor kwargs lack num_layers/num_heads{where}") from exc
-    kwargs = data.get("kwargs") or {}
-    state = data.get("state_dict") or {}
-    weight = state.get("linear.weight")
-    if not isinstance(weight, torch.Tensor):
-        raise EstimatorFormatError(f"state_dict has no tensor 'linear.weight'{where}")
-    if weight.dim() != 2 or weight.shape[0] != 1:
-        raise EstimatorFormatError(f"linear.weight{where} has shape {tuple(weight.shape)}, expected [1, L*H]")
-    bias = state.get("linear.bias")
-    if kwargs.get("bias") and isinstance(bias, torch.Tensor) and bias.abs().max() > 0:
-        # A constant added to every source's score: it shifts scores but never changes their ranking.
-        logger.warning("reference estimator%s has a bias (%s); at2-rag scores are bias-free", where, bias.tolist())
+        ref = ReferenceEstimatorFile.model_validate(data)
+    except ValidationError as exc:
+        raise EstimatorFormatError(describe_validation_error(exc, where)) from exc
+    num_layers, num_heads = ref.feature_extractor.kwargs.num_layers, ref.feature_extractor.kwargs.num_heads
+    n = num_layers * num_heads
+    weight = data["state_dict"].get("linear.weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 1 and weight.shape[1] != n:
+        raise EstimatorFormatError(
+            f"{where}: state_dict['linear.weight'] has {weight.shape[1]} weights but num_layers x num_heads = "
+            f"{num_layers} x {num_heads} = {n} (feature_extractor.kwargs)"
+        )
+    weight = _float_tensor(weight, "linear.weight", where, (1, n))
+    kwargs = ref.kwargs or ReferenceEstimatorKwargs()
+    if "linear.bias" in data["state_dict"]:
+        bias = _float_tensor(data["state_dict"]["linear.bias"], "linear.bias", where, (1,))
+        if kwargs.bias and bias.abs().max() > 0:
+            # A constant added to every source's score: it shifts scores but never changes their ranking.
+            logger.warning("reference estimator in %s has a bias (%s); at2-rag scores are bias-free", where, bias.tolist())
+    extras = ref.extras or {}
     metadata = {
         "converted_from": source or "reference at2 estimator",
-        "reference_kwargs": {k: kwargs.get(k) for k in ("normalize", "non_negative", "bias")},
-        "reference_model_type": ex_kwargs.get("model_type"),
-        "reference_extras": {k: v for k, v in (data.get("extras") or {}).items() if isinstance(v, (str, int, float, bool))},
+        "reference_kwargs": {k: getattr(kwargs, k) for k in ("normalize", "non_negative", "bias")},
+        "reference_model_type": ref.feature_extractor.kwargs.model_type,
+        "reference_extras": {
+            k: v for k, v in extras.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))
+        },
     }
-    return ScoreEstimator(
-        weight.detach().float().flatten(),
-        num_layers,
-        num_heads,
-        model_id=model_id,
-        trained=True,
-        metadata=metadata,
-    )
+    return ScoreEstimator(weight.flatten(), num_layers, num_heads, model_id=model_id, trained=True, metadata=metadata)
 
 
 def load_reference_estimator(
