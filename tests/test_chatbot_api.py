@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbo
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+import chatbot.app as chatbot_app  # noqa: E402
 from chatbot.app import SAMPLE_DOCS, create_app, load_default_attributor, main  # noqa: E402
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 
@@ -87,6 +88,72 @@ def test_question_matching_no_document_is_reported():
     assert res.status_code == 404 and res.json()["error"] == "no_match"
 
 
+# ---- size limits: refused before retrieval and the model (`no_model` fails the test if it loads) ------------
+def test_over_long_question_is_refused_before_any_model_work():
+    client = client_for()
+    res = client.post("/api/chat", json={"question": "How many vacation days " * 870})  # 20,010 characters
+    assert res.status_code == 413
+    assert res.json() == {
+        "error": "question_too_long",
+        "message": "Your question is 20,009 characters long; the limit is 2,000. Please shorten it and send it again.",
+        "length": 20009,
+        "limit": 2000,
+    }
+    assert client.get("/api/status").json()["model_loaded"] is False
+
+
+def test_question_limit_counts_the_trimmed_question_up_to_the_limit_inclusive():
+    client = client_for()
+    at_limit = client.post("/api/chat", json={"question": "  " + "x" * 2000 + " \n"})
+    assert at_limit.status_code == 404 and at_limit.json()["error"] == "no_match"  # passed the guard
+    over = client.post("/api/chat", json={"question": "x" * 2001})
+    assert over.status_code == 413 and over.json()["error"] == "question_too_long"
+
+
+def test_question_limit_is_configurable_and_reported_in_the_status():
+    client = client_for(max_question_chars=50, max_history=4, max_history_chars=300)
+    status = client.get("/api/status").json()
+    assert (status["max_question_chars"], status["max_history"], status["max_history_chars"]) == (50, 4, 300)
+    assert client.post("/api/chat", json={"question": "x" * 50}).status_code == 404
+    res = client.post("/api/chat", json={"question": "x" * 51})
+    assert res.status_code == 413 and "the limit is 50." in res.json()["message"]
+    assert client_for().get("/api/status").json()["max_question_chars"] == 2000  # the default
+
+
+def history(n: int, chars: int = 20) -> list[dict[str, str]]:
+    return [{"role": ("user", "assistant")[i % 2], "content": "y" * chars} for i in range(n)]
+
+
+def test_history_with_too_many_messages_is_refused():
+    res = client_for().post("/api/chat", json={"question": "xyzzy", "history": history(8)})
+    assert res.status_code == 413
+    data = res.json()
+    assert data["error"] == "history_too_long" and (data["messages"], data["max_messages"]) == (8, 6)
+    assert data["message"] == (
+        "The conversation sent with the question is too long (8 earlier messages, 160 characters); this server "
+        "accepts at most 6 messages and 8,000 characters of history. Start a New chat, or send only the most "
+        "recent turns."
+    )
+
+
+def test_history_with_too_many_characters_is_refused():
+    client = client_for(max_history_chars=1000)
+    res = client.post("/api/chat", json={"question": "xyzzy", "history": history(2, chars=501)})
+    assert res.status_code == 413
+    data = res.json()
+    assert data["error"] == "history_too_long" and (data["chars"], data["max_chars"]) == (1002, 1000)
+    assert "(2 earlier messages, 1,002 characters)" in data["message"]
+    within = client.post("/api/chat", json={"question": "xyzzy", "history": history(2, chars=500)})
+    assert within.status_code == 404 and within.json()["error"] == "no_match"  # passed the guard
+
+
+def test_no_history_is_accepted_when_max_history_is_zero():
+    client = client_for(max_history=0)
+    assert client.post("/api/chat", json={"question": "xyzzy", "history": []}).status_code == 404
+    res = client.post("/api/chat", json={"question": "xyzzy", "history": history(1)})
+    assert res.status_code == 413 and "at most 0 messages" in res.json()["message"]
+
+
 # ---- folders: unreadable files, no documents, long files ---------------------------------------------------
 @pytest.fixture()
 def messy_folder(tmp_path: Path) -> Path:
@@ -139,6 +206,34 @@ def test_cli_refuses_a_missing_folder(capsys):
     assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["--max-question-chars", "0"], "--max-question-chars must be at least 1"),
+        (["--max-history", "-1"], "--max-history and --max-history-chars must be at least 0"),
+        (["--max-history-chars", "-5"], "--max-history and --max-history-chars must be at least 0"),
+    ],
+)
+def test_cli_refuses_bad_limits(args, complaint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and complaint in capsys.readouterr().err
+
+
+def test_cli_limits_reach_the_server(monkeypatch):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(chatbot_app, "load_default_attributor", lambda: None)  # the model is not needed here
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    assert main(["--max-question-chars", "300", "--max-history", "2", "--max-history-chars", "900"]) == 0
+    client = TestClient(served["app"])
+    status = client.get("/api/status").json()
+    assert (status["max_question_chars"], status["max_history"], status["max_history_chars"]) == (300, 2, 900)
+    res = client.post("/api/chat", json={"question": "x" * 301})
+    assert res.status_code == 413 and "the limit is 300." in res.json()["message"]
+
+
 # ---- with the real model ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def attributor():
@@ -146,12 +241,43 @@ def attributor():
 
 
 @pytest.mark.slow
-def test_context_too_long_is_reported_before_streaming(attributor):
-    client = client_for(attributor=attributor)
+def test_context_too_long_is_reported_before_streaming_in_words_for_people(attributor):
+    client = client_for(attributor=attributor, max_question_chars=100_000)
     res = client.post("/api/chat", json={"question": "vacation days " * 5000})
     assert res.status_code == 413
     data = res.json()
-    assert data["error"] == "context_too_long" and "context window is 8192 tokens" in data["message"]
+    assert data["error"] == "context_too_long" and data["context_window"] == 8192 and data["needed_tokens"] > 8192
+    message = data["message"]
+    assert message.startswith("Your question is too long for the model to read together with the retrieved documents")
+    assert message.endswith("Please shorten the question.") and "the model reads at most 8,192" in message
+    assert "max_new_tokens" not in message and "Pass fewer" not in message  # the library's words stay in `detail`
+    assert "context window is 8192 tokens" in data["detail"]
+
+
+@pytest.mark.slow
+def test_conversation_too_long_for_the_context_says_to_start_a_new_chat(attributor):
+    client = client_for(attributor=attributor, max_history_chars=100_000)
+    turns = [
+        {"role": "user", "content": "Tell me about vacation days. " + "vacation days " * 2500},
+        {"role": "assistant", "content": "Employees get 27 days. " + "days " * 3000},
+    ]
+    res = client.post("/api/chat", json={"question": QUESTION, "history": turns})
+    assert res.status_code == 413
+    data = res.json()
+    assert data["error"] == "context_too_long"
+    assert data["message"].startswith("This conversation has grown too long for the model")
+    assert "Start a New chat to drop the earlier turns" in data["message"]
+
+
+@pytest.mark.slow
+def test_configured_question_limit_with_the_real_model(attributor):
+    client = client_for(attributor=attributor, max_new_tokens=8, max_question_chars=len(QUESTION))
+    with client.stream("POST", "/api/chat", json={"question": QUESTION}) as res:
+        assert res.status_code == 200
+        kinds = [kind for kind, _ in parse_sse(res.read().decode())]
+    assert kinds[0] == "retrieval" and kinds[-1] == "done"
+    res = client.post("/api/chat", json={"question": QUESTION + " Thanks"})
+    assert res.status_code == 413 and res.json()["error"] == "question_too_long"
 
 
 @pytest.mark.slow

@@ -10,6 +10,11 @@ The page is plain HTML/CSS/JS in `static/`; the API is:
     GET  /api/status   model, estimator, indexed files, files that were skipped (and why)
     POST /api/chat     {"question": str, "history": [{"role", "content"}...]}  ->  text/event-stream of
                        `retrieval`, `token`*, `attribution`, `done` events (or one `error` event)
+
+Requests are bounded before any model work: a question of at most `max_question_chars` characters (HTTP 413
+`question_too_long` otherwise) and a history of at most `max_history` messages and `max_history_chars` characters
+(413 `history_too_long`). A prompt that still does not fit the context window gets 413 `context_too_long` with a
+message saying what to shorten.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ STATIC = HERE / "static"
 SAMPLE_DOCS = HERE / "sample_docs"
 DEFAULT_TOP_K = 4
 DEFAULT_MAX_NEW_TOKENS = 80
-DEFAULT_MAX_HISTORY = 6  # earlier messages (user + assistant) passed to the model
+DEFAULT_MAX_HISTORY = 6  # earlier messages (user + assistant) a request may carry; all of them reach the model
+DEFAULT_MAX_QUESTION_CHARS = 2000  # longer questions are refused (413) before any model work
+DEFAULT_MAX_HISTORY_CHARS = 8000  # total characters over the history messages of one request
 SAMPLE_QUESTIONS = [
     "How many vacation days do I get per year?",
     "What is the monthly internet allowance?",
@@ -76,8 +83,12 @@ class ChatRequest(BaseModel):
     history: list[Turn] = Field(default_factory=list)
 
 
-def error_response(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": kind, "message": message}, status_code=status)
+def error_response(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": kind, "message": message, **extra}, status_code=status)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def sse(event: str, data: Any) -> str:
@@ -121,7 +132,11 @@ class ChatService:
         max_history: int = DEFAULT_MAX_HISTORY,
         system_prompt: str | None = None,
         suggestions: list[str] | None = None,
+        max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
+        max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS,
     ) -> None:
+        if max_question_chars < 1 or max_history < 0 or max_history_chars < 0:
+            raise ValueError("max_question_chars must be at least 1; max_history and max_history_chars at least 0")
         self.suggestions = suggestions or []
         self.report: LoadReport = load_folder(docs)
         self.index = BM25Index(self.report.passages)
@@ -131,6 +146,8 @@ class ChatService:
         self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.max_history = max_history
+        self.max_question_chars = max_question_chars
+        self.max_history_chars = max_history_chars
         # None: the core's default system prompt (it works best with the small embedded model)
         self.prompt_kwargs: dict[str, Any] = {} if system_prompt is None else {"system_prompt": system_prompt}
         self.generation_lock = asyncio.Lock()
@@ -169,6 +186,9 @@ class ChatService:
             "estimator": repr(att.estimator) if att is not None else None,
             "top_k": self.top_k,
             "max_new_tokens": self.max_new_tokens,
+            "max_question_chars": self.max_question_chars,
+            "max_history": self.max_history,
+            "max_history_chars": self.max_history_chars,
             "suggestions": self.suggestions if self.report.passages else [],
         }
 
@@ -181,10 +201,66 @@ class ChatService:
                 hits = self.index.search(f"{question} {earlier}", self.top_k)
         return [p.to_document(score, rank) for rank, (p, score) in enumerate(hits, 1)]
 
+    def question_too_long(self, question: str) -> JSONResponse | None:
+        """The 413 for a question over the limit (a length check: no tokenizer, no model)."""
+        if len(question) <= self.max_question_chars:
+            return None
+        return error_response(
+            413,
+            "question_too_long",
+            f"Your question is {len(question):,} characters long; the limit is {self.max_question_chars:,}. "
+            "Please shorten it and send it again.",
+            length=len(question),
+            limit=self.max_question_chars,
+        )
+
+    def history_too_long(self, history: list[Turn]) -> JSONResponse | None:
+        """The 413 for a history with more messages or characters than a request may carry."""
+        chars = sum(len(t.content) for t in history)
+        if len(history) <= self.max_history and chars <= self.max_history_chars:
+            return None
+        return error_response(
+            413,
+            "history_too_long",
+            f"The conversation sent with the question is too long ({plural(len(history), 'earlier message')}, "
+            f"{plural(chars, 'character')}); this server accepts at most {plural(self.max_history, 'message')} "
+            f"and {plural(self.max_history_chars, 'character')} of history. "
+            "Start a New chat, or send only the most recent turns.",
+            messages=len(history),
+            chars=chars,
+            max_messages=self.max_history,
+            max_chars=self.max_history_chars,
+        )
+
     def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
         """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
         att = self.attributor
         att.check_fits(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
+
+    def context_too_long_message(
+        self, exc: ContextTooLongError, question: str, documents: list[Any], history: list[dict[str, str]]
+    ) -> str:
+        """What a person can do about a prompt that does not fit: a shorter question, or a new chat when the
+        earlier turns are what tips it over (the prompt without them fits)."""
+        sizes = (
+            f"about {exc.needed:,} tokens with room for the answer, but the model reads at most {exc.limit:,} "
+            f"({exc.needed - exc.limit:,} too many)"
+        )
+        if history:
+            try:
+                self.check_fits(question, documents, [])
+            except ContextTooLongError:
+                pass
+            else:
+                return (
+                    "This conversation has grown too long for the model: the question, the earlier turns and the "
+                    f"retrieved documents need {sizes}. Start a New chat to drop the earlier turns, or ask a "
+                    "shorter question."
+                )
+        return (
+            "Your question is too long for the model to read together with the retrieved documents: they need "
+            f"{sizes}. Please shorten the question."
+        )
 
 
 def create_app(
@@ -194,8 +270,13 @@ def create_app(
     top_k: int = DEFAULT_TOP_K,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_history: int = DEFAULT_MAX_HISTORY,
+    max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
+    max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS,
 ) -> FastAPI:
-    """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use."""
+    """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
+
+    A request may carry a question of at most `max_question_chars` characters and at most `max_history` earlier
+    messages of `max_history_chars` characters in all; larger ones get HTTP 413 before any model work."""
     is_sample = Path(docs).expanduser().resolve() == SAMPLE_DOCS
     service = ChatService(
         docs,
@@ -205,6 +286,8 @@ def create_app(
         max_new_tokens,
         max_history,
         suggestions=SAMPLE_QUESTIONS if is_sample else None,
+        max_question_chars=max_question_chars,
+        max_history_chars=max_history_chars,
     )
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
@@ -228,9 +311,12 @@ def create_app(
         question = body.question.strip()
         if not question:
             return error_response(400, "empty_question", "Please type a question before sending.")
+        refusal = service.question_too_long(question) or service.history_too_long(body.history)
+        if refusal is not None:  # before retrieval and the model: an over-long request costs nothing
+            return refusal
         if service.no_documents_message:
             return error_response(503, "no_documents", service.no_documents_message)
-        history = [t.model_dump() for t in body.history][-service.max_history :] if service.max_history else []
+        history = [t.model_dump() for t in body.history]
         documents = service.retrieve(question, history)
         if not documents:
             return error_response(
@@ -241,7 +327,10 @@ def create_app(
         try:
             await run_in_threadpool(service.check_fits, question, documents, history)
         except ContextTooLongError as exc:
-            return error_response(413, "context_too_long", str(exc))
+            message = await run_in_threadpool(service.context_too_long_message, exc, question, documents, history)
+            return error_response(
+                413, "context_too_long", message, needed_tokens=exc.needed, context_window=exc.limit, detail=str(exc)
+            )
         except NoDocumentsError as exc:
             return error_response(503, "no_documents", str(exc))
         except AT2Error as exc:
@@ -288,7 +377,8 @@ async def _events(service: ChatService, question: str, documents: list[Any], his
                     yield sse("token", {"text": item})
         yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
     except ContextTooLongError as exc:
-        yield sse("error", {"error": "context_too_long", "message": str(exc)})
+        message = await run_in_threadpool(service.context_too_long_message, exc, question, documents, history)
+        yield sse("error", {"error": "context_too_long", "message": message, "detail": str(exc)})
     except AT2Error as exc:
         yield sse("error", {"error": "invalid_input", "message": str(exc)})
     except (asyncio.CancelledError, GeneratorExit):
@@ -311,11 +401,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="documents retrieved per question (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit (default 80)")
+    parser.add_argument(
+        "--max-question-chars",
+        type=int,
+        default=DEFAULT_MAX_QUESTION_CHARS,
+        help=f"longest question accepted, in characters; longer ones get HTTP 413 (default {DEFAULT_MAX_QUESTION_CHARS})",
+    )
+    parser.add_argument(
+        "--max-history",
+        type=int,
+        default=DEFAULT_MAX_HISTORY,
+        help=f"earlier messages (user and assistant) a question may carry to the model (default {DEFAULT_MAX_HISTORY})",
+    )
+    parser.add_argument(
+        "--max-history-chars",
+        type=int,
+        default=DEFAULT_MAX_HISTORY_CHARS,
+        help=f"characters over those earlier messages (default {DEFAULT_MAX_HISTORY_CHARS})",
+    )
     args = parser.parse_args(argv)
     if not Path(args.docs).expanduser().is_dir():
         parser.error(f"--docs {args.docs!r} is not a folder")
     if args.top_k < 1 or args.max_new_tokens < 1:
         parser.error("--top-k and --max-new-tokens must be at least 1")
+    if args.max_question_chars < 1:
+        parser.error("--max-question-chars must be at least 1")
+    if args.max_history < 0 or args.max_history_chars < 0:
+        parser.error("--max-history and --max-history-chars must be at least 0")
 
     import uvicorn
 
@@ -325,7 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     print("Loading the model (SmolLM2-135M-Instruct, embedded) …", flush=True)
     attributor = load_default_attributor()
-    app = create_app(args.docs, attributor=attributor, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    app = create_app(
+        args.docs,
+        attributor=attributor,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        max_history=args.max_history,
+        max_question_chars=args.max_question_chars,
+        max_history_chars=args.max_history_chars,
+    )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
     if status["problems"]:

@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 const els = {
   messages: $("messages"), empty: $("empty-state"), suggestions: $("suggestions"),
   form: $("composer"), box: document.querySelector(".composer-box"), question: $("question"), send: $("send"),
-  newChat: $("new-chat"), error: $("composer-error"),
+  newChat: $("new-chat"), error: $("composer-error"), count: $("question-count"),
   statusDocs: $("status-docs"), statusModel: $("status-model"), banner: $("status-banner"),
   sources: $("sources"), sourcesSub: $("sources-sub"),
   docCard: $("doc-card"), docTitle: $("doc-title"), docMeta: $("doc-meta"), docClaim: $("doc-claim"),
@@ -18,12 +18,16 @@ const state = {
   answers: [],        // per assistant message: {attribution, retrieval, el}
   selected: null,     // index into answers
   busy: false,
+  // the server's limits, from /api/status (null until it answers; the server checks them anyway)
+  limits: { question: null, history: null, historyChars: null },
 };
 
 function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 const pct = (x) => `${Math.round(x * 100)}%`;
+const num = (n) => n.toLocaleString("en-US");
+const chars = (s) => [...s].length;  // code points, as the server (Python's len) counts them
 
 // ---------------------------------------------------------------- status
 async function loadStatus() {
@@ -38,6 +42,10 @@ async function loadStatus() {
 }
 
 function renderStatus(s) {
+  state.limits = {
+    question: s.max_question_chars ?? null, history: s.max_history ?? null, historyChars: s.max_history_chars ?? null,
+  };
+  updateCount();
   if (s.error) {
     els.statusDocs.className = "pill error";
     els.statusDocs.innerHTML = `<span class="dot"></span>No documents`;
@@ -77,12 +85,42 @@ function showError(msg) {
   els.box.classList.toggle("invalid", !!msg);
 }
 
+// the same words as the server's 413 `question_too_long`; null when the question is within the limit
+function tooLongMessage(question) {
+  const limit = state.limits.question, n = chars(question);
+  if (limit == null || n <= limit) return null;
+  return `Your question is ${num(n)} characters long; the limit is ${num(limit)}. Please shorten it and send it again.`;
+}
+
+// "1,234 / 2,000" once the question nears the limit; red when over it
+function updateCount() {
+  const limit = state.limits.question, n = chars(els.question.value.trim());
+  const show = limit != null && n >= 0.8 * limit;
+  els.count.hidden = !show;
+  els.count.textContent = show ? `${num(n)} / ${num(limit)} characters` : "";
+  els.count.classList.toggle("over", show && n > limit);
+}
+
+// the most recent turns within the server's limits on messages and characters (the server refuses more)
+function historyToSend() {
+  const { history: most, historyChars } = state.limits;
+  let turns = most == null ? state.history.slice() : state.history.slice(state.history.length - Math.min(most, state.history.length));
+  if (historyChars != null) {
+    let total = turns.reduce((sum, t) => sum + chars(t.content), 0);
+    while (turns.length && total > historyChars) total -= chars(turns.shift().content);
+  }
+  return turns;
+}
+
 function autosize() {
   els.question.style.height = "auto";
   els.question.style.height = Math.min(els.question.scrollHeight, 160) + "px";
 }
 
-els.question.addEventListener("input", () => { autosize(); if (els.question.value.trim()) showError(""); });
+els.question.addEventListener("input", () => {
+  autosize(); updateCount();
+  if (!els.error.hidden) showError(els.question.value.trim() ? tooLongMessage(els.question.value.trim()) || "" : els.error.textContent);
+});
 els.question.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); els.form.requestSubmit(); }
 });
@@ -110,10 +148,12 @@ function addMessage(role, html) {
 async function ask(raw) {
   const question = raw.trim();
   if (!question) { showError("Please type a question before sending."); els.question.focus(); return; }
+  const tooLong = tooLongMessage(question);
+  if (tooLong) { showError(tooLong); els.question.focus(); return; }
   if (state.busy) return;
   showError("");
   state.busy = true; els.send.disabled = true; els.send.textContent = "Answering…";
-  els.question.value = ""; autosize();
+  els.question.value = ""; autosize(); updateCount();
   addMessage("user", esc(question));
   const msg = addMessage("assistant", `<span class="answer-text"><span class="thinking">Searching the documents…</span></span>`);
   msg.classList.add("streaming");
@@ -124,7 +164,7 @@ async function ask(raw) {
     const res = await fetch("/api/chat", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify({ question, history: state.history }),
+      body: JSON.stringify({ question, history: historyToSend() }),
     });
     if (!res.ok) {
       let body = {};
@@ -148,10 +188,10 @@ async function ask(raw) {
   msg.classList.remove("streaming");
   if (failure) {
     msg.remove();
-    const hint = failure.kind === "context_too_long" && state.history.length
-      ? `<span class="err-hint">Ask a shorter question, or start a <em>New chat</em> to drop the earlier turns.</span>` : "";
-    const err = addMessage("error", `<strong>${esc(errorTitle(failure.kind))}</strong>${esc(failure.message)}${hint}`);
+    const err = addMessage("error", `<strong>${esc(errorTitle(failure.kind))}</strong>${esc(failure.message)}`);
     err.dataset.kind = failure.kind;
+    // the question was not answered: give it back to the box to edit and resend (unless a new one is being typed)
+    if (!els.question.value.trim()) { els.question.value = raw; autosize(); updateCount(); }
   } else {
     const idx = state.answers.length;
     state.answers.push({ attribution, retrieval, el: msg, seconds });
@@ -167,7 +207,9 @@ async function ask(raw) {
 function errorTitle(kind) {
   return {
     empty_question: "Empty question",
-    context_too_long: "Context too long",
+    question_too_long: "Question too long",
+    history_too_long: "Conversation too long",
+    context_too_long: "Too long for the model",
     no_documents: "No documents",
     no_match: "No matching documents",
     invalid_request: "Invalid request",
