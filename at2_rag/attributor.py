@@ -17,6 +17,7 @@ from .errors import ContextTooLongError, DocumentsNotLocatedError, InvalidInputE
 from .estimator import ScoreEstimator
 from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
 from .locate import LocatedPrompt, locate_prompt
+from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
 from .prompt import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
 from .result import (
     MAX_CITED_PER_SENTENCE,
@@ -154,11 +155,14 @@ class Attributor:
         history: Sequence[Any] | None = None,
         system_prompt: str | None = _UNSET,
         max_new_tokens: int = 256,
+        ablations: int = 0,
         **generate_kwargs: Any,
     ) -> Attribution:
-        """Generate an answer (greedy by default) while capturing attention; attribute it. No extra passes."""
+        """Generate an answer (greedy by default) while capturing attention; attribute it. No extra passes,
+        unless `ablations=k`: k ablation passes then refine the document scores (see `at2_rag.refine`)."""
+        check_ablations(ablations)
         run = self.generate_run(query, documents, history, system_prompt, max_new_tokens, **generate_kwargs)
-        return self.build_attribution(run, query)
+        return self.build_attribution(run, query, ablations)
 
     def stream(
         self,
@@ -167,15 +171,17 @@ class Attributor:
         history: Sequence[Any] | None = None,
         system_prompt: str | None = _UNSET,
         max_new_tokens: int = 256,
+        ablations: int = 0,
         **generate_kwargs: Any,
     ) -> Iterator[str | Attribution]:
         """Yield answer text chunks as they are generated, then the Attribution as the last item.
 
         Bad input and a prompt + max_new_tokens that exceeds the context window raise on the first `next()`, in
-        the caller's thread, before the generation thread starts."""
+        the caller's thread, before the generation thread starts. `ablations=k` refines after the text ends."""
+        check_ablations(ablations)
         prompt = self.render(query, documents, history, system_prompt)
         for item in self.stream_prompt_run(prompt, max_new_tokens, **generate_kwargs):
-            yield self.build_attribution(item, query) if isinstance(item, CapturedRun) else item
+            yield self.build_attribution(item, query, ablations) if isinstance(item, CapturedRun) else item
 
     def attribute(
         self,
@@ -184,10 +190,13 @@ class Attributor:
         answer: str,
         history: Sequence[Any] | None = None,
         system_prompt: str | None = _UNSET,
+        ablations: int = 0,
     ) -> Attribution:
-        """Attribute an answer produced elsewhere with one forward pass over prompt + answer."""
+        """Attribute an answer produced elsewhere with one forward pass over prompt + answer (plus `ablations`
+        refinement passes)."""
+        check_ablations(ablations)
         run = self.forward_run(query, documents, answer, history, system_prompt)
-        return self.build_attribution(run, query)
+        return self.build_attribution(run, query, ablations)
 
     def attribute_rendered(
         self,
@@ -196,6 +205,7 @@ class Attributor:
         answer: str | None = None,
         query: str = "",
         max_new_tokens: int = 256,
+        ablations: int = 0,
         **generate_kwargs: Any,
     ) -> Attribution:
         """Attribute an answer to the documents inside a prompt rendered elsewhere (a framework's template).
@@ -206,8 +216,9 @@ class Attributor:
         given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
         prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` only labels the
         result. Raises `DocumentsNotLocatedError` (a `NoDocumentsError`, with `.unlocated`) when no document
-        occurs in the prompt.
+        occurs in the prompt. `ablations=k` refines the scores with k ablation passes.
         """
+        check_ablations(ablations)
         located = self.locate(prompt, documents)
         if not located.located:
             raise DocumentsNotLocatedError(located.unlocated)
@@ -215,7 +226,7 @@ class Attributor:
             run = self.generate_prompt_run(located.prompt, max_new_tokens, **generate_kwargs)
         else:
             run = self.forward_prompt_run(located.prompt, answer)
-        return self.build_attribution(run, query)
+        return self.build_attribution(run, query, ablations)
 
     def generate_text(
         self,
@@ -453,12 +464,21 @@ class Attributor:
 
     # ---- scoring ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def build_attribution(self, run: CapturedRun, query: str) -> Attribution:
+    def build_attribution(self, run: CapturedRun, query: str, ablations: int = 0) -> Attribution:
+        """Scores, citations and groundedness of a run; with `ablations=k`, k ablation passes of the answer
+        refine every document score (whole answer and each sentence) with the AT2 scores as the prior."""
         prompt, answer = run.prompt, run.answer
         n_docs = run.num_documents
         rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
         whole = self.estimator(target_features(run.token_features, rows_all)).tolist()  # [S]
         doc_scores, sent_scores = whole[:n_docs], whole[n_docs:]
+        targets = answer_targets(answer)
+        target_scores = [self.estimator(target_features(run.token_features, rows)).tolist() for _, rows in targets]
+        passes = 0
+        if check_ablations(ablations) and n_docs and answer.token_ids:
+            refined, passes = self._refine(run, [rows_all] + [rows for _, rows in targets], [doc_scores] + [t[:n_docs] for t in target_scores], ablations)
+            doc_scores = refined[0]
+            target_scores = [r + t[n_docs:] for r, t in zip(refined[1:], target_scores)]
 
         sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
         for j, src in enumerate(prompt.sentence_sources):
@@ -484,10 +504,10 @@ class Attributor:
                 )
             )
 
-        citations = []
-        for span, rows in answer_targets(answer):
-            scores = self.estimator(target_features(run.token_features, rows)).tolist()
-            citations.append(self._citation(answer.text, span, scores, prompt, sentences_by_doc))
+        citations = [
+            self._citation(answer.text, span, scores, prompt, sentences_by_doc)
+            for (span, _), scores in zip(targets, target_scores)
+        ]
         supported = bool(max(doc_scores, default=0.0) >= self.support_threshold)
         return Attribution(
             query=query,
@@ -503,7 +523,29 @@ class Attributor:
             num_answer_tokens=len(answer.token_ids),
             finish_reason=run.finish_reason,
             unlocated_documents=list(prompt.unlocated_documents),
+            extra_forward_passes=passes,
         )
+
+    def _refine(
+        self, run: CapturedRun, target_rows: list[list[int]], prior: list[list[float]], ablations: int
+    ) -> tuple[list[list[float]], int]:
+        """k ablation passes over the documents (prefix-shared, batched), then each target's document scores
+        refined with its AT2 scores as the prior. Returns the refined scores and the passes paid."""
+        from .training.ablation import ablated_answer_logit_probs, target_log_odds
+
+        prompt, answer = run.prompt, run.answer
+        masks = choose_masks(len(prompt.doc_token_spans), ablations, prompt.text + "\x00" + answer.text)
+        ids = prompt.input_ids + answer.token_ids
+        with self.lock:
+            logit_probs = ablated_answer_logit_probs(
+                self.model, ids, len(answer.token_ids), prompt.doc_token_spans, masks, batch_size=8
+            )
+        settings = RefinementPrior.from_metadata(self.estimator.metadata)
+        refined = [
+            refine_scores(torch.tensor(scores), masks, target_log_odds(logit_probs, rows), settings).tolist()
+            for rows, scores in zip(target_rows, prior)
+        ]
+        return refined, int(masks.shape[0])
 
     def _citation(
         self,

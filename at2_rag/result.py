@@ -98,6 +98,10 @@ class Attribution(BaseModel):
         default_factory=list,
         description="documents given but not found in an already-rendered prompt: not scored, listed with the reason",
     )
+    extra_forward_passes: int = Field(
+        default=0,
+        description="ablation passes paid beyond the generation (or the one forward pass over a given answer)",
+    )
 
     # ---- accessors -------------------------------------------------------------------------------------
     def document_scores(self) -> dict[str, float]:
