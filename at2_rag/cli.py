@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import AT2Error, InvalidInputError
+from .errors import AT2Error, InputFileError, InvalidInputError
+from .files import json_type, read_jsonl, read_user_text
 
 logger = logging.getLogger("at2_rag")
 
@@ -35,36 +37,60 @@ def _attributor(args: argparse.Namespace) -> Any:
     return Attributor.default(estimator=estimator)
 
 
+DOCUMENT_SUFFIXES = {".txt", ".md"}
+
+
+def _document_files(folder: Path) -> list[Path]:
+    """The .txt/.md files under `folder`, sorted. Symlinked folders are not followed (a link to / or a loop would
+    walk forever); a subfolder that cannot be listed is an error, not a silently missing part of the corpus."""
+    problems: list[OSError] = []
+
+    def onerror(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):  # vanished while walking (e.g. a process in /proc): not ours
+            problems.append(exc)
+
+    files = []
+    for root, _dirs, names in os.walk(folder, onerror=onerror):
+        for name in names:
+            file = Path(root) / name
+            if file.suffix.lower() in DOCUMENT_SUFFIXES and file.is_file():
+                files.append(file)
+    if problems:
+        exc = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputFileError(f"cannot list the folder {exc.filename}: {exc.strerror or exc}{more}", exc.filename)
+    return sorted(files)
+
+
 def read_documents(path: str | Path) -> list[dict[str, Any]]:
-    """Documents from a JSONL file (one object with `text`, optional id/title/url/metadata per line) or a
-    folder of .txt/.md files (id = relative path, title = file name)."""
+    """Documents from a JSONL file (one object with `text`, optional id/title/url/metadata per line, or a JSON
+    string) or a folder of .txt/.md files (id = relative path, title = file name). Files must be UTF-8; anything
+    unreadable is an `InputFileError` naming the file (and line)."""
     path = Path(path)
     if path.is_dir():
         docs = []
-        for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in {".txt", ".md"} and p.is_file()):
-            try:
-                text = file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InvalidInputError(f"cannot read {file}: {exc}") from exc
+        for file in _document_files(path):
+            text = read_user_text(file, "text document")
             docs.append({"id": str(file.relative_to(path)), "title": file.stem, "text": text})
         if not docs:
             raise InvalidInputError(f"{path} contains no .txt or .md files")
         return docs
-    if not path.is_file():
-        raise InvalidInputError(f"{path} is neither a JSONL file nor a folder")
+    if not path.exists():
+        raise InputFileError(f"{path} is neither a JSONL file nor a folder: it does not exist", path)
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"{path}:{n} is not valid JSON: {exc}") from exc
+    for n, row, problem in read_jsonl(path, "JSONL file of documents"):
+        if problem is not None:
+            raise InputFileError(f"{path}:{n} {problem}", path, n)
         if isinstance(row, str):
             row = {"text": row}
-        if not isinstance(row, dict) or not isinstance(row.get("text", row.get("page_content")), str):
-            raise InvalidInputError(f"{path}:{n} needs a string field 'text'")
+        if not isinstance(row, dict):
+            raise InputFileError(f"{path}:{n} is {json_type(row)}; each line needs an object with a string field "
+                                 "'text' (or a JSON string)", path, n)
+        if not isinstance(row.get("text", row.get("page_content")), str):
+            raise InputFileError(f"{path}:{n} needs a string field 'text'", path, n)
         docs.append(row)
+    if not docs:
+        raise InvalidInputError(f"{path} holds no documents (every line is blank)")
     return docs
 
 
@@ -154,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AT2Error as exc:
         print(f"at2-rag: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished work is already saved (collect flushes its shards): no traceback
+        print("at2-rag: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -56,3 +56,35 @@ class EstimatorFormatError(AT2Error, ValueError):
 
 class UnsupportedModelError(AT2Error, TypeError):
     """The model's attention does not go through transformers' AttentionInterface, so it cannot be captured."""
+
+
+class InputFileError(InvalidInputError):
+    """A user's input file cannot be read as text or JSON Lines: missing, a folder, binary, not UTF-8, not JSON.
+
+    `path` names the file and `line` the 1-based line where the problem is (None when it is the whole file).
+    """
+
+    def __init__(self, message: str, path: object = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        super().__init__(message)
+
+
+class InvalidExamplesError(InvalidInputError):
+    """Examples (for `collect` or `evaluate`) failed validation; `problems` lists every bad one.
+
+    Each problem is an `at2_rag.training.data.InvalidExample` (line, position, id, reason), so the message and
+    the attribute name every bad example at once instead of failing on the first.
+    """
+
+    MAX_LISTED = 20
+
+    def __init__(self, source: str, problems: list, hint: str = "") -> None:
+        self.source = source
+        self.problems = list(problems)
+        listed = [f"  {p.describe()}" for p in self.problems[: self.MAX_LISTED]]
+        if len(self.problems) > self.MAX_LISTED:
+            listed.append(f"  ... and {len(self.problems) - self.MAX_LISTED} more")
+        count = len(self.problems)
+        head = f"{count} invalid example{'s' if count != 1 else ''} in {source}:"
+        super().__init__("\n".join([head, *listed, *([hint] if hint else [])]))

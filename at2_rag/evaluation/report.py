@@ -38,7 +38,8 @@ from ..training.collect import example_seed, source_layout
 from ..training.data import read_examples
 from .baselines import leave_one_out_scores, surrogate_scores
 from .metrics import lds, top_k_mask
-from ..files import atomic_path
+from ..errors import InputFileError
+from ..files import atomic_path, read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side);
     write the JSON report (atomically) and the plot if asked."""
-    todo = read_examples(examples)[: limit or None]
+    todo = read_examples(examples, limit=limit or None)
     todo = todo[part[0] :: part[1]] if part else todo
     if estimators is None:
         estimators = {"at2": attributor.estimator, "average_attention": ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)}
@@ -365,8 +366,22 @@ def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, 
         plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples")
 
 
+def _read_part(path: Path) -> dict[str, Any]:
+    """One part report written by `evaluate --part`; anything else is an `InputFileError` naming the file."""
+    text = read_user_text(path, "JSON report of `evaluate --part`")
+    try:
+        part = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            f"{path}:{exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno
+        ) from exc
+    if not isinstance(part, dict) or not isinstance(part.get("examples"), list):
+        raise InputFileError(f"{path} is not a report of `evaluate --part` (no list of 'examples')", path)
+    return part
+
+
 def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """One report from the parts written by several evaluation processes."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [_read_part(Path(p)) for p in paths]
     rows = [row for part in parts for row in part["examples"]]
     return {**parts[0], "num_examples": len(rows), "summary": summarize(rows), "examples": rows}

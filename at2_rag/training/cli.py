@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
+
 
 def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
     from ..attributor import Attributor
@@ -30,8 +32,15 @@ def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .collect import collect
+    from .collect import SKIP_HINT, collect, prepare_output_dir
+    from .data import scan_examples
 
+    # the checks that need no model come before loading it: a bad file fails in a second, not after the load
+    scanned = scan_examples(args.examples, args.limit)
+    if scanned.invalid and not args.skip_invalid:
+        raise scanned.error(SKIP_HINT)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        prepare_output_dir(args.output)  # raises, naming the problem
     summary = collect(
         args.examples,
         args.output,
@@ -44,6 +53,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         limit=args.limit,
+        skip_invalid=args.skip_invalid,
     )
     print(json.dumps(summary))
     return 0
@@ -51,19 +61,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..models import DEFAULT_MODEL_ID
-    from .data import load_collected
+    from .data import SHARD_GLOB, load_collected
     from .train import train_estimator
 
+    if not args.data.is_dir():
+        raise InvalidInputError(f"{args.data} is not a folder of collected shards (the output of `collect`)")
     examples = load_collected(args.data)
     if not examples:
-        raise SystemExit(f"no collected shards in {args.data}")
+        raise InvalidInputError(f"no collected shards ({SHARD_GLOB}) in {args.data}")
     num_layers, num_heads = args.num_layers, args.num_heads
     if num_layers is None or num_heads is None:
         d = examples[0].features.shape[-1]
         if args.model is None and d == 30 * 9:
             num_layers, num_heads = 30, 9
         else:
-            raise SystemExit("pass --num-layers and --num-heads for this model")
+            raise InvalidInputError("pass --num-layers and --num-heads for this model")
     estimator, report = train_estimator(
         examples,
         num_layers,
@@ -100,15 +112,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("evaluate needs a JSONL of examples (or --merge PART.json ...)")
     part = None
     if args.part:
-        k, n = (int(x) for x in args.part.split("/"))
+        try:
+            k, n = (int(x) for x in args.part.split("/"))
+        except ValueError:
+            raise InvalidInputError(f"--part must be K/N (two integers, 0 <= K < N), got {args.part!r}") from None
+        if not 0 <= k < n:
+            raise InvalidInputError(f"--part must be K/N with 0 <= K < N, got {args.part!r}")
         part = (k, n)
+    from .data import read_examples
 
+    # before the model loads: a bad file fails at once
+    examples = read_examples(args.examples, limit=args.limit or None)
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
     estimators = {"at2": attributor.estimator} if estimator is not None or attributor.estimator.trained else {}
     estimators["average_attention"] = ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)
     report = evaluate(
-        args.examples,
+        examples,
         attributor,
         estimators,
         output=args.output,
@@ -154,6 +174,8 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--batch-size", type=int, default=33, help="ablation masks per forward pass (default: all 1 + 32 "
                    "of an example, so every shared prompt prefix is computed once; lower it if memory is short)")
     c.add_argument("--limit", type=int)
+    c.add_argument("--skip-invalid", action="store_true", help="skip bad examples (no documents, empty query, "
+                   "not JSON, too long, ...) and report them in the summary, instead of refusing to start")
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train", help="fit the linear estimator on collected shards")

@@ -4,6 +4,9 @@ For each example: generate the answer (greedy, recorded) with attention capture,
 sentences, and for each target keep the head features of every source and the log-odds of the target under
 32 random ablation masks (one batched teacher-forced pass per batch of masks gives every target's label).
 Runs resumably: finished shards are skipped by example id; `accelerate launch` splits examples over processes.
+Every example is checked before any model work (its prompt rendered and fitted to the context window): a bad
+one stops the run before it starts, naming each bad example, or with `skip_invalid` is skipped and reported.
+Whatever happens mid-run, the examples finished so far are written to a shard before the error propagates.
 """
 
 from __future__ import annotations
@@ -19,9 +22,25 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attributor import Attributor
+from ..errors import (
+    ContextTooLongError,
+    InvalidExamplesError,
+    InvalidInputError,
+    NoDocumentsError,
+    PromptRenderError,
+)
 from ..features import answer_targets, target_features
 from .ablation import ablated_answer_logit_probs, random_masks, target_log_odds
-from .data import CollectedExample, Example, completed_ids, read_examples, write_shard
+from .data import (
+    CollectedExample,
+    Example,
+    InvalidExample,
+    ScannedExamples,
+    completed_ids,
+    remove_stale_temp_shards,
+    scan_examples,
+    write_shard,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +117,41 @@ def _process_split() -> tuple[int, int, Any]:
     return 0, 1, None
 
 
+# errors that an example's own content causes (not the model's or the machine's)
+EXAMPLE_ERRORS = (InvalidInputError, NoDocumentsError, ContextTooLongError, PromptRenderError)
+SKIP_HINT = "fix them, or pass --skip-invalid (skip_invalid=True) to collect the others and report these"
+
+
+def check_examples(
+    scanned: ScannedExamples, attributor: Attributor, examples: list[Example], max_new_tokens: int
+) -> None:
+    """Render each example's prompt (tokenization only, no model pass) and check that it fits the context window
+    with `max_new_tokens`: what would otherwise fail hours into a run fails, or is skipped, before it starts."""
+    if examples:
+        logger.info("checking the prompts of %d examples", len(examples))
+    bad = set()
+    for example in examples:
+        try:
+            prompt = attributor.render(example.query, example.documents, example.history)
+            attributor.check_fits(prompt, max_new_tokens)
+        except EXAMPLE_ERRORS as exc:
+            scanned.invalid.append(InvalidExample(example.line, example.position or 0, example.id, str(exc)))
+            bad.add(example.position)
+    if bad:
+        scanned.examples = [e for e in scanned.examples if e.position not in bad]
+        scanned.invalid.sort(key=lambda p: p.position)
+
+
+def prepare_output_dir(output_dir: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> Path:
+    """The output folder, created if needed, without the temp shards a killed run left behind."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InvalidInputError(f"{output_dir} exists and is not a folder: collect writes a folder of shards")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_shards(output_dir, rank, world_size)
+    return output_dir
+
+
 def collect(
     examples: str | os.PathLike[str] | Iterable[Any],
     output_dir: str | os.PathLike[str],
@@ -112,18 +166,30 @@ def collect(
     limit: int | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    skip_invalid: bool = False,
 ) -> dict[str, Any]:
-    """Collect every example not already in `output_dir`; safe to kill and rerun at any point."""
+    """Collect every example not already in `output_dir`; safe to kill and rerun at any point.
+
+    Bad examples raise `InvalidExamplesError` (naming every one, by line and id) before any model work, or with
+    `skip_invalid` are logged and listed under `"invalid"` in the returned summary. An example that fails mid-run
+    is treated the same way (after the finished examples are written); any other error is raised after they are."""
     if rank is None or world_size is None:
         rank, world_size, _ = _process_split()
-    todo = read_examples(examples)
-    if limit is not None:
-        todo = todo[:limit]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    scanned = scan_examples(examples, limit)
+    output_dir = prepare_output_dir(output_dir, rank, world_size)
     done = completed_ids(output_dir)
-    mine = [ex for i, ex in enumerate(todo) if i % world_size == rank and ex.id not in done]
-    logger.info("rank %d/%d: %d examples to collect (%d already done)", rank, world_size, len(mine), len(done))
+    mine = [ex for ex in scanned.examples if (ex.position or 0) % world_size == rank and ex.id not in done]
+    check_examples(scanned, attributor, mine, max_new_tokens)
+    if scanned.invalid and not skip_invalid:
+        raise scanned.error(SKIP_HINT)
+    # every rank reads every example, so each reports only the bad ones of its own share
+    invalid = [p for p in scanned.invalid if p.position % world_size == rank]
+    for problem in invalid:
+        logger.warning("skipping invalid example in %s: %s", scanned.source, problem.describe())
+    bad = {p.position for p in invalid}
+    mine = [ex for ex in mine if ex.position not in bad]
+    logger.info("rank %d/%d: %d examples to collect (%d already done, %d invalid skipped)", rank, world_size,
+                len(mine), len(done), len(invalid))
     buffer: list[CollectedExample] = []
     skipped = written = 0
     start = time.time()
@@ -137,15 +203,47 @@ def collect(
             buffer.clear()
 
     bar = tqdm(mine, desc=f"collect[{rank}]", unit="ex", disable=None)
-    for example in bar:
-        item = collect_example(attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size)
-        if item is None:
-            skipped += 1
-            continue
-        buffer.append(item)
-        if len(buffer) >= shard_size:
+    try:
+        for example in bar:
+            try:
+                item = collect_example(
+                    attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size
+                )
+            except EXAMPLE_ERRORS as exc:  # the example itself is at fault (validation could not foresee it)
+                problem = InvalidExample(example.line, example.position or 0, example.id, str(exc))
+                if not skip_invalid:
+                    raise InvalidExamplesError(scanned.source, [problem], SKIP_HINT) from exc
+                logger.warning("skipping invalid example in %s: %s", scanned.source, problem.describe())
+                invalid.append(problem)
+                continue
+            if item is None:
+                skipped += 1
+                continue
+            logger.info("collected %s", example.describe())
+            buffer.append(item)
+            if len(buffer) >= shard_size:
+                flush()
+            bar.set_postfix(written=written + len(buffer), skipped=skipped)
+    except BaseException:  # an error, KeyboardInterrupt or SystemExit: keep what is finished, then propagate
+        pending = len(buffer)
+        try:
             flush()
-        bar.set_postfix(written=written + len(buffer), skipped=skipped)
+        except Exception:  # never hide the original error behind this one
+            logger.exception("could not write the %d finished examples of the interrupted run", pending)
+        else:
+            if pending:
+                logger.warning("collect stopped early: wrote the %d finished examples to %s; rerun to resume",
+                               pending, output_dir)
+        raise
+    finally:
+        bar.close()
     flush()
     elapsed = time.time() - start
-    return {"rank": rank, "collected": written, "skipped": skipped, "seconds": elapsed, "output_dir": str(output_dir)}
+    return {
+        "rank": rank,
+        "collected": written,
+        "skipped": skipped,
+        "invalid": [p.to_dict() for p in invalid],
+        "seconds": elapsed,
+        "output_dir": str(output_dir),
+    }

@@ -10,29 +10,179 @@ shard on disk is always complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import InvalidInputError
-from ..files import atomic_path
+from ..errors import InputFileError, InvalidExamplesError, InvalidInputError, NoDocumentsError
+from ..files import atomic_path, json_type, read_jsonl
+from ..sources import normalize_documents
+
+logger = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.safetensors"
+TEMP_SHARD_GLOB = ".shard-*.tmp"  # atomic_path's temp file beside a shard being written
+_TEMP_SHARD_RANK = re.compile(r"^\.shard-r(\d+)-")
 
 
 @dataclass
 class Example:
-    """One RAG example to collect: a question and its retrieved documents."""
+    """One RAG example to collect: a question and its retrieved documents.
+
+    `line` (1-based, in the JSONL file) and `position` (among the examples, 0-based) say where it came from,
+    so that every message about it can name it."""
 
     id: str
     query: str
     documents: list[Any]
     history: list[Any] = field(default_factory=list)
+    line: int | None = field(default=None, compare=False)
+    position: int | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        return _describe(self.line, self.position, self.id)
+
+
+@dataclass(frozen=True)
+class InvalidExample:
+    """An example that cannot be collected or evaluated, and why (kept in summaries and in the error)."""
+
+    line: int | None  # 1-based line of the JSONL file, None for examples given in memory
+    position: int  # 0-based among the examples (non-blank lines)
+    id: str | None  # None when the line has no readable id (not JSON, not an object)
+    reason: str
+
+    def describe(self) -> str:
+        return f"{_describe(self.line, self.position, self.id)}: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "position": self.position, "id": self.id, "reason": self.reason}
+
+
+def _describe(line: int | None, position: int | None, example_id: str | None) -> str:
+    where = f"line {line}" if line is not None else f"example {position}"
+    return where if example_id is None else f"{where} (id {example_id!r})"
+
+
+@dataclass
+class ScannedExamples:
+    """The outcome of reading examples: the good ones, the bad ones with reasons, and where they came from."""
+
+    examples: list[Example]
+    invalid: list[InvalidExample]
+    source: str
+
+    def error(self, hint: str = "") -> InvalidExamplesError:
+        return InvalidExamplesError(self.source, self.invalid, hint)
+
+
+def _example_problem(row: dict[str, Any]) -> str | None:
+    """Why a parsed row is not a usable example (checks that need no tokenizer), or None."""
+    missing = [k for k in ("query", "documents") if k not in row]
+    if missing:
+        return f"needs 'query' and 'documents' (missing {', '.join(repr(k) for k in missing)}; has {sorted(row)})"
+    query = row["query"]
+    if not isinstance(query, str):
+        return f"query must be a string, got {json_type(query)}"
+    if not query.strip():
+        return "query is empty"
+    history = row.get("history")
+    if history is not None and not isinstance(history, (list, tuple)):
+        return f"history must be a list of earlier turns, got {json_type(history)}"
+    try:
+        normalize_documents(row["documents"])
+    except (InvalidInputError, NoDocumentsError) as exc:
+        return str(exc)
+    return None
+
+
+def _example_id(row: dict[str, Any], position: int) -> tuple[str | None, str | None]:
+    """(id, problem): a missing or null id is the example's position, as it always was (shards are keyed by it)."""
+    value = row.get("id")
+    if value is None:
+        return str(position), None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"id must be a string or an integer, got {json_type(value)}"
+    if isinstance(value, str) and not value.strip():
+        return None, "id is empty"
+    return str(value), None
+
+
+def scan_examples(source: str | os.PathLike[str] | Iterable[Any], limit: int | None = None) -> ScannedExamples:
+    """Read and check every example (the first `limit` only, when given) without stopping at the first bad one.
+
+    A file that cannot be read as JSON Lines at all (missing, binary, a folder) raises `InputFileError`; a bad
+    line or example (not UTF-8, not JSON, not an object, no documents, empty query, duplicate id, ...) is listed
+    in `invalid` with its line and id."""
+    rows: list[tuple[int | None, Any, str | None]]  # (line, value, problem)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            raise InputFileError(f"{path} is a folder, not a file of examples (JSONL)", path)
+        rows = [(r.line, r.value, r.problem) for r in read_jsonl(path, "file of examples (JSONL)")]
+        where = str(path)
+    else:
+        rows = [(None, row, None) for row in source]
+        where = "the examples given"
+    if limit is not None:
+        rows = rows[: max(limit, 0)]
+    examples: list[Example] = []
+    invalid: list[InvalidExample] = []
+    first_seen: dict[str, Example] = {}
+    for position, (line, row, problem) in enumerate(rows):
+        example_id: str | None = None
+        if problem is None and isinstance(row, Example):
+            # an Example read earlier keeps its place in its file (the rank split and messages use it)
+            example = replace(row, line=row.line if line is None else line,
+                              position=position if row.position is None else row.position)
+            example_id = example.id
+            problem = _example_problem(
+                {"query": example.query, "documents": example.documents, "history": example.history or None}
+            )
+        elif problem is None and not isinstance(row, dict):
+            problem = f"is {json_type(row)}, not an object with 'query' and 'documents'"
+        elif problem is None:
+            example_id, problem = _example_id(row, position)
+            problem = problem or _example_problem(row)
+            if problem is None:
+                example = Example(
+                    id=example_id, query=row["query"], documents=row["documents"], history=row.get("history") or [],
+                    line=line, position=position,
+                )
+        if problem is None and example_id in first_seen:
+            earlier = first_seen[example_id]
+            first = _describe(earlier.line, earlier.position, None)
+            problem = f"id {example_id!r} is already used by {first}; ids must be unique"
+        if problem is not None:
+            if isinstance(row, Example):
+                line, position = example.line, example.position or 0
+            invalid.append(InvalidExample(line, position, example_id, problem))
+            continue
+        first_seen[example.id] = example
+        examples.append(example)
+    return ScannedExamples(examples, invalid, where)
+
+
+def read_examples(
+    source: str | os.PathLike[str] | Iterable[Any], skip_invalid: bool = False, limit: int | None = None
+) -> list[Example]:
+    """Examples from a JSONL file (query, documents, optional id/history) or an iterable of dicts/Examples.
+
+    Every example is checked first: bad ones raise one `InvalidExamplesError` naming each (line and id), or, with
+    `skip_invalid`, are logged and left out."""
+    scanned = scan_examples(source, limit)
+    if scanned.invalid and not skip_invalid:
+        raise scanned.error("fix them (or pass skip_invalid=True to leave them out)")
+    for problem in scanned.invalid:
+        logger.warning("skipping invalid example in %s: %s", scanned.source, problem.describe())
+    return scanned.examples
 
 
 @dataclass
@@ -43,40 +193,6 @@ class CollectedExample:
     labels: torch.Tensor  # [targets, masks]
     full: torch.Tensor  # [targets]
     meta: dict[str, Any]
-
-
-def read_examples(source: str | os.PathLike[str] | Iterable[Any]) -> list[Example]:
-    """Examples from a JSONL file (query, documents, optional id/history) or an iterable of dicts/Examples."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise InvalidInputError(f"{path} is not a file of examples (JSONL)")
-        rows: Iterable[Any] = []
-        lines = path.read_text(encoding="utf-8").splitlines()
-        parsed = []
-        for n, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    parsed.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InvalidInputError(f"{path}:{n} is not valid JSON: {exc}") from exc
-        rows = parsed
-    else:
-        rows = source
-    examples = []
-    for i, row in enumerate(rows):
-        if isinstance(row, Example):
-            examples.append(row)
-            continue
-        if not isinstance(row, dict) or "query" not in row or "documents" not in row:
-            raise InvalidInputError(f"example {i} needs 'query' and 'documents'")
-        examples.append(
-            Example(id=str(row.get("id", i)), query=row["query"], documents=row["documents"], history=row.get("history") or [])
-        )
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise InvalidInputError("example ids must be unique")
-    return examples
 
 
 def write_shard(path: Path, examples: list[CollectedExample]) -> None:
@@ -91,23 +207,39 @@ def write_shard(path: Path, examples: list[CollectedExample]) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+_SHARD_HINT = "delete it and rerun `collect` to redo its examples"
+
+
 def shard_example_meta(path: Path) -> list[dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("examples", "[]"))
+    """The example descriptions a shard holds; a damaged or foreign file is an `InputFileError` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metas = json.loads((f.metadata() or {}).get("examples", "[]"))
+    except (SafetensorError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise InputFileError(f"{path} is not a readable at2-rag shard ({exc}); {_SHARD_HINT}", path) from exc
+    if not isinstance(metas, list) or not all(isinstance(m, dict) and "id" in m for m in metas):
+        raise InputFileError(f"{path} is not an at2-rag shard (its metadata lists no example ids); {_SHARD_HINT}", path)
+    return metas
 
 
 def read_shard(path: Path) -> Iterator[CollectedExample]:
-    with safe_open(str(path), framework="pt") as f:
-        metas = json.loads((f.metadata() or {}).get("examples", "[]"))
-        for k, meta in enumerate(metas):
-            yield CollectedExample(
-                id=meta["id"],
-                features=f.get_tensor(f"{k}.features"),
-                masks=f.get_tensor(f"{k}.masks").bool(),
-                labels=f.get_tensor(f"{k}.labels"),
-                full=f.get_tensor(f"{k}.full"),
-                meta=meta,
-            )
+    metas = shard_example_meta(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            items = [
+                CollectedExample(
+                    id=meta["id"],
+                    features=f.get_tensor(f"{k}.features"),
+                    masks=f.get_tensor(f"{k}.masks").bool(),
+                    labels=f.get_tensor(f"{k}.labels"),
+                    full=f.get_tensor(f"{k}.full"),
+                    meta=meta,
+                )
+                for k, meta in enumerate(metas)
+            ]
+    except (SafetensorError, OSError, ValueError) as exc:  # a tensor missing or unreadable
+        raise InputFileError(f"{path} is not a readable at2-rag shard ({exc}); {_SHARD_HINT}", path) from exc
+    yield from items
 
 
 def shard_paths(folder: str | os.PathLike[str]) -> list[Path]:
@@ -116,6 +248,26 @@ def shard_paths(folder: str | os.PathLike[str]) -> list[Path]:
 
 def completed_ids(folder: str | os.PathLike[str]) -> set[str]:
     return {m["id"] for p in shard_paths(folder) for m in shard_example_meta(p)}
+
+
+def remove_stale_temp_shards(folder: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Delete the temp shards (`.shard-*.tmp`) that killed writers left in `folder`.
+
+    Only this rank's, and those of ranks this run does not have: another rank of this run may be writing its
+    own right now. Without a rank in the name, rank 0 removes it."""
+    removed = []
+    for path in Path(folder).glob(TEMP_SHARD_GLOB):
+        match = _TEMP_SHARD_RANK.match(path.name)
+        owner = int(match.group(1)) if match else 0
+        if owner == rank or owner >= world_size:
+            try:
+                path.unlink()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            removed.append(path)
+    if removed:
+        logger.info("removed %d temp shard(s) left by a killed run in %s", len(removed), folder)
+    return removed
 
 
 def load_collected(folder: str | os.PathLike[str]) -> list[CollectedExample]:
