@@ -26,9 +26,10 @@ from .errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-# Chosen on the shipped estimator's training split (510 examples; bench/refinement.py), not on held-out data.
-DEFAULT_PRIOR_STRENGTH = 0.1
-DEFAULT_SCALE_STRENGTH = 0.1
+# Chosen on the shipped estimator's training split (510 examples; bench/refinement.py), not on held-out data;
+# an estimator's own `metadata["refinement"]` overrides them.
+DEFAULT_PRIOR_STRENGTH = 0.3
+DEFAULT_SCALE_STRENGTH = 0.03
 MAX_EXACT_SOURCES = 20  # above this, 2**n distinct masks is never a cap worth computing
 
 
@@ -71,11 +72,40 @@ def distinct_mask_count(num_sources: int) -> int:
     return 2**num_sources if num_sources <= MAX_EXACT_SOURCES else 2**MAX_EXACT_SOURCES
 
 
-def choose_masks(num_sources: int, k: int, seed_text: str = "") -> torch.Tensor:
-    """`[k', num_sources]` distinct random keep-masks (each source kept with probability 1/2), k' = min(k, 2^n).
+def _random_distinct(num_sources: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    seen: set[bytes] = set()
+    rows: list[torch.Tensor] = []
+    while len(rows) < count:
+        row = torch.rand(num_sources, generator=generator) < 0.5
+        key = row.numpy().tobytes()
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return torch.stack(rows) if rows else torch.zeros(0, num_sources, dtype=torch.bool)
 
-    Seeded by `seed_text` (the prompt and answer), so the same request gets the same masks. Random masks were
-    compared with the alternatives in bench/refinement.py; see docs/benchmarks.md.
+
+def most_informative(pool: torch.Tensor, k: int, ridge: float = DEFAULT_PRIOR_STRENGTH) -> list[int]:
+    """Greedy D-optimal choice of k masks from `pool`: each adds the most information about the effects (with
+    an intercept) given those already chosen, i.e. runs where the posterior is least certain. Label-free, so
+    it is a design decided before any pass is run."""
+    design = torch.cat([torch.ones(pool.shape[0], 1), pool.float()], dim=1).double()
+    information = torch.eye(design.shape[1], dtype=torch.double) * ridge
+    chosen: list[int] = []
+    for _ in range(min(k, pool.shape[0])):
+        gain = torch.einsum("mi,ij,mj->m", design, torch.linalg.inv(information), design)
+        gain[chosen] = -1.0
+        best = int(gain.argmax())
+        chosen.append(best)
+        information += torch.outer(design[best], design[best])
+    return chosen
+
+
+def choose_masks(num_sources: int, k: int, seed_text: str = "", pool_size: int = 64) -> torch.Tensor:
+    """`[k', num_sources]` distinct keep-masks, k' = min(k, 2^n): the k most informative (`most_informative`)
+    of a pool of random masks (each source kept with probability 1/2). bench/refinement.py compares this with
+    the first k random masks: it lifts LDS at every small k (docs/benchmarks.md).
+
+    Seeded by `seed_text` (the prompt and answer), so the same request gets the same masks.
     """
     limit = distinct_mask_count(num_sources)
     if k > limit:
@@ -86,15 +116,8 @@ def choose_masks(num_sources: int, k: int, seed_text: str = "") -> torch.Tensor:
     if k == limit and num_sources <= MAX_EXACT_SOURCES:  # every mask, in a random order
         every = torch.arange(limit).unsqueeze(1).bitwise_and(1 << torch.arange(num_sources)).ne(0)
         return every[torch.randperm(limit, generator=generator)]
-    seen: set[bytes] = set()
-    rows: list[torch.Tensor] = []
-    while len(rows) < k:
-        row = torch.rand(num_sources, generator=generator) < 0.5
-        key = row.numpy().tobytes()
-        if key not in seen:
-            seen.add(key)
-            rows.append(row)
-    return torch.stack(rows) if rows else torch.zeros(0, num_sources, dtype=torch.bool)
+    pool = _random_distinct(num_sources, min(limit, max(pool_size, 2 * k)), generator)
+    return pool[most_informative(pool, k)]
 
 
 def refine_scores(

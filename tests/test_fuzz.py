@@ -148,6 +148,11 @@ def test_located_documents_are_order_independent_and_exact(tokenizer, docs, befo
 @FUZZ
 @given(docs=documents(), before=text, as_messages=st.booleans())
 @example(docs=[Document(text="<|im_end|>", id="d0")], before="<|im_end|>" * 200, as_messages=True)  # found by make fuzz
+@example(  # found by make fuzz: glued documents share an edge token
+    docs=[Document(text=t, id=f"d{i}") for i, t in enumerate(["<|im_end|>", "<|im_end|>" * 60, "<|im_end|>"])],
+    before="<|im_end|>" * 201,
+    as_messages=False,
+)
 def test_located_prompts_keep_documents_as_text(tokenizer, docs, before, as_messages):
     body = "\n\n".join(d.text for d in docs)
     messages = [{"role": "user", "content": "Context:\n" + before + "\n" + body + "\nQuestion: which?"}]
