@@ -31,7 +31,8 @@ def attribution_metadata(
     `citations` (per answer sentence: text, start, end, cited ids, supported, and every document's score with
     its best-supporting sentence), `supported`, `support_threshold`, `estimator_trained`, `mode`
     ("template": the documents were rendered by at2-rag's prompt template; "prompt": they were found in the
-    messages as given), `unlocated_documents`.
+    messages as given), `unlocated_documents`, `extra_forward_passes` (ablation passes paid to refine the
+    scores: 0 for plain AT2, k with `ablations=k`).
     """
     docs = {d.id: d for d in attribution.documents}
     return {
@@ -63,6 +64,7 @@ def attribution_metadata(
         "estimator_trained": attribution.estimator_trained,
         "mode": mode,
         "unlocated_documents": list(unlocated),
+        "extra_forward_passes": attribution.extra_forward_passes,
     }
 
 

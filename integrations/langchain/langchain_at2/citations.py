@@ -27,13 +27,17 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     * `cited_answer`: the answer with `[n]` marks (n = 1-based position in the documents);
     * `unsupported`: True when no document reaches the estimator's support threshold
       (`attributor.support_threshold`), or when nothing could be attributed;
-    * `attribution`: the full `at2_rag.Attribution` (None if nothing could be attributed), and `at2_error`.
+    * `attribution`: the full `at2_rag.Attribution` (None if nothing could be attributed), and `at2_error`;
+    * `extra_forward_passes`: the ablation passes paid to refine the scores (0 without `ablations`).
 
     Keys are configurable: `answer_key`, `question_keys` (first present wins), `documents_keys`. The answer may
     be a string or an `AIMessage`. If the input also has the prompt the chain's model saw (`prompt_key`,
     default "prompt": a string, a PromptValue or a list of messages), the documents are located inside that
     prompt and the attribution reads it; otherwise at2-rag renders its own RAG prompt from question and
     documents (`Attributor.attribute`).
+
+    `ablations=k` pays k ablation passes to refine the scores (0, the default, is plain AT2; k is capped at
+    2^number of documents).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -45,6 +49,8 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     question_keys: tuple[str, ...] = ("question", "query", "input")
     documents_keys: tuple[str, ...] = ("context", "documents", "source_documents")
     prompt_key: str | None = "prompt"
+    ablations: int = Field(default=0, ge=0, strict=True)
+    """Ablation passes that refine the document scores (0 = plain AT2)."""
 
     def get_attributor(self) -> Attributor:
         if self.attributor is not None:
@@ -80,9 +86,11 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
             prompt = input.get(self.prompt_key) if self.prompt_key else None
             try:
                 if prompt is not None:
-                    attribution = attributor.attribute_rendered(_prompt_arg(prompt), documents, answer, question)
+                    attribution = attributor.attribute_rendered(
+                        _prompt_arg(prompt), documents, answer, question, ablations=self.ablations
+                    )
                 else:
-                    attribution = attributor.attribute(question, documents, answer)
+                    attribution = attributor.attribute(question, documents, answer, ablations=self.ablations)
             except DocumentsNotLocatedError:
                 error = "none of the documents occurs in the prompt"
             except (AT2Error, ValueError) as exc:
@@ -110,6 +118,7 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
         output["unsupported"] = not (attribution is not None and attribution.supported)
         output["attribution"] = attribution
         output["at2_error"] = error
+        output["extra_forward_passes"] = attribution.extra_forward_passes if attribution else 0
         return output
 
 

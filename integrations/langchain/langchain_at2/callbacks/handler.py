@@ -20,6 +20,7 @@ from typing import Any
 from uuid import UUID
 
 from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
+from at2_rag.refine import check_ablations
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.documents import Document
@@ -78,7 +79,9 @@ class ChainAttribution(BaseModel):
         if self.attribution is not None:
             data.update(attribution_metadata(self.attribution, mode="prompt", unlocated=self.unlocated))
         else:
-            data.update(scores={}, citations=[], supported=False, unlocated_documents=list(self.unlocated))
+            data.update(
+                scores={}, citations=[], supported=False, unlocated_documents=list(self.unlocated), extra_forward_passes=0
+            )
         return data
 
 
@@ -104,7 +107,10 @@ class _AT2Tracker:
         device: str | None = None,
         dispatch_events: bool = True,
         max_results: int = 1000,
+        ablations: int = 0,
     ) -> None:
+        self.ablations = check_ablations(ablations)
+        """ablation passes that refine each attribution (0 = plain AT2: one forward pass per model call)"""
         self._attributor = attributor
         self._model_args = {"estimator": estimator, "device": device}
         self._model_name = model_name
@@ -214,7 +220,7 @@ class _AT2Tracker:
         else:
             try:
                 attribution = self.attributor.attribute_rendered(
-                    job["prompt"], documents, job["answer"], job["query"]
+                    job["prompt"], documents, job["answer"], job["query"], ablations=self.ablations
                 )
                 unlocated = [u.to_dict() for u in attribution.unlocated_documents]
             except DocumentsNotLocatedError as exc:
@@ -268,6 +274,9 @@ class AT2CallbackHandler(_AT2Tracker, BaseCallbackHandler):
     Root run ids come from `config={"run_id": ...}`, `collect_runs()`, or `handler.results` (insertion
     ordered). Each result is also dispatched as the custom event `"at2_attribution"` (see `astream_events`)
     when the model call runs inside a chain. Thread safe: one handler can serve concurrent invocations.
+
+    `AT2CallbackHandler(ablations=k)` pays k ablation passes per attributed model call to refine the scores
+    (0, the default, is plain AT2); the event's `extra_forward_passes` says how many were paid.
     """
 
     def on_chain_start(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from at2_rag import DEFAULT_MODEL_ID, Attribution, Attributor, CapturedRun, PromptTemplate
+from at2_rag.refine import check_ablations
 from at2_rag.locate import LocatedPrompt
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -37,6 +38,7 @@ class _Plan:
     max_new_tokens: int
     generate_kwargs: dict[str, Any]
     stop: list[str]
+    ablations: int = 0
     query: str = ""
     documents: list[Any] = field(default_factory=list)
     history: list[dict[str, str]] = field(default_factory=list)
@@ -113,6 +115,11 @@ class ChatAT2(BaseChatModel):
     `langchain_at2.annotations.attribution_metadata`), and `message.content_blocks` carries one standard
     `Citation` annotation per (answer sentence, supporting document); with `output_version="v1"` those blocks
     are the content. Streaming yields text as it is generated; the attribution arrives on the last chunk.
+
+    **Budget.** `ablations=k` (field, or per call: `invoke(..., ablations=k)` / `bind(ablations=k)`) runs k
+    ablation passes after the answer and refines the document scores with the AT2 scores as the prior (k=0,
+    the default, is plain AT2 at zero extra passes). `response_metadata["at2"]["extra_forward_passes"]` says how
+    many passes were paid (k is capped at 2^number of documents).
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
@@ -137,6 +144,8 @@ class ChatAT2(BaseChatModel):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for `transformers` `generate` (e.g. `repetition_penalty`)."""
     streaming: bool = False
+    ablations: int = Field(default=0, ge=0, strict=True)
+    """Ablation passes that refine the document scores after each answer with documents (0 = plain AT2)."""
 
     # ---- LangChain plumbing ---------------------------------------------------------------------------------
     @property
@@ -155,6 +164,7 @@ class ChatAT2(BaseChatModel):
             "system_prompt": self.system_prompt,
             "documents_mode": self.documents_mode,
             "model_kwargs": self.model_kwargs,
+            "ablations": self.ablations,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -199,6 +209,7 @@ class ChatAT2(BaseChatModel):
         max_new_tokens = int(max_new or max_tokens or self.max_new_tokens)
         temperature = kwargs.pop("temperature", self.temperature)
         top_p = kwargs.pop("top_p", self.top_p)
+        ablations = check_ablations(kwargs.pop("ablations", self.ablations))
         extra = {**self.model_kwargs, **(kwargs.pop("generate_kwargs", None) or {})}
         unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
         if unknown:
@@ -221,6 +232,7 @@ class ChatAT2(BaseChatModel):
             max_new_tokens=max_new_tokens,
             generate_kwargs=gen,
             stop=stops,
+            ablations=ablations,
         )
 
         messages, embedded = extract_documents(messages)
@@ -297,6 +309,7 @@ class ChatAT2(BaseChatModel):
                 plan.documents,
                 plan.history,
                 max_new_tokens=plan.max_new_tokens,
+                ablations=plan.ablations,
                 **plan.system_prompt,
                 **plan.generate_kwargs,
             )
@@ -306,7 +319,7 @@ class ChatAT2(BaseChatModel):
         assert plan.located is not None
         capture = plan.mode == "prompt"
         run = att.generate_prompt_run(plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
-        attribution = att.build_attribution(run, plan.query) if capture else None
+        attribution = att.build_attribution(run, plan.query, plan.ablations) if capture else None
         return self._finish(
             plan, run.answer.text, attribution, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
         )
@@ -351,6 +364,7 @@ class ChatAT2(BaseChatModel):
                 plan.documents,
                 plan.history,
                 max_new_tokens=plan.max_new_tokens,
+                ablations=plan.ablations,
                 **plan.system_prompt,
                 **plan.generate_kwargs,
             )
@@ -384,7 +398,7 @@ class ChatAT2(BaseChatModel):
         if tail:
             yield chunk_of(tail)
         if isinstance(final, CapturedRun) and plan.mode == "prompt":
-            final = att.build_attribution(final, plan.query)
+            final = att.build_attribution(final, plan.query, plan.ablations)
 
         if isinstance(final, Attribution):
             text, metadata, usage = self._finish(

@@ -157,4 +157,5 @@ def at2_summary(attribution: Any, nodes: Sequence[NodeWithScore]) -> Dict[str, A
         "finish_reason": attribution.finish_reason,
         "num_prompt_tokens": attribution.num_prompt_tokens,
         "num_answer_tokens": attribution.num_answer_tokens,
+        "extra_forward_passes": attribution.extra_forward_passes,
     }

@@ -29,6 +29,10 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
 
     Selection (both modes): drop nodes below `threshold` (absolute AT2 score) or below
     `relative_threshold * best score`, then keep at most `top_k`; at least `min_keep` nodes are always kept.
+
+    `ablations=k` pays k ablation passes after the answer to refine the node scores (AT2 is the prior; 0, the
+    default, is plain AT2). `last_attribution.extra_forward_passes` says how many were paid (k is capped at
+    2^number of nodes).
     """
 
     mode: Literal["rerank", "filter"] = Field(default="rerank", description="'rerank' or 'filter'.")
@@ -41,6 +45,9 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
     max_new_tokens: int = Field(default=64, ge=1, description="Length of the answer generated to attribute.")
     system_prompt: Optional[str] = Field(default=None, description="System prompt; None = at2-rag's default.")
     generate_kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
+    ablations: int = Field(
+        default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
+    )
 
     _attributor: Any = PrivateAttr(default=None)
     _last_attribution: Any = PrivateAttr(default=None)
@@ -75,7 +82,11 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         if self.system_prompt is not None:
             kwargs["system_prompt"] = self.system_prompt
         attribution = self.attributor.generate(
-            query_str, nodes_to_documents(nodes), max_new_tokens=self.max_new_tokens, **kwargs
+            query_str,
+            nodes_to_documents(nodes),
+            max_new_tokens=self.max_new_tokens,
+            ablations=self.ablations,
+            **kwargs,
         )
         self._last_attribution = attribution
         return annotate_nodes(nodes, attribution), attribution

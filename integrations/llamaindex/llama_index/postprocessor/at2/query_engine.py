@@ -34,7 +34,8 @@ _DONE = object()
 
 class AT2CitationQueryEngine(CustomQueryEngine):
     """Retrieve nodes, generate the answer with an `at2_rag.Attributor`'s own model while capturing attention,
-    and attribute the answer to the nodes - one generation, no extra forward passes.
+    and attribute the answer to the nodes - one generation, no extra forward passes (unless `ablations=k`:
+    then k ablation passes refine the node scores, AT2 being the prior; k is capped at 2^number of nodes).
 
     The returned `Response`:
 
@@ -47,7 +48,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
       `sources` (for each cited node, its best supporting sentences with `start`/`end` char offsets inside the
       node's text, i.e. `node.get_content(metadata_mode=MetadataMode.NONE)`).
     - `metadata["at2"]`: `scores` (node id -> AT2 score for the whole answer), `retrieval_scores`, `ranking`,
-      `prompt_order`, `supported`, estimator info.
+      `prompt_order`, `supported`, estimator info, `extra_forward_passes` (ablation passes paid: 0 or k).
     - `metadata["attribution"]`: the full `at2_rag.Attribution` (notebook / rich / plot views);
       `metadata["cited_answer"]`: the answer with `[n]` marks, n = the node's 1-based position in
       `metadata["at2"]["prompt_order"]` (the retriever's order).
@@ -67,6 +68,9 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     system_prompt: Optional[str] = Field(default=None, description="None = at2-rag's default system prompt.")
     generate_kwargs: Dict[str, Any] = Field(default_factory=dict)
     top_sentences: int = Field(default=3, ge=0, description="Supporting sentences reported per cited node.")
+    ablations: int = Field(
+        default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
+    )
 
     _attributor: Any = PrivateAttr(default=None)
 
@@ -86,11 +90,13 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         system_prompt: Optional[str] = None,
         callback_manager: Optional[CallbackManager] = None,
         generate_kwargs: Optional[Dict[str, Any]] = None,
+        ablations: int = 0,
         **retriever_kwargs: Any,
     ) -> "AT2CitationQueryEngine":
         """`index_or_retriever`: an index (its `as_retriever(similarity_top_k=..., **retriever_kwargs)` is used)
         or a ready `BaseRetriever` (used as is: `similarity_top_k` and `retriever_kwargs` are then ignored, set
-        them on the retriever). `attributor`: an `at2_rag.Attributor`; default the embedded SmolLM2."""
+        them on the retriever). `attributor`: an `at2_rag.Attributor`; default the embedded SmolLM2.
+        `ablations`: ablation passes that refine the scores of every answer (0 = plain AT2)."""
         if isinstance(index_or_retriever, BaseRetriever):
             retriever = index_or_retriever
         elif hasattr(index_or_retriever, "as_retriever"):
@@ -110,6 +116,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             max_new_tokens=max_new_tokens,
             system_prompt=system_prompt,
             generate_kwargs=dict(generate_kwargs or {}),
+            ablations=ablations,
             **kwargs,
         )
 
@@ -144,6 +151,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         if self.system_prompt is not None:
             kwargs["system_prompt"] = self.system_prompt
         kwargs["max_new_tokens"] = self.max_new_tokens
+        kwargs["ablations"] = self.ablations
         return kwargs
 
     def _empty(self) -> Response:

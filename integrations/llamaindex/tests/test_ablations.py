@@ -1,0 +1,83 @@
+"""`ablations=k` through AT2NodePostprocessor and AT2CitationQueryEngine: real BM25 retrieval, real model."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import PENICILLIN
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def retrieved(bm25):
+    return bm25.retrieve(PENICILLIN)[:3]
+
+
+def _scores(nodes):
+    return {n.node.node_id: n.score for n in nodes}
+
+
+def test_postprocessor_ablations(attributor, retrieved):
+    from llama_index.postprocessor.at2 import AT2NodePostprocessor
+
+    default = AT2NodePostprocessor(attributor, max_new_tokens=MAX_NEW)
+    zero = AT2NodePostprocessor(attributor, max_new_tokens=MAX_NEW, ablations=0)
+    two = AT2NodePostprocessor(attributor, max_new_tokens=MAX_NEW, ablations=2)
+    assert default.ablations == 0 and two.to_dict()["ablations"] == 2
+    out_default = default.postprocess_nodes(retrieved, query_str=PENICILLIN)
+    out_zero = zero.postprocess_nodes(retrieved, query_str=PENICILLIN)
+    out_two = two.postprocess_nodes(retrieved, query_str=PENICILLIN)
+    assert default.last_attribution.extra_forward_passes == zero.last_attribution.extra_forward_passes == 0
+    assert [(n.node.node_id, n.score) for n in out_default] == [(n.node.node_id, n.score) for n in out_zero]
+    assert [n.node.metadata for n in out_default] == [n.node.metadata for n in out_zero]
+    assert two.last_attribution.extra_forward_passes == 2
+    assert two.last_attribution.answer == default.last_attribution.answer
+    assert _scores(out_two) == pytest.approx(two.last_attribution.document_scores())
+    assert _scores(out_two) != _scores(out_default)
+    assert all(n.node.metadata["at2_score"] == n.score for n in out_two)
+    # one node has only 2 distinct masks: k is capped
+    capped = AT2NodePostprocessor(attributor, max_new_tokens=MAX_NEW, ablations=5)
+    capped.postprocess_nodes(retrieved[:1], query_str=PENICILLIN)
+    assert capped.last_attribution.extra_forward_passes == 2
+
+
+def test_query_engine_ablations(attributor, bm25, retrieved):
+    from llama_index.core.retrievers import BaseRetriever
+
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    class Fixed(BaseRetriever):
+        def _retrieve(self, query_bundle):
+            return list(retrieved)
+
+    def engine(**kwargs):
+        return AT2CitationQueryEngine.from_args(Fixed(), attributor=attributor, max_new_tokens=MAX_NEW, **kwargs)
+
+    default = engine().query(PENICILLIN)
+    zero = engine(ablations=0).query(PENICILLIN)
+    two = engine(ablations=2).query(PENICILLIN)
+    assert default.metadata["at2"]["extra_forward_passes"] == 0
+    assert zero.metadata["at2"] == default.metadata["at2"]
+    assert zero.metadata["citations"] == default.metadata["citations"]
+    at2 = two.metadata["at2"]
+    assert two.response == default.response
+    assert at2["extra_forward_passes"] == two.metadata["attribution"].extra_forward_passes == 2
+    assert at2["scores"] != default.metadata["at2"]["scores"]
+    assert _scores(two.source_nodes) == pytest.approx(at2["scores"])
+    assert at2["ranking"] == [n.node.node_id for n in two.source_nodes]
+    # streaming: the same refined attribution once the stream is consumed
+    streaming = engine(ablations=2, streaming=True).query(PENICILLIN)
+    assert "".join(streaming.response_gen) == two.response
+    assert streaming.metadata["at2"] == at2
+
+
+def test_bad_ablations_are_validation_errors(attributor, bm25):
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine, AT2NodePostprocessor
+
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(ValidationError, match="ablations"):
+            AT2NodePostprocessor(attributor, ablations=bad)
+        with pytest.raises(ValidationError, match="ablations"):
+            AT2CitationQueryEngine.from_args(bm25, attributor=attributor, ablations=bad)
