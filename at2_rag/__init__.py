@@ -15,7 +15,7 @@ from .errors import (
 from .estimator import ScoreEstimator
 from .models import DEFAULT_MODEL_ID, load_default_model, load_model
 from .prompt import PromptTemplate
-from .result import Attribution, Citation, CitedDocument, DocumentScore, SentenceScore, UnlocatedDocument
+from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
 from .sources import Document
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "PromptTemplate",
     "ScoreEstimator",
     "SentenceScore",
+    "ContextSource",
     "UnlocatedDocument",
     "UnsupportedModelError",
     "load_default_model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from .errors import ContextTooLongError, DocumentsNotLocatedError, InvalidInputE
 from .estimator import ScoreEstimator
 from .features import AnswerTokens, answer_targets, decode_with_offsets, encode_with_offsets, target_features
 from .locate import LocatedPrompt, locate_prompt
+from .grounding import GroundednessCalibration
 from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
 from .prompt import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
 from .result import (
@@ -25,6 +27,7 @@ from .result import (
     Attribution,
     Citation,
     CitedDocument,
+    ContextSource,
     DocumentScore,
     SentenceScore,
 )
@@ -91,6 +94,7 @@ class Attributor:
         model_id: str | None = None,
         check_model_id: bool = True,
         support_threshold: float | None = None,
+        grounded_threshold: float | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +109,8 @@ class Attributor:
         if support_threshold is None:
             support_threshold = float(self.estimator.metadata.get("support_threshold", DEFAULT_SUPPORT_THRESHOLD))
         self.support_threshold = support_threshold
+        # nats: a sentence is supported when removing every document is predicted to lower its log-odds this much
+        self.grounded_threshold = grounded_threshold
         self._lock = _model_lock(model)
 
     @classmethod
@@ -119,7 +125,7 @@ class Attributor:
         """Load a local (or Hub) Hugging Face causal LM and wrap it."""
         from .models import load_model
 
-        attributor_keys = {"template", "model_id", "check_model_id", "support_threshold"}
+        attributor_keys = {"template", "model_id", "check_model_id", "support_threshold", "grounded_threshold"}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in attributor_keys}
         model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, **kwargs)
         return cls(model, tokenizer, estimator=estimator, **own)
@@ -214,12 +220,12 @@ class Attributor:
         rendered with the model's chat template. Each document is located in it (`at2_rag.locate`); documents
         that are not found are listed, with the reason, in `Attribution.unlocated_documents`. With `answer`
         given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
-        prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` only labels the
-        result. Raises `DocumentsNotLocatedError` (a `NoDocumentsError`, with `.unlocated`) when no document
+        prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` labels the
+        result and, found in the prompt, is scored as the question. Raises `DocumentsNotLocatedError` (a `NoDocumentsError`, with `.unlocated`) when no document
         occurs in the prompt. `ablations=k` refines the scores with k ablation passes.
         """
         check_ablations(ablations)
-        located = self.locate(prompt, documents)
+        located = self.locate(prompt, documents, query)
         if not located.located:
             raise DocumentsNotLocatedError(located.unlocated)
         if answer is None:
@@ -267,15 +273,19 @@ class Attributor:
             template = template.model_copy(update={"system_prompt": system_prompt})
         return render_prompt(self.tokenizer, query, docs, template, history)
 
-    def locate(self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = ()) -> LocatedPrompt:
-        """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.locate`).
+    def locate(
+        self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = (), query: str = ""
+    ) -> LocatedPrompt:
+        """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.locate`), and its
+        earlier turns and question as context sources (`query`, when given, is found in the prompt).
 
-        A string is used as the exact prompt text; messages are rendered with `render_messages` first."""
+        A string is used as the exact prompt text; messages are rendered with the chat template first."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidInputError("the prompt must be a non-empty string or a list of messages")
-            return locate_prompt(self.tokenizer, prompt, documents, used_chat_template=False)
-        return locate_prompt(self.tokenizer, render_messages_with_ranges(self.tokenizer, prompt), documents)
+            return locate_prompt(self.tokenizer, prompt, documents, used_chat_template=False, query=query)
+        chat = render_messages_with_ranges(self.tokenizer, prompt)
+        return locate_prompt(self.tokenizer, chat, documents, query=query)
 
     @property
     def context_window(self) -> int | None:
@@ -360,8 +370,8 @@ class Attributor:
 
     @staticmethod
     def _source_spans(prompt: RenderedPrompt) -> list[tuple[int, int]]:
-        """Documents first, then sentences: the column order of every captured feature tensor."""
-        return prompt.doc_token_spans + prompt.sentence_token_spans
+        """Documents, then sentences, then context parts: the column order of every captured feature tensor."""
+        return prompt.doc_token_spans + prompt.sentence_token_spans + prompt.context_token_spans
 
     def generate_prompt_run(
         self,
@@ -465,25 +475,28 @@ class Attributor:
     # ---- scoring ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def build_attribution(self, run: CapturedRun, query: str, ablations: int = 0) -> Attribution:
-        """Scores, citations and groundedness of a run; with `ablations=k`, k ablation passes of the answer
-        refine every document score (whole answer and each sentence) with the AT2 scores as the prior."""
+        """Scores, citations and groundedness of a run: documents, their sentences and the context parts
+        (earlier turns, system prompt, question) scored by the same estimator. With `ablations=k`, k ablation
+        passes of the answer refine the document scores (whole answer and each answer sentence) with the AT2
+        scores as the prior; document sentences and context parts keep their AT2 scores."""
         prompt, answer = run.prompt, run.answer
-        n_docs = run.num_documents
+        columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
         rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
-        whole = self.estimator(target_features(run.token_features, rows_all)).tolist()  # [S]
-        doc_scores, sent_scores = whole[:n_docs], whole[n_docs:]
         targets = answer_targets(answer)
-        target_scores = [self.estimator(target_features(run.token_features, rows)).tolist() for _, rows in targets]
+        scores = [self.estimator(target_features(run.token_features, rows)).tolist() for rows in [rows_all] + [r for _, r in targets]]
         passes = 0
-        if check_ablations(ablations) and n_docs and answer.token_ids:
-            refined, passes = self._refine(run, [rows_all] + [rows for _, rows in targets], [doc_scores] + [t[:n_docs] for t in target_scores], ablations)
-            doc_scores = refined[0]
-            target_scores = [r + t[n_docs:] for r, t in zip(refined[1:], target_scores)]
+        if check_ablations(ablations) > 0 and columns.docs and answer.token_ids:
+            refined, passes = self._refine(
+                run, [rows_all] + [rows for _, rows in targets], [columns.documents(s) for s in scores], ablations
+            )
+            scores = [r + s[columns.docs :] for r, s in zip(refined, scores)]
+        whole, per_sentence = scores[0], scores[1:]
+        grounding = self._groundedness(refined=passes > 0)
 
         sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
         for j, src in enumerate(prompt.sentence_sources):
             sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
-
+        doc_scores, sent_scores = columns.documents(whole), columns.sentences(whole)
         documents = []
         for i, doc in enumerate(prompt.documents):
             a, b = prompt.doc_token_spans[i]
@@ -505,10 +518,13 @@ class Attributor:
             )
 
         citations = [
-            self._citation(answer.text, span, scores, prompt, sentences_by_doc)
-            for (span, _), scores in zip(targets, target_scores)
+            self._citation(answer.text, span, target, prompt, columns, sentences_by_doc, grounding)
+            for (span, _), target in zip(targets, per_sentence)
         ]
-        supported = bool(max(doc_scores, default=0.0) >= self.support_threshold)
+        if citations:
+            supported = any(c.supported for c in citations)
+        else:
+            supported = bool(grounding.grounded(doc_scores) >= grounding.threshold) if doc_scores else False
         return Attribution(
             query=query,
             answer=answer.text,
@@ -523,8 +539,20 @@ class Attributor:
             num_answer_tokens=len(answer.token_ids),
             finish_reason=run.finish_reason,
             unlocated_documents=list(prompt.unlocated_documents),
+            context_sources=_context_sources(prompt, columns.context(whole)),
             extra_forward_passes=passes,
         )
+
+    def _groundedness(self, refined: bool) -> GroundednessCalibration:
+        """Refined scores are the ablation surrogate's effects (in prior units): their sum in nats is the
+        surrogate's own prediction; AT2 scores go through the estimator's calibration."""
+        prior = RefinementPrior.from_metadata(self.estimator.metadata)
+        calibration = GroundednessCalibration.from_metadata(self.estimator.metadata, fallback_scale=prior.scale)
+        if self.grounded_threshold is not None:
+            calibration = dataclasses.replace(calibration, threshold=float(self.grounded_threshold))
+        if refined:
+            return GroundednessCalibration(scale=prior.scale, threshold=calibration.threshold, calibrated=True)
+        return calibration
 
     def _refine(
         self, run: CapturedRun, target_rows: list[list[int]], prior: list[list[float]], ablations: int
@@ -553,11 +581,12 @@ class Attributor:
         span: CharSpan,
         scores: list[float],
         prompt: RenderedPrompt,
+        columns: "_Columns",
         sentences_by_doc: dict[int, list[tuple[int, Any]]],
+        grounding: GroundednessCalibration,
     ) -> Citation:
-        n_docs = len(prompt.doc_sources)
-        doc_scores, sent_scores = scores[:n_docs], scores[n_docs:]
-        ranked = sorted(range(n_docs), key=lambda i: doc_scores[i], reverse=True)
+        doc_scores, sent_scores = columns.documents(scores), columns.sentences(scores)
+        ranked = sorted(range(columns.docs), key=lambda i: doc_scores[i], reverse=True)
         cited_docs = []
         for i in ranked:
             doc = prompt.documents[i]
@@ -570,17 +599,51 @@ class Attributor:
                 reverse=True,
             )[:3]
             cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
+        grounded = grounding.grounded(doc_scores)
+        supported = bool(grounded >= grounding.threshold)
         best = doc_scores[ranked[0]] if ranked else 0.0
         cited = [
             d.id
             for d in cited_docs[:MAX_CITED_PER_SENTENCE]
-            if d.score >= self.support_threshold and d.score >= RELATIVE_CITATION_CUTOFF * best
+            if supported and d.score >= self.support_threshold and d.score >= RELATIVE_CITATION_CUTOFF * best
         ]
+        # the earlier turns and system prompt it draws on (the question is part of every answer: not listed)
+        context = sorted(
+            (c for c in _context_sources(prompt, columns.context(scores)) if c.kind != "query"),
+            key=lambda c: c.score,
+            reverse=True,
+        )
         return Citation(
             text=answer_text[span.start : span.end],
             start=span.start,
             end=span.end,
             documents=cited_docs,
             cited=cited,
-            supported=bool(cited),
+            supported=supported,
+            grounded=grounded,
+            context=[c for c in context if c.score >= self.support_threshold][:MAX_CITED_PER_SENTENCE],
         )
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The feature columns of a run: documents, then their sentences, then the context parts."""
+
+    docs: int
+    sents: int
+
+    def documents(self, scores: list[float]) -> list[float]:
+        return scores[: self.docs]
+
+    def sentences(self, scores: list[float]) -> list[float]:
+        return scores[self.docs : self.docs + self.sents]
+
+    def context(self, scores: list[float]) -> list[float]:
+        return scores[self.docs + self.sents :]
+
+
+def _context_sources(prompt: RenderedPrompt, scores: list[float]) -> list[ContextSource]:
+    return [
+        ContextSource(kind=p.kind, index=p.index, role=p.role, text=p.text, score=score)
+        for p, score in zip(prompt.context_parts, scores)
+    ]

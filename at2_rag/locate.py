@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInputError
-from .prompt import RenderedMessages, RenderedPrompt, check_untrusted_text_placed, token_spans_for_ranges
+from .prompt import ContextPart, RenderedMessages, RenderedPrompt, chat_context_parts, check_untrusted_text_placed
 from .result import UnlocatedDocument
 from .sources import Document, DocumentLike, build_sources, normalize_documents
 from .untrusted import control_token_strings, encode_prompt
@@ -187,31 +187,84 @@ def locate_documents(
     return located, unlocated
 
 
+def _find_query(
+    prompt: str, query: str, lo: int, hi: int, taken: Sequence[tuple[int, int]], control: Sequence[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """The last occurrence of `query` in `prompt[lo:hi]` outside every document and control text."""
+    needle = query.strip()
+    if not needle:
+        return None
+    at = prompt.rfind(needle, lo, hi)
+    while at >= 0:
+        span = (at, at + len(needle))
+        clear = not any(span[0] < b and a < span[1] for a, b in taken) and not _straddles(span, control)
+        if clear and _on_word_boundaries(prompt, *span):
+            return span
+        at = prompt.rfind(needle, lo, at + len(needle) - 1) if at > lo else -1
+    return None
+
+
+def _context_parts(
+    text: str,
+    chat: RenderedMessages | None,
+    located: Sequence[LocatedDocument],
+    query: str,
+    control: Sequence[tuple[int, int]],
+) -> list[ContextPart]:
+    """Earlier turns, a leading system message and the question of a prompt rendered elsewhere.
+
+    In a chat, every message before the last that holds no document is a source ("system" for a leading system
+    message, else "history", numbered from 0); the last message is the question when it holds no document,
+    else the question is `query` found inside it. In a string only `query` can be found."""
+    taken = [(d.start, d.end) for d in located]
+    if chat is None:
+        span = _find_query(text, query, 0, len(text), taken, control)
+        return [ContextPart("query", None, "user", text[span[0] : span[1]], *span)] if span else []
+    messages, ranges = chat.messages, chat.content_ranges
+    holds_doc = [r is not None and any(r[0] <= a and b <= r[1] for a, b in taken) for r in ranges]
+    parts = chat_context_parts(messages[:-1], ranges[:-1], system_first=True, skip=holds_doc[:-1])
+    last, where = messages[-1], ranges[-1]
+    if where is not None and last["role"] == "user":
+        if not holds_doc[-1]:
+            parts.append(ContextPart("query", None, "user", last["content"], where[0], where[1]))
+        else:
+            span = _find_query(text, query, where[0], where[1], taken, control)
+            if span:
+                parts.append(ContextPart("query", None, "user", text[span[0] : span[1]], *span))
+    return parts
+
+
 def locate_prompt(
     tokenizer: Any,
     text: str | RenderedMessages,
     documents: Sequence[DocumentLike] = (),
     *,
     used_chat_template: bool = True,
+    query: str = "",
 ) -> LocatedPrompt:
     """Tokenize the prompt (no special tokens added, as `render_prompt` does) and map located documents to
     token spans. With no documents it is a plain prompt without sources (for generation without capture).
 
     `text` is the exact prompt string, or a chat rendered by `render_messages_with_ranges`: then documents are
-    only looked for inside the messages' content, and all of that content is tokenized as text. In a string,
-    documents are tokenized as text (control-token strings inside them never become control tokens).
+    only looked for inside the messages' content, all of that content is tokenized as text, and the earlier
+    turns and the question become context sources (`_context_parts`). In a string, documents are tokenized as
+    text (control-token strings inside them never become control tokens) and `query`, when found outside
+    them, is the only context source.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise InvalidInputError("at2-rag needs a fast (Rust) tokenizer for exact offset mapping")
     docs = normalize_documents(documents) if len(documents) else []
+    chat: RenderedMessages | None = None
     if isinstance(text, RenderedMessages):
         chat = text
         check_untrusted_text_placed(tokenizer, chat)
         text, used_chat_template = chat.text, chat.used_chat_template
+        control: list[tuple[int, int]] = []
         located, unlocated = locate_documents(text, docs, within=chat.text_ranges)
         untrusted = chat.text_ranges
     else:
-        located, unlocated = locate_documents(text, docs, control=control_regions(tokenizer, text))
+        control = control_regions(tokenizer, text)
+        located, unlocated = locate_documents(text, docs, control=control)
         untrusted = [(d.start, d.end) for d in located]
     input_ids, offsets = encode_prompt(tokenizer, text, untrusted)
     ordered = [d.document for d in located]
@@ -228,9 +281,7 @@ def locate_prompt(
         used_chat_template=used_chat_template,
         unlocated_documents=unlocated,
         text_ranges=list(untrusted),
+        context_parts=_context_parts(text, chat, located, query, control) if docs else [],
     )
-    prompt.doc_token_spans = token_spans_for_ranges(offsets, [prompt.source_char_range(s) for s in doc_sources])
-    prompt.sentence_token_spans = token_spans_for_ranges(
-        offsets, [prompt.source_char_range(s) for s in sentence_sources]
-    )
+    prompt.assign_token_spans()
     return LocatedPrompt(prompt, located, unlocated)

@@ -80,6 +80,24 @@ def _fill(template: str, values: Mapping[str, str]) -> tuple[str, dict[str, int]
     return "".join(out), starts
 
 
+@dataclass(frozen=True)
+class ContextPart:
+    """A part of the prompt other than the documents that an answer can stand on: an earlier turn
+    (`kind="history"`, `index` = its position in the history), the system prompt, or the question.
+    `prompt_text[start:end] == text`."""
+
+    kind: str  # "history" | "system" | "query"
+    index: int | None
+    role: str
+    text: str
+    start: int
+    end: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.index}" if self.index is not None else self.kind
+
+
 @dataclass
 class RenderedPrompt:
     """The exact prompt the model sees, its tokens, and the token span of every source.
@@ -102,6 +120,22 @@ class RenderedPrompt:
     unlocated_documents: list[UnlocatedDocument] = field(default_factory=list)
     # char ranges of untrusted text (message contents, located documents): tokenized as text, never as control
     text_ranges: list[tuple[int, int]] = field(default_factory=list)
+    # earlier turns, the system prompt and the question: scored like documents (`Attribution.context_sources`)
+    context_parts: list[ContextPart] = field(default_factory=list)
+    context_token_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def assign_token_spans(self) -> None:
+        """Token spans of documents, their sentences and the context parts, from the offsets.
+
+        Documents and context parts never share a token (they are mapped together); sentences lie inside
+        their documents (mapped on their own)."""
+        doc_ranges = [self.source_char_range(s) for s in self.doc_sources]
+        spans = token_spans_for_any_ranges(self.offsets, doc_ranges + [(p.start, p.end) for p in self.context_parts])
+        self.doc_token_spans = spans[: len(doc_ranges)]
+        self.context_token_spans = spans[len(doc_ranges) :]
+        self.sentence_token_spans = token_spans_for_ranges(
+            self.offsets, [self.source_char_range(s) for s in self.sentence_sources]
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -296,6 +330,46 @@ def token_spans_for_ranges(
     return spans
 
 
+def token_spans_for_any_ranges(
+    offsets: Sequence[tuple[int, int]], ranges: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """`token_spans_for_ranges` for non-overlapping ranges in any order (documents and context parts
+    interleave: the question may come before or after the documents)."""
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
+    spans = token_spans_for_ranges(offsets, [ranges[i] for i in order])
+    out: list[tuple[int, int]] = [(0, 0)] * len(ranges)
+    for i, span in zip(order, spans):
+        out[i] = span
+    return out
+
+
+def chat_context_parts(
+    messages: Sequence[Mapping[str, str]],
+    ranges: Sequence[tuple[int, int] | None],
+    *,
+    system_first: bool,
+    skip: Sequence[bool] = (),
+) -> list[ContextPart]:
+    """Context parts of a chat: the leading system message (when `system_first`) is "system", the others are
+    "history" turns numbered from 0 (numbers count skipped messages too). Messages marked in `skip` (they hold
+    documents) and contents the template changed (no range, with a log line) are left out."""
+    parts: list[ContextPart] = []
+    turn = 0
+    for i, (message, where) in enumerate(zip(messages, ranges)):
+        is_system = system_first and i == 0 and message["role"] == "system"
+        index = None if is_system else turn
+        if not is_system:
+            turn += 1
+        if i < len(skip) and skip[i]:
+            continue
+        if where is None:
+            logger.info("message %d: the chat template changed its content; it is not scored as a source", i)
+            continue
+        kind = "system" if is_system else "history"
+        parts.append(ContextPart(kind, index, message["role"], message["content"], where[0], where[1]))
+    return parts
+
+
 def render_prompt(
     tokenizer: Any,
     query: str,
@@ -356,6 +430,10 @@ def render_prompt(
     input_ids, offsets = encode_prompt(tokenizer, text, chat.text_ranges)
 
     doc_sources, sentence_sources = build_sources(documents)
+    system_first = bool(template.system_prompt)
+    context_parts = chat_context_parts(messages[:-1], chat.content_ranges[:-1], system_first=system_first)
+    query_start = base + starts["query"]
+    context_parts.append(ContextPart("query", None, "user", query, query_start, query_start + len(query)))
     rendered = RenderedPrompt(
         text=text,
         input_ids=input_ids,
@@ -367,9 +445,7 @@ def render_prompt(
         doc_char_starts=doc_char_starts,
         used_chat_template=used_chat_template,
         text_ranges=chat.text_ranges,
+        context_parts=context_parts,
     )
-    rendered.doc_token_spans = token_spans_for_ranges(offsets, [rendered.source_char_range(s) for s in doc_sources])
-    rendered.sentence_token_spans = token_spans_for_ranges(
-        offsets, [rendered.source_char_range(s) for s in sentence_sources]
-    )
+    rendered.assign_token_spans()
     return rendered

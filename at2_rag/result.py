@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+ATTRIBUTION_SCHEMA = "at2-rag/attribution"
+ATTRIBUTION_SCHEMA_VERSION = 2  # 2: context sources, grounded, extra_forward_passes
 MAX_CITED_PER_SENTENCE = 3
 RELATIVE_CITATION_CUTOFF = 0.5  # cite documents scoring at least half of the sentence's best
 
@@ -51,6 +53,22 @@ class CitedDocument(BaseModel):
     sentences: list[SentenceScore] = Field(default_factory=list)
 
 
+class ContextSource(BaseModel):
+    """A part of the prompt other than the documents, scored by the same estimator on the same scale: an
+    earlier turn (`kind="history"`, `index` = its position in the history), the system prompt, the question."""
+
+    kind: str = Field(description='"history" | "system" | "query"')
+    index: int | None = None
+    role: str
+    text: str
+    score: float
+
+    @property
+    def key(self) -> str:
+        """`history:0`, `system`, `query`: the keys of `Attribution.context_scores()`."""
+        return f"{self.kind}:{self.index}" if self.index is not None else self.kind
+
+
 class Citation(BaseModel):
     """One answer sentence (char span in the answer) and the documents that support it, best first."""
 
@@ -58,8 +76,18 @@ class Citation(BaseModel):
     start: int
     end: int
     documents: list[CitedDocument]
-    cited: list[str] = Field(default_factory=list, description="ids of documents marked as supporting")
-    supported: bool = True
+    cited: list[str] = Field(
+        default_factory=list, description="ids of documents marked as supporting (none when not `supported`)"
+    )
+    supported: bool = Field(default=True, description="`grounded` reaches the estimator's calibrated threshold")
+    grounded: float = Field(
+        default=0.0,
+        description="estimated drop, in nats, of this sentence's log-odds if every document were removed",
+    )
+    context: list[ContextSource] = Field(
+        default_factory=list,
+        description="earlier turns and the system prompt this sentence draws on (e.g. the answer it repeats), best first",
+    )
 
 
 class UnlocatedDocument(BaseModel):
@@ -98,6 +126,10 @@ class Attribution(BaseModel):
         default_factory=list,
         description="documents given but not found in an already-rendered prompt: not scored, listed with the reason",
     )
+    context_sources: list[ContextSource] = Field(
+        default_factory=list,
+        description="earlier turns, the system prompt and the question, scored like documents for the whole answer",
+    )
     extra_forward_passes: int = Field(
         default=0,
         description="ablation passes paid beyond the generation (or the one forward pass over a given answer)",
@@ -116,6 +148,10 @@ class Attribution(BaseModel):
                 return d
         raise KeyError(f"no document with id {doc_id!r}; ids are {[d.id for d in self.documents]}")
 
+    def context_scores(self) -> dict[str, float]:
+        """`{"history:0": s, ..., "system": s, "query": s}`: the context sources' scores for the whole answer."""
+        return {c.key: c.score for c in self.context_sources}
+
     def sentence_scores(self) -> list[tuple[str, SentenceScore]]:
         """Every document sentence with its score, highest first."""
         pairs = [(d.id, s) for d in self.documents for s in d.sentences]
@@ -131,6 +167,11 @@ class Attribution(BaseModel):
             last = c.end
         out.append(self.answer[last:])
         return "".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: every field (documents, citations with `grounded` and `context`, context
+        sources, `extra_forward_passes`), tagged with the schema name and version for readers elsewhere."""
+        return {"schema": ATTRIBUTION_SCHEMA, "schema_version": ATTRIBUTION_SCHEMA_VERSION, **self.model_dump(mode="json")}
 
     def to_json(self, **kwargs: Any) -> str:
         return self.model_dump_json(**kwargs)

@@ -167,7 +167,12 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
     c.add_argument("--num-masks", type=int, default=32)
     c.add_argument("--keep-prob", type=float, default=0.5)
-    c.add_argument("--sources", choices=["documents", "sentences"], default="documents")
+    c.add_argument(
+        "--sources",
+        choices=["documents", "sentences", "context"],
+        default="documents",
+        help="what to ablate: documents, their sentences, or documents + earlier turns, system prompt and question",
+    )
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-size", type=int, default=16)

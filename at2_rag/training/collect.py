@@ -53,14 +53,23 @@ def example_seed(seed: int, example_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], slice, list[str]]:
-    """Token spans, feature columns and ids of the sources to ablate (documents or sentences)."""
+SourceKind = Literal["documents", "sentences", "context"]
+
+
+def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[int], list[str]]:
+    """Token spans, feature columns and ids of the sources to ablate: documents, sentences, or ("context")
+    documents plus the context parts (earlier turns, system prompt, question), as conversations need."""
     prompt = run.prompt
-    n_docs = len(prompt.doc_sources)
+    n_docs, n_sents = len(prompt.doc_sources), len(prompt.sentence_sources)
+    doc_ids = [d.id for d in prompt.documents]
     if sources == "documents":
-        return prompt.doc_token_spans, slice(0, n_docs), [d.id for d in prompt.documents]
+        return prompt.doc_token_spans, list(range(n_docs)), doc_ids
+    if sources == "context":
+        first = n_docs + n_sents
+        columns = list(range(n_docs)) + list(range(first, first + len(prompt.context_parts)))
+        return prompt.doc_token_spans + prompt.context_token_spans, columns, doc_ids + [p.key for p in prompt.context_parts]
     ids = [f"{prompt.documents[s.doc_index].id}#{s.span.start}-{s.span.end}" for s in prompt.sentence_sources]
-    return prompt.sentence_token_spans, slice(n_docs, None), ids
+    return prompt.sentence_token_spans, list(range(n_docs, n_docs + n_sents)), ids
 
 
 def collect_example(
@@ -68,12 +77,15 @@ def collect_example(
     example: Example,
     num_masks: int = NUM_MASKS,
     keep_prob: float = KEEP_PROB,
-    sources: Literal["documents", "sentences"] = "documents",
+    sources: SourceKind = "documents",
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = NUM_MASKS + 1,
 ) -> CollectedExample | None:
-    """Features and ablation labels for one example, or None when the answer has no usable target."""
+    """Features and ablation labels for one example, or None when the answer has no usable target.
+
+    With `sources="context"` the last mask removes every document and keeps every context part, so each
+    target also records the all-documents-removed label that groundedness is calibrated on."""
     run = attributor.generate_run(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
     spans, columns, source_ids = source_layout(run, sources)
@@ -83,6 +95,10 @@ def collect_example(
     features = torch.stack([target_features(run.token_features[:, columns], rows) for _, rows in targets])
     generator = torch.Generator().manual_seed(example_seed(seed, example.id))
     masks = random_masks(len(spans), num_masks, keep_prob, generator)
+    if sources == "context":
+        no_documents = torch.ones(1, len(spans), dtype=torch.bool)
+        no_documents[0, : len(run.prompt.doc_sources)] = False
+        masks = torch.cat([masks, no_documents])
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
     with attributor.lock:
@@ -98,6 +114,8 @@ def collect_example(
         "sources": sources,
         "num_prompt_tokens": run.prompt.num_tokens,
         "num_answer_tokens": len(run.answer.token_ids),
+        "num_documents": len(run.prompt.doc_sources),
+        "no_documents_mask": masks.shape[0] - 1 if sources == "context" else None,
     }
     return CollectedExample(example.id, features, masks, labels[:, 1:], labels[:, 0], meta)
 
@@ -158,7 +176,7 @@ def collect(
     attributor: Attributor,
     num_masks: int = NUM_MASKS,
     keep_prob: float = KEEP_PROB,
-    sources: Literal["documents", "sentences"] = "documents",
+    sources: SourceKind = "documents",
     max_new_tokens: int = 64,
     seed: int = 0,
     shard_size: int = 16,

@@ -50,16 +50,17 @@ def test_scored_documents_and_citations(bm25_retriever, llm, attributor) -> None
     for c in out["citations"]:
         assert out["answer"][c["start"] : c["end"]] == c["text"]
         assert set(c["document_ids"]) <= set(scores) and set(c["scores"]) == set(scores)
-    assert out["unsupported"] == (max(scores.values()) < attributor.support_threshold)
+    assert out["unsupported"] == (not out["attribution"].supported)
     assert out["attribution"].answer == out["answer"]
     assert out["cited_answer"].startswith(out["answer"][: out["citations"][0]["end"]])
 
 
-def test_unsupported_follows_the_support_threshold(bm25_retriever, llm, attributor) -> None:
+def test_unsupported_follows_the_grounded_threshold(bm25_retriever, llm, attributor) -> None:
     chain = rag_chain(bm25_retriever, llm)
     answer = chain.invoke({"question": "How long is a marathon?"})
     strict, lenient = copy.copy(attributor), copy.copy(attributor)
-    strict.support_threshold, lenient.support_threshold = 1e6, 0.0
+    strict.grounded_threshold = 1e6  # no sentence can depend on the documents that much
+    lenient.grounded_threshold, lenient.support_threshold = -1e6, 0.0
     assert AT2Citations(attributor=strict).invoke(answer)["unsupported"] is True
     out = AT2Citations(attributor=lenient).invoke(answer)
     assert out["unsupported"] is False and all(c["document_ids"] for c in out["citations"])

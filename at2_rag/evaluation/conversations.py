@@ -1,0 +1,156 @@
+"""Evaluate attribution in conversations: earlier turns, the system prompt and the question are sources too.
+
+Multi-turn examples are built from single-turn RAG examples: the model answers the first question from the
+documents (its own earlier answer becomes the history), then a follow-up that repeats, builds on or doubts the
+earlier answer, or asks something the documents cannot answer. For every sentence of the follow-up answer:
+
+- top-1 agreement with leave-one-out over documents + context sources (each removed alone, one pass each);
+- `grounded` against the label "removing every document lowers the sentence's log-probability by >= 1 nat"
+  (one pass with every document removed): AUROC, and precision / recall of `supported`.
+
+Baselines: average attention (uniform head weights) on the same sources, and the document-only view (the best
+document, which can never point at an earlier turn). Standard errors: over targets (bootstrap for AUROC).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+from ..attributor import Attributor
+from ..features import answer_targets, target_features
+from ..grounding import GroundednessCalibration, auroc
+from ..refine import RefinementPrior
+from ..training.ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
+from ..training.data import Example
+
+logger = logging.getLogger(__name__)
+
+FOLLOW_UPS = {
+    "repeat": "Can you repeat your previous answer?",
+    "build_on": "Can you explain that in more detail?",
+    "doubt": "Are you sure? I read the opposite somewhere.",
+}
+KINDS = ("repeat", "build_on", "doubt", "unanswerable")
+
+
+def conversation_example(
+    attributor: Attributor, examples: Sequence[Example], i: int, first_turn_tokens: int = 48
+) -> dict[str, Any]:
+    """Multi-turn example i: the model's own answer to `examples[i]` as history, then a follow-up of kind
+    `KINDS[i % 4]` (the unanswerable one is another example's question, whose documents are not given)."""
+    example = examples[i]
+    first = attributor.generate(example.query, example.documents, max_new_tokens=first_turn_tokens)
+    kind = KINDS[i % len(KINDS)]
+    follow_up = FOLLOW_UPS.get(kind) or examples[(i + len(examples) // 2) % len(examples)].query
+    return {
+        "id": f"{example.id}-{kind}",
+        "kind": kind,
+        "query": follow_up,
+        "documents": example.documents,
+        "history": [{"role": "user", "content": example.query}, {"role": "assistant", "content": first.answer}],
+    }
+
+
+def evaluate_conversation(
+    attributor: Attributor, example: dict[str, Any], max_new_tokens: int = 48, batch_size: int = 8
+) -> list[dict[str, Any]]:
+    """One row per sentence of the follow-up answer (see the module docstring)."""
+    run = attributor.generate_run(example["query"], example["documents"], example["history"], max_new_tokens=max_new_tokens)
+    prompt, answer = run.prompt, run.answer
+    targets = answer_targets(answer)
+    n_docs, n_sents, n_ctx = len(prompt.doc_sources), len(prompt.sentence_sources), len(prompt.context_parts)
+    spans = prompt.doc_token_spans + prompt.context_token_spans
+    if not targets or not n_docs:
+        return []
+    n = len(spans)
+    masks = torch.ones(n + 2, n, dtype=torch.bool)  # row 0 everything; 1..n one source removed; last: no documents
+    for s in range(n):
+        masks[1 + s, s] = False
+    masks[-1, :n_docs] = False
+    with attributor.lock:
+        logit_probs = ablated_answer_logit_probs(
+            attributor.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), spans, masks, batch_size
+        )
+    prior = RefinementPrior.from_metadata(attributor.estimator.metadata)
+    grounding = GroundednessCalibration.from_metadata(attributor.estimator.metadata, fallback_scale=prior.scale)
+    uniform = torch.full_like(attributor.estimator.weights.detach(), 1.0 / attributor.estimator.weights.numel())
+    keys = [f"doc:{d.id}" for d in prompt.documents] + [p.key for p in prompt.context_parts]
+    rows = []
+    for span, token_rows in targets:
+        features = target_features(run.token_features, token_rows)  # [docs + sentences + context, LH]
+        chosen = torch.cat([features[:n_docs], features[n_docs + n_sents : n_docs + n_sents + n_ctx]])
+        at2 = chosen @ attributor.estimator.weights.detach()
+        average = chosen @ uniform
+        log_odds = target_log_odds(logit_probs, token_rows)
+        log_p = target_log_prob(logit_probs, token_rows)
+        loo = log_odds[0] - log_odds[1 : n + 1]
+        drop = float(log_p[0] - log_p[-1])
+        rows.append(
+            {
+                "id": example["id"],
+                "kind": example["kind"],
+                "sentence": answer.text[span.start : span.end],
+                "loo_top": keys[int(loo.argmax())],
+                "at2_top": keys[int(at2.argmax())],
+                "average_top": keys[int(average.argmax())],
+                "documents_only_top": keys[int(at2[:n_docs].argmax())],
+                "grounded": grounding.grounded(at2[:n_docs].tolist()),
+                "average_grounded": float(average[:n_docs].sum()),
+                "no_documents_log_prob_drop": drop,
+                "depends_on_documents": drop >= 1.0,
+                "supported": grounding.grounded(at2[:n_docs].tolist()) >= grounding.threshold,
+            }
+        )
+    return rows
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    v = torch.tensor([float(x) for x in values], dtype=torch.double)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _bootstrap_auroc(scores: torch.Tensor, labels: torch.Tensor, reps: int = 500) -> float:
+    generator = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(reps):
+        i = torch.randint(0, len(scores), (len(scores),), generator=generator)
+        value = auroc(scores[i], labels[i])
+        if not math.isnan(value):
+            values.append(value)
+    return float(torch.tensor(values).std()) if values else float("nan")
+
+
+def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics with standard errors over targets (AUROC: bootstrap)."""
+    summary: dict[str, Any] = {"targets": len(rows), "examples": len({r["id"] for r in rows})}
+    for method in ("at2", "average", "documents_only"):
+        mean, se = _mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
+        summary[f"top1_agreement_{method}"] = {"mean": mean, "se": se}
+    summary["loo_top_is_query"] = _mean_se([r["loo_top"] == "query" for r in rows])[0]
+    labels = torch.tensor([r["depends_on_documents"] for r in rows])
+    for method, key in (("at2", "grounded"), ("average", "average_grounded")):
+        scores = torch.tensor([r[key] for r in rows], dtype=torch.double)
+        summary[f"groundedness_auroc_{method}"] = {"mean": auroc(scores, labels), "se": _bootstrap_auroc(scores, labels)}
+    supported = torch.tensor([r["supported"] for r in rows])
+
+    def share(values: Sequence[bool]) -> dict[str, float]:
+        mean, se = _mean_se(values)
+        return {"mean": mean, "se": se, "n": len(values)}
+
+    summary["supported_precision"] = share([bool(x) for x in labels[supported].tolist()])
+    summary["supported_recall"] = share([bool(x) for x in supported[labels].tolist()])
+    summary["depends_on_documents"] = share([bool(x) for x in labels.tolist()])
+    summary["loo_top_is_context"] = share([not r["loo_top"].startswith("doc:") for r in rows])
+    summary["by_kind"] = {
+        kind: {
+            "targets": sum(r["kind"] == kind for r in rows),
+            "top1_agreement_at2": _mean_se([r["at2_top"] == r["loo_top"] for r in rows if r["kind"] == kind])[0],
+        }
+        for kind in KINDS
+    }
+    return summary
