@@ -84,3 +84,17 @@ def test_context_sources_through_attribute_rendered(att):
     docs_in_system = [{"role": "system", "content": "Context:\n" + "\n".join(DOCS)}, {"role": "user", "content": "Carry over?"}]
     located = att.attribute_rendered(docs_in_system, DOCS, answer="No.")
     assert [(c.key, c.text) for c in located.context_sources] == [("query", "Carry over?")]
+
+
+def test_collection_ablates_context_parts_and_removes_every_document_once(att):
+    from at2_rag.training.collect import collect_example
+    from at2_rag.training.data import Example
+
+    example = Example(id="conv-1", query="Can unused days be carried over?", documents=att.render("x", DOCS).documents, history=history())
+    item = collect_example(att, example, num_masks=3, sources="context", max_new_tokens=8)
+    assert item is not None
+    assert item.meta["source_ids"] == ["doc0", "doc1", "doc2", "system", "history:0", "history:1", "query"]
+    assert item.features.shape[1] == 7 and item.masks.shape == (4, 7)
+    last = item.meta["no_documents_mask"]
+    assert last == 3 and item.masks[last].tolist() == [False] * 3 + [True] * 4
+    assert item.labels.shape == (item.features.shape[0], 4)

@@ -117,6 +117,12 @@ def test_own_template_keeps_untrusted_text_as_text(tokenizer, docs, query, histo
     if representable(tokenizer, prompt.text):
         assert tokenizer.decode(prompt.input_ids) == prompt.text
     check_spans(prompt, tokenizer)
+    # context parts (system, history turns, question): exact text, and never sharing a token with a document
+    assert [p.kind for p in prompt.context_parts][-1] == "query"
+    for part in prompt.context_parts:
+        assert prompt.text[part.start : part.end] == part.text
+    spans = sorted(s for s in prompt.doc_token_spans + prompt.context_token_spans if s[1] > s[0])
+    assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:]))
 
 
 @FUZZ
