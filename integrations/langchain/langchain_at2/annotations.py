@@ -33,6 +33,12 @@ def attribution_metadata(
     ("template": the documents were rendered by at2-rag's prompt template; "prompt": they were found in the
     messages as given), `unlocated_documents`, `extra_forward_passes` (ablation passes paid to refine the
     scores: 0 for plain AT2, k with `ablations=k`).
+
+    Conversations: `context_scores` (`{"history:0": s, ..., "system": s, "query": s}`, on the documents'
+    scale) and `context_sources` (per earlier turn, system prompt and question: key, kind, index, role, text,
+    score, as in `Attribution.to_dict()`); each citation also has `grounded` (nats: the estimated drop of the
+    sentence's log-odds without any document; `supported` is `grounded` reaching the estimator's threshold) and
+    `context` (the earlier turns / system prompt it draws on, best first: key and score).
     """
     docs = {d.id: d for d in attribution.documents}
     return {
@@ -48,6 +54,8 @@ def attribution_metadata(
                 "end": c.end,
                 "cited": list(c.cited),
                 "supported": c.supported,
+                "grounded": c.grounded,
+                "context": [{"key": src.key, "score": src.score} for src in c.context],
                 "documents": [
                     {
                         "id": cd.id,
@@ -65,7 +73,14 @@ def attribution_metadata(
         "mode": mode,
         "unlocated_documents": list(unlocated),
         "extra_forward_passes": attribution.extra_forward_passes,
+        "context_scores": attribution.context_scores(),
+        "context_sources": context_sources(attribution),
     }
+
+
+def context_sources(attribution: Attribution) -> list[dict[str, Any]]:
+    """The context sources as `Attribution.to_dict()` writes them, each with its `key` (`history:0`, ...)."""
+    return [{"key": c.key, **c.model_dump(mode="json")} for c in attribution.context_sources]
 
 
 def trim_attribution(attribution: Attribution, cut: int) -> Attribution:
@@ -85,7 +100,9 @@ def trim_attribution(attribution: Attribution, cut: int) -> Attribution:
 def citation_annotations(at2: dict[str, Any]) -> list[Citation]:
     """One standard `Citation` per (answer sentence, cited document), best document first.
 
-    `start_index`/`end_index` index the whole answer text (in a stream: the concatenated chunks)."""
+    `start_index`/`end_index` index the whole answer text (in a stream: the concatenated chunks). `extras`:
+    `document_id`, `document_index`, `score` (the document's score for the sentence), and the sentence's
+    `grounded` and `context` (earlier turns it draws on: key and score)."""
     docs = {d["id"]: d for d in at2.get("documents", [])}
     out: list[Citation] = []
     for ci, c in enumerate(at2.get("citations", [])):
@@ -110,6 +127,10 @@ def citation_annotations(at2: dict[str, Any]) -> list[Citation]:
                 "document_index": doc.get("index"),
                 "score": cited.get("score"),
             }
+            if "grounded" in c:  # absent from metadata written by earlier versions
+                annotation["extras"]["grounded"] = c["grounded"]
+            if "context" in c:
+                annotation["extras"]["context"] = [dict(src) for src in c["context"]]
             out.append(annotation)
     return out
 

@@ -23,10 +23,14 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     Returns the same dict with:
 
     * the documents (same key, same order) copied with `metadata["at2_score"]`;
-    * `citations`: per answer sentence `{"text", "start", "end", "document_ids", "scores", "supported"}`;
+    * `citations`: per answer sentence `{"text", "start", "end", "document_ids", "scores", "supported",
+      "grounded", "context"}` (`grounded`: nats, the estimated drop of the sentence's log-odds without any
+      document; `context`: the earlier turns / system prompt it draws on, best first, as key and score);
+    * `context_scores`: `{"history:0": s, ..., "system": s, "query": s}` for the whole answer, on the
+      documents' scale (the turns of the prompt, or of `chat_history`, and the question);
     * `cited_answer`: the answer with `[n]` marks (n = 1-based position in the documents);
-    * `unsupported`: True when no document reaches the estimator's support threshold
-      (`attributor.support_threshold`), or when nothing could be attributed;
+    * `unsupported`: True when no answer sentence is grounded in the documents (`Attribution.supported`: a
+      sentence's `grounded` reaching the estimator's calibrated threshold), or when nothing could be attributed;
     * `attribution`: the full `at2_rag.Attribution` (None if nothing could be attributed), and `at2_error`;
     * `extra_forward_passes`: the ablation passes paid to refine the scores (0 without `ablations`).
 
@@ -34,7 +38,8 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     be a string or an `AIMessage`. If the input also has the prompt the chain's model saw (`prompt_key`,
     default "prompt": a string, a PromptValue or a list of messages), the documents are located inside that
     prompt and the attribution reads it; otherwise at2-rag renders its own RAG prompt from question and
-    documents (`Attributor.attribute`).
+    documents (`Attributor.attribute`), with the earlier turns from `history_key` (default "chat_history": a
+    list of messages or role/content dicts) when the input has them.
 
     `ablations=k` pays k ablation passes to refine the scores (0, the default, is plain AT2; k is capped at
     2^number of documents).
@@ -49,6 +54,7 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     question_keys: tuple[str, ...] = ("question", "query", "input")
     documents_keys: tuple[str, ...] = ("context", "documents", "source_documents")
     prompt_key: str | None = "prompt"
+    history_key: str | None = "chat_history"
     ablations: int = Field(default=0, ge=0, strict=True)
     """Ablation passes that refine the document scores (0 = plain AT2)."""
 
@@ -90,7 +96,10 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
                         _prompt_arg(prompt), documents, answer, question, ablations=self.ablations
                     )
                 else:
-                    attribution = attributor.attribute(question, documents, answer, ablations=self.ablations)
+                    history = input.get(self.history_key) if self.history_key else None
+                    attribution = attributor.attribute(
+                        question, documents, answer, _history_arg(history), ablations=self.ablations
+                    )
             except DocumentsNotLocatedError:
                 error = "none of the documents occurs in the prompt"
             except (AT2Error, ValueError) as exc:
@@ -108,12 +117,15 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
                     "document_ids": list(c.cited),
                     "scores": {d.id: d.score for d in c.documents},
                     "supported": c.supported,
+                    "grounded": c.grounded,
+                    "context": [{"key": src.key, "score": src.score} for src in c.context],
                 }
                 for c in attribution.citations
             ]
             if attribution
             else []
         )
+        output["context_scores"] = attribution.context_scores() if attribution else {}
         output["cited_answer"] = attribution.cited_answer() if attribution else answer
         output["unsupported"] = not (attribution is not None and attribution.supported)
         output["attribution"] = attribution
@@ -130,6 +142,14 @@ def _prompt_arg(prompt: Any) -> Any:
     if isinstance(prompt, Sequence) and all(isinstance(m, BaseMessage) for m in prompt):
         return to_chat_dicts(prompt)
     raise TypeError(f"prompt must be a string, a PromptValue or a list of messages, got {type(prompt).__name__}")
+
+
+def _history_arg(history: Any) -> list[Any] | None:
+    if history is None:
+        return None
+    if isinstance(history, str) or not isinstance(history, Sequence):
+        raise TypeError(f"chat history must be a list of messages, got {type(history).__name__}")
+    return [to_chat_dicts([m])[0] if isinstance(m, BaseMessage) else m for m in history]
 
 
 def _scored(doc: Any, doc_id: str, score: float | None, index: int) -> Document:

@@ -67,6 +67,20 @@ class ChainAttribution(BaseModel):
     def supported(self) -> bool:
         return bool(self.attribution and self.attribution.supported)
 
+    @property
+    def context_scores(self) -> dict[str, float]:
+        """`{"history:0": s, ..., "system": s, "query": s}`: the earlier turns, system prompt and question found
+        in the prompt, scored like the documents (see `Attribution.context_sources`)."""
+        return self.attribution.context_scores() if self.attribution else {}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The attribution as `ChatAT2` writes it into `response_metadata["at2"]` (see
+        `langchain_at2.annotations.attribution_metadata`); {} when there is none."""
+        if self.attribution is None:
+            return {}
+        return attribution_metadata(self.attribution, mode="prompt", unlocated=self.unlocated)
+
     def to_event(self) -> dict[str, Any]:
         """The JSON-friendly payload of the `at2_attribution` custom event."""
         data: dict[str, Any] = {
@@ -77,10 +91,16 @@ class ChainAttribution(BaseModel):
             "error": self.error,
         }
         if self.attribution is not None:
-            data.update(attribution_metadata(self.attribution, mode="prompt", unlocated=self.unlocated))
+            data.update(self.metadata)
         else:
             data.update(
-                scores={}, citations=[], supported=False, unlocated_documents=list(self.unlocated), extra_forward_passes=0
+                scores={},
+                citations=[],
+                supported=False,
+                unlocated_documents=list(self.unlocated),
+                extra_forward_passes=0,
+                context_scores={},
+                context_sources=[],
             )
         return data
 

@@ -115,6 +115,9 @@ class ChatAT2(BaseChatModel):
     `langchain_at2.annotations.attribution_metadata`), and `message.content_blocks` carries one standard
     `Citation` annotation per (answer sentence, supporting document); with `output_version="v1"` those blocks
     are the content. Streaming yields text as it is generated; the attribution arrives on the last chunk.
+    Earlier turns (human and AI messages before the last human message), the system prompt and the question
+    are scored too (`context_scores`, `context_sources`), and each citation says how much the sentence
+    depends on the documents at all (`grounded`) and which earlier turns it draws on (`context`).
 
     **Budget.** `ablations=k` (field, or per call: `invoke(..., ablations=k)` / `bind(ablations=k)`) runs k
     ablation passes after the answer and refines the document scores with the AT2 scores as the prior (k=0,

@@ -20,6 +20,8 @@ AT2 = {
             "end": 15,
             "cited": ["a"],
             "supported": True,
+            "grounded": 3.5,
+            "context": [{"key": "history:1", "score": 0.02}],
             "documents": [
                 {"id": "a", "score": 0.3, "cited_text": "Alpha comes first."},
                 {"id": "b", "score": 0.01, "cited_text": "Beta."},
@@ -41,8 +43,18 @@ def test_citation_annotations() -> None:
         "title": "Alpha",
         "url": "https://a",
         "cited_text": "Alpha comes first.",
-        "extras": {"document_id": "a", "document_index": 0, "score": 0.3},
+        "extras": {
+            "document_id": "a",
+            "document_index": 0,
+            "score": 0.3,
+            "grounded": 3.5,
+            "context": [{"key": "history:1", "score": 0.02}],
+        },
     }
+    # metadata written before `grounded` / `context` existed: the extras they had
+    old = {**AT2, "citations": [{k: v for k, v in AT2["citations"][0].items() if k not in ("grounded", "context")}]}
+    (citation,) = citation_annotations(old)
+    assert citation["extras"] == {"document_id": "a", "document_index": 0, "score": 0.3}
 
 
 def test_content_blocks_of_message_and_stream() -> None:

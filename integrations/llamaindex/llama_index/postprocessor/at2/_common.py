@@ -116,7 +116,10 @@ def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[st
     - `node_ids`: ids of the nodes cited for it, best first (may be empty: then `supported` is False);
     - `scores`: every node's AT2 score for this sentence;
     - `sources`: for each cited node, its score and best supporting sentences with `start`/`end` char offsets
-      inside the node's text.
+      inside the node's text;
+    - `grounded`: the estimated drop, in nats, of the sentence's log-odds if every node were removed
+      (`supported` is `grounded` reaching the estimator's calibrated threshold);
+    - `context`: the earlier turns / system prompt the sentence draws on, best first, as `key` and `score`.
     """
     out = []
     for c in attribution.citations:
@@ -137,13 +140,23 @@ def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[st
                     }
                     for node_id in c.cited
                 ],
+                "grounded": float(c.grounded),
+                "context": [{"key": src.key, "score": float(src.score)} for src in c.context],
             }
         )
     return out
 
 
+def context_sources(attribution: Any) -> List[Dict[str, Any]]:
+    """The context sources (system prompt, earlier turns, the question) as `Attribution.to_dict()` writes
+    them, each with its `key` (`"system"`, `"history:0"`, `"query"`)."""
+    return [{"key": c.key, **c.model_dump(mode="json")} for c in attribution.context_sources]
+
+
 def at2_summary(attribution: Any, nodes: Sequence[NodeWithScore]) -> Dict[str, Any]:
-    """The `Response.metadata["at2"]` dict."""
+    """The `Response.metadata["at2"]` dict. Besides the node scores: `context_scores` (`{"system": s,
+    "query": s, ...}`: the prompt's other parts, scored like the nodes, on the same scale) and `context_sources`
+    (key, kind, index, role, text, score of each)."""
     ranked = sorted(attribution.documents, key=lambda d: d.score, reverse=True)
     return {
         "scores": {d.id: float(d.score) for d in attribution.documents},
@@ -158,4 +171,6 @@ def at2_summary(attribution: Any, nodes: Sequence[NodeWithScore]) -> Dict[str, A
         "num_prompt_tokens": attribution.num_prompt_tokens,
         "num_answer_tokens": attribution.num_answer_tokens,
         "extra_forward_passes": attribution.extra_forward_passes,
+        "context_scores": {k: float(v) for k, v in attribution.context_scores().items()},
+        "context_sources": context_sources(attribution),
     }

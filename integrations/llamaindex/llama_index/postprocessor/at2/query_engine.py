@@ -46,9 +46,11 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     - `metadata["citations"]`: one dict per answer sentence - `text`, `start`/`end` (char span in the answer),
       `node_ids` (cited nodes, best first), `supported`, `scores` (every node's score for that sentence) and
       `sources` (for each cited node, its best supporting sentences with `start`/`end` char offsets inside the
-      node's text, i.e. `node.get_content(metadata_mode=MetadataMode.NONE)`).
+      node's text, i.e. `node.get_content(metadata_mode=MetadataMode.NONE)`), `grounded` (nats: how much the
+      sentence depends on the nodes at all) and `context` (system prompt / earlier turns it draws on).
     - `metadata["at2"]`: `scores` (node id -> AT2 score for the whole answer), `retrieval_scores`, `ranking`,
-      `prompt_order`, `supported`, estimator info, `extra_forward_passes` (ablation passes paid: 0 or k).
+      `prompt_order`, `supported`, estimator info, `extra_forward_passes` (ablation passes paid: 0 or k),
+      `context_scores` / `context_sources` (the system prompt and the question, scored like the nodes).
     - `metadata["attribution"]`: the full `at2_rag.Attribution` (notebook / rich / plot views);
       `metadata["cited_answer"]`: the answer with `[n]` marks, n = the node's 1-based position in
       `metadata["at2"]["prompt_order"]` (the retriever's order).
