@@ -535,6 +535,7 @@ class Attributor:
             estimator_trained=self.estimator.trained,
             support_threshold=self.support_threshold,
             supported=supported,
+            grounded_threshold=grounding.threshold,
             num_prompt_tokens=prompt.num_tokens,
             num_answer_tokens=len(answer.token_ids),
             finish_reason=run.finish_reason,

@@ -370,6 +370,7 @@ class ScoreEstimator(torch.nn.Module):
         evaluation = meta.get("evaluation")
         if isinstance(evaluation, dict) and isinstance(evaluation.get("summary"), dict):
             lines += ["", *evaluation_table(evaluation)]
+        lines += _settings_lines(meta)
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -454,6 +455,30 @@ class ScoreEstimator(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self.num_layers}, heads={self.num_heads}, model_id={self.model_id!r}, trained={self.trained}"
+
+
+def _settings_lines(meta: dict[str, Any]) -> list[str]:
+    """Card sections for the refinement prior, the groundedness calibration and the conversation evaluation."""
+    lines: list[str] = []
+    refinement = meta.get("refinement")
+    if isinstance(refinement, dict):
+        lines += ["", "## Refinement with `ablations=k`", ""]
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in refinement.items()]
+    groundedness = meta.get("groundedness")
+    if isinstance(groundedness, dict):
+        lines += ["", "## Groundedness (`Citation.grounded`, nats)", ""]
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in groundedness.items()]
+    conversations = meta.get("conversations")
+    if isinstance(conversations, dict):
+        lines += ["", "## Conversations (multi-turn held-out examples)", ""]
+        for key, value in conversations.items():
+            if isinstance(value, dict) and "mean" in value:
+                se = value.get("se")
+                se_text = f" ± {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
+                lines.append(f"- {key.replace('_', ' ')}: {value['mean']:.3f}{se_text}")
+            elif not isinstance(value, dict):
+                lines.append(f"- {key.replace('_', ' ')}: {value}")
+    return lines
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:

@@ -119,6 +119,9 @@ class Attribution(BaseModel):
     estimator_trained: bool
     support_threshold: float
     supported: bool
+    grounded_threshold: float = Field(
+        default=1.0, description="nats: a sentence is supported when its `grounded` reaches this"
+    )
     num_prompt_tokens: int
     num_answer_tokens: int
     finish_reason: str | None = None

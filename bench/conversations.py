@@ -2,7 +2,7 @@
 at2_rag/evaluation/conversations.py). Resumable: rows are appended to docs/bench/conversations.jsonl per
 example; the summary goes to docs/bench/conversations.json.
 
-    python bench/conversations.py --examples 48
+    python bench/conversations.py --examples 40
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from at2_rag.training.data import read_examples
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heldout", default="data/rag_python_docs/heldout.jsonl")
-    parser.add_argument("--examples", type=int, default=48)
+    parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--out", default="docs/bench/conversations")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="for the first answer and the follow-up's")
     args = parser.parse_args()
     model, tokenizer = load_default_model()
     attributor = Attributor(model, tokenizer)
@@ -32,7 +33,8 @@ def main() -> None:
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     with rows_path.open("a") as out:
         for i in tqdm([i for i, e in enumerate(examples) if e.id not in done], desc="conversations", unit="ex"):
-            rows = evaluate_conversation(attributor, conversation_example(attributor, examples, i))
+            conversation = conversation_example(attributor, examples, i, first_turn_tokens=args.max_new_tokens)
+            rows = evaluate_conversation(attributor, conversation, max_new_tokens=args.max_new_tokens)
             out.write(json.dumps({"example": examples[i].id, "rows": rows}) + "\n")
             out.flush()
     rows = [r for line in rows_path.read_text().splitlines() for r in json.loads(line)["rows"]]
