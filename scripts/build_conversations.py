@@ -34,7 +34,7 @@ def main() -> None:
             if f"{examples[i].id}-{KINDS[i % len(KINDS)]}" in done:
                 continue
             conversation = conversation_example(attributor, examples, i)
-            documents = [d.model_dump(exclude_none=True) for d in conversation["documents"]]
+            documents = [d if isinstance(d, dict) else d.model_dump(exclude_none=True) for d in conversation["documents"]]
             handle.write(json.dumps({**conversation, "documents": documents}) + "\n")
             handle.flush()
 
