@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbo
 from fastapi.testclient import TestClient  # noqa: E402
 
 import chatbot.app as chatbot_app  # noqa: E402
-from chatbot.app import SAMPLE_DOCS, create_app, load_default_attributor, main  # noqa: E402
+from at2_rag import Citation, CitedDocument, ContextSource  # noqa: E402
+from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_attributor, main, sentence_mark  # noqa: E402
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 
 QUESTION = "How many vacation days do I get per year?"
@@ -152,6 +153,55 @@ def test_no_history_is_accepted_when_max_history_is_zero():
     assert client.post("/api/chat", json={"question": "xyzzy", "history": []}).status_code == 404
     res = client.post("/api/chat", json={"question": "xyzzy", "history": history(1)})
     assert res.status_code == 413 and "at most 0 messages" in res.json()["message"]
+
+
+# ---- the "from the earlier answer" rule (a pure function of one sentence's scores) ---------------------------
+THRESHOLD = 0.002
+
+
+def sentence(docs: list[float], context: list[tuple[str, int | None, str, float]], supported: bool = True) -> Citation:
+    """An answer sentence with these document scores and context sources (kind, index, role, score), best first."""
+    return Citation(
+        text="Employees get 27 days.",
+        start=0,
+        end=22,
+        documents=[CitedDocument(index=i, id=f"doc{i}", score=score) for i, score in enumerate(docs)],
+        cited=[] if not supported else ["doc0"],
+        supported=supported,
+        grounded=2.0 if supported else -3.0,
+        context=[ContextSource(kind=k, index=i, role=r, text="...", score=score) for k, i, r, score in context],
+    )
+
+
+def test_a_sentence_repeats_the_earlier_answer_that_scores_above_every_document():
+    repeat = sentence([0.004, 0.001], [("history", 3, "assistant", 0.05), ("history", 2, "user", 0.02)], supported=False)
+    assert earlier_answer(repeat, THRESHOLD) == {"history_index": 3, "score": 0.05, "best_document_score": 0.004}
+    assert sentence_mark(repeat, earlier_answer(repeat, THRESHOLD)) == "earlier_answer"  # not also "not from documents"
+    # supported by a document and drawing even more on the earlier answer: still marked (the page shows both)
+    both = sentence([0.03], [("history", 1, "assistant", 0.04)])
+    assert earlier_answer(both, THRESHOLD)["history_index"] == 1 and sentence_mark(both, earlier_answer(both, THRESHOLD)) == "earlier_answer"
+
+
+@pytest.mark.parametrize(
+    "docs, context, why",
+    [
+        ([0.042], [("history", 1, "assistant", 0.039)], "a document scores higher"),
+        ([0.039], [("history", 1, "assistant", 0.039)], "a tie is not above every document"),
+        ([0.001], [("history", 0, "user", 0.05), ("history", 1, "assistant", 0.01)], "the best source is the user's turn"),
+        ([0.001], [("system", None, "system", 0.02)], "the best source is the system prompt"),
+        ([0.0001], [("history", 1, "assistant", 0.001)], "below the support threshold"),
+        ([0.001], [], "no context source"),
+    ],
+)
+def test_no_earlier_answer_mark(docs, context, why):
+    assert earlier_answer(sentence(docs, context), THRESHOLD) is None, why
+
+
+def test_sentence_marks():
+    assert sentence_mark(sentence([0.04], []), None) is None
+    assert sentence_mark(sentence([0.0], [], supported=False), None) == "not_from_documents"
+    # a sentence that draws on the system prompt but no document is still not from the documents
+    assert sentence_mark(sentence([0.0], [("system", None, "system", 0.02)], supported=False), None) == "not_from_documents"
 
 
 # ---- folders: unreadable files, no documents, long files ---------------------------------------------------
@@ -307,6 +357,73 @@ def test_chat_streams_the_answer_then_its_attribution(attributor):
     top = support["sentences"][0]
     assert doc_text[top["start"] : top["end"]] == top["text"] and "27 days" in top["text"]
     assert events[-1][1]["history_messages"] == 0
+    assert att["schema"] == "at2-rag/attribution" and att["schema_version"] == 2
+    assert set(att["context_scores"]) == {"system", "query"}  # no history: no earlier turns to score
+    assert first["grounded"] > 1 and first["mark"] is None and first["earlier_answer"] is None
+
+
+def chat_attribution(client: TestClient, question: str, history: list[dict[str, str]]) -> dict:
+    with client.stream("POST", "/api/chat", json={"question": question, "history": history}) as res:
+        assert res.status_code == 200
+        events = dict(parse_sse(res.read().decode()))
+    assert events["done"]["history_messages"] == len(history)
+    return events["attribution"]
+
+
+def expected_earlier_answer(citation: dict, support_threshold: float) -> int | None:
+    """The rule, read off the payload: the sentence's best context source is an assistant turn that reaches the
+    threshold and scores above every document for the sentence."""
+    if not citation["context"]:
+        return None
+    best = citation["context"][0]
+    best_document = max(d["score"] for d in citation["documents"])
+    if best["kind"] == "history" and best["role"] == "assistant" and best["score"] >= support_threshold and best["score"] > best_document:
+        return best["index"]
+    return None
+
+
+WEATHER = "What is the weather like in the office today?"  # no document says: the small model makes it up
+REPEAT = "Can you repeat your previous answer?"  # retrieves other documents than the weather question
+
+
+@pytest.mark.slow
+def test_a_repeated_earlier_answer_is_marked_and_a_sentence_not_from_the_documents_is_flagged(attributor):
+    client = client_for(attributor=attributor, max_new_tokens=48)
+
+    # ---- turn 1: an answer no retrieved document supports --------------------------------------------------
+    first = chat_attribution(client, WEATHER, [])
+    assert first["citations"] and first["supported"] is False
+    for c in first["citations"]:
+        assert isinstance(c["grounded"], float) and isinstance(c["supported"], bool) and isinstance(c["context"], list)
+        assert c["earlier_answer"] is None  # there is no earlier answer
+        if not c["supported"]:
+            assert c["mark"] == "not_from_documents" and c["cited"] == []
+    assert any(c["mark"] == "not_from_documents" for c in first["citations"])
+
+    # ---- turn 2: "repeat your previous answer" -------------------------------------------------------------
+    history = [{"role": "user", "content": WEATHER}, {"role": "assistant", "content": first["answer"]}]
+    second = chat_attribution(client, REPEAT, history)
+    assert set(second["context_scores"]) == {"system", "history:0", "history:1", "query"}
+    by_key = {c["key"]: c for c in second["context_sources"]}
+    assert by_key["history:1"]["role"] == "assistant" and by_key["history:1"]["score"] == second["context_scores"]["history:1"]
+    assert all("text" not in c for c in second["context_sources"])  # the page sent those texts: not echoed back
+    threshold = second["support_threshold"]
+    for c in second["citations"]:
+        assert isinstance(c["grounded"], float) and isinstance(c["supported"], bool)
+        assert all(set(x) == {"kind", "index", "role", "score", "key"} and x["kind"] != "query" for x in c["context"])
+        index = expected_earlier_answer(c, threshold)
+        if index is None:
+            assert c["earlier_answer"] is None
+            assert c["mark"] == (None if c["supported"] else "not_from_documents")
+        else:
+            assert c["earlier_answer"]["history_index"] == index and c["mark"] == "earlier_answer"
+            assert c["earlier_answer"]["score"] == c["context"][0]["score"]
+    # the model repeats (greedy decoding: every run the same) and every repeated sentence is marked as such
+    repeated = [c for c in second["citations"] if c["text"].strip() in first["answer"]]
+    assert repeated, (first["answer"], second["answer"])
+    for c in repeated:
+        assert c["mark"] == "earlier_answer" and c["earlier_answer"]["history_index"] == 1, c
+        assert history[c["earlier_answer"]["history_index"]]["role"] == "assistant"
 
 
 @pytest.mark.slow

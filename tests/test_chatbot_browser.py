@@ -4,8 +4,8 @@ The app runs in-process (uvicorn in a thread, on a free localhost port) with the
 and BM25 over the bundled sample documents. Chromium is Debian's (`apt-get install chromium`), never a downloaded
 browser; set AT2_CHROMIUM to use another binary. The tests are skipped only when no Chromium binary is found.
 
-Screenshots go to $AT2_ARTIFACTS (or a pytest temp folder); docs/img/chatbot.png is written when it is missing or
-when AT2_UPDATE_DOCS_IMG=1.
+Screenshots go to $AT2_ARTIFACTS (or a pytest temp folder); docs/img/chatbot.png and docs/img/chatbot-earlier-answer.png
+are written when they are missing or when AT2_UPDATE_DOCS_IMG=1.
 """
 
 from __future__ import annotations
@@ -131,6 +131,16 @@ def page(browser):
 def open_app(page: Page, url: str) -> None:
     page.goto(url)
     expect(page.locator("#status-docs")).to_contain_text(" indexed")
+
+
+def docs_screenshot(page: Page, artifacts: Path, name: str) -> None:
+    """A screenshot into the artifacts, copied to docs/img/ when it is missing there or AT2_UPDATE_DOCS_IMG=1."""
+    shot = artifacts / name
+    page.screenshot(path=str(shot), animations="disabled")
+    docs_img = ROOT / "docs" / "img" / name
+    if os.environ.get("AT2_UPDATE_DOCS_IMG") == "1" or not docs_img.exists():
+        docs_img.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, docs_img)
 
 
 def ask(page: Page, question: str, answers_before: int) -> None:
@@ -264,12 +274,7 @@ def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_ser
     expect(answer.locator(".sent.active")).to_have_count(1)
     expect(page.locator("#sources .source-row.active")).to_have_attribute("data-doc-id", RIGHT_DOC)
 
-    shot = artifacts / "chatbot.png"
-    page.screenshot(path=str(shot))
-    docs_img = ROOT / "docs" / "img" / "chatbot.png"
-    if os.environ.get("AT2_UPDATE_DOCS_IMG") == "1" or not docs_img.exists():
-        docs_img.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, docs_img)
+    docs_screenshot(page, artifacts, "chatbot.png")
 
     # clicking a source row shows the whole-answer sentence scores of that document
     rows.nth(1).click()
@@ -285,7 +290,7 @@ def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_ser
     assert sent["history"][0]["content"] == QUESTION and "27" in sent["history"][1]["content"]
     second = page.locator(".msg.assistant").nth(1)
     expect(second.locator(".answer-text")).not_to_be_empty()
-    assert second.locator("button.cite").count() + second.locator(".flag-sentence").count() >= 1
+    assert second.locator("button.cite, .flag-sentence, .ctx-mark").count() >= 1
     expect(second).to_have_class(re.compile(r"\bselected\b"))  # the side panel follows the newest answer
     expect(page.locator("#sources-sub")).to_contain_text("Answer 2")
     page.screenshot(path=str(artifacts / "chatbot-two-turns.png"))
@@ -336,3 +341,86 @@ def test_no_documents_is_shown_in_the_page(page, tmp_path, artifacts):
         expect(error).to_have_attribute("data-kind", "no_documents")
         expect(error).to_contain_text(str(tmp_path))
         page.screenshot(path=str(artifacts / "chatbot-no-documents.png"))
+
+
+HONESTY = "Citations show what the model used, not whether it is true."
+CANOPY = "How many requests per minute does the Canopy API allow?"
+WEATHER = "What is the weather like in the office today?"  # no document says: the small model makes it up
+REPEAT = "Can you repeat your previous answer?"  # retrieves other documents than the weather question
+
+
+@pytest.mark.slow
+def test_marks_for_an_earlier_answer_and_for_a_sentence_not_from_the_documents(page, artifacts):
+    # a server that takes only the last 2 messages of history: the page sends the newest turns, and a history index
+    # in the reply must still be mapped to the right message of the conversation on the page
+    app = create_app(attributor_factory=load_default_attributor, max_new_tokens=64, max_history=2)
+    with ServerThread(app) as server:
+        open_app(page, server.url)
+        note = page.locator("#honesty-note")
+        expect(note).to_be_visible()
+        expect(note).to_have_text(HONESTY)
+        answers = page.locator(".msg.assistant")
+
+        ask(page, CANOPY, answers_before=0)  # answered from a document: a citation mark, no other mark
+        expect(answers.nth(0).locator("button.cite")).not_to_have_count(0)
+        expect(answers.nth(0).locator(".flag-sentence, .ctx-mark")).to_have_count(0)
+
+        # ---- an answer no retrieved document supports: "not from your documents" ---------------------------
+        ask(page, WEATHER, answers_before=1)
+        weather = answers.nth(1)
+        payload = page.evaluate("state.answers[1].attribution")
+        flagged = [i for i, c in enumerate(payload["citations"]) if c["mark"] == "not_from_documents"]
+        assert flagged and all(not payload["citations"][i]["supported"] for i in flagged), payload["citations"]
+        flags = weather.locator(".flag-sentence")
+        expect(flags).to_have_count(len(flagged))
+        expect(flags.first).to_have_text("not from your documents")
+        expect(weather.locator(f".sent.unsupported[data-citation='{flagged[0]}']")).to_be_visible()
+        expect(weather.locator(".unsupported-flag")).to_contain_text("Not from your documents.")
+
+        # ---- "repeat your previous answer": "from the earlier answer", which shows that answer -----------------
+        with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as req:
+            ask(page, REPEAT, answers_before=2)
+        sent = json.loads(req.value.post_data)["history"]
+        assert [t["content"] for t in sent] == [WEATHER, page.evaluate("state.answers[1].attribution.answer")]
+        payload = page.evaluate("state.answers[2].attribution")
+        repeats = [c for c in payload["citations"] if c["mark"] == "earlier_answer"]
+        assert repeats and {c["earlier_answer"]["history_index"] for c in repeats} == {1}, payload["citations"]
+        # history index 1 of the 2 messages sent is the weather answer: answer 2 on the page, not answer 1
+        repeat = answers.nth(2)
+        mark = repeat.locator("button.ctx-mark")
+        expect(mark).to_have_count(len(repeats))
+        expect(mark.first).to_have_text("↩from the earlier answer")
+        expect(mark.first).to_have_attribute("data-answer", "1")
+        expect(mark.first).to_have_attribute("aria-label", "From the earlier answer: show answer 2 in the conversation")
+        expect(repeat.locator(".flag-sentence")).to_have_count(
+            sum(c["mark"] == "not_from_documents" for c in payload["citations"])
+        )  # a sentence marked as from the earlier answer is not also flagged
+        expect(page.locator("#sources .sources-note.ctx")).to_contain_text("answer 2 of this conversation")
+
+        page.locator(".messages").evaluate("el => { el.scrollTop = el.scrollHeight; }")
+        mark.first.click()
+        expect(weather).to_have_class(re.compile(r"\brecalled\b"))
+        expect(weather.locator(".recall-note")).to_have_text("↩ Answer 3 repeats this earlier answer")
+        expect(weather).to_be_focused()
+        expect(weather).to_be_in_viewport()
+        expect(answers.nth(0)).not_to_have_class(re.compile(r"\brecalled\b"))
+        expect(mark.first).to_have_class(re.compile(r"\bactive\b"))
+        expect(note).to_be_visible()
+        docs_screenshot(page, artifacts, "chatbot-earlier-answer.png")
+
+        # a citation mark clears the highlight
+        answers.nth(0).locator("button.cite").first.click()
+        expect(page.locator(".msg.recalled")).to_have_count(0)
+        expect(page.locator(".recall-note")).to_have_count(0)
+
+        # ---- the same conversation on a phone: nothing wider than the screen, the marks readable ---------------
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for locator in (mark.first, flags.first, note):
+            locator.scroll_into_view_if_needed()
+            box = locator.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        mark.first.click()
+        expect(weather).to_have_class(re.compile(r"\brecalled\b"))
+        expect(weather).to_be_in_viewport()
+        page.screenshot(path=str(artifacts / "chatbot-earlier-answer-mobile.png"), full_page=True, animations="disabled")

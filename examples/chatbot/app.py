@@ -11,6 +11,10 @@ The page is plain HTML/CSS/JS in `static/`; the API is:
     POST /api/chat     {"question": str, "history": [{"role", "content"}...]}  ->  text/event-stream of
                        `retrieval`, `token`*, `attribution`, `done` events (or one `error` event)
 
+The `attribution` event is `Attribution.to_dict()` without the prompt, plus `share` per document, `cited_answer`,
+`context_scores`, and per answer sentence `earlier_answer` (the history turn it repeats) and `mark`
+(`"earlier_answer"`, `"not_from_documents"` or null): see `attribution_payload`.
+
 Requests are bounded before any model work: a question of at most `max_question_chars` characters (HTTP 413
 `question_too_long` otherwise) and a history of at most `max_history` messages and `max_history_chars` characters
 (413 `history_too_long`). A prompt that still does not fit the context window gets 413 `context_too_long` with a
@@ -45,7 +49,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from at2_rag import AT2Error, Attribution, Attributor, ContextTooLongError, NoDocumentsError
+from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextSource, ContextTooLongError, NoDocumentsError
 
 from .corpus import BM25Index, LoadReport, load_folder
 
@@ -95,15 +99,58 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def earlier_answer(citation: Citation, support_threshold: float) -> dict[str, Any] | None:
+    """The earlier assistant turn an answer sentence repeats, or None.
+
+    The rule: the sentence's best context source (earlier turns and the system prompt, never the question) is an
+    assistant turn of the history, it reaches the support threshold, and it scores above every retrieved document
+    for that sentence (all on the estimator's one scale). `history_index` is its position in the request's
+    `history` list; the page maps it back to its own conversation (it may have sent only the newest turns)."""
+    if not citation.context:
+        return None
+    best = citation.context[0]  # the core sorts them best first
+    if best.kind != "history" or best.role != "assistant" or best.index is None:
+        return None
+    best_document = max((d.score for d in citation.documents), default=None)
+    if best.score < support_threshold or (best_document is not None and best.score <= best_document):
+        return None
+    return {"history_index": best.index, "score": best.score, "best_document_score": best_document}
+
+
+def sentence_mark(citation: Citation, repeats: dict[str, Any] | None) -> str | None:
+    """What the page marks next to the sentence besides document numbers: "earlier_answer" (it repeats an
+    earlier reply), "not_from_documents" (not supported and no earlier turn it draws on), or None."""
+    if repeats is not None:
+        return "earlier_answer"
+    if not citation.supported:
+        return "not_from_documents"
+    return None
+
+
 def attribution_payload(attribution: Attribution) -> dict[str, Any]:
-    """The Attribution as JSON for the page (without the long prompt), plus each document's share of the
-    positive attribution mass (for the bars) and the answer with [n] marks."""
-    data = attribution.model_dump(exclude={"prompt"})
+    """The Attribution as JSON for the page (`Attribution.to_dict()` without the long prompt), plus each
+    document's share of the positive attribution mass (for the bars), the answer with [n] marks, the context
+    scores, and per answer sentence its `earlier_answer` (see `earlier_answer`) and `mark` (see `sentence_mark`).
+
+    Context sources (here and per sentence) carry kind, index, role and score but not their text: the page sent
+    that text as `history` and has it already."""
+    data = attribution.to_dict()
+    data.pop("prompt", None)
     total = sum(max(0.0, d.score) for d in attribution.documents) or 1.0
     for doc in data["documents"]:
         doc["share"] = max(0.0, doc["score"]) / total
     data["cited_answer"] = attribution.cited_answer()
+    data["context_scores"] = attribution.context_scores()
+    data["context_sources"] = [_context_json(c) for c in attribution.context_sources]
+    for cit, out in zip(attribution.citations, data["citations"]):
+        out["context"] = [_context_json(c) for c in cit.context]
+        out["earlier_answer"] = repeats = earlier_answer(cit, attribution.support_threshold)
+        out["mark"] = sentence_mark(cit, repeats)
     return data
+
+
+def _context_json(source: ContextSource) -> dict[str, Any]:
+    return {"kind": source.kind, "index": source.index, "role": source.role, "score": source.score, "key": source.key}
 
 
 class _Cancelled:

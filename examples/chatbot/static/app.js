@@ -14,8 +14,8 @@ const els = {
 };
 
 const state = {
-  history: [],        // [{role, content}] of completed turns, sent with every question
-  answers: [],        // per assistant message: {attribution, retrieval, el}
+  history: [],        // [{role, content, answer?}] of completed turns (answer: index into answers), sent with every question
+  answers: [],        // per assistant message: {attribution, retrieval, el, seconds, historyStart}
   selected: null,     // index into answers
   busy: false,
   // the server's limits, from /api/status (null until it answers; the server checks them anyway)
@@ -101,7 +101,8 @@ function updateCount() {
   els.count.classList.toggle("over", show && n > limit);
 }
 
-// the most recent turns within the server's limits on messages and characters (the server refuses more)
+// the most recent turns within the server's limits on messages and characters (the server refuses more);
+// always a suffix of state.history, so turn i of what was sent is state.history[state.history.length - sent.length + i]
 function historyToSend() {
   const { history: most, historyChars } = state.limits;
   let turns = most == null ? state.history.slice() : state.history.slice(state.history.length - Math.min(most, state.history.length));
@@ -109,7 +110,7 @@ function historyToSend() {
     let total = turns.reduce((sum, t) => sum + chars(t.content), 0);
     while (turns.length && total > historyChars) total -= chars(turns.shift().content);
   }
-  return turns;
+  return turns.map((t) => ({ role: t.role, content: t.content }));
 }
 
 function autosize() {
@@ -129,6 +130,7 @@ els.newChat.addEventListener("click", () => {
   if (state.busy) return;
   state.history = []; state.answers = []; state.selected = null;
   els.messages.querySelectorAll(".msg").forEach((m) => m.remove());
+  clearRecalled();
   els.empty.hidden = false;
   renderSources(null); closeDoc(); showError("");
 });
@@ -159,12 +161,14 @@ async function ask(raw) {
   msg.classList.add("streaming");
   const textEl = msg.querySelector(".answer-text");
   let streamed = "", retrieval = null, attribution = null, failure = null, seconds = null;
+  const history = historyToSend();
+  const historyStart = state.history.length - history.length;  // where the sent turns start in state.history
 
   try {
     const res = await fetch("/api/chat", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify({ question, history: historyToSend() }),
+      body: JSON.stringify({ question, history }),
     });
     if (!res.ok) {
       let body = {};
@@ -194,8 +198,9 @@ async function ask(raw) {
     if (!els.question.value.trim()) { els.question.value = raw; autosize(); updateCount(); }
   } else {
     const idx = state.answers.length;
-    state.answers.push({ attribution, retrieval, el: msg, seconds });
-    state.history.push({ role: "user", content: question }, { role: "assistant", content: attribution.answer });
+    msg.id = `answer-${idx + 1}`;
+    state.answers.push({ attribution, retrieval, el: msg, seconds, historyStart });
+    state.history.push({ role: "user", content: question }, { role: "assistant", content: attribution.answer, answer: idx });
     renderAnswer(idx);
     selectAnswer(idx);
     if (els.statusModel.hidden) loadStatus();  // the server loads the model lazily on the first question
@@ -243,32 +248,51 @@ async function readEvents(res, onEvent) {
 function docByIndex(att, index) { return att.documents.find((d) => d.index === index); }
 function docById(att, id) { return att.documents.find((d) => d.id === id); }
 
+// the page's answer (index into state.answers) that history turn `historyIndex` of answer `idx`'s request was;
+// null when that turn is not an answer on this page
+function earlierAnswerOf(idx, historyIndex) {
+  const turn = state.history[state.answers[idx].historyStart + historyIndex];
+  return turn && turn.role === "assistant" && turn.answer != null && turn.answer < idx ? turn.answer : null;
+}
+
+function earlierAnswerMark(idx, ci, c) {
+  const target = earlierAnswerOf(idx, c.earlier_answer.history_index);
+  const label = `<span class="ctx-icon" aria-hidden="true">↩</span>from the earlier answer`;
+  if (target == null) {
+    return `<span class="ctx-mark static" data-citation="${ci}" title="This sentence repeats an earlier reply rather than a retrieved document">${label}</span>`;
+  }
+  const tip = `This sentence repeats answer ${target + 1} more than any retrieved document: show it in the conversation`;
+  return `<button type="button" class="ctx-mark" data-citation="${ci}" data-answer="${target}" aria-controls="answer-${target + 1}" aria-label="From the earlier answer: show answer ${target + 1} in the conversation" title="${esc(tip)}">${label}</button>`;
+}
+
 function renderAnswer(idx) {
   const { attribution: att, el, seconds } = state.answers[idx];
   const parts = [];
   let last = 0;
   att.citations.forEach((c, ci) => {
     parts.push(esc(att.answer.slice(last, c.start)));
-    const cls = c.supported ? "sent" : "sent unsupported";
+    const cls = c.mark === "earlier_answer" ? "sent repeat" : c.mark === "not_from_documents" ? "sent unsupported" : "sent";
     parts.push(`<span class="${cls}" data-citation="${ci}">${esc(att.answer.slice(c.start, c.end))}</span>`);
     for (const id of c.cited) {
       const d = docById(att, id);
       const n = d.index + 1;
-      parts.push(`<button type="button" class="cite" data-citation="${ci}" data-doc="${esc(id)}" data-n="${n}" title="${esc(d.title || id)}">${n}</button>`);
+      parts.push(`<button type="button" class="cite" data-citation="${ci}" data-doc="${esc(id)}" data-n="${n}" title="${esc(d.title || id)}" aria-label="Source ${n}: ${esc(d.title || id)}">${n}</button>`);
     }
-    if (!c.supported) parts.push(`<span class="flag-sentence" title="No retrieved document supports this sentence">unsupported</span>`);
+    if (c.mark === "earlier_answer") parts.push(earlierAnswerMark(idx, ci, c));
+    else if (c.mark === "not_from_documents") parts.push(`<span class="flag-sentence" data-citation="${ci}" title="No retrieved document supports this sentence">not from your documents</span>`);
     last = c.end;
   });
   parts.push(esc(att.answer.slice(last)));
   const bubble = el.querySelector(".bubble");
   bubble.innerHTML = `<span class="answer-text">${parts.join("") || '<span class="thinking">(empty answer)</span>'}</span>`;
 
-  if (!att.supported) {
+  const repeats = att.citations.some((c) => c.mark === "earlier_answer");
+  if (!att.supported && !repeats) {
     bubble.insertAdjacentHTML("afterend",
-      `<div class="unsupported-flag" role="note"><span aria-hidden="true">⚠</span><span><strong>Not supported by the documents.</strong> No retrieved document clearly supports this answer — treat it with caution.</span></div>`);
-  } else if (att.citations.some((c) => !c.supported)) {
+      `<div class="unsupported-flag" role="note"><span aria-hidden="true">⚠</span><span><strong>Not from your documents.</strong> No retrieved document clearly supports this answer — treat it with caution.</span></div>`);
+  } else if (att.citations.some((c) => c.mark === "not_from_documents")) {
     bubble.insertAdjacentHTML("afterend",
-      `<div class="unsupported-flag" role="note"><span aria-hidden="true">⚠</span><span>Sentences underlined in red are not supported by any retrieved document.</span></div>`);
+      `<div class="unsupported-flag" role="note"><span aria-hidden="true">⚠</span><span>Sentences underlined in red are not from your documents: no retrieved document supports them.</span></div>`);
   }
   const meta = [`${att.documents.length} documents retrieved`];
   if (seconds != null) meta.push(`${seconds.toFixed(1)} s`);
@@ -277,8 +301,10 @@ function renderAnswer(idx) {
 
   bubble.addEventListener("click", (e) => {
     const cite = e.target.closest(".cite");
+    const earlier = e.target.closest("button.ctx-mark");
     selectAnswer(idx);
     if (cite) showCitation(idx, Number(cite.dataset.citation), cite.dataset.doc, cite);
+    else if (earlier) showEarlierAnswer(idx, Number(earlier.dataset.citation), Number(earlier.dataset.answer), earlier);
   });
 }
 
@@ -310,9 +336,21 @@ function renderSources(idx) {
     </button>`).join("") +
     `<p class="sources-note${att.estimator_trained ? "" : " warn"}">${att.estimator_trained
       ? "Share of the answer's attribution; numbers match the citation marks."
-      : "Scores come from an untrained estimator (uniform average attention)."}</p>`;
+      : "Scores come from an untrained estimator (uniform average attention)."}</p>` +
+    earlierAnswersNote(idx);
   els.sources.querySelectorAll(".source-row").forEach((row) =>
     row.addEventListener("click", () => showDocument(idx, row.dataset.docId)));
+}
+
+// which earlier answers of this conversation the selected answer repeats (it drew on them more than on any document)
+function earlierAnswersNote(idx) {
+  const targets = [...new Set(state.answers[idx].attribution.citations
+    .filter((c) => c.mark === "earlier_answer")
+    .map((c) => earlierAnswerOf(idx, c.earlier_answer.history_index))
+    .filter((t) => t != null))].sort((a, b) => a - b);
+  if (!targets.length) return "";
+  const names = targets.map((t) => `answer ${t + 1}`).join(", ");
+  return `<p class="sources-note ctx"><span aria-hidden="true">↩</span> Sentences marked “from the earlier answer” draw more on ${esc(names)} of this conversation than on any document listed here.</p>`;
 }
 
 function highlight(text, sentences, topOnly = 3) {
@@ -354,7 +392,28 @@ function openDoc(att, doc, claimHtml, sentences, rowId) {
 }
 
 function clearActive() {
-  document.querySelectorAll(".cite.active, .sent.active").forEach((x) => x.classList.remove("active"));
+  document.querySelectorAll(".cite.active, .sent.active, .ctx-mark.active").forEach((x) => x.classList.remove("active"));
+  clearRecalled();
+}
+
+function clearRecalled() {
+  document.querySelectorAll(".msg.recalled").forEach((m) => m.classList.remove("recalled"));
+  document.querySelectorAll(".recall-note").forEach((n) => n.remove());
+}
+
+// "from the earlier answer": scroll to that earlier assistant message and highlight it
+function showEarlierAnswer(idx, ci, target, button) {
+  const earlier = state.answers[target];
+  if (!earlier) return;
+  clearActive();
+  button.classList.add("active");
+  state.answers[idx].el.querySelector(`.sent[data-citation="${ci}"]`)?.classList.add("active");
+  earlier.el.classList.add("recalled");
+  earlier.el.querySelector(".bubble").insertAdjacentHTML("beforebegin",
+    `<div class="recall-note" role="status"><span aria-hidden="true">↩</span> Answer ${idx + 1} repeats this earlier answer</div>`);
+  earlier.el.tabIndex = -1;
+  earlier.el.focus({ preventScroll: true });
+  earlier.el.scrollIntoView({ block: "center", behavior: "smooth" });
 }
 
 function showCitation(idx, ci, docId, button) {
