@@ -551,8 +551,8 @@ class Attributor:
         calibration = GroundednessCalibration.from_metadata(self.estimator.metadata, fallback_scale=prior.scale)
         if self.grounded_threshold is not None:
             calibration = dataclasses.replace(calibration, threshold=float(self.grounded_threshold))
-        if refined:
-            return GroundednessCalibration(scale=prior.scale, threshold=calibration.threshold, calibrated=True)
+        if refined:  # the surrogate's own sum is in nats; earlier turns were not ablated, so they keep their weight
+            return dataclasses.replace(calibration, scale=prior.scale, offset=0.0, calibrated=True)
         return calibration
 
     def _refine(
@@ -600,7 +600,9 @@ class Attributor:
                 reverse=True,
             )[:3]
             cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
-        grounded = grounding.grounded(doc_scores)
+        context_scores = columns.context(scores)
+        history = [score for part, score in zip(prompt.context_parts, context_scores) if part.kind == "history"]
+        grounded = grounding.grounded(doc_scores, history)
         supported = bool(grounded >= grounding.threshold)
         best = doc_scores[ranked[0]] if ranked else 0.0
         cited = [
@@ -610,7 +612,7 @@ class Attributor:
         ]
         # the earlier turns and system prompt it draws on (the question is part of every answer: not listed)
         context = sorted(
-            (c for c in _context_sources(prompt, columns.context(scores)) if c.kind != "query"),
+            (c for c in _context_sources(prompt, context_scores) if c.kind != "query"),
             key=lambda c: c.score,
             reverse=True,
         )

@@ -2,8 +2,10 @@
 
 Ranking documents answers "which one?"; groundedness answers "any of them?". The estimator's scores are
 linear effects, so removing every document is predicted to move a sentence's log-odds by the sum of its
-document scores; a calibration fitted on ablations where every document was removed (collected data; see
-bench/groundedness.py) turns that sum into nats: `grounded = scale * sum(scores) + offset`. A sentence is
+document scores; what an earlier turn already says does not need the documents, so the earlier turns' scores
+count too. A calibration fitted on ablations where every document was removed (collected data, single- and
+multi-turn; see bench/groundedness.py) turns them into nats:
+`grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset`. A sentence is
 supported when `grounded` reaches `threshold` (chosen on training data against "removing every document
 lowers the sentence's log-probability by >= 1 nat").
 """
@@ -26,10 +28,12 @@ def _number(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class GroundednessCalibration:
-    """`grounded = scale * sum(document scores) + offset` (nats); supported when `grounded >= threshold`."""
+    """`grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset` (nats);
+    supported when `grounded >= threshold`."""
 
     scale: float
     offset: float = 0.0
+    history_scale: float = 0.0
     threshold: float = DEFAULT_THRESHOLD
     calibrated: bool = False  # fitted on all-documents-removed ablations, not derived from the scores' scale
 
@@ -41,23 +45,29 @@ class GroundednessCalibration:
             return cls(
                 scale=float(own["scale"]),
                 offset=_number(own.get("offset")) or 0.0,
+                history_scale=_number(own.get("history_scale")) or 0.0,
                 threshold=_number(own.get("threshold")) if _number(own.get("threshold")) is not None else DEFAULT_THRESHOLD,
                 calibrated=True,
             )
         return cls(scale=fallback_scale)
 
-    def grounded(self, document_scores: Sequence[float]) -> float:
-        return self.scale * float(sum(document_scores)) + self.offset
+    def grounded(self, document_scores: Sequence[float], history_scores: Sequence[float] = ()) -> float:
+        return self.scale * float(sum(document_scores)) + self.history_scale * float(sum(history_scores)) + self.offset
 
 
-def fit_groundedness(score_sums: torch.Tensor, drops: torch.Tensor) -> tuple[float, float]:
-    """Least-squares `drops ~ scale * score_sums + offset` over targets (drops: log-odds with every document
-    kept minus with every document removed)."""
-    x = score_sums.double()
-    y = drops.double()
-    design = torch.stack([x, torch.ones_like(x)], dim=1)
-    scale, offset = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1).tolist()
-    return float(scale), float(offset)
+def fit_groundedness(
+    document_sums: torch.Tensor, drops: torch.Tensor, history_sums: torch.Tensor | None = None
+) -> tuple[float, float, float]:
+    """Least-squares `drops ~ scale * document_sums + history_scale * history_sums + offset` over targets
+    (drops: log-odds with every document kept minus with every document removed). Returns
+    `(scale, offset, history_scale)`; history_scale is 0 without history sums."""
+    x = document_sums.double()
+    columns = [x, torch.ones_like(x)]
+    if history_sums is not None:
+        columns.append(history_sums.double())
+    design = torch.stack(columns, dim=1)
+    solution = torch.linalg.lstsq(design, drops.double().unsqueeze(1)).solution.squeeze(1).tolist()
+    return float(solution[0]), float(solution[1]), float(solution[2]) if history_sums is not None else 0.0
 
 
 def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:

@@ -98,3 +98,22 @@ def test_collection_ablates_context_parts_and_removes_every_document_once(att):
     last = item.meta["no_documents_mask"]
     assert last == 3 and item.masks[last].tolist() == [False] * 3 + [True] * 4
     assert item.labels.shape == (item.features.shape[0], 4)
+
+
+def test_groundedness_fit_and_auroc_on_known_data():
+    import torch
+
+    from at2_rag.grounding import GroundednessCalibration, auroc, fit_groundedness
+
+    docs = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.04], dtype=torch.double)
+    hist = torch.tensor([0.02, 0.0, 0.01, 0.0, 0.03], dtype=torch.double)
+    drops = 300 * docs - 100 * hist + 0.5
+    scale, offset, history_scale = fit_groundedness(docs, drops, hist)
+    assert (round(scale), round(offset, 6), round(history_scale)) == (300, 0.5, -100)
+    assert fit_groundedness(docs, 300 * docs + 0.5)[2] == 0.0
+    calibration = GroundednessCalibration.from_metadata(
+        {"groundedness": {"scale": scale, "offset": offset, "history_scale": history_scale}}, fallback_scale=1.0
+    )
+    assert calibration.calibrated and abs(calibration.grounded([0.02, 0.02], [0.01]) - (300 * 0.04 - 1 + 0.5)) < 1e-9
+    assert GroundednessCalibration.from_metadata({}, fallback_scale=7.0).scale == 7.0
+    assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])) == 0.75

@@ -78,6 +78,7 @@ def evaluate_conversation(
     grounding = GroundednessCalibration.from_metadata(attributor.estimator.metadata, fallback_scale=prior.scale)
     uniform = torch.full_like(attributor.estimator.weights.detach(), 1.0 / attributor.estimator.weights.numel())
     keys = [f"doc:{d.id}" for d in prompt.documents] + [p.key for p in prompt.context_parts]
+    history_columns = [n_docs + j for j, p in enumerate(prompt.context_parts) if p.kind == "history"]
     rows = []
     for span, token_rows in targets:
         features = target_features(run.token_features, token_rows)  # [docs + sentences + context, LH]
@@ -97,11 +98,13 @@ def evaluate_conversation(
                 "at2_top": keys[int(at2.argmax())],
                 "average_top": keys[int(average.argmax())],
                 "documents_only_top": keys[int(at2[:n_docs].argmax())],
-                "grounded": grounding.grounded(at2[:n_docs].tolist()),
+                "grounded": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()),
+                "document_score_sum": float(at2[:n_docs].sum()),
+                "history_score_sum": float(at2[history_columns].sum()),
                 "average_grounded": float(average[:n_docs].sum()),
                 "no_documents_log_prob_drop": drop,
                 "depends_on_documents": drop >= 1.0,
-                "supported": grounding.grounded(at2[:n_docs].tolist()) >= grounding.threshold,
+                "supported": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()) >= grounding.threshold,
             }
         )
     return rows
