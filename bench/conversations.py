@@ -24,9 +24,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=40)
     parser.add_argument("--out", default="docs/bench/conversations")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="for the first answer and the follow-up's")
+    parser.add_argument("--estimator", help="estimator folder (default: the shipped one)")
     args = parser.parse_args()
     model, tokenizer = load_default_model()
-    attributor = Attributor(model, tokenizer)
+    attributor = Attributor(model, tokenizer, estimator=args.estimator)
     rows_path = Path(args.out).with_suffix(".jsonl")
     done = {json.loads(line)["example"] for line in rows_path.read_text().splitlines()} if rows_path.exists() else set()
     examples = read_examples(args.heldout)[: args.examples]

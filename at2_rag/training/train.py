@@ -43,15 +43,17 @@ def to_targets(examples: Sequence[CollectedExample]) -> TargetBatch:
         raise ValueError("no targets to train on")
     max_s = max(f.shape[0] for f, _, _ in rows)
     d = rows[0][0].shape[1]
-    m = rows[0][1].shape[0]
+    # the random masks come first; `collect --sources context` appends one all-documents-removed mask (for
+    # groundedness), which the correlation objective over random masks leaves out
+    m = min(mask.shape[0] for _, mask, _ in rows)
     feats = torch.zeros(len(rows), max_s, d)
     signs = torch.zeros(len(rows), m, max_s)
     labels = torch.zeros(len(rows), m)
     for i, (f, mask, y) in enumerate(rows):
         s = f.shape[0]
         feats[i, :s] = f
-        signs[i, :, :s] = mask.float() * 2 - 1
-        labels[i] = y
+        signs[i, :, :s] = mask[:m].float() * 2 - 1
+        labels[i] = y[:m]
     return TargetBatch(feats, signs, labels)
 
 
