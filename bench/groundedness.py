@@ -3,8 +3,10 @@ do not? Calibrated and measured on the collected ablation data.
 
 Of the 32 random masks of a collected target, some remove every document (each document is kept with
 probability 1/2, 4-6 documents per example): for those targets the all-documents-removed label is measured.
-The calibration `grounded = scale * sum(document scores) + offset` (log-odds, nats) is fitted on the training
-split; a sentence is supported when grounded >= 1 nat. AUROC of grounded against "removing every document
+The calibration `grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset`
+(log-odds, nats) is fitted on the training split and, when collected, the multi-turn training conversations
+(`collect --sources context`, whose last mask removes every document); a sentence is supported when
+grounded >= 1 nat. The multi-turn held-out evaluation's rows (bench/conversations.py) are scored too. AUROC of grounded against "removing every document
 lowers the sentence's log-probability by >= 1 nat", and precision and recall of supported, are reported on the
 held-out split (the split the shipped estimator was trained with), with bootstrap standard errors. Writes docs/bench/groundedness.json;
 `--record` stores the calibration in the shipped estimator's config.json.
