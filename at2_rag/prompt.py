@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import InvalidInputError, PromptRenderError
-from .result import UnlocatedDocument
+from .result import UnlocatedDocument, context_key
 from .sources import Document, Source, build_sources
 from .untrusted import control_token_strings, encode_prompt
 
@@ -95,7 +95,7 @@ class ContextPart:
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.index}" if self.index is not None else self.kind
+        return context_key(self.kind, self.index)
 
 
 @dataclass

@@ -53,6 +53,11 @@ class CitedDocument(BaseModel):
     sentences: list[SentenceScore] = Field(default_factory=list)
 
 
+def context_key(kind: str, index: int | None) -> str:
+    """`history:0`, `system`, `query`: how a context source is named in `Attribution.context_scores()`."""
+    return f"{kind}:{index}" if index is not None else kind
+
+
 class ContextSource(BaseModel):
     """A part of the prompt other than the documents, scored by the same estimator on the same scale: an
     earlier turn (`kind="history"`, `index` = its position in the history), the system prompt, the question."""
@@ -66,7 +71,7 @@ class ContextSource(BaseModel):
     @property
     def key(self) -> str:
         """`history:0`, `system`, `query`: the keys of `Attribution.context_scores()`."""
-        return f"{self.kind}:{self.index}" if self.index is not None else self.kind
+        return context_key(self.kind, self.index)
 
 
 class Citation(BaseModel):
