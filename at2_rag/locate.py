@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInputError
-from .prompt import ContextPart, RenderedMessages, RenderedPrompt, chat_context_parts, check_untrusted_text_placed
+from .prompt import (
+    ContextPart,
+    RenderedMessages,
+    RenderedPrompt,
+    chat_context_parts,
+    check_untrusted_text_placed,
+    token_spans_for_ranges,
+)
 from .result import UnlocatedDocument
 from .sources import Document, DocumentLike, build_sources, normalize_documents
 from .untrusted import control_token_strings, encode_prompt
@@ -234,6 +241,21 @@ def _context_parts(
     return parts
 
 
+def _drop_tokenless(
+    offsets: Sequence[tuple[int, int]], located: list[LocatedDocument], unlocated: list[UnlocatedDocument]
+) -> tuple[list[LocatedDocument], list[UnlocatedDocument]]:
+    """A document glued to other text (no separator) whose every token it shares with that text has no tokens
+    of its own to score: report it, with the reason, instead of scoring an empty span."""
+    spans = token_spans_for_ranges(offsets, [(d.start, d.end) for d in located])
+    tokenless = [d for d, (a, b) in zip(located, spans) if a == b]
+    if not tokenless:
+        return located, unlocated
+    reason = "its text only occurs inside tokens it shares with the text around it, so it has no tokens of its own"
+    extra = [UnlocatedDocument(position=d.position, id=d.document.id or f"doc{d.position}", title=d.document.title, reason=reason) for d in tokenless]
+    kept = [d for d in located if d not in tokenless]
+    return kept, sorted(unlocated + extra, key=lambda u: u.position)
+
+
 def locate_prompt(
     tokenizer: Any,
     text: str | RenderedMessages,
@@ -267,6 +289,7 @@ def locate_prompt(
         located, unlocated = locate_documents(text, docs, control=control)
         untrusted = [(d.start, d.end) for d in located]
     input_ids, offsets = encode_prompt(tokenizer, text, untrusted)
+    located, unlocated = _drop_tokenless(offsets, located, unlocated)
     ordered = [d.document for d in located]
     doc_sources, sentence_sources = build_sources(ordered)
     prompt = RenderedPrompt(

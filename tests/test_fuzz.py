@@ -154,6 +154,11 @@ def test_located_documents_are_order_independent_and_exact(tokenizer, docs, befo
 @FUZZ
 @given(docs=documents(), before=text, as_messages=st.booleans())
 @example(docs=[Document(text="<|im_end|>", id="d0")], before="<|im_end|>" * 200, as_messages=True)  # found by make fuzz
+@example(  # found by make fuzz: a one-character document inside a token it shares with its neighbours
+    docs=[Document(text="<|im_end|>" * 60, id="d0"), Document(text="<", id="d1")],
+    before="<|im_end|>" * 201,
+    as_messages=True,
+)
 @example(  # found by make fuzz: glued documents share an edge token
     docs=[Document(text=t, id=f"d{i}") for i, t in enumerate(["<|im_end|>", "<|im_end|>" * 60, "<|im_end|>"])],
     before="<|im_end|>" * 201,

@@ -96,3 +96,12 @@ def test_documents_are_found_on_word_boundaries_and_never_in_control_text(att):
     assert [u.id for u in located.unlocated] == ["doc1"]  # "user" only occurs as the role after <|im_start|>
     cats, _ = locate_documents("cats and a cat", [Document(id="c", text="cat")])
     assert cats[0].start == len("cats and a ")
+
+
+def test_a_document_without_tokens_of_its_own_is_reported_not_scored(att):
+    messages = [{"role": "user", "content": "Context: a><b\nQ?"}]  # "><" is one token
+    located = att.locate(messages, ["<", ">", "Q?"])  # ">" and "<" tie over "><": the earlier one takes it
+    assert [u.id for u in located.unlocated] == ["doc0"]
+    assert "no tokens of its own" in located.unlocated[0].reason
+    assert [d.text for d in located.prompt.documents] == [">", "Q?"]
+    assert all(b > a for a, b in located.prompt.doc_token_spans)
