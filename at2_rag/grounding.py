@@ -6,8 +6,8 @@ document scores; what an earlier turn already says does not need the documents, 
 count too. A calibration fitted on ablations where every document was removed (collected data, single- and
 multi-turn; see bench/groundedness.py) turns them into nats:
 `grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset`. A sentence is
-supported when `grounded` reaches `threshold` (chosen on training data against "removing every document
-lowers the sentence's log-probability by >= 1 nat").
+supported when `grounded` reaches `threshold`: 1 nat by default, the definition of "depends on the
+documents" that evaluation measures against, not a number tuned to data.
 """
 
 from __future__ import annotations

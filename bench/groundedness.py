@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.estimator import ScoreEstimator, model_slug
+from at2_rag.estimator import ScoreEstimator
 from at2_rag.grounding import DEFAULT_THRESHOLD, auroc, fit_groundedness
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
@@ -163,23 +163,21 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if args.record:
-        from at2_rag.files import atomic_path
+        from shipped import record_metadata
 
-        path = Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / model_slug(MODEL) / "config.json"
-        config = json.loads(path.read_text())
-        config.setdefault("metadata", {})["groundedness"] = {
-            "scale": scale,
-            "offset": offset,
-            "history_scale": history_scale,
-            "threshold": threshold,
-            "fitted_on": (
-                f"{len(train)} single-turn (training split) and {len(multi)} multi-turn training targets with every "
-                "document removed (bench/groundedness.py)"
-            ),
-        }
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(config, indent=2) + "\n")
-        ScoreEstimator.from_pretrained(path.parent)
+        path = record_metadata(
+            "groundedness",
+            {
+                "scale": scale,
+                "offset": offset,
+                "history_scale": history_scale,
+                "threshold": threshold,
+                "fitted_on": (
+                    f"{len(train)} single-turn (training split) and {len(multi)} multi-turn training targets with "
+                    "every document removed (bench/groundedness.py)"
+                ),
+            },
+        )
         print(f"recorded in {path}")
 
 

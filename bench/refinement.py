@@ -164,22 +164,17 @@ def main() -> None:
 
 def record(report: dict) -> None:
     """The refinement settings go beside the estimator's weights: `RefinementPrior.from_metadata` reads them."""
-    from at2_rag.estimator import model_slug
-    from at2_rag.files import atomic_path
+    from shipped import record_metadata
 
-    path = Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / model_slug(
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    ) / "config.json"
-    config = json.loads(path.read_text())
-    config.setdefault("metadata", {})["refinement"] = {
-        "prior_scale": report["prior_scale"],
-        "prior_strength": report["prior_strength"],
-        "scale_strength": report["scale_strength"],
-        "chosen_on": f"training split ({report['train_examples']} examples), bench/refinement.py",
-    }
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    ScoreEstimator.from_pretrained(path.parent)  # what was written loads back
+    path = record_metadata(
+        "refinement",
+        {
+            "prior_scale": report["prior_scale"],
+            "prior_strength": report["prior_strength"],
+            "scale_strength": report["scale_strength"],
+            "chosen_on": f"training split ({report['train_examples']} examples), bench/refinement.py",
+        },
+    )
     print(f"recorded the refinement settings in {path}")
 
 

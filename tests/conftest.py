@@ -22,6 +22,15 @@ def smollm():
     return model, tokenizer
 
 
+@pytest.fixture(scope="module")
+def att(smollm):
+    """An Attributor on the embedded model with its shipped estimator (one per test module)."""
+    from at2_rag import Attributor
+
+    model, tokenizer = smollm
+    return Attributor(model, tokenizer)
+
+
 def deepcopy_model(model):
     """`copy.deepcopy` of a model, also one already wrapped by an Attributor (its lock lives off the model)."""
     import copy

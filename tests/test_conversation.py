@@ -16,12 +16,6 @@ FIRST_QUESTION = "How many vacation days do I get per year?"
 EARLIER_ANSWER = "You get 25 vacation days per year, approved by your manager."
 
 
-@pytest.fixture(scope="module")
-def att(smollm):
-    model, tokenizer = smollm
-    return Attributor(model, tokenizer)
-
-
 def history():
     return [{"role": "user", "content": FIRST_QUESTION}, {"role": "assistant", "content": EARLIER_ANSWER}]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from at2_rag import Attributor, InvalidInputError
+from at2_rag import InvalidInputError
 from at2_rag.refine import RefinementPrior, choose_masks, refine_scores
 from at2_rag.training.ablation import ablated_answer_logit_probs, target_log_odds
 
@@ -16,12 +16,6 @@ DOCS = [
 ]
 QUERY = "When was the Eiffel Tower built?"
 ANSWER = "It was built in 1889."
-
-
-@pytest.fixture(scope="module")
-def att(smollm):
-    model, tokenizer = smollm
-    return Attributor(model, tokenizer)
 
 
 def least_squares(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
