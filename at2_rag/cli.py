@@ -118,11 +118,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .estimator import ScoreEstimator
-    from .reference_format import load_reference_estimator
 
     source = Path(args.source)
     if source.is_file():
-        estimator = load_reference_estimator(source, model_id=args.model_id)
+        estimator = ScoreEstimator.from_reference(source, model_id=args.model_id)
     else:
         estimator = ScoreEstimator.from_pretrained(args.source)
         if args.model_id:

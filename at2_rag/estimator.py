@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 
 from .errors import EstimatorFormatError, EstimatorMismatchError
 from .features import FEATURE_DEFINITION, FEATURE_VERSION
+from .reference_format import PUBLISHED_ESTIMATORS, ReferenceEstimator, read_reference_estimator
+from .validation import describe_validation_error, describe_value
 
 logger = logging.getLogger(__name__)
 
@@ -43,26 +45,6 @@ FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 
 
 # ---- validating untrusted estimator files ---------------------------------------------------------------
-_JSON_TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}
-
-
-def describe_value(value: Any) -> str:
-    """A short `type value` phrase for error messages (JSON type names: the files are JSON or plain dicts)."""
-    if value is None:
-        return "null"
-    name = _JSON_TYPE_NAMES.get(type(value)) or type(value).__name__
-    text = repr(value)
-    return f"{name} {text[:60] + '...' if len(text) > 60 else text}"
-
-
-def describe_validation_error(exc: ValidationError, where: str) -> str:
-    """`where: field 'a.b': what was wrong (got ...)` for each error pydantic found, so a user can fix the file."""
-    problems = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in err["loc"]) or "(the top level)"
-        got = "" if err["type"] == "missing" else f" (got {describe_value(err.get('input'))})"
-        problems.append(f"field {field!r}: {err['msg']}{got}")
-    return f"{where}: " + "; ".join(problems)
 
 
 def _support_threshold(value: float) -> float:
@@ -384,9 +366,7 @@ class ScoreEstimator(torch.nn.Module):
         has_config, has_weights = config_path.is_file(), weights_path.is_file()
         if not (has_config and has_weights):
             if (folder / REFERENCE_NAME).is_file():
-                from .reference_format import load_reference_estimator
-
-                return load_reference_estimator(folder / REFERENCE_NAME)
+                return cls.from_reference(folder / REFERENCE_NAME)
             if has_config or has_weights:
                 missing, present = (weights_path, CONFIG_NAME) if has_config else (config_path, WEIGHTS_NAME)
                 raise EstimatorFormatError(f"{missing} is missing (the folder has {present} but needs both)")
@@ -403,15 +383,35 @@ class ScoreEstimator(torch.nn.Module):
         )
 
     @classmethod
+    def from_reference(
+        cls,
+        path: str | os.PathLike[str],
+        model_id: str | None = None,
+        save_to: str | os.PathLike[str] | None = None,
+    ) -> ScoreEstimator:
+        """Load a reference-package `score_estimator.pt` (read without unpickling code; optionally saved in
+        at2-rag's safetensors form)."""
+        estimator = cls.from_reference_weights(read_reference_estimator(path))
+        if model_id is not None:
+            estimator.model_id = model_id
+        if save_to is not None:
+            estimator.save_pretrained(save_to)
+        return estimator
+
+    @classmethod
+    def from_reference_weights(cls, ref: ReferenceEstimator) -> ScoreEstimator:
+        """A ScoreEstimator from the checked contents of a reference estimator file."""
+        return cls(ref.weights, ref.num_layers, ref.num_heads, model_id=ref.model_id, trained=True,
+                   metadata=dict(ref.metadata))
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> "ScoreEstimator":
         """Load from a folder, a reference-format `.pt` file, or a Hugging Face Hub repo id."""
         path = Path(name_or_path)
         if path.is_dir():
             return cls.from_folder(path)
         if path.is_file():
-            from .reference_format import load_reference_estimator
-
-            return load_reference_estimator(path)
+            return cls.from_reference(path)
         return cls._from_hub(str(name_or_path), **hub_kwargs)
 
     @classmethod
@@ -428,8 +428,6 @@ class ScoreEstimator(torch.nn.Module):
             ) from exc
         estimator = cls.from_folder(local)
         if estimator.model_id is None:
-            from .reference_format import PUBLISHED_ESTIMATORS
-
             estimator.model_id = PUBLISHED_ESTIMATORS.get(repo_id)
         return estimator
 
@@ -509,3 +507,10 @@ def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
             f"| {number(row, 'top3_drop', 2)} | {number(row, 'extra_forward_passes', 1)} |"
         )
     return lines
+
+
+def load_reference_estimator(
+    path: str | os.PathLike[str], model_id: str | None = None, save_to: str | os.PathLike[str] | None = None
+) -> ScoreEstimator:
+    """Load a reference `score_estimator.pt` (optionally saving it in at2-rag's safetensors form)."""
+    return ScoreEstimator.from_reference(path, model_id=model_id, save_to=save_to)

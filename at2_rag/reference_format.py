@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import EstimatorFormatError
-from .estimator import ScoreEstimator, describe_validation_error, describe_value
+from .validation import describe_validation_error, describe_value
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +115,21 @@ def _float_tensor(value: Any, name: str, where: str, shape: tuple[int, ...]) -> 
     return out
 
 
-def convert_reference(data: dict[str, Any], model_id: str | None = None, source: str = "") -> ScoreEstimator:
-    """Turn the reference dict into a ScoreEstimator, checking every field it relies on (the file is untrusted)."""
+@dataclass(frozen=True)
+class ReferenceEstimator:
+    """The checked contents of a reference estimator: what `ScoreEstimator.from_reference_weights` is built from.
+
+    Plain data, so this module needs nothing from `at2_rag.estimator` (which imports this one)."""
+
+    weights: torch.Tensor  # [num_layers * num_heads] float32, layer-major
+    num_layers: int
+    num_heads: int
+    model_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def convert_reference(data: dict[str, Any], model_id: str | None = None, source: str = "") -> ReferenceEstimator:
+    """Check the reference dict's every field the conversion relies on (the file is untrusted)."""
     where = source or "reference estimator"
     if not isinstance(data, dict):
         raise EstimatorFormatError(f"{where} holds {describe_value(data)}, expected the reference estimator dict")
@@ -147,14 +161,9 @@ def convert_reference(data: dict[str, Any], model_id: str | None = None, source:
             k: v for k, v in extras.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))
         },
     }
-    return ScoreEstimator(weight.flatten(), num_layers, num_heads, model_id=model_id, trained=True, metadata=metadata)
+    return ReferenceEstimator(weight.flatten(), num_layers, num_heads, model_id=model_id, metadata=metadata)
 
 
-def load_reference_estimator(
-    path: str | os.PathLike[str], model_id: str | None = None, save_to: str | os.PathLike[str] | None = None
-) -> ScoreEstimator:
-    """Load a reference `score_estimator.pt` (optionally saving it in at2-rag's safetensors form)."""
-    estimator = convert_reference(read_reference_file(path), model_id=model_id, source=str(path))
-    if save_to is not None:
-        estimator.save_pretrained(save_to)
-    return estimator
+def read_reference_estimator(path: str | os.PathLike[str], model_id: str | None = None) -> ReferenceEstimator:
+    """Read and check a reference `score_estimator.pt`; `ScoreEstimator.from_reference` turns it into an estimator."""
+    return convert_reference(read_reference_file(path), model_id=model_id, source=str(path))
