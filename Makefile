@@ -51,7 +51,7 @@ fuzz: $(STAMP)
 
 # The RAG training/evaluation examples, rebuilt from Debian's python3-doc (already committed under data/).
 data: $(STAMP) system-deps
-	$(PY) -m at2_rag.training.dataset_builder --out data/rag_python_docs --train 700 --heldout 120 --seed 0
+	$(PY) scripts/build_dataset.py --out data/rag_python_docs --train 700 --heldout 120 --seed 0
 
 clean-venv:
 	rm -rf $(VENV)

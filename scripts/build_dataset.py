@@ -9,7 +9,9 @@ Source text is Debian's ``python3-doc`` package (``apt-get install python3-doc``
 templates; distractors are the passages from *other* pages that a small BM25 retriever ranks highest for the
 question. Train and held-out examples are drawn from disjoint sets of pages, so nothing leaks between them.
 
-Run as ``python -m at2_rag.training.dataset_builder --out DIR --train 700 --heldout 120 --seed 0``.
+Run as ``python scripts/build_dataset.py --out DIR --train 700 --heldout 120 --seed 0`` (``make data``). It is
+a data-preparation script, not part of the installed package: at2-rag reads its output (JSONL examples), never
+the code.
 
 Each output line is ``{"id", "query", "documents": [{"id", "title", "text", "url"}], "relevant_ids",
 "answer_hint"}``; ``relevant_ids[0]`` is the passage the question was made from and ``answer_hint`` is the
@@ -35,7 +37,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from tqdm import tqdm
-from ..files import atomic_path
+
+from at2_rag.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
