@@ -1,6 +1,6 @@
 """at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
 
-from .attributor import Attributor, CapturedRun
+from .attributor import Attributor
 from .errors import (
     AT2Error,
     ContextTooLongError,
@@ -15,14 +15,19 @@ from .errors import (
 from .estimator import ScoreEstimator
 from .models import DEFAULT_MODEL_ID, load_default_model, load_model
 from .prompt import PromptTemplate
+from .request import TEMPLATE_DEFAULT, AttributionRequest
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
-from .sources import Document
+from .runner import CapturedRun, ModelRunner
+from .scoring import Scorer
+from .shared import clear_shared_attributors, default_attributor, get_attributor
+from .sources import Document, MappedDocuments, map_documents, to_document
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AT2Error",
     "Attribution",
+    "AttributionRequest",
     "Attributor",
     "CapturedRun",
     "Citation",
@@ -43,6 +48,15 @@ __all__ = [
     "ContextSource",
     "UnlocatedDocument",
     "UnsupportedModelError",
+    "MappedDocuments",
+    "ModelRunner",
+    "Scorer",
+    "TEMPLATE_DEFAULT",
+    "clear_shared_attributors",
+    "default_attributor",
+    "get_attributor",
     "load_default_model",
     "load_model",
+    "map_documents",
+    "to_document",
 ]

@@ -13,8 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ATTRIBUTION_SCHEMA = "at2-rag/attribution"
 ATTRIBUTION_SCHEMA_VERSION = 2  # 2: context sources, grounded, extra_forward_passes
-MAX_CITED_PER_SENTENCE = 3
-RELATIVE_CITATION_CUTOFF = 0.5  # cite documents scoring at least half of the sentence's best
 
 
 class SentenceScore(BaseModel):

@@ -33,7 +33,7 @@ def main() -> None:
 
     from at2_rag import Attributor, ScoreEstimator
     from at2_rag.models import load_default_model
-    from at2_rag.training.ablation import (
+    from at2_rag.ablation import (
         ablated_answer_logit_probs,
         ablation_attention_mask,
         answer_logit_probs,
@@ -48,7 +48,7 @@ def main() -> None:
     examples = read_examples(ROOT / "data" / "rag_python_docs" / "train.jsonl")[: args.examples]
     rows = []
     for ex in examples:
-        run = attributor.generate_run(ex.query, ex.documents, max_new_tokens=48)
+        run = attributor.capture({"query": ex.query, "documents": ex.documents}, max_new_tokens=48)
         targets = answer_targets(run.answer)
         ids = run.prompt.input_ids + run.answer.token_ids
         a_len = len(run.answer.token_ids)

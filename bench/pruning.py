@@ -61,7 +61,7 @@ def answer_logprob(attributor: Any, query: str, documents: Sequence[Any], answer
     import torch
 
     prompt = attributor.render(query, documents)
-    ids = torch.tensor([prompt.input_ids + list(answer_ids)], device=attributor.device)
+    ids = torch.tensor([prompt.input_ids + list(answer_ids)], device=attributor.runner.device)
     start = prompt.num_tokens - 1  # the position that predicts the first answer token
     with torch.no_grad():
         logits = attributor.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         retrieved = retriever.retrieve(query)
         n = len(retrieved)
         docs = nodes_to_documents(retrieved)
-        captured = attributor.generate_run(query, docs, max_new_tokens=args.max_new_tokens)
+        captured = attributor.capture({"query": query, "documents": docs}, max_new_tokens=args.max_new_tokens)
         attribution = attributor.build_attribution(captured, query)
         answer_ids = captured.answer.token_ids
         annotated = annotate_nodes(retrieved, attribution)  # what AT2NodePostprocessor computes

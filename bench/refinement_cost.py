@@ -31,7 +31,7 @@ def main() -> None:
     attributor = Attributor(model, tokenizer)
     ratios: dict[int, list[float]] = {k: [] for k in BUDGETS}
     for example in read_examples(args.heldout)[: args.examples]:
-        run = attributor.generate_run(example.query, example.documents, max_new_tokens=48)
+        run = attributor.capture({"query": example.query, "documents": example.documents}, max_new_tokens=48)
         ids = torch.tensor([run.prompt.input_ids + run.answer.token_ids])
         for _ in range(args.reps):
             with torch.no_grad():

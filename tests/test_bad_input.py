@@ -38,7 +38,7 @@ def attributor(smollm):
 @pytest.fixture(scope="module")
 def generated_run(attributor):
     """One generation (what `Attributor.generate` does, keeping the run for feature-level checks)."""
-    run = attributor.generate_run(QUERY, DOCS, max_new_tokens=MAX_NEW)
+    run = attributor.capture({"query": QUERY, "documents": DOCS}, max_new_tokens=MAX_NEW)
     return run, attributor.build_attribution(run, QUERY)
 
 
@@ -67,10 +67,13 @@ def test_empty_answer(attributor):
             attributor.attribute(QUERY, DOCS, answer=answer)
 
 
-def test_duplicate_document_ids(attributor):
-    docs = [Document(text="a", id="same"), Document(text="b", id="same")]
-    with pytest.raises(InvalidInputError, match="same"):
-        attributor.generate(QUERY, docs, max_new_tokens=2)
+def test_duplicate_document_ids_follow_the_one_policy(attributor):
+    """Same id and text: one document; same id, other text: every chunk kept, the later one renamed `id#2`."""
+    docs = [Document(text="Paris is in France.", id="same"), Document(text="Paris is in France.", id="same"),
+            Document(text="Lyon is in France.", id="same")]
+    result = attributor.attribute(QUERY, docs, answer="In France.")
+    assert [d.id for d in result.documents] == ["same", "same#2"]
+    assert [d.text for d in result.documents] == ["Paris is in France.", "Lyon is in France."]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +267,7 @@ def test_attribute_equals_generate(attributor, generated_run):
             assert abs(s1.score - s2.score) < 1e-4
     assert [c.text for c in again.citations] == [c.text for c in generated.citations]
     # the features themselves agree row by row
-    fwd = attributor.forward_run(QUERY, DOCS, generated.answer)
+    fwd = attributor.capture({"query": QUERY, "documents": DOCS, "answer": generated.answer})
     assert (fwd.token_features - run.token_features).abs().max().item() < 1e-4
 
 
@@ -365,7 +368,7 @@ def test_single_head_estimator_reads_one_head(smollm):
     est = ScoreEstimator.single_head(layer, head, num_layers=30, num_heads=9)
     attributor = Attributor(model, tokenizer, estimator=est)
     answer = "It was finished in 1889."
-    run = attributor.forward_run(QUERY, DOCS, answer)  # what attribute() does, keeping the features
+    run = attributor.capture({"query": QUERY, "documents": DOCS, "answer": answer})  # what attribute() does, keeping the features
     result = attributor.build_attribution(run, QUERY)
     rows = [i for i, (a, b) in enumerate(run.answer.char_spans) if b > a]
     expected = target_features(run.token_features, rows)[: len(DOCS), layer * 9 + head]

@@ -50,7 +50,7 @@ def test_a_sentence_answered_without_the_documents_is_not_supported(att):
     result = att.attribute("What is the official language of Peru?", DOCS, answer="The official language of Peru is Spanish.")
     (citation,) = result.citations
     assert not citation.supported and citation.cited == [] and not result.supported
-    assert citation.grounded < att._groundedness(refined=False).threshold
+    assert citation.grounded < att.scorer.groundedness(refined=False).threshold
     grounded = att.attribute("How many vacation days?", DOCS, answer="Employees get 25 vacation days per year.")
     assert grounded.citations[0].supported and grounded.citations[0].cited[0] == "doc0"
     assert grounded.citations[0].grounded > citation.grounded

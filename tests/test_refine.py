@@ -7,7 +7,7 @@ import torch
 
 from at2_rag import InvalidInputError
 from at2_rag.refine import RefinementPrior, choose_masks, refine_scores
-from at2_rag.training.ablation import ablated_answer_logit_probs, target_log_odds
+from at2_rag.ablation import ablated_answer_logit_probs, target_log_odds
 
 DOCS = [
     "The Eiffel Tower is in Paris and was built in 1889.",
@@ -75,7 +75,7 @@ def test_all_masks_approach_the_least_squares_surrogate_and_passes_are_counted(a
     prior = att.attribute(QUERY, FIVE, answer=ANSWER)
 
     # the same masks and labels, computed independently of the Attributor (full passes, no prefix sharing)
-    run = att.forward_run(QUERY, FIVE, ANSWER)
+    run = att.capture({"query": QUERY, "documents": FIVE, "answer": ANSWER})
     prompt, answer = run.prompt, run.answer
     masks = choose_masks(5, 32, prompt.text + "\x00" + answer.text)
     logit_probs = ablated_answer_logit_probs(

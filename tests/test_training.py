@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from at2_rag import EstimatorFormatError, ScoreEstimator
 from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
 from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
-from at2_rag.training.ablation import (
+from at2_rag.ablation import (
     _full_attention_cache,
     ablated_answer_logit_probs,
     ablation_attention_mask,
@@ -165,7 +165,7 @@ def test_shared_prefix_equals_full_passes_on_the_real_model(smollm):
     attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
     docs = ["The Eiffel Tower is in Paris. It opened in 1889.", "Bananas are yellow when ripe.",
             "Paris is the capital of France.", "The Moon orbits the Earth."]
-    run = attributor.generate_run("When did the Eiffel Tower open?", docs, max_new_tokens=12)
+    run = attributor.capture({"query": "When did the Eiffel Tower open?", "documents": docs}, max_new_tokens=12)
     ids = run.prompt.input_ids + run.answer.token_ids
     spans = run.prompt.doc_token_spans
     masks = torch.cat([torch.ones(1, 4, dtype=torch.bool), random_masks(4, 12, 0.5, torch.Generator().manual_seed(0))])

@@ -23,7 +23,7 @@ from ..attributor import Attributor
 from ..features import answer_targets, target_features
 from ..grounding import GroundednessCalibration, auroc
 from ..refine import RefinementPrior
-from ..training.ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
+from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..training.data import Example
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def evaluate_conversation(
     attributor: Attributor, example: dict[str, Any], max_new_tokens: int = 48, batch_size: int = 8
 ) -> list[dict[str, Any]]:
     """One row per sentence of the follow-up answer (see the module docstring)."""
-    run = attributor.generate_run(example["query"], example["documents"], example["history"], max_new_tokens=max_new_tokens)
+    run = attributor.capture({"query": example["query"], "documents": example["documents"], "history": example["history"]}, max_new_tokens=max_new_tokens)
     prompt, answer = run.prompt, run.answer
     targets = answer_targets(answer)
     n_docs, n_sents, n_ctx = len(prompt.doc_sources), len(prompt.sentence_sources), len(prompt.context_parts)
@@ -70,7 +70,7 @@ def evaluate_conversation(
     for s in range(n):
         masks[1 + s, s] = False
     masks[-1, :n_docs] = False
-    with attributor.lock:
+    with attributor.runner.lock:
         logit_probs = ablated_answer_logit_probs(
             attributor.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), spans, masks, batch_size
         )

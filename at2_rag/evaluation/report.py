@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..attributor import Attributor
 from ..estimator import ScoreEstimator
 from ..features import answer_targets, target_features
-from ..training.ablation import (
+from ..ablation import (
     ablated_answer_logit_probs,
     random_masks,
     target_log_odds,
@@ -50,7 +50,7 @@ TOP_K = (1, 3)
 
 
 def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int) -> torch.Tensor:
-    with attributor.lock:
+    with attributor.runner.lock:
         return ablated_answer_logit_probs(attributor.model, ids, answer_len, spans, masks, batch)
 
 
@@ -139,7 +139,7 @@ def measure_ablations(
 ) -> ExampleAblations | None:
     """Generate the answer with capture and run every estimator-independent ablation of one example."""
     t0 = time.perf_counter()
-    run = attributor.generate_run(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
+    run = attributor.capture({"query": example.query, "documents": example.documents, "history": example.history}, max_new_tokens=max_new_tokens)
     gen_seconds = time.perf_counter() - t0
     targets = answer_targets(run.answer)
     spans, columns, _ = source_layout(run, "documents")

@@ -30,7 +30,7 @@ from ..errors import (
     PromptRenderError,
 )
 from ..features import answer_targets, target_features
-from .ablation import ablated_answer_logit_probs, random_masks, target_log_odds
+from ..ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from .data import (
     CollectedExample,
     Example,
@@ -86,7 +86,7 @@ def collect_example(
 
     With `sources="context"` the last mask removes every document and keeps every context part, so each
     target also records the all-documents-removed label that groundedness is calibrated on."""
-    run = attributor.generate_run(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
+    run = attributor.capture({"query": example.query, "documents": example.documents, "history": example.history}, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
     spans, columns, source_ids = source_layout(run, sources)
     if not targets or not spans:
@@ -101,7 +101,7 @@ def collect_example(
         masks = torch.cat([masks, no_documents])
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
-    with attributor.lock:
+    with attributor.runner.lock:
         logit_probs = ablated_answer_logit_probs(attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size)
     labels = torch.stack([target_log_odds(logit_probs, rows) for _, rows in targets])  # [targets, 1 + masks]
     meta = {
@@ -151,7 +151,7 @@ def check_examples(
     for example in examples:
         try:
             prompt = attributor.render(example.query, example.documents, example.history)
-            attributor.check_fits(prompt, max_new_tokens)
+            attributor.runner.check_fits(prompt, max_new_tokens)
         except EXAMPLE_ERRORS as exc:
             scanned.invalid.append(InvalidExample(example.line, example.position or 0, example.id, str(exc)))
             bad.add(example.position)

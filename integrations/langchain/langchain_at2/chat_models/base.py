@@ -321,7 +321,7 @@ class ChatAT2(BaseChatModel):
             )
         assert plan.located is not None
         capture = plan.mode == "prompt"
-        run = att.generate_prompt_run(plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
+        run = att.runner.generate(plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
         attribution = att.build_attribution(run, plan.query, plan.ablations) if capture else None
         return self._finish(
             plan, run.answer.text, attribution, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
@@ -373,7 +373,7 @@ class ChatAT2(BaseChatModel):
             )
         else:
             assert plan.located is not None
-            items = att.stream_prompt_run(
+            items = att.runner.stream(
                 plan.located.prompt,
                 plan.max_new_tokens,
                 capture=plan.mode == "prompt",

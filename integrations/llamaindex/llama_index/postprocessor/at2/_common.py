@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from llama_index.core.schema import MetadataMode, NodeWithScore
@@ -17,19 +16,11 @@ AT2_METADATA_KEYS = (AT2_SCORE_KEY, RETRIEVAL_SCORE_KEY, AT2_RANK_KEY, AT2_SENTE
 
 TITLE_KEYS = ("title", "file_name", "filename", "source")
 
-_default_lock = threading.Lock()
-_default: Any = None
-
-
 def default_attributor() -> Any:
-    """The embedded SmolLM2-135M-Instruct wrapped in an `at2_rag.Attributor`, loaded once per process."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            from at2_rag import Attributor
+    """The embedded SmolLM2-135M-Instruct: the core's shared Attributor (one per process, whoever asks)."""
+    from at2_rag import get_attributor
 
-            _default = Attributor.default()
-        return _default
+    return get_attributor()
 
 
 def node_text(nws: NodeWithScore) -> str:

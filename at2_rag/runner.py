@@ -1,0 +1,338 @@
+"""The model runner: generation and forward passes with attention capture, streaming, batching and the model lock.
+
+Everything here is about running the model; what the captured features mean (scores, citations) is `scoring`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .ablation import ablated_answer_logit_probs
+from .capture import capture_attention, install_capture, model_shape, text_config
+from .errors import ContextTooLongError, InvalidInputError
+from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
+from .prompt import RenderedPrompt
+
+logger = logging.getLogger(__name__)
+
+ABLATION_BATCH_SIZE = 8
+
+
+@dataclass
+class CapturedRun:
+    """Everything one model run produced: the prompt, the answer and per-token features `[T, S, L*H]`
+    (sources = documents, then their sentences, then the context parts)."""
+
+    prompt: RenderedPrompt
+    answer: AnswerTokens
+    token_features: torch.Tensor
+    finish_reason: str | None = None
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.prompt.doc_sources)
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """One lock per model (kept off the model so it can still be copied or pickled): runs on one model are
+    serialised, since a capture records every attention call made while it is active."""
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+def check_answer(answer: Any) -> None:
+    if not isinstance(answer, str) or not answer.strip():
+        raise InvalidInputError("answer must be a non-empty string")
+
+
+def source_spans(prompt: RenderedPrompt) -> list[tuple[int, int]]:
+    """Documents, then sentences, then context parts: the column order of every captured feature tensor."""
+    return prompt.doc_token_spans + prompt.sentence_token_spans + prompt.context_token_spans
+
+
+class ModelRunner:
+    """Runs one causal LM for at2-rag: greedy-by-default generation or a forward pass, with capture."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_layers, self.num_heads = model_shape(model)
+        install_capture(model)
+        self._lock = model_lock(model)
+
+    # ---- the model ----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's lock (one per model, shared by every runner on it). Every run holds it, since a capture
+        records every attention call made while it is active: hold it for any other use of the model."""
+        return self._lock
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end generation (the generation config's and the tokenizer's)."""
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The tokenizer's pad token, else the smallest end-of-sequence id."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            eos = self.eos_token_ids
+            pad = min(eos) if eos else None
+        return pad
+
+    @property
+    def context_window(self) -> int | None:
+        return getattr(text_config(self.model), "max_position_embeddings", None)
+
+    def check_fits(
+        self, prompt: RenderedPrompt | int, max_new_tokens: int = 0, *, answer_tokens: int | None = None
+    ) -> None:
+        """Raise `ContextTooLongError` unless the prompt (a RenderedPrompt or its number of tokens) fits the
+        context window, and so does the prompt plus `max_new_tokens` to generate, or plus an answer of
+        `answer_tokens` tokens."""
+        num = prompt if isinstance(prompt, int) else prompt.num_tokens
+        limit = self.context_window
+        if limit is None:
+            return
+        checks = [(num, "prompt")]
+        if answer_tokens is not None:
+            checks.append((num + answer_tokens, "prompt plus answer"))
+        if max_new_tokens:
+            checks.append((num + max_new_tokens, f"prompt plus max_new_tokens={max_new_tokens}"))
+        for needed, what in checks:
+            if needed > limit:
+                raise ContextTooLongError(needed, limit, what)
+
+    def _generate_kwargs(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_token_id}
+        if not generate_kwargs.get("do_sample"):
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(generate_kwargs)
+        return kwargs
+
+    def _answer(self, generated: list[int], captured: bool) -> tuple[AnswerTokens, str]:
+        """Strip trailing end-of-sequence (and pad) tokens; the decoded answer and why generation ended."""
+        eos = self.eos_token_ids
+        finish = "length"
+        while generated and generated[-1] in eos:
+            generated.pop()
+            finish = "stop"
+        if not generated:
+            logger.warning("the model produced an empty answer")
+        if captured:
+            return decode_with_offsets(self.tokenizer, generated), finish
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        return AnswerTokens(token_ids=generated, text=text, char_spans=[]), finish
+
+    # ---- one request ----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int = 256,
+        capture: bool = True,
+        streamer: Any = None,
+        **generate_kwargs: Any,
+    ) -> CapturedRun:
+        """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
+
+        With `capture=False` it is a plain generation: no features (`token_features` has no source columns)
+        and no per-token answer offsets. `streamer` is handed to `generate` (e.g. a `TextIteratorStreamer`)."""
+        check_max_new_tokens(max_new_tokens)
+        self.check_fits(prompt, max_new_tokens)
+        input_ids = torch.tensor([prompt.input_ids], device=self.device)
+        kwargs = self._generate_kwargs(generate_kwargs)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        ctx = (
+            capture_attention(self.model, source_spans(prompt), prompt.num_tokens - 1)
+            if capture
+            else contextlib.nullcontext(None)
+        )
+        with self.lock, torch.no_grad(), ctx as state:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                **kwargs,
+            )
+        answer, finish = self._answer(output[0, prompt.num_tokens :].tolist(), state is not None)
+        if state is None:
+            features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
+        else:
+            features = state.features()[0][: len(answer.token_ids)]
+        return CapturedRun(prompt, answer, features, finish)
+
+    def forward(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
+        """One forward pass over a ready prompt + `answer`, capturing the answer rows' attention to its sources."""
+        check_answer(answer)
+        tokens = encode_with_offsets(self.tokenizer, answer)
+        self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
+        ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
+        start = prompt.num_tokens - 1
+        with self.lock, torch.no_grad(), capture_attention(
+            self.model, source_spans(prompt), start, start + len(tokens.token_ids)
+        ) as state:
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+        return CapturedRun(prompt, tokens, state.features()[0], None)
+
+    def stream(
+        self,
+        prompt: RenderedPrompt,
+        max_new_tokens: int = 256,
+        capture: bool = True,
+        **generate_kwargs: Any,
+    ) -> Iterator[str | CapturedRun]:
+        """`generate` in a worker thread: yield text chunks as they are generated, then the CapturedRun. The
+        length check runs in the caller's thread, before the worker starts; an error in the worker is re-raised
+        here."""
+        from transformers import TextIteratorStreamer
+
+        check_max_new_tokens(max_new_tokens)
+        self.check_fits(prompt, max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["run"] = self.generate(prompt, max_new_tokens, capture=capture, streamer=streamer, **generate_kwargs)
+            except BaseException as exc:  # surfaced in the consuming thread
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for chunk in streamer:
+            if chunk:
+                yield chunk
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["run"]
+
+    def ablated_logit_probs(self, run: CapturedRun, masks: torch.Tensor) -> torch.Tensor:
+        """`[masks, answer tokens]` teacher-forced logit-probs of the run's answer with the documents where a mask
+        is False attention-masked (prefix-shared, batched): the refinement's ablation passes."""
+        ids = run.prompt.input_ids + run.answer.token_ids
+        with self.lock:
+            return ablated_answer_logit_probs(
+                self.model, ids, len(run.answer.token_ids), run.prompt.doc_token_spans, masks,
+                batch_size=ABLATION_BATCH_SIZE,
+            )
+
+    # ---- many requests in one batch ------------------------------------------------------------------------
+    def _left_padded(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Ids and attention mask of left-padded sequences, and each row's padding length."""
+        width = max(len(s) for s in sequences)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        pads = [width - len(s) for s in sequences]
+        ids = torch.tensor([[pad] * p + list(s) for p, s in zip(pads, sequences)], device=self.device)
+        mask = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pads, sequences)], device=self.device)
+        return ids, mask, pads
+
+    @staticmethod
+    def _batch_spans(prompts: Sequence[RenderedPrompt], pads: Sequence[int]) -> tuple[list[tuple[int, int]], list[slice]]:
+        """Every row's source spans shifted by its padding, one after another (each row reads its own columns)."""
+        spans: list[tuple[int, int]] = []
+        columns: list[slice] = []
+        for prompt, pad in zip(prompts, pads):
+            own = [(a + pad, b + pad) for a, b in source_spans(prompt)]
+            columns.append(slice(len(spans), len(spans) + len(own)))
+            spans.extend(own)
+        return spans, columns
+
+    def generate_batch(
+        self, prompts: Sequence[RenderedPrompt], max_new_tokens: int = 256, **generate_kwargs: Any
+    ) -> list[CapturedRun]:
+        """Generate after several prompts in one left-padded batch, with capture; each run as `generate` alone
+        would return it (the same greedy tokens; features equal up to float rounding).
+
+        Left padding makes every prompt end at the same position, so one capture window covers every row's
+        answer; padding keys are masked for each row, and each row keeps its own source columns."""
+        check_max_new_tokens(max_new_tokens)
+        if not prompts:
+            return []
+        for prompt in prompts:
+            self.check_fits(prompt, max_new_tokens)
+        if "streamer" in generate_kwargs:
+            raise InvalidInputError("generate_batch does not stream: stream each request with `stream`")
+        ids, mask, pads = self._left_padded([p.input_ids for p in prompts])
+        spans, columns = self._batch_spans(prompts, pads)
+        width = ids.shape[1]
+        with self.lock, torch.no_grad(), capture_attention(self.model, spans, width - 1) as state:
+            output = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **self._generate_kwargs(generate_kwargs)
+            )
+        features = state.features()
+        runs = []
+        for row, prompt in enumerate(prompts):
+            # a row that ended early is filled with padding up to the batch's end
+            answer, finish = self._answer(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True)
+            rows = len(answer.token_ids)
+            runs.append(CapturedRun(prompt, answer, features[row, :rows, columns[row]].clone(), finish))
+        return runs
+
+    def forward_batch(self, prompts: Sequence[RenderedPrompt], answers: Sequence[str]) -> list[CapturedRun]:
+        """`forward` for several prompt + answer pairs in one left-padded pass, each run as `forward` alone
+        would return it (features equal up to float rounding)."""
+        if len(prompts) != len(answers):
+            raise InvalidInputError(f"{len(prompts)} prompts but {len(answers)} answers")
+        if not prompts:
+            return []
+        tokens = []
+        for prompt, answer in zip(prompts, answers):
+            check_answer(answer)
+            encoded = encode_with_offsets(self.tokenizer, answer)
+            self.check_fits(prompt, answer_tokens=len(encoded.token_ids))
+            tokens.append(encoded)
+        ids, mask, pads = self._left_padded([p.input_ids + t.token_ids for p, t in zip(prompts, tokens)])
+        spans, columns = self._batch_spans(prompts, pads)
+        width = ids.shape[1]
+        # row i predicts its answer from position pad_i + prompt_i - 1 to the end: capture from the earliest
+        starts = [pad + p.num_tokens - 1 for pad, p in zip(pads, prompts)]
+        first = min(starts)
+        with self.lock, torch.no_grad(), capture_attention(self.model, spans, first, width - 1) as state:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        features = state.features()
+        runs = []
+        for row, (prompt, encoded) in enumerate(zip(prompts, tokens)):
+            lo = starts[row] - first
+            rows = features[row, lo : lo + len(encoded.token_ids), columns[row]].clone()
+            runs.append(CapturedRun(prompt, encoded, rows, None))
+        return runs
+
+
+def _until_first_stop(generated: list[int], eos: frozenset[int]) -> list[int]:
+    """A batch row's tokens up to and including its first end-of-sequence token (what a lone run would stop at);
+    a row that never stopped ran to the token limit."""
+    for i, token in enumerate(generated):
+        if token in eos:
+            return generated[: i + 1]
+    return generated

@@ -1,0 +1,217 @@
+"""Scoring: captured features -> estimator scores -> citations, groundedness and the Attribution result.
+
+The citation policy (how many documents a sentence cites, relative to its best one, and the support threshold)
+lives here, beside the code that applies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .ablation import target_log_odds
+from .estimator import ScoreEstimator
+from .features import answer_targets, target_features
+from .grounding import GroundednessCalibration
+from .prompt import RenderedPrompt
+from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
+from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore
+from .runner import CapturedRun
+from .sources import CharSpan
+
+#: a sentence cites at most this many documents ...
+MAX_CITED_PER_SENTENCE = 3
+#: ... each scoring at least this share of the sentence's best document ...
+RELATIVE_CITATION_CUTOFF = 0.5
+#: ... and at least this score (unless the estimator's metadata sets `support_threshold`)
+DEFAULT_SUPPORT_THRESHOLD = 0.05
+
+#: runs the ablation passes of a refinement: (run, keep-masks `[k, documents]`) -> answer logit-probs `[k, tokens]`
+AblationPasses = Callable[[CapturedRun, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """The feature columns of a run: documents, then their sentences, then the context parts."""
+
+    docs: int
+    sents: int
+
+    def documents(self, scores: list[float]) -> list[float]:
+        return scores[: self.docs]
+
+    def sentences(self, scores: list[float]) -> list[float]:
+        return scores[self.docs : self.docs + self.sents]
+
+    def context(self, scores: list[float]) -> list[float]:
+        return scores[self.docs + self.sents :]
+
+
+def _context_sources(prompt: RenderedPrompt, scores: list[float]) -> list[ContextSource]:
+    return [
+        ContextSource(kind=p.kind, index=p.index, role=p.role, text=p.text, score=score)
+        for p, score in zip(prompt.context_parts, scores)
+    ]
+
+
+class Scorer:
+    """Turns a CapturedRun into an Attribution with one estimator and one citation policy."""
+
+    def __init__(
+        self,
+        estimator: ScoreEstimator,
+        support_threshold: float | None = None,
+        grounded_threshold: float | None = None,
+    ) -> None:
+        self.estimator = estimator
+        if support_threshold is None:
+            support_threshold = float(estimator.metadata.get("support_threshold", DEFAULT_SUPPORT_THRESHOLD))
+        self.support_threshold = support_threshold
+        # nats: a sentence is supported when removing every document is predicted to lower its log-odds this much
+        self.grounded_threshold = grounded_threshold
+        self.refinement = RefinementPrior.from_metadata(estimator.metadata)
+        self._calibration = GroundednessCalibration.from_metadata(estimator.metadata, fallback_scale=self.refinement.scale)
+
+    @torch.no_grad()
+    def attribution(
+        self, run: CapturedRun, query: str, ablations: int = 0, ablation_passes: AblationPasses | None = None
+    ) -> Attribution:
+        """Scores, citations and groundedness of a run: documents, their sentences and the context parts
+        (earlier turns, system prompt, question) scored by the same estimator. With `ablations=k`, k ablation
+        passes (`ablation_passes`) refine the document scores (whole answer and each answer sentence) with the
+        AT2 scores as the prior; document sentences and context parts keep their AT2 scores."""
+        prompt, answer = run.prompt, run.answer
+        columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
+        rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
+        targets = answer_targets(answer)
+        target_rows = [rows_all] + [rows for _, rows in targets]
+        scores = [self.estimator(target_features(run.token_features, rows)).tolist() for rows in target_rows]
+        passes = 0
+        if check_ablations(ablations) > 0 and columns.docs and answer.token_ids:
+            if ablation_passes is None:
+                raise ValueError("ablations > 0 needs the runner's ablation passes")
+            masks = choose_masks(columns.docs, ablations, prompt.text + "\x00" + answer.text)
+            logit_probs = ablation_passes(run, masks)
+            refined = [
+                refine_scores(torch.tensor(columns.documents(s)), masks, target_log_odds(logit_probs, rows), self.refinement).tolist()
+                for rows, s in zip(target_rows, scores)
+            ]
+            scores = [r + s[columns.docs :] for r, s in zip(refined, scores)]
+            passes = int(masks.shape[0])
+        whole, per_sentence = scores[0], scores[1:]
+        grounding = self.groundedness(refined=passes > 0)
+
+        sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
+        for j, src in enumerate(prompt.sentence_sources):
+            sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
+        doc_scores, sent_scores = columns.documents(whole), columns.sentences(whole)
+        documents = []
+        for i, doc in enumerate(prompt.documents):
+            a, b = prompt.doc_token_spans[i]
+            documents.append(
+                DocumentScore(
+                    index=i,
+                    id=doc.id,
+                    title=doc.title,
+                    url=doc.url,
+                    text=doc.text,
+                    metadata=doc.metadata,
+                    score=doc_scores[i],
+                    num_tokens=b - a,
+                    sentences=[
+                        SentenceScore(text=s.text, start=s.span.start, end=s.span.end, score=sent_scores[j])
+                        for j, s in sentences_by_doc.get(i, [])
+                    ],
+                )
+            )
+
+        citations = [
+            self._citation(answer.text, span, target, prompt, columns, sentences_by_doc, grounding)
+            for (span, _), target in zip(targets, per_sentence)
+        ]
+        if citations:
+            supported = any(c.supported for c in citations)
+        else:
+            supported = bool(grounding.grounded(doc_scores) >= grounding.threshold) if doc_scores else False
+        return Attribution(
+            query=query,
+            answer=answer.text,
+            prompt=prompt.text,
+            documents=documents,
+            citations=citations,
+            estimator=repr(self.estimator),
+            estimator_trained=self.estimator.trained,
+            support_threshold=self.support_threshold,
+            supported=supported,
+            grounded_threshold=grounding.threshold,
+            num_prompt_tokens=prompt.num_tokens,
+            num_answer_tokens=len(answer.token_ids),
+            finish_reason=run.finish_reason,
+            unlocated_documents=list(prompt.unlocated_documents),
+            context_sources=_context_sources(prompt, columns.context(whole)),
+            extra_forward_passes=passes,
+        )
+
+    def groundedness(self, refined: bool) -> GroundednessCalibration:
+        """Refined scores are the ablation surrogate's effects (in prior units): their sum in nats is the
+        surrogate's own prediction; AT2 scores go through the estimator's calibration."""
+        calibration = self._calibration
+        if self.grounded_threshold is not None:
+            calibration = dataclasses.replace(calibration, threshold=float(self.grounded_threshold))
+        if refined:  # the surrogate's own sum is in nats; earlier turns were not ablated, so they keep their weight
+            return dataclasses.replace(calibration, scale=self.refinement.scale, offset=0.0, calibrated=True)
+        return calibration
+
+    def _citation(
+        self,
+        answer_text: str,
+        span: CharSpan,
+        scores: list[float],
+        prompt: RenderedPrompt,
+        columns: _Columns,
+        sentences_by_doc: dict[int, list[tuple[int, Any]]],
+        grounding: GroundednessCalibration,
+    ) -> Citation:
+        doc_scores, sent_scores = columns.documents(scores), columns.sentences(scores)
+        ranked = sorted(range(columns.docs), key=lambda i: doc_scores[i], reverse=True)
+        cited_docs = []
+        for i in ranked:
+            doc = prompt.documents[i]
+            sents = sorted(
+                (
+                    SentenceScore(text=s.text, start=s.span.start, end=s.span.end, score=sent_scores[j])
+                    for j, s in sentences_by_doc.get(i, [])
+                ),
+                key=lambda s: s.score,
+                reverse=True,
+            )[:3]
+            cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
+        context_scores = columns.context(scores)
+        history = [score for part, score in zip(prompt.context_parts, context_scores) if part.kind == "history"]
+        grounded = grounding.grounded(doc_scores, history)
+        supported = bool(grounded >= grounding.threshold)
+        best = doc_scores[ranked[0]] if ranked else 0.0
+        cited = [
+            d.id
+            for d in cited_docs[:MAX_CITED_PER_SENTENCE]
+            if supported and d.score >= self.support_threshold and d.score >= RELATIVE_CITATION_CUTOFF * best
+        ]
+        # the earlier turns and system prompt it draws on (the question is part of every answer: not listed)
+        context = sorted(
+            (c for c in _context_sources(prompt, context_scores) if c.kind != "query"),
+            key=lambda c: c.score,
+            reverse=True,
+        )
+        return Citation(
+            text=answer_text[span.start : span.end],
+            start=span.start,
+            end=span.end,
+            documents=cited_docs,
+            cited=cited,
+            supported=supported,
+            grounded=grounded,
+            context=[c for c in context if c.score >= self.support_threshold][:MAX_CITED_PER_SENTENCE],
+        )
