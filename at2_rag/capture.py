@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,7 +32,6 @@ CAPTURE_PREFIX = "at2_capture_"
 ROW_BLOCK = 64  # decode steps whose query rows share one allocation
 ROWS_PER_PACK = 8  # decode rows held as the model's tensors before one copy packs them (divides ROW_BLOCK)
 _NORMAL_RANGE = (1e-30, 1e37)  # softmax denominators summed without a max shift must land inside this
-_SUPPORTED_BASES = ("sdpa", "eager")
 
 _ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar("at2_capture_state", default=None)
 
@@ -119,7 +119,12 @@ class CaptureState:
     def _append_rows(self, layer: int, pending: "_PendingRows", query: torch.Tensor, key: torch.Tensor) -> None:
         """Queue query rows after a layer's earlier ones, keep its newest keys, pack loose decode rows when due."""
         pending.queries.append(query)
-        pending.keys = key  # the cache's newest tensor holds every earlier key too
+        if _TIMINGS is None:
+            pending.keys = key  # the cache's newest tensor holds every earlier key too
+        else:
+            t = time.perf_counter()  # replacing the previous step's keys frees them: clocked apart
+            pending.keys = key
+            _TIMINGS.release += time.perf_counter() - t
         if query.shape[2] == 1:
             pending.loose += 1
             if pending.loose == ROWS_PER_PACK:
@@ -254,6 +259,15 @@ class CaptureState:
         Each layer is reduced and copied straight into its slot of the result; its rows are then kept as a view
         of that slot, so the features exist once in memory, and a second call returns the same values.
         """
+        if _TIMINGS is None:
+            return self._features()
+        t = time.perf_counter()
+        try:
+            return self._features()
+        finally:
+            _TIMINGS.read += time.perf_counter() - t
+
+    def _features(self) -> torch.Tensor:
         workspace = _Workspace()
         out: torch.Tensor | None = None
         missing, lengths = [], set()
@@ -332,21 +346,146 @@ def _softmax_(scores: torch.Tensor) -> torch.Tensor:
     return probs.div_(probs.sum(-1, keepdim=True))
 
 
-_SDPA: list[Callable[..., Any]] = []  # imported once, on first use
+# ---- attention backends ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaptureBackend:
+    """How capture runs on one of transformers' attention implementations (`model.set_attn_implementation` names).
+
+    `kernel(module)` returns the function that computes the layer's output (capture wraps it and reads the
+    attention itself); a backend without one cannot be wrapped, and capture switches the model to `fallback`
+    instead (with a warning giving `reason`), or refuses it when there is no fallback.
+    """
+
+    name: str
+    kernel: Callable[[torch.nn.Module], Callable[..., Any]] | None = None
+    fallback: str | None = None
+    reason: str = ""
 
 
-def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
-    if base == "sdpa":
-        if not _SDPA:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+_BACKENDS: dict[str, CaptureBackend] = {}
+_KERNELS: dict[tuple[str, type], Callable[..., Any]] = {}  # (backend, attention module type) -> kernel, resolved once
 
-            _SDPA.append(sdpa_attention_forward)
-        return _SDPA[0]
+
+def register_backend(backend: CaptureBackend) -> None:
+    """Add (or replace) the capture entry for one attention implementation: the one place a backend is defined."""
+    if backend.kernel is None and backend.fallback is None:
+        raise ValueError(f"capture backend {backend.name!r} needs a kernel or a fallback")
+    if backend.fallback is not None and backend.fallback not in _BACKENDS:
+        raise ValueError(f"capture backend {backend.name!r} falls back to unknown backend {backend.fallback!r}")
+    _BACKENDS[backend.name] = backend
+    _KERNELS.clear()
+
+
+def capture_backends() -> dict[str, CaptureBackend]:
+    """Every registered backend by implementation name (a copy)."""
+    return dict(_BACKENDS)
+
+
+def _sdpa_kernel(module: torch.nn.Module) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _eager_kernel(module: torch.nn.Module) -> Callable[..., Any]:
+    """The model's own eager function: every modeling file that dispatches through AttentionInterface defines one
+    (and falls back to it for "eager"), so its masking and softcapping stay the model's."""
     modeling = sys.modules.get(type(module).__module__)
     eager = getattr(modeling, "eager_attention_forward", None)
     if eager is None:
-        raise UnsupportedModelError(f"{type(module).__name__} has no eager_attention_forward to delegate to")
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward to delegate to; "
+            "switch it to sdpa with model.set_attn_implementation('sdpa')"
+        )
     return eager
+
+
+register_backend(CaptureBackend("sdpa", _sdpa_kernel))
+register_backend(CaptureBackend("eager", _eager_kernel))
+for _flash in ("flash_attention_2", "flash_attention_3", "flash_attention_4"):
+    register_backend(CaptureBackend(
+        _flash, fallback="sdpa",
+        reason="flash kernels never form the attention weights and take no 4-D mask for capture to honour",
+    ))
+register_backend(CaptureBackend(
+    "flex_attention", fallback="sdpa", reason="flex attention masks with block masks, not a tensor capture can apply"
+))
+register_backend(CaptureBackend(
+    "paged|eager", fallback="sdpa", reason="a paged cache holds no contiguous key tensor to read the attention from"
+))
+
+def _base_function(module: torch.nn.Module, base: str) -> Callable[..., Any]:
+    """The kernel a capturing call delegates to (looked up once per backend and module type: it runs every call)."""
+    cache_key = (base, type(module))
+    kernel = _KERNELS.get(cache_key)
+    if kernel is None:
+        resolve = _BACKENDS[base].kernel
+        assert resolve is not None  # only backends with a kernel are ever registered as capturing
+        kernel = resolve(module)
+        if _TIMINGS is not None:
+            kernel = _clocked(kernel, _TIMINGS, "kernel")
+        _KERNELS[cache_key] = kernel
+    return kernel
+
+
+# ---- timing hook (bench/overhead.py) ----------------------------------------------------------------------
+@dataclass
+class CaptureTimings:
+    """Seconds spent inside capture while `timed_capture` is active, per phase, for overhead accounting.
+
+    `attention`: whole capturing attention calls (the kernel included); `kernel`: the stock kernel they delegate to;
+    `release`: replacing a layer's previous key tensor (a free plain generation performs too, in the cache update);
+    `read`: `CaptureState.features`. `calls` counts attention calls.
+    """
+
+    attention: float = 0.0
+    kernel: float = 0.0
+    release: float = 0.0
+    read: float = 0.0
+    calls: int = 0
+
+
+_TIMINGS: CaptureTimings | None = None
+
+
+def _clocked(fn: Callable[..., Any], timings: CaptureTimings, phase: str, count: bool = False) -> Callable[..., Any]:
+    """`fn`, adding the seconds each call takes to `timings.<phase>`."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        if count:
+            timings.calls += 1
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            setattr(timings, phase, getattr(timings, phase) + time.perf_counter() - t)
+
+    return timed
+
+
+@contextlib.contextmanager
+def timed_capture(timings: CaptureTimings) -> Iterator[CaptureTimings]:
+    """Clock capture's phases into `timings` during the block (one at a time; outside it capture pays nothing).
+
+    The capturing functions are re-registered clocked under their own names through `AttentionInterface.register`,
+    so a model already switched to capture is timed without being switched again."""
+    global _TIMINGS
+    from transformers import AttentionInterface
+
+    if _TIMINGS is not None:
+        raise RuntimeError("timed_capture is already active")
+    originals = dict(_CAPTURING)
+    _TIMINGS = timings
+    _KERNELS.clear()
+    try:
+        for name, fn in originals.items():
+            AttentionInterface.register(name, _clocked(fn, timings, "attention", count=True))
+        yield timings
+    finally:
+        for name, fn in originals.items():
+            AttentionInterface.register(name, fn)
+        _TIMINGS = None
+        _KERNELS.clear()
 
 
 def _grouped_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -439,15 +578,44 @@ def _capturing_attention(
     return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+_CAPTURING: dict[str, Callable[..., Any]] = {}  # registered capturing implementation name -> its function
+
+
 def _register(base: str) -> str:
+    """Register the capturing implementation for `base` with transformers (once): `at2_capture_<base>`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     name = f"{CAPTURE_PREFIX}{base}"
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, functools.partial(_capturing_attention, _base=base))
+    if name not in _CAPTURING:
+        fn = functools.partial(_capturing_attention, _base=base)
+        AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        _CAPTURING[name] = fn
     return name
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The model's current attention implementation name. transformers 5 keeps it only in the config property
+    `_attn_implementation` (set through the public `set_attn_implementation`): this is the one place it is read."""
+    return str(text_config(model)._attn_implementation or "sdpa")
+
+
+def capture_base(implementation: str) -> str:
+    """The capturable backend used for a model running `implementation` (itself, or its registered fallback);
+    an implementation with no capture entry is an UnsupportedModelError saying how to switch."""
+    backend = _BACKENDS.get(implementation)
+    if backend is None:
+        capturable = ", ".join(name for name, b in _BACKENDS.items() if b.kernel is not None)
+        raise UnsupportedModelError(
+            f"attention implementation {implementation!r} has no capture backend in at2-rag (capturable: "
+            f"{capturable}); switch the model with model.set_attn_implementation('sdpa') before attributing, or add "
+            "an entry with at2_rag.capture.register_backend"
+        )
+    if backend.kernel is not None:
+        return backend.name
+    assert backend.fallback is not None  # register_backend refuses an entry with neither
+    return backend.fallback
 
 
 def text_config(model: torch.nn.Module) -> Any:
@@ -462,22 +630,28 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def install_capture(model: torch.nn.Module) -> None:
-    """Route the model's attention through at2-rag's capturing function (a no-op outside a capture)."""
-    current = text_config(model)._attn_implementation or "sdpa"
+    """Route the model's attention through at2-rag's capturing function (a no-op outside a capture).
+
+    sdpa and eager models keep their kernel (capture wraps it); flash, flex and paged attention cannot be wrapped
+    and are switched to sdpa, with a warning naming the backend (`capture_backends()` lists every entry)."""
+    current = attention_implementation(model)
     if current.startswith(CAPTURE_PREFIX):
         return
-    can_set = getattr(type(model), "_can_set_attn_implementation", None)
-    if can_set is None or not can_set():
+    base = capture_base(current)
+    if base != current:
+        logger.warning(
+            "attention implementation %r cannot be captured (%s): at2-rag switched this model to %r. To go back "
+            "after attributing: model.set_attn_implementation(%r)",
+            current, _BACKENDS[current].reason, base, current,
+        )
+    model.set_attn_implementation(_register(base))
+    if not attention_implementation(model).startswith(CAPTURE_PREFIX):
+        # transformers keeps the old implementation (and logs why) for a model whose attention layers do not call
+        # ALL_ATTENTION_FUNCTIONS.get_interface
         raise UnsupportedModelError(
             f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, "
             "so at2-rag cannot capture it"
         )
-    base = current if current in _SUPPORTED_BASES else "sdpa"
-    if base != current:
-        logger.warning("attention implementation %r is not capturable; using sdpa for capture", current)
-    model.set_attn_implementation(_register(base))
-    if not str(text_config(model)._attn_implementation).startswith(CAPTURE_PREFIX):
-        raise UnsupportedModelError(f"{type(model).__name__} refused the capturing attention implementation")
 
 
 @contextlib.contextmanager

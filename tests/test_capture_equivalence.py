@@ -434,3 +434,73 @@ def test_capture_memory_is_bounded_on_long_forward():
         total += per_layer[0].numel()
     assert total == layers * n_answer * len(spans) * heads  # nothing N x N (2016^2 = 4M) is kept
     assert state.features().shape == (1, n_answer, len(spans), layers * heads)
+
+
+# ---- attention backends: one registry entry each ------------------------------------------------------------
+def test_backend_registry_names_every_transformers_implementation():
+    """Every implementation transformers can dispatch to has an entry: sdpa and eager are wrapped, the rest fall
+    back to sdpa with the reason; anything else is refused with how to switch."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from at2_rag.capture import capture_backends, capture_base
+
+    backends = capture_backends()
+    for name in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
+        if name.startswith(CAPTURE_PREFIX):
+            continue
+        assert name in backends, f"no capture entry for transformers' {name!r}"
+        assert capture_base(name) in ("sdpa", "eager")
+        assert backends[name].kernel is not None or backends[name].reason
+    assert capture_base("flash_attention_2") == "sdpa" and capture_base("eager") == "eager"
+    with pytest.raises(UnsupportedModelError, match=r"'my_kernel'.*set_attn_implementation\('sdpa'\)"):
+        capture_base("my_kernel")
+
+
+def test_flex_attention_model_is_switched_to_sdpa_capture_and_stays_exact(caplog):
+    model, reference = _build("llama")
+    model.set_attn_implementation("flex_attention")
+    prompt = _prompt()
+    with caplog.at_level("WARNING", logger="at2_rag.capture"), torch.no_grad():
+        with capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
+            out = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=0)
+    assert "'flex_attention' cannot be captured" in caplog.text and "set_attn_implementation" in caplog.text
+    assert model.config._attn_implementation == f"{CAPTURE_PREFIX}sdpa"
+    ref = _reference_features(reference, out, PROMPT_LEN, source_matrix(PROMPT_LEN, SPANS))
+    assert (state.features()[0] - ref).abs().max().item() < TOL
+
+
+def test_unregistered_attention_implementation_is_refused():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("at2_test_custom", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register("at2_test_custom", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model, _ = _build("llama")
+    model.set_attn_implementation("at2_test_custom")
+    with pytest.raises(UnsupportedModelError, match="'at2_test_custom' has no capture backend"):
+        install_capture(model)
+    assert model.config._attn_implementation == "at2_test_custom"  # left as it was
+
+
+def test_timed_capture_clocks_every_phase_without_changing_results():
+    from at2_rag.capture import CaptureTimings, timed_capture
+
+    model, _ = _build("llama")
+    prompt = _prompt()
+    gen = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
+        out = model.generate(prompt, **gen)
+    plain = state.features()
+    timings = CaptureTimings()
+    with timed_capture(timings), torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
+        timed_out = model.generate(prompt, **gen)
+        timed = state.features()
+    assert torch.equal(out, timed_out) and torch.equal(plain, timed)
+    layers = model.config.num_hidden_layers
+    assert timings.calls == layers * NEW_TOKENS  # one prefill and NEW_TOKENS - 1 decode steps per layer
+    assert 0 < timings.kernel < timings.attention and timings.read > 0 and timings.release > 0
+    with torch.no_grad(), capture_attention(model, SPANS, PROMPT_LEN - 1):
+        model.generate(prompt, **gen)
+    assert timings.calls == layers * NEW_TOKENS  # nothing clocked outside the block
