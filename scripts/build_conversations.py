@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from at2_rag import Attributor, load_default_model
 from at2_rag.evaluation.conversations import KINDS, conversation_example
-from at2_rag.training.data import read_examples
+from at2_rag.examples import read_examples
 
 
 def main() -> None:

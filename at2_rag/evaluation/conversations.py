@@ -24,7 +24,7 @@ from ..features import answer_targets, target_features
 from ..grounding import GroundednessCalibration, auroc
 from ..refine import RefinementPrior
 from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
-from ..training.data import Example
+from ..examples import Example
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from ..ablation import (
     target_log_odds,
     target_log_prob,
 )
-from ..training.collect import example_seed, source_layout
-from ..training.data import read_examples
+from ..examples import example_seed, read_examples
+from ..layout import source_layout
 from .baselines import leave_one_out_scores, surrogate_scores
 from .metrics import lds, top_k_mask
 from ..errors import InputFileError

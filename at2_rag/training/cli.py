@@ -20,9 +20,9 @@ def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
         model, tokenizer = load_model(args.model)
     else:
         model, tokenizer = load_default_model()
-    from .collect import _process_split
+    from .collect import process_split
 
-    _, _, device = _process_split()
+    _, _, device = process_split()
     if device is not None:
         model.to(device)
     if estimator is None:  # collection does not need a trained estimator

@@ -11,12 +11,11 @@ Whatever happens mid-run, the examples finished so far are written to a shard be
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +28,9 @@ from ..errors import (
     NoDocumentsError,
     PromptRenderError,
 )
+from ..examples import example_seed
 from ..features import answer_targets, target_features
+from ..layout import SourceKind, source_layout
 from ..ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from .data import (
     CollectedExample,
@@ -46,30 +47,6 @@ logger = logging.getLogger(__name__)
 
 NUM_MASKS = 32
 KEEP_PROB = 0.5
-
-
-def example_seed(seed: int, example_id: str) -> int:
-    """A per-example seed that does not depend on order or process count."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-SourceKind = Literal["documents", "sentences", "context"]
-
-
-def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[int], list[str]]:
-    """Token spans, feature columns and ids of the sources to ablate: documents, sentences, or ("context")
-    documents plus the context parts (earlier turns, system prompt, question), as conversations need."""
-    prompt = run.prompt
-    n_docs, n_sents = len(prompt.doc_sources), len(prompt.sentence_sources)
-    doc_ids = [d.id for d in prompt.documents]
-    if sources == "documents":
-        return prompt.doc_token_spans, list(range(n_docs)), doc_ids
-    if sources == "context":
-        first = n_docs + n_sents
-        columns = list(range(n_docs)) + list(range(first, first + len(prompt.context_parts)))
-        return prompt.doc_token_spans + prompt.context_token_spans, columns, doc_ids + [p.key for p in prompt.context_parts]
-    ids = [f"{prompt.documents[s.doc_index].id}#{s.span.start}-{s.span.end}" for s in prompt.sentence_sources]
-    return prompt.sentence_token_spans, list(range(n_docs, n_docs + n_sents)), ids
 
 
 def collect_example(
@@ -120,7 +97,7 @@ def collect_example(
     return CollectedExample(example.id, features, masks, labels[:, 1:], labels[:, 0], meta)
 
 
-def _process_split() -> tuple[int, int, Any]:
+def process_split() -> tuple[int, int, Any]:
     """(rank, world size, device) from accelerate when launched with it, else a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_MIXED_PRECISION"):
         from accelerate import PartialState
@@ -192,7 +169,7 @@ def collect(
     `skip_invalid` are logged and listed under `"invalid"` in the returned summary. An example that fails mid-run
     is treated the same way (after the finished examples are written); any other error is raised after they are."""
     if rank is None or world_size is None:
-        rank, world_size, _ = _process_split()
+        rank, world_size, _ = process_split()
     scanned = scan_examples(examples, limit)
     output_dir = prepare_output_dir(output_dir, rank, world_size)
     done = completed_ids(output_dir)

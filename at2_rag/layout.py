@@ -1,0 +1,28 @@
+"""Which prompt spans an ablation removes: documents, their sentences, or documents plus the context parts
+(earlier turns, system prompt, question). Shared by collection (training labels) and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+SourceKind = Literal["documents", "sentences", "context"]
+SOURCE_KINDS: tuple[str, ...] = ("documents", "sentences", "context")
+
+
+def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[int], list[str]]:
+    """Token spans, feature columns and ids of the sources to ablate in a captured run: documents, sentences, or
+    ("context") documents plus the context parts, as conversations need."""
+    if sources not in SOURCE_KINDS:
+        raise ValueError(f"sources must be one of {', '.join(SOURCE_KINDS)}, got {sources!r}")
+    prompt = run.prompt
+    n_docs, n_sents = len(prompt.doc_sources), len(prompt.sentence_sources)
+    doc_ids = [d.id for d in prompt.documents]
+    if sources == "documents":
+        return prompt.doc_token_spans, list(range(n_docs)), doc_ids
+    if sources == "context":
+        first = n_docs + n_sents
+        columns = list(range(n_docs)) + list(range(first, first + len(prompt.context_parts)))
+        spans = prompt.doc_token_spans + prompt.context_token_spans
+        return spans, columns, doc_ids + [p.key for p in prompt.context_parts]
+    ids = [f"{prompt.documents[s.doc_index].id}#{s.span.start}-{s.span.end}" for s in prompt.sentence_sources]
+    return prompt.sentence_token_spans, list(range(n_docs, n_docs + n_sents)), ids
