@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.capture import install_capture
+from at2_rag.capture import attention_implementation, install_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES: list[dict[str, float]] = []  # where the capture path's time goes, per run
@@ -85,12 +85,12 @@ def run_once(model, tokenizer, attributor, query, docs, new_tokens, implementati
     t0 = time.perf_counter()
     prompt = attributor.render(query, docs)  # chat template, tokenization, sentence splitting
     t1 = time.perf_counter()
-    run = attributor.generate_prompt_run(prompt, new_tokens, min_new_tokens=new_tokens)  # with capture
+    run = attributor.runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)  # with capture
     t2 = time.perf_counter()
     attributor.build_attribution(run, query)  # answer sentences, estimator, result objects
     t3 = time.perf_counter()
     PHASES.append({"render": t1 - t0, "generate": t2 - t1, "attribute": t3 - t2,
-                   "implementation": model.config._attn_implementation})
+                   "implementation": attention_implementation(model)})
     return t3 - t0, run.answer.token_ids, run.prompt.num_tokens
 
 
@@ -107,95 +107,59 @@ def _clocked(fn, clock: dict, key: str):
     return timed
 
 
-def _clocked_attention(name: str, fn, clock: dict, calls: list[int]):
-    """Register `name` in transformers' AttentionInterface as `fn` inside a clock (calls counted)."""
-    from transformers import AttentionInterface
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return fn(*args, **kwargs)
-
-    AttentionInterface._global_mapping[name] = _clocked(counted, clock, "wrapper")
-
-
 def capture_work(model, tokenizer, attributor, query, docs, new_tokens) -> dict[str, float]:
     """Seconds of capture's own work in one attributed generation, clocked where it happens.
 
     End-to-end differences on a shared VM swing by several % between identical runs; this accounting does not
-    depend on them. It clocks (a) the registered capturing attention function minus the stock kernel it
-    delegates to (the per-call bookkeeping of every prefill and decode step), less the clocks' own cost and
-    less the release of the cache's previous key tensor (a free that plain generation performs too, inside the
-    cache update; with capture the last reference to it is dropped in the attention call), and (b) the read:
-    softmax rows and source sums at the end. The clocks' cost is measured where it arises: the same clocks
-    around a pass-through to the stock kernel, in a plain generation of the same prompt and tokens (in place,
-    right after the model has streamed its weights through the caches, a clock costs several times what it
-    costs in a tight loop). Instrumented runs, outside the timed ones.
+    depend on them. `at2_rag.capture.timed_capture` clocks (a) the capturing attention calls minus the stock
+    kernel they delegate to (the per-call bookkeeping of every prefill and decode step), less the clocks' own
+    cost and less the release of the cache's previous key tensor (a free that plain generation performs too,
+    inside the cache update; with capture the last reference to it is dropped in the attention call), and (b)
+    the read: softmax rows and source sums at the end. The clocks' cost is measured where it arises: the same
+    clocks around a pass-through to the stock kernel, registered through transformers' public
+    `AttentionInterface.register`, in a plain generation of the same prompt and tokens (in place, right after the
+    model has streamed its weights through the caches, a clock costs several times what it costs in a tight
+    loop). Instrumented runs, outside the timed ones.
     """
-    import at2_rag.capture as capture
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    clock = {"wrapper": 0.0, "kernel": 0.0, "read": 0.0, "release": 0.0}
-    base = capture._base_function
+    from at2_rag.capture import CaptureTimings, attention_implementation, timed_capture
 
-    def clocked_base(module, name):  # the stock kernel each attention call delegates to, clocked
-        return _clocked(base(module, name), clock, "kernel")
-
-    capture._base_function = clocked_base
+    probe_clock = {"wrapper": 0.0, "kernel": 0.0}
     probe_calls = [0]
+    kernel = _clocked(ALL_ATTENTION_FUNCTIONS["sdpa"], probe_clock, "kernel")
+
+    def counted(*args, **kwargs):
+        probe_calls[0] += 1
+        return kernel(*args, **kwargs)
+
     probe = "at2_bench_clock_probe"
-    _clocked_attention(probe, lambda module, *a, **k: capture._base_function(module, "sdpa")(module, *a, **k),
-                       clock, probe_calls)
+    AttentionInterface.register(probe, _clocked(counted, probe_clock, "wrapper"))
     AttentionMaskInterface.register(probe, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     try:
         model.set_attn_implementation(probe)
         _, plain_tokens, _ = run_once(model, tokenizer, None, query, docs, new_tokens, implementation=probe)
     finally:
-        capture._base_function = base
         model.set_attn_implementation("sdpa")
-    clocks_cost = clock["wrapper"] - clock["kernel"]
-
-    clock.update(wrapper=0.0, kernel=0.0)
-    calls = [0]
-    pending_cls, features = capture._PendingRows, capture.CaptureState.features
-
-    class ClockedPending(pending_cls):
-        """Clocks only the replacement of `keys` (a property: every other attribute stays a plain one)."""
-
-        @property
-        def keys(self):
-            return self.__dict__["keys"]
-
-        @keys.setter
-        def keys(self, value):
-            if "keys" not in self.__dict__:
-                self.__dict__["keys"] = value
-                return
-            t = time.perf_counter()  # replacing the previous step's key tensor frees it
-            self.__dict__["keys"] = value
-            clock["release"] += time.perf_counter() - t
+    clocks_cost = probe_clock["wrapper"] - probe_clock["kernel"]
 
     install_capture(model)
-    name = model.config._attn_implementation
-    registered = AttentionInterface._global_mapping[name]
-    _clocked_attention(name, registered, clock, calls)
-    capture._base_function = clocked_base
-    capture._PendingRows = ClockedPending
-    capture.CaptureState.features = _clocked(features, clock, "read")
+    assert attention_implementation(model).startswith("at2_capture_")
+    timings = CaptureTimings()
     try:
-        _, tokens, _ = run_once(model, tokenizer, attributor, query, docs, new_tokens)
+        with timed_capture(timings):
+            _, tokens, _ = run_once(model, tokenizer, attributor, query, docs, new_tokens)
     finally:
-        AttentionInterface._global_mapping[name] = registered
-        capture._base_function, capture._PendingRows = base, pending_cls
-        capture.CaptureState.features = features
         PHASES.pop()
-    assert tokens == plain_tokens and calls[0] == probe_calls[0], "instrumented runs differ"
+    assert tokens == plain_tokens and timings.calls == probe_calls[0], "instrumented runs differ"
     return {
-        "bookkeeping": clock["wrapper"] - clock["kernel"] - clock["release"] - clocks_cost,
-        "read": clock["read"],
-        "calls": calls[0],
+        "bookkeeping": timings.attention - timings.kernel - timings.release - clocks_cost,
+        "read": timings.read,
+        "calls": timings.calls,
         "clocks_cost": clocks_cost,
-        "key_release": clock["release"],
+        "key_release": timings.release,
     }
 
 
@@ -221,7 +185,7 @@ def child(mode: str, size: int, new_tokens: int) -> None:
     before = _status_mb("VmRSS")
     seconds, tokens, prompt_tokens = run_once(model, tokenizer, attributor, query, docs, new_tokens)
     hook.remove()
-    impl = model.config._attn_implementation
+    impl = attention_implementation(model)
     peak = _status_mb("VmHWM")
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": before, "impl": impl,
                       "prompt_tokens": prompt_tokens, "tokens": tokens, "heap_at_prefill_end": heap}))
