@@ -1,6 +1,7 @@
 """at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
 
 from .attributor import Attributor
+from .batching import MicroBatcher
 from .errors import (
     AT2Error,
     ContextTooLongError,
@@ -49,6 +50,7 @@ __all__ = [
     "UnlocatedDocument",
     "UnsupportedModelError",
     "MappedDocuments",
+    "MicroBatcher",
     "ModelRunner",
     "Scorer",
     "TEMPLATE_DEFAULT",

@@ -1,0 +1,213 @@
+"""Micro-batching for concurrent callers: requests that arrive within a short window share one batch.
+
+Each model runs one batch at a time (its lock), so concurrent callers of `generate` wait for one another; a
+`MicroBatcher` instead collects what arrives within `max_wait_ms` (up to `max_batch_size` requests with the same
+settings) and runs it as one `generate_batch` / `attribute_batch`. Each caller gets exactly its own result (the
+batch path equals the single path) or its own error: a bad request never fails the others in its batch.
+Streaming stays per request (`Attributor.stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .attributor import Attributor, RequestLike
+from .errors import AT2Error, InvalidInputError
+from .refine import check_ablations
+from .request import AttributionRequest
+from .result import Attribution
+from .runner import check_max_new_tokens
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_WAIT_MS = 10.0
+
+
+@dataclass
+class _Pending:
+    request: AttributionRequest
+    settings: tuple[Any, ...]  # requests batch together only with equal settings
+    future: Future
+    max_new_tokens: int
+    ablations: int
+    generate_kwargs: dict[str, Any]
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher has run: the size of every batch, in order (for benchmarks and tests)."""
+
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.batch_sizes)
+
+
+class MicroBatcher:
+    """Serve concurrent `generate` / `attribute` calls on one Attributor in shared batches.
+
+    Thread-safe; `generate`/`attribute` block the caller, `agenerate`/`aattribute` await without blocking the
+    event loop, `submit` returns a `concurrent.futures.Future`. A request carrying an `answer` is attributed
+    (one forward pass), else its answer is generated. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        attributor: Attributor,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    ) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise InvalidInputError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms < 60_000:
+            raise InvalidInputError(f"max_wait_ms must be between 0 and 60000, got {max_wait_ms!r}")
+        self.attributor = attributor
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = float(max_wait_ms)
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="at2-micro-batcher", daemon=True)
+        self._worker.start()
+
+    # ---- callers ------------------------------------------------------------------------------------------
+    def submit(
+        self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **generate_kwargs: Any
+    ) -> Future:
+        """Queue a request; the Future resolves to its Attribution (or raises its own error)."""
+        if self._closed:
+            raise RuntimeError("this MicroBatcher is closed")
+        parsed = AttributionRequest.coerce(request)
+        check_ablations(ablations)
+        check_max_new_tokens(max_new_tokens)
+        if "streamer" in generate_kwargs:
+            raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
+        mode = "attribute" if parsed.answer is not None else "generate"
+        try:
+            frozen = tuple(sorted((k, repr(v)) for k, v in generate_kwargs.items()))
+        except TypeError as exc:
+            raise InvalidInputError(f"generate keyword arguments must have string names: {exc}") from exc
+        settings = (mode, ablations) if mode == "attribute" else (mode, max_new_tokens, ablations, frozen)
+        pending = _Pending(parsed, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs))
+        self._queue.put(pending)
+        return pending.future
+
+    def generate(self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any) -> Attribution:
+        """`Attributor.generate` (or `attribute`, for a request with an answer), sharing a batch with whoever
+        else is asking."""
+        return self.submit(request, max_new_tokens, ablations, **kw).result()
+
+    def attribute(self, request: RequestLike, ablations: int = 0) -> Attribution:
+        parsed = AttributionRequest.coerce(request)
+        if parsed.answer is None:
+            raise InvalidInputError("attribute needs a request with an answer")
+        return self.submit(parsed, ablations=ablations).result()
+
+    async def agenerate(self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any) -> Attribution:
+        return await asyncio.wrap_future(self.submit(request, max_new_tokens, ablations, **kw))
+
+    async def aattribute(self, request: RequestLike, ablations: int = 0) -> Attribution:
+        parsed = AttributionRequest.coerce(request)
+        if parsed.answer is None:
+            raise InvalidInputError("attribute needs a request with an answer")
+        return await asyncio.wrap_future(self.submit(parsed, ablations=ablations))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the worker."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._worker.join(timeout)
+
+    def __enter__(self) -> "MicroBatcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the worker -----------------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        held: list[_Pending] = []  # arrived while another settings group was being collected
+        stopping = False
+        while True:
+            if not held:
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                held.append(first)
+            batch, held = self._take_group(held)
+            deadline = batch[0].arrived + self.max_wait_ms / 1000
+            while len(batch) < self.max_batch_size and not stopping:
+                left = deadline - time.perf_counter()
+                try:
+                    item = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                elif item.settings == batch[0].settings:
+                    batch.append(item)
+                else:
+                    held.append(item)
+            self._run(batch)
+
+    def _take_group(self, held: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """The oldest request and the held ones sharing its settings (up to the batch size); the rest stay held."""
+        settings = held[0].settings
+        batch = [p for p in held if p.settings == settings][: self.max_batch_size]
+        taken = {id(p) for p in batch}
+        return batch, [p for p in held if id(p) not in taken]
+
+    def _run(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        head = live[0]
+        try:
+            if head.settings[0] == "attribute":
+                results = self.attributor.attribute_batch([p.request for p in live], ablations=head.ablations)
+            else:
+                results = self.attributor.generate_batch(
+                    [p.request for p in live], head.max_new_tokens, head.ablations, **head.generate_kwargs
+                )
+        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
+            if len(live) == 1:
+                head.future.set_exception(exc)
+                return
+            if not isinstance(exc, AT2Error):
+                logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
+            for pending in live:
+                self._run_one(pending)
+            self.stats.batch_sizes.extend([1] * len(live))
+            return
+        self.stats.batch_sizes.append(len(live))
+        for pending, result in zip(live, results):
+            pending.future.set_result(result)
+
+    def _run_one(self, pending: _Pending) -> None:
+        try:
+            if pending.request.answer is not None:
+                result = self.attributor.attribute(pending.request, ablations=pending.ablations)
+            else:
+                result = self.attributor.generate(
+                    pending.request, max_new_tokens=pending.max_new_tokens, ablations=pending.ablations,
+                    **pending.generate_kwargs,
+                )
+        except Exception as exc:  # noqa: BLE001 - handed to its own caller
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(result)
+

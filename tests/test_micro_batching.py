@@ -1,0 +1,105 @@
+"""MicroBatcher: concurrent callers share a batch, each gets exactly its own result or its own error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from at2_rag import InvalidInputError, MicroBatcher
+from test_batching import REQUESTS, SCORE_TOL, _scores
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def alone(att):
+    return [att.generate(r, max_new_tokens=NEW) for r in REQUESTS]
+
+
+def _concurrently(fn, items):
+    results: list = [None] * len(items)
+    barrier = threading.Barrier(len(items))
+
+    def call(i):
+        barrier.wait()
+        try:
+            results[i] = fn(items[i])
+        except Exception as exc:  # noqa: BLE001 - compared below
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_callers_share_one_batch_and_get_their_own_results(att, alone):
+    with MicroBatcher(att, max_batch_size=8, max_wait_ms=500) as batcher:
+        results = _concurrently(lambda r: batcher.generate(r, max_new_tokens=NEW), REQUESTS)
+        sizes = list(batcher.stats.batch_sizes)
+    assert max(sizes) > 1 and sum(sizes) == len(REQUESTS)
+    for got, expected in zip(results, alone):
+        assert got.answer == expected.answer
+        assert (_scores(got) - _scores(expected)).abs().max().item() <= SCORE_TOL
+
+
+def test_a_bad_request_fails_alone(att, alone):
+    too_long = {"query": "Why? " * 5000, "documents": ["x"]}
+    with MicroBatcher(att, max_wait_ms=500) as batcher:
+        results = _concurrently(lambda r: batcher.generate(r, max_new_tokens=NEW), [REQUESTS[0], too_long, REQUESTS[2]])
+    assert "context window" in str(results[1])
+    assert results[0].answer == alone[0].answer and results[2].answer == alone[2].answer
+
+
+def test_batch_size_and_settings_split_batches(att):
+    with MicroBatcher(att, max_batch_size=2, max_wait_ms=500) as batcher:
+        futures = [batcher.submit(r, max_new_tokens=NEW) for r in REQUESTS[:3]]
+        other = batcher.submit(REQUESTS[3], max_new_tokens=NEW + 1)  # other settings: never in their batch
+        answered = {"answer": "It opened in 1889.", **REQUESTS[0]}
+        forward = batcher.submit(answered)  # an answer from elsewhere: attributed, not generated
+        results = [f.result() for f in futures] + [other.result(), forward.result()]
+    assert all(size <= 2 for size in batcher.stats.batch_sizes)
+    assert results[-1].answer == "It opened in 1889." and results[-1].num_answer_tokens > 0
+    assert results[-2].num_answer_tokens <= NEW + 1
+
+
+def test_async_callers_do_not_block_the_event_loop(att, alone):
+    async def main():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        tick_task = asyncio.create_task(ticker())
+        with MicroBatcher(att, max_wait_ms=200) as batcher:
+            results = await asyncio.gather(*(batcher.agenerate(r, max_new_tokens=NEW) for r in REQUESTS[:2]))
+            sizes = list(batcher.stats.batch_sizes)
+        tick_task.cancel()
+        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        return results, sizes, max(gaps)
+
+    results, sizes, worst_gap = asyncio.run(main())
+    assert sizes == [2]
+    assert [r.answer for r in results] == [a.answer for a in alone[:2]]
+    assert worst_gap < 0.5, worst_gap  # the ticker kept running while the model worked in the batcher's thread
+
+
+def test_bad_settings_are_clear(att):
+    with pytest.raises(InvalidInputError, match="max_batch_size"):
+        MicroBatcher(att, max_batch_size=0)
+    with MicroBatcher(att) as batcher:
+        with pytest.raises(InvalidInputError, match="max_new_tokens"):
+            batcher.submit(REQUESTS[0], max_new_tokens=0)
+        with pytest.raises(InvalidInputError, match="stream"):
+            batcher.submit(REQUESTS[0], streamer=object())
+        with pytest.raises(InvalidInputError, match="documents"):
+            batcher.submit({"query": "q"})
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(REQUESTS[0])
