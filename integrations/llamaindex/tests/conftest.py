@@ -7,10 +7,16 @@ network.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any, List
 
 import pytest
 import torch
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
 
 # On a machine shared with other jobs, torch's OpenMP barriers stall whenever a sibling thread is descheduled
 # (measured: 8 new tokens took ~11 s with 2 threads under load, ~0.9 s with 1): set AT2_TEST_THREADS=1 there.
@@ -72,3 +78,56 @@ def bm25(nodes):
     from llama_index.retrievers.bm25 import BM25Retriever
 
     return BM25Retriever.from_defaults(nodes=nodes, similarity_top_k=4)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset(
+    "a an and are as at be by did do does for from has have he her his how in is it its of on or she the their "
+    "they this to was were what when where which who whom why with".split()
+)
+
+
+def _words(text: str) -> set:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 2}
+
+
+class ExtractiveLLM(CustomLLM):
+    """A real llama-index-core LLM that is *not* the AT2 model: it answers with the one sentence of its prompt's
+    context that shares the most words with the question (the prompt's last line with a "?"), deterministically.
+    It records every prompt it was given (`prompts`), as text: `CustomLLM.chat` renders chat messages with
+    `messages_to_prompt` and calls `complete`."""
+
+    prompts: List[str] = Field(default_factory=list)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=8192, num_output=64, model_name="extractive")
+
+    @staticmethod
+    def answer_for(prompt: str) -> str:
+        lines = [line for line in prompt.splitlines() if line.strip()]
+        questions = [line for line in lines if "?" in line]
+        question = _words(questions[-1]) if questions else set()
+        sentences = [s.strip() for line in lines if "?" not in line for s in re.split(r"(?<=[.!])\s+", line)]
+        sentences = [s for s in sentences if len(s.split()) >= 5 and ":" not in s[:12]]
+        if not sentences:
+            return "I do not know."
+        return max(sentences, key=lambda s: (len(_words(s) & question), -sentences.index(s)))
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self.prompts.append(prompt)
+        return CompletionResponse(text=self.answer_for(prompt))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        self.prompts.append(prompt)
+        answer = self.answer_for(prompt)
+
+        def gen() -> CompletionResponseGen:
+            so_far = ""
+            for word in re.findall(r"\S+\s*", answer):
+                so_far += word
+                yield CompletionResponse(text=so_far, delta=word)
+
+        return gen()

@@ -1,8 +1,14 @@
-"""Shared pieces: the default attributor, LlamaIndex nodes <-> at2-rag documents, annotated nodes, citations."""
+"""Shared pieces: the default attributor, LlamaIndex nodes -> at2-rag documents (the core's mapping and duplicate-id
+policy), nodes annotated from `Attribution.to_dict()`, and the `Response.metadata` an attribution becomes.
+
+Nothing here decides a policy or serialises an attribution: `at2_rag.map_documents` maps the nodes (and merges or
+renames repeated ids), `Attribution.to_dict()` is the one serialisation; this module only translates.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
@@ -12,9 +18,9 @@ AT2_SCORE_KEY = "at2_score"
 RETRIEVAL_SCORE_KEY = "retrieval_score"
 AT2_RANK_KEY = "at2_rank"
 AT2_SENTENCES_KEY = "at2_sentences"
-AT2_METADATA_KEYS = (AT2_SCORE_KEY, RETRIEVAL_SCORE_KEY, AT2_RANK_KEY, AT2_SENTENCES_KEY)
+AT2_DOCUMENT_ID_KEY = "at2_document_id"
+AT2_METADATA_KEYS = (AT2_SCORE_KEY, RETRIEVAL_SCORE_KEY, AT2_RANK_KEY, AT2_SENTENCES_KEY, AT2_DOCUMENT_ID_KEY)
 
-TITLE_KEYS = ("title", "file_name", "filename", "source")
 
 def default_attributor() -> Any:
     """The embedded SmolLM2-135M-Instruct: the core's shared Attributor (one per process, whoever asks)."""
@@ -29,139 +35,143 @@ def node_text(nws: NodeWithScore) -> str:
     return nws.node.get_content(metadata_mode=MetadataMode.NONE)
 
 
-def node_title(nws: NodeWithScore) -> Optional[str]:
-    meta = nws.node.metadata or {}
-    for key in TITLE_KEYS:
-        value = meta.get(key)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+@dataclass(frozen=True)
+class MappedNodes:
+    """Nodes as the core maps them (`at2_rag.map_documents`).
+
+    `nodes`: one node per at2 document, in order (a node repeated with the same id and text is kept once);
+    `documents`: the at2 `Document`s; `document_ids[i]`: the at2 id of input node i (`id`, or `id#2` for a second
+    chunk sharing an id with other text)."""
+
+    nodes: List[NodeWithScore]
+    documents: List[Any]
+    document_ids: List[str]
+
+
+def map_nodes(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> MappedNodes:
+    """The core's one mapping and duplicate-id policy applied to LlamaIndex nodes (refuses an empty list)."""
+    from at2_rag import map_documents
+
+    mapped = map_documents(list(nodes))
+    firsts: Dict[str, NodeWithScore] = {}
+    for nws, doc_id in zip(nodes, mapped.ids):
+        firsts.setdefault(doc_id, nws)
+    documents = mapped.documents
+    if not include_titles:
+        documents = [d.model_copy(update={"title": None}) for d in documents]
+    return MappedNodes(nodes=[firsts[d.id] for d in mapped.documents], documents=documents, document_ids=mapped.ids)
 
 
 def unique_nodes(nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
-    """Drop repeated node ids (a fusion retriever can return a node twice), keeping the first occurrence."""
-    seen = set()
-    out = []
-    for nws in nodes:
-        if nws.node.node_id in seen:
-            continue
-        seen.add(nws.node.node_id)
-        out.append(nws)
-    return out
+    """One node per at2 document (the core's policy: a node returned twice with the same id and text, as a fusion
+    retriever does, is kept once; nodes sharing an id with other text are all kept)."""
+    return map_nodes(nodes).nodes if nodes else []
 
 
 def nodes_to_documents(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> List[Any]:
-    """at2-rag Documents for the nodes, in order; the document id is the node's `id_` (stable across runs
-    when the node ids are)."""
-    from at2_rag import Document
-
-    return [
-        Document(text=node_text(nws), id=nws.node.node_id, title=node_title(nws) if include_titles else None)
-        for nws in nodes
-    ]
+    """at2-rag Documents for the nodes, in order: `at2_rag.map_documents(nodes).documents` (id = the node's `id_`,
+    text without metadata, title from the metadata's title / file_name / filename)."""
+    return map_nodes(nodes, include_titles).documents
 
 
-def _sentence_dicts(sentences: Iterable[Any], k: int) -> List[Dict[str, Any]]:
-    ranked = sorted(sentences, key=lambda s: s.score, reverse=True)[:k]
-    return [{"text": s.text, "start": s.start, "end": s.end, "score": float(s.score)} for s in ranked]
+def _top_sentences(doc: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+    return sorted(doc.get("sentences", []), key=lambda s: s["score"], reverse=True)[:k]
+
+
+def _with_at2_metadata(nws: NodeWithScore, values: Dict[str, Any]) -> NodeWithScore:
+    node = nws.node.model_copy()
+    node.metadata = {**(nws.node.metadata or {}), RETRIEVAL_SCORE_KEY: nws.score, **values}
+    for attr in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):
+        if hasattr(node, attr):
+            keys = list(getattr(node, attr) or [])
+            setattr(node, attr, keys + [k for k in AT2_METADATA_KEYS if k not in keys])
+    return NodeWithScore(node=node, score=values.get(AT2_SCORE_KEY))
 
 
 def annotate_nodes(
-    nodes: Sequence[NodeWithScore], attribution: Any, top_sentences: int = 3
+    nodes: Sequence[NodeWithScore],
+    attribution: Any,
+    top_sentences: int = 3,
+    data: Optional[Dict[str, Any]] = None,
 ) -> List[NodeWithScore]:
-    """New `NodeWithScore`s (same order as `nodes`) whose `score` is the AT2 score and whose node is a shallow
-    copy carrying `retrieval_score`, `at2_score`, `at2_rank` (1 = most used) and `at2_sentences` (the best
-    supporting sentences, char offsets inside the node's text) in its metadata. The input nodes are not
-    modified (retrievers often hand out the objects stored in the docstore)."""
-    by_id = {d.id: d for d in attribution.documents}
-    ranking = [d.id for d in sorted(attribution.documents, key=lambda d: d.score, reverse=True)]
-    rank_of = {node_id: i + 1 for i, node_id in enumerate(ranking)}
+    """New `NodeWithScore`s, one per at2 document (the first node of each, in input order), whose `score` is the
+    AT2 score and whose node is a shallow copy carrying `retrieval_score`, `at2_score`, `at2_rank` (1 = most
+    used), `at2_sentences` (the best supporting sentences, char offsets inside the node's text) and
+    `at2_document_id` (the id the scores are keyed by) in its metadata, read from `attribution.to_dict()` (or
+    `data`, that dict already made). A node that is not in the attribution (not found in a prompt rendered
+    elsewhere) gets score None and `at2_score` None. The input nodes are not modified (retrievers often hand out
+    the objects stored in the docstore)."""
+    if not nodes:
+        return []
+    data = data if data is not None else attribution.to_dict()
+    docs = {d["id"]: d for d in data["documents"]}
+    ranking = [d["id"] for d in sorted(data["documents"], key=lambda d: d["score"], reverse=True)]
+    rank_of = {doc_id: i + 1 for i, doc_id in enumerate(ranking)}
+    mapped = map_nodes(nodes)
     out = []
-    for nws in nodes:
-        doc = by_id[nws.node.node_id]
-        node = nws.node.model_copy()
-        node.metadata = {
-            **(nws.node.metadata or {}),
-            RETRIEVAL_SCORE_KEY: nws.score,
-            AT2_SCORE_KEY: float(doc.score),
-            AT2_RANK_KEY: rank_of[doc.id],
-            AT2_SENTENCES_KEY: _sentence_dicts(doc.sentences, top_sentences),
-        }
-        for attr in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):
-            if hasattr(node, attr):
-                keys = list(getattr(node, attr) or [])
-                setattr(node, attr, keys + [k for k in AT2_METADATA_KEYS if k not in keys])
-        out.append(NodeWithScore(node=node, score=float(doc.score)))
-    return out
-
-
-def rank_nodes(nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
-    """Highest AT2 score first (stable: ties keep the retriever's order)."""
-    return sorted(nodes, key=lambda n: n.score if n.score is not None else float("-inf"), reverse=True)
-
-
-def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[str, Any]]:
-    """One dict per answer sentence:
-
-    - `text`, `start`, `end`: the sentence and its char span in the answer;
-    - `node_ids`: ids of the nodes cited for it, best first (may be empty: then `supported` is False);
-    - `scores`: every node's AT2 score for this sentence;
-    - `sources`: for each cited node, its score and best supporting sentences with `start`/`end` char offsets
-      inside the node's text;
-    - `grounded`: the estimated drop, in nats, of the sentence's log-odds if every node were removed
-      (`supported` is `grounded` reaching the estimator's calibrated threshold);
-    - `context`: the earlier turns / system prompt the sentence draws on, best first, as `key` and `score`.
-    """
-    out = []
-    for c in attribution.citations:
-        docs = {d.id: d for d in c.documents}
+    for nws, document in zip(mapped.nodes, mapped.documents):
+        doc = docs.get(document.id)
         out.append(
-            {
-                "text": c.text,
-                "start": c.start,
-                "end": c.end,
-                "node_ids": list(c.cited),
-                "supported": bool(c.supported),
-                "scores": {d.id: float(d.score) for d in c.documents},
-                "sources": [
-                    {
-                        "node_id": node_id,
-                        "score": float(docs[node_id].score),
-                        "sentences": _sentence_dicts(docs[node_id].sentences, top_sentences),
-                    }
-                    for node_id in c.cited
-                ],
-                "grounded": float(c.grounded),
-                "context": [{"key": src.key, "score": float(src.score)} for src in c.context],
-            }
+            _with_at2_metadata(
+                nws,
+                {
+                    AT2_SCORE_KEY: None if doc is None else float(doc["score"]),
+                    AT2_RANK_KEY: rank_of.get(document.id),
+                    AT2_SENTENCES_KEY: [] if doc is None else _top_sentences(doc, top_sentences),
+                    AT2_DOCUMENT_ID_KEY: document.id,
+                },
+            )
         )
     return out
 
 
-def context_sources(attribution: Any) -> List[Dict[str, Any]]:
-    """The context sources (system prompt, earlier turns, the question) as `Attribution.to_dict()` writes
-    them, each with its `key` (`"system"`, `"history:0"`, `"query"`)."""
-    return [{"key": c.key, **c.model_dump(mode="json")} for c in attribution.context_sources]
+def rank_nodes(nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
+    """Highest AT2 score first (stable: ties keep the retriever's order; unscored nodes last)."""
+    return sorted(nodes, key=lambda n: n.score if n.score is not None else float("-inf"), reverse=True)
 
 
-def at2_summary(attribution: Any, nodes: Sequence[NodeWithScore]) -> Dict[str, Any]:
-    """The `Response.metadata["at2"]` dict. Besides the node scores: `context_scores` (`{"system": s,
-    "query": s, ...}`: the prompt's other parts, scored like the nodes, on the same scale) and `context_sources`
-    (key, kind, index, role, text, score of each)."""
-    ranked = sorted(attribution.documents, key=lambda d: d.score, reverse=True)
+def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[str, Any]]:
+    """`attribution.to_dict()["citations"]`: per answer sentence `text`, `start`/`end` (span in the answer),
+    `documents` (every node's score for it, best supporting sentences with char offsets inside the node's text),
+    `cited` (at2 document ids, best first), `supported`, `grounded` (nats), `context`. `top_sentences` is kept for
+    compatibility and ignored: the core's schema carries every scored sentence."""
+    return attribution.to_dict()["citations"]
+
+
+def empty_metadata(complete: bool = True) -> Dict[str, Any]:
+    """`Response.metadata` before (or without) an attribution."""
+    return {"at2": None, "citations": [] if complete else None, "attribution": None, "cited_answer": None,
+            "at2_complete": complete}
+
+
+def response_metadata(attribution: Any, data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The keys this package adds to `Response.metadata`:
+
+    - `at2`: `attribution.to_dict()`, the core's versioned JSON (`schema` "at2-rag/attribution");
+    - `citations`: the same dict's `citations` (one per answer sentence);
+    - `attribution`: the `at2_rag.Attribution` itself (`.plot()`, notebook / rich views);
+    - `cited_answer`: the answer with `[n]` marks (n = 1-based position of the node in `at2["documents"]`);
+    - `at2_complete`: True.
+    """
+    data = data if data is not None else attribution.to_dict()
     return {
-        "scores": {d.id: float(d.score) for d in attribution.documents},
-        "retrieval_scores": {n.node.node_id: n.score for n in nodes},
-        "ranking": [d.id for d in ranked],
-        "prompt_order": [d.id for d in attribution.documents],
-        "supported": bool(attribution.supported),
-        "support_threshold": float(attribution.support_threshold),
-        "estimator": attribution.estimator,
-        "estimator_trained": bool(attribution.estimator_trained),
-        "finish_reason": attribution.finish_reason,
-        "num_prompt_tokens": attribution.num_prompt_tokens,
-        "num_answer_tokens": attribution.num_answer_tokens,
-        "extra_forward_passes": attribution.extra_forward_passes,
-        "context_scores": {k: float(v) for k, v in attribution.context_scores().items()},
-        "context_sources": context_sources(attribution),
+        "at2": data,
+        "citations": data["citations"],
+        "attribution": attribution,
+        "cited_answer": attribution.cited_answer(),
+        "at2_complete": True,
     }
+
+
+def chat_dicts(messages: Sequence[Any], system_prompt: Optional[str] = None) -> List[Dict[str, str]]:
+    """LlamaIndex `ChatMessage`s as role/content dicts for the core (roles mapped to system/user/assistant)."""
+    turns: List[Dict[str, str]] = []
+    for m in messages:
+        role = m.role.value if hasattr(m.role, "value") else str(m.role)
+        role = {"model": "assistant", "chatbot": "assistant", "developer": "system"}.get(role, role)
+        if role not in ("system", "user", "assistant"):
+            role = "user"
+        turns.append({"role": role, "content": m.content or ""})
+    if system_prompt and not any(t["role"] == "system" for t in turns):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    return turns

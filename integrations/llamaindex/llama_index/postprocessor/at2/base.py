@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from ._common import annotate_nodes, default_attributor, nodes_to_documents, rank_nodes, unique_nodes
+from ._common import annotate_nodes, default_attributor, map_nodes, rank_nodes
+from .events import AT2AttributionEndEvent, AT2AttributionStartEvent, dispatcher
 
 
 class AT2NodePostprocessor(BaseNodePostprocessor):
@@ -75,21 +76,36 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         return self._last_attribution
 
     # ---- core ---------------------------------------------------------------------------------------------
-    def attribute_nodes(self, nodes: List[NodeWithScore], query_str: str) -> tuple:
-        """Generate with capture and attribute: `(annotated nodes in input order, Attribution)`."""
-        nodes = unique_nodes(nodes)
+    def attribute_nodes(self, nodes: List[NodeWithScore], query_str: str) -> Tuple[List[NodeWithScore], Any]:
+        """Generate with capture and attribute: `(annotated nodes in input order, Attribution)`. Nodes are mapped
+        by the core (`at2_rag.map_documents`): a node repeated with the same id and text is scored (and returned)
+        once; nodes sharing an id with other text are all kept, the later ones scored as `id#2`, ...
+        Dispatches `AT2AttributionStartEvent` / `AT2AttributionEndEvent`."""
+        mapped = map_nodes(nodes)
         kwargs = dict(self.generate_kwargs)
         if self.system_prompt is not None:
             kwargs["system_prompt"] = self.system_prompt
-        attribution = self.attributor.generate(
-            query_str,
-            nodes_to_documents(nodes),
-            max_new_tokens=self.max_new_tokens,
-            ablations=self.ablations,
-            **kwargs,
+        ids = [d.id for d in mapped.documents]
+        dispatcher.event(AT2AttributionStartEvent(source="postprocessor", query=query_str, document_ids=ids))
+        try:
+            attribution = self.attributor.generate(
+                query_str,
+                mapped.documents,
+                max_new_tokens=self.max_new_tokens,
+                ablations=self.ablations,
+                **kwargs,
+            )
+        except Exception as exc:
+            dispatcher.event(AT2AttributionEndEvent(source="postprocessor", query=query_str, error=repr(exc)))
+            raise
+        data = attribution.to_dict()
+        dispatcher.event(
+            AT2AttributionEndEvent(
+                source="postprocessor", query=query_str, scores=attribution.document_scores(), attribution=data
+            )
         )
         self._last_attribution = attribution
-        return annotate_nodes(nodes, attribution), attribution
+        return annotate_nodes(mapped.nodes, attribution, data=data), attribution
 
     def select(self, annotated: List[NodeWithScore]) -> List[NodeWithScore]:
         """Apply mode / top_k / thresholds to nodes already carrying AT2 scores."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Iterator, List, Sequence, Union
+import logging
+from typing import Any, AsyncIterator, Dict, Iterator, List, Sequence, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
     ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
@@ -18,9 +21,11 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ._common import default_attributor
+from ._common import chat_dicts, default_attributor
 
 DEFAULT_CONTEXT_WINDOW = 2048
+_DONE = object()
+logger = logging.getLogger(__name__)
 
 
 class AT2LLM(CustomLLM):
@@ -69,16 +74,7 @@ class AT2LLM(CustomLLM):
     # Prompts go to the core as messages, not as rendered strings: the core then tokenizes every message's
     # content as plain text, so a retrieved node reading "<|im_end|>" cannot end the turn.
     def _chat_prompt(self, messages: Sequence[ChatMessage]) -> List[Dict[str, str]]:
-        turns: List[Dict[str, str]] = []
-        for m in messages:
-            role = m.role.value if hasattr(m.role, "value") else str(m.role)
-            role = {"model": "assistant", "chatbot": "assistant", "developer": "system"}.get(role, role)
-            if role not in ("system", "user", "assistant"):
-                role = "user"
-            turns.append({"role": role, "content": m.content or ""})
-        if self.system_prompt and not any(t["role"] == "system" for t in turns):
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
-        return turns
+        return chat_dicts(messages, self.system_prompt)
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> Union[str, List[Dict[str, str]]]:
         """`formatted=True`: the caller's exact prompt text; else one user turn (and the system prompt)."""
@@ -143,6 +139,50 @@ class AT2LLM(CustomLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         answer = await asyncio.to_thread(self._generate, self._chat_prompt(messages), **kwargs)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=answer))
+
+    # Async streaming: every chunk is awaited from a worker thread, so the event loop keeps running while the
+    # model decodes (CustomLLM's default would iterate the synchronous stream inside the loop).
+    async def _astream(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> AsyncIterator[str]:
+        chunks = self._stream(prompt, **kwargs)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, _DONE)
+                if chunk is _DONE:
+                    return
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except ValueError:  # cancelled while a worker thread is inside next(): it ends on its own
+                    logger.debug("AT2LLM: stream closed while a chunk was being generated")
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        text = self._completion_prompt(prompt, formatted)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            so_far = ""
+            async for chunk in self._astream(text, **kwargs):
+                so_far += chunk
+                yield CompletionResponse(text=so_far, delta=chunk)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        text = self._chat_prompt(messages)
+
+        async def gen() -> ChatResponseAsyncGen:
+            so_far = ""
+            async for chunk in self._astream(text, **kwargs):
+                so_far += chunk
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=so_far), delta=chunk)
+
+        return gen()
 
     def count_tokens(self, text: str) -> int:
         return len(self._attributor.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Union
 
 from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.llms.types import CompletionResponse
 from llama_index.core.base.response.schema import (
     RESPONSE_TYPE,
     AsyncStreamingResponse,
@@ -14,19 +16,27 @@ from llama_index.core.base.response.schema import (
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent, LLMCompletionStartEvent
+from llama_index.core.instrumentation.events.query import QueryEndEvent, QueryStartEvent
+from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
+from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import NodeWithScore, QueryBundle, QueryType
 
 from ._common import (
+    MappedNodes,
     annotate_nodes,
-    at2_summary,
-    citations_to_dicts,
     default_attributor,
-    nodes_to_documents,
+    empty_metadata,
+    map_nodes,
     rank_nodes,
-    unique_nodes,
+    response_metadata,
 )
+from .events import AT2AttributionEndEvent, AT2AttributionStartEvent, dispatcher
+
+logger = logging.getLogger(__name__)
 
 EMPTY_RESPONSE = "Empty Response"
 _DONE = object()
@@ -43,17 +53,20 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     - `source_nodes`: the retrieved nodes **ranked by AT2 score** (most used first). `NodeWithScore.score` is
       the AT2 attribution score; the retriever's score is kept in `node.metadata["retrieval_score"]`, the AT2
       score also in `node.metadata["at2_score"]`, the rank in `node.metadata["at2_rank"]`.
-    - `metadata["citations"]`: one dict per answer sentence - `text`, `start`/`end` (char span in the answer),
-      `node_ids` (cited nodes, best first), `supported`, `scores` (every node's score for that sentence) and
-      `sources` (for each cited node, its best supporting sentences with `start`/`end` char offsets inside the
-      node's text, i.e. `node.get_content(metadata_mode=MetadataMode.NONE)`), `grounded` (nats: how much the
-      sentence depends on the nodes at all) and `context` (system prompt / earlier turns it draws on).
-    - `metadata["at2"]`: `scores` (node id -> AT2 score for the whole answer), `retrieval_scores`, `ranking`,
-      `prompt_order`, `supported`, estimator info, `extra_forward_passes` (ablation passes paid: 0 or k),
-      `context_scores` / `context_sources` (the system prompt and the question, scored like the nodes).
-    - `metadata["attribution"]`: the full `at2_rag.Attribution` (notebook / rich / plot views);
-      `metadata["cited_answer"]`: the answer with `[n]` marks, n = the node's 1-based position in
-      `metadata["at2"]["prompt_order"]` (the retriever's order).
+    - `metadata["at2"]`: `Attribution.to_dict()`, the core's versioned JSON (`schema` "at2-rag/attribution"):
+      `documents` (score, sentences with char offsets inside each node's text), `citations` (per answer sentence:
+      span in the answer, `cited` ids best first, `supported`, `grounded`, `context`, every node's score),
+      `context_sources` (the system prompt and the question, scored like the nodes), estimator info,
+      `extra_forward_passes`. Ids are the nodes' `id_` (`id#2` for a second node sharing an id with other text;
+      `node.metadata["at2_document_id"]` says which).
+    - `metadata["citations"]`: `metadata["at2"]["citations"]`; `metadata["attribution"]`: the `at2_rag.Attribution`
+      (notebook / rich / plot views); `metadata["cited_answer"]`: the answer with `[n]` marks, n = the node's
+      1-based position in `metadata["at2"]["documents"]` (the retriever's order).
+
+    Nodes are mapped by the core (`at2_rag.map_documents`): a node returned twice with the same id and text is
+    one document (and one source node). `query` / `aquery` emit LlamaIndex's standard events (query, synthesize,
+    LLM completion with the exact prompt the model reads, and `AT2AttributionStartEvent` / `EndEvent`) and
+    report to the engine's `callback_manager` (QUERY, SYNTHESIZE, LLM).
 
     With `streaming=True`, `query` returns a `StreamingResponse` (`aquery`: an `AsyncStreamingResponse`) whose
     `response_gen` yields the answer text. Its `source_nodes` and `metadata` are filled in place once the stream
@@ -132,74 +145,145 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             self._attributor = default_attributor()
         return self._attributor
 
+    # ---- the standard query entry points (spans, QueryStart/End events, the callback manager) --------------
+    @dispatcher.span
+    def query(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
+        dispatcher.event(QueryStartEvent(query=str_or_query_bundle))
+        query_str = _query_str(str_or_query_bundle)
+        with self.callback_manager.as_trace("query"):
+            with self.callback_manager.event(CBEventType.QUERY, payload={EventPayload.QUERY_STR: query_str}) as ev:
+                response = self.custom_query(query_str)
+                ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=str_or_query_bundle, response=response))
+        return response
+
+    @dispatcher.span
+    async def aquery(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
+        dispatcher.event(QueryStartEvent(query=str_or_query_bundle))
+        query_str = _query_str(str_or_query_bundle)
+        with self.callback_manager.as_trace("query"):
+            with self.callback_manager.event(CBEventType.QUERY, payload={EventPayload.QUERY_STR: query_str}) as ev:
+                response = await self.acustom_query(query_str)
+                ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=str_or_query_bundle, response=response))
+        return response
+
     # ---- retrieval ----------------------------------------------------------------------------------------
     def retrieve(self, query_bundle: QueryType) -> List[NodeWithScore]:
+        """Retrieved (and post-processed) nodes, one per at2 document (the core's duplicate-id policy)."""
         bundle = query_bundle if isinstance(query_bundle, QueryBundle) else QueryBundle(query_bundle)
         nodes = self.retriever.retrieve(bundle)
         for p in self.node_postprocessors:
             nodes = p.postprocess_nodes(nodes, query_bundle=bundle)
-        return unique_nodes(nodes)
+        return map_nodes(nodes).nodes if nodes else []
 
     async def aretrieve(self, query_bundle: QueryType) -> List[NodeWithScore]:
         bundle = query_bundle if isinstance(query_bundle, QueryBundle) else QueryBundle(query_bundle)
         nodes = await self.retriever.aretrieve(bundle)
         for p in self.node_postprocessors:
             nodes = await p.apostprocess_nodes(nodes, query_bundle=bundle)
-        return unique_nodes(nodes)
+        return map_nodes(nodes).nodes if nodes else []
 
     # ---- answering ----------------------------------------------------------------------------------------
+    def _system_kwargs(self) -> Dict[str, Any]:
+        return {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
+
     def _generate_kwargs(self) -> Dict[str, Any]:
         kwargs = dict(self.generate_kwargs)
-        if self.system_prompt is not None:
-            kwargs["system_prompt"] = self.system_prompt
+        kwargs.update(self._system_kwargs())
         kwargs["max_new_tokens"] = self.max_new_tokens
         kwargs["ablations"] = self.ablations
         return kwargs
 
     def _empty(self) -> Response:
-        return Response(
-            EMPTY_RESPONSE,
-            [],
-            {"citations": [], "at2": None, "attribution": None, "cited_answer": EMPTY_RESPONSE, "at2_complete": True},
-        )
+        metadata = empty_metadata()
+        metadata["cited_answer"] = EMPTY_RESPONSE
+        return Response(EMPTY_RESPONSE, [], metadata)
 
     def _fill(self, metadata: Dict[str, Any], attribution: Any, nodes: List[NodeWithScore]) -> List[NodeWithScore]:
-        ranked = rank_nodes(annotate_nodes(nodes, attribution, self.top_sentences))
-        metadata.update(
-            citations=citations_to_dicts(attribution, self.top_sentences),
-            at2=at2_summary(attribution, nodes),
-            attribution=attribution,
-            cited_answer=attribution.cited_answer(),
-            at2_complete=True,
+        data = attribution.to_dict()
+        metadata.update(response_metadata(attribution, data))
+        return rank_nodes(annotate_nodes(nodes, attribution, self.top_sentences, data=data))
+
+    # the standard synthesize / LLM events around the one generation that answers and is attributed
+    def _start(self, query_str: str, mapped: MappedNodes) -> "_Run":
+        span_id = active_span_id.get()
+        dispatcher.event(SynthesizeStartEvent(query=query_str, span_id=span_id))
+        prompt = self.attributor.render(query_str, mapped.documents, **self._system_kwargs()).text
+        additional = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
+        model = {"class_name": self.class_name(), "model": self.attributor.model_id}
+        dispatcher.event(
+            LLMCompletionStartEvent(prompt=prompt, additional_kwargs=additional, model_dict=model, span_id=span_id)
         )
-        return ranked
+        llm_event = self.callback_manager.on_event_start(
+            CBEventType.LLM, payload={EventPayload.PROMPT: prompt, EventPayload.ADDITIONAL_KWARGS: additional}
+        )
+        ids = [d.id for d in mapped.documents]
+        dispatcher.event(
+            AT2AttributionStartEvent(source="query_engine", query=query_str, document_ids=ids, span_id=span_id)
+        )
+        return _Run(query_str=query_str, span_id=span_id, prompt=prompt, llm_event=llm_event)
+
+    def _end(self, run: "_Run", attribution: Any = None, error: Optional[BaseException] = None) -> None:
+        answer = "" if attribution is None else attribution.answer
+        completion = CompletionResponse(text=answer)
+        self.callback_manager.on_event_end(
+            CBEventType.LLM,
+            payload={EventPayload.PROMPT: run.prompt, EventPayload.COMPLETION: completion},
+            event_id=run.llm_event,
+        )
+        dispatcher.event(LLMCompletionEndEvent(prompt=run.prompt, response=completion, span_id=run.span_id))
+        dispatcher.event(
+            AT2AttributionEndEvent(
+                source="query_engine",
+                query=run.query_str,
+                scores={} if attribution is None else attribution.document_scores(),
+                attribution=None if attribution is None else attribution.to_dict(),
+                error=None if error is None else repr(error),
+                span_id=run.span_id,
+            )
+        )
 
     def _answer(self, query_str: str, nodes: List[NodeWithScore]) -> Response:
-        attribution = self.attributor.generate(query_str, nodes_to_documents(nodes), **self._generate_kwargs())
-        metadata: Dict[str, Any] = {}
-        ranked = self._fill(metadata, attribution, nodes)
-        return Response(attribution.answer, ranked, metadata)
-
-    def _pending(self, nodes: List[NodeWithScore]) -> tuple:
-        metadata: Dict[str, Any] = {
-            "citations": None,
-            "at2": None,
-            "attribution": None,
-            "cited_answer": None,
-            "at2_complete": False,
-        }
-        return list(nodes), metadata
+        mapped = map_nodes(nodes)
+        with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as ev:
+            run = self._start(query_str, mapped)
+            try:
+                attribution = self.attributor.generate(query_str, mapped.documents, **self._generate_kwargs())
+            except Exception as exc:
+                self._end(run, error=exc)
+                raise
+            self._end(run, attribution)
+            metadata: Dict[str, Any] = {}
+            ranked = self._fill(metadata, attribution, mapped.nodes)
+            response = Response(attribution.answer, ranked, metadata)
+            ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(SynthesizeEndEvent(query=query_str, response=response, span_id=run.span_id))
+        return response
 
     def _token_gen(
-        self, query_str: str, nodes: List[NodeWithScore], source_nodes: List[NodeWithScore], metadata: Dict[str, Any]
+        self, run: "_Run", mapped: MappedNodes, source_nodes: List[NodeWithScore], metadata: Dict[str, Any]
     ) -> Iterator[str]:
         from at2_rag import Attribution
 
-        for item in self.attributor.stream(query_str, nodes_to_documents(nodes), **self._generate_kwargs()):
-            if isinstance(item, Attribution):
-                source_nodes[:] = self._fill(metadata, item, nodes)
-            else:
-                yield item
+        try:
+            for item in self.attributor.stream(run.query_str, mapped.documents, **self._generate_kwargs()):
+                if isinstance(item, Attribution):
+                    self._end(run, item)
+                    source_nodes[:] = self._fill(metadata, item, mapped.nodes)
+                else:
+                    yield item
+        except Exception as exc:
+            self._end(run, error=exc)
+            raise
+
+    def _streaming(self, query_str: str, nodes: List[NodeWithScore]) -> tuple:
+        mapped = map_nodes(nodes)
+        with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}):
+            run = self._start(query_str, mapped)
+        source_nodes: List[NodeWithScore] = list(mapped.nodes)
+        metadata = empty_metadata(complete=False)
+        return self._token_gen(run, mapped, source_nodes, metadata), source_nodes, metadata, run
 
     def custom_query(self, query_str: str) -> Union[Response, StreamingResponse]:
         nodes = self.retrieve(query_str)
@@ -207,22 +291,20 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             return self._empty()
         if not self.streaming:
             return self._answer(query_str, nodes)
-        source_nodes, metadata = self._pending(nodes)
-        return StreamingResponse(
-            response_gen=self._token_gen(query_str, nodes, source_nodes, metadata),
-            source_nodes=source_nodes,
-            metadata=metadata,
-        )
+        gen, source_nodes, metadata, run = self._streaming(query_str, nodes)
+        response = StreamingResponse(response_gen=gen, source_nodes=source_nodes, metadata=metadata)
+        dispatcher.event(SynthesizeEndEvent(query=query_str, response=response, span_id=run.span_id))
+        return response
 
     async def acustom_query(self, query_str: str) -> RESPONSE_TYPE:
-        """Retrieval uses the retriever's `aretrieve`; generation runs in a worker thread."""
+        """Retrieval uses the retriever's `aretrieve`; generation runs in a worker thread (the event loop stays
+        free, token by token when streaming)."""
         nodes = await self.aretrieve(query_str)
         if not nodes:
             return self._empty()
         if not self.streaming:
             return await asyncio.to_thread(self._answer, query_str, nodes)
-        source_nodes, metadata = self._pending(nodes)
-        sync_gen = self._token_gen(query_str, nodes, source_nodes, metadata)
+        sync_gen, source_nodes, metadata, run = self._streaming(query_str, nodes)
 
         async def agen() -> AsyncIterator[str]:
             while True:
@@ -231,4 +313,23 @@ class AT2CitationQueryEngine(CustomQueryEngine):
                     return
                 yield item
 
-        return AsyncStreamingResponse(response_gen=agen(), source_nodes=source_nodes, metadata=metadata)
+        response = AsyncStreamingResponse(response_gen=agen(), source_nodes=source_nodes, metadata=metadata)
+        dispatcher.event(SynthesizeEndEvent(query=query_str, response=response, span_id=run.span_id))
+        return response
+
+
+class _Run:
+    """One attributed generation in flight: what its end events need."""
+
+    __slots__ = ("query_str", "span_id", "prompt", "llm_event")
+
+    def __init__(self, query_str: str, span_id: Optional[str], prompt: str, llm_event: str) -> None:
+        self.query_str, self.span_id, self.prompt, self.llm_event = query_str, span_id, prompt, llm_event
+
+
+def _query_str(str_or_query_bundle: QueryType) -> str:
+    if isinstance(str_or_query_bundle, QueryBundle):
+        return str_or_query_bundle.query_str
+    if not isinstance(str_or_query_bundle, str):
+        raise TypeError(f"query must be a string or a QueryBundle, got {type(str_or_query_bundle).__name__}")
+    return str_or_query_bundle
