@@ -37,11 +37,14 @@ import asyncio
 import functools
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
+import at2_rag
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -51,7 +54,8 @@ from starlette.concurrency import run_in_threadpool
 
 from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextSource, ContextTooLongError, NoDocumentsError
 
-from .corpus import BM25Index, LoadReport, load_folder
+from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
+from .uploads import ALLOWED_TYPES, UploadError, UploadStore, extract_upload, safe_name
 
 logger = logging.getLogger("at2_rag.chatbot")
 
@@ -70,10 +74,33 @@ SAMPLE_QUESTIONS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
+DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024  # per uploaded file
+DEFAULT_MAX_UPLOAD_FILES = 10  # per request
+DEFAULT_MAX_UPLOADED_DOCUMENTS = 100  # kept at once
+DEFAULT_UPLOAD_DIR = Path("~/.cache/at2-rag/chatbot-uploads")  # the command line's; create_app's default is a temp folder
+
+
+def load_attributor(model: str | None = None, estimator: str | None = None) -> Attributor:
+    """The process's shared Attributor for `model` (None: the embedded SmolLM2-135M-Instruct), loaded once.
+
+    Uses `at2_rag.get_attributor` (shared with the LangChain / LlamaIndex adapters in the same process) when the
+    installed at2-rag has it, else a cache of its own."""
+    shared = getattr(at2_rag, "get_attributor", None)
+    if shared is not None:
+        return shared(model, estimator=estimator)
+    return _own_cache(model, estimator)
+
+
+@functools.lru_cache(maxsize=4)
+def _own_cache(model: str | None, estimator: str | None) -> Attributor:
+    if model is None or model == "default":
+        return Attributor.default(estimator=estimator) if estimator else Attributor.default()
+    return Attributor.from_pretrained(model, estimator=estimator)
+
+
 def load_default_attributor() -> Attributor:
     """The embedded SmolLM2-135M-Instruct with its estimator, loaded once per process."""
-    return Attributor.default()
+    return load_attributor(None)
 
 
 # ---- request / response shapes ------------------------------------------------------------------------
@@ -85,6 +112,12 @@ class Turn(BaseModel):
 class ChatRequest(BaseModel):
     question: str = ""
     history: list[Turn] = Field(default_factory=list)
+    # True: sample another answer (temperature 0.8) instead of the greedy one, for Regenerate
+    regenerate: bool = False
+
+
+class StopRequest(BaseModel):
+    stream_id: str
 
 
 def error_response(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
@@ -181,15 +214,26 @@ class ChatService:
         suggestions: list[str] | None = None,
         max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
         max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS,
+        upload_dir: str | Path | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES,
+        max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
+        model_name: str | None = None,
     ) -> None:
         if max_question_chars < 1 or max_history < 0 or max_history_chars < 0:
             raise ValueError("max_question_chars must be at least 1; max_history and max_history_chars at least 0")
         self.suggestions = suggestions or []
-        self.report: LoadReport = load_folder(docs)
-        self.index = BM25Index(self.report.passages)
+        self.folder_report: LoadReport = load_folder(docs)
+        self.uploads = UploadStore(upload_dir)
+        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_files = max_upload_files
+        self.max_uploaded_documents = max_uploaded_documents
+        self._index_lock = threading.Lock()
+        self._reindex()
         self._attributor = attributor
         self._factory = attributor_factory
         self._load_lock = threading.Lock()
+        self.model_name = model_name
         self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.max_history = max_history
@@ -198,8 +242,78 @@ class ChatService:
         # None: the core's default system prompt (it works best with the small embedded model)
         self.prompt_kwargs: dict[str, Any] = {} if system_prompt is None else {"system_prompt": system_prompt}
         self.generation_lock = asyncio.Lock()
+        self.streams: dict[str, _Cancelled] = {}  # stream id -> its stop switch (POST /api/chat/stop)
         for problem in self.report.problems:
             logger.warning("%s %s", problem["file"], problem["error"])
+
+    # ---- documents: the folder's plus the uploaded ones, one BM25 index over both ------------------------
+    def _reindex(self) -> None:
+        """Rebuild the passages and the BM25 index from the folder and the uploads (swapped in at once)."""
+        passages = list(self.folder_report.passages)
+        for rec in sorted(self.uploads.records.values(), key=lambda r: r["uploaded"]):
+            fallback = rec.get("title") or Path(rec["name"]).stem.replace("-", " ").replace("_", " ").strip().capitalize()
+            passages.extend(text_to_passages(rec["text"], rec["name"], fallback or rec["name"], doc_id=rec["id"], source="upload"))
+        index = BM25Index(passages)
+        report = LoadReport(
+            folder=self.folder_report.folder,
+            passages=passages,
+            files=self.folder_report.files + [r["name"] for r in self.uploads.records.values()],
+            problems=self.folder_report.problems + self.uploads.problems,
+            texts=self.folder_report.texts,
+        )
+        with self._index_lock:
+            self.index, self.report = index, report
+
+    def documents(self) -> list[dict[str, Any]]:
+        """Every indexed document: the folder's files (read-only) and the uploads (removable)."""
+        counts: dict[str, int] = {}
+        for p in self.report.passages:
+            counts[p.doc_id] = counts.get(p.doc_id, 0) + 1
+        titles = {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages}
+        out = []
+        for rel in self.folder_report.files:
+            text = self.folder_report.texts[rel]
+            out.append({
+                "id": rel, "name": rel, "title": titles.get(rel, rel), "source": "folder", "removable": False,
+                "kind": "markdown" if rel.lower().endswith((".md", ".markdown")) else "text",
+                "bytes": len(text.encode("utf-8")), "chars": len(text), "passages": counts.get(rel, 0),
+            })
+        for rec in sorted(self.uploads.records.values(), key=lambda r: r["uploaded"]):
+            out.append(self._upload_json(rec, titles.get(rec["id"]), counts.get(rec["id"], 0)))
+        return out
+
+    @staticmethod
+    def _upload_json(rec: dict[str, Any], title: str | None, passages: int) -> dict[str, Any]:
+        return {
+            "id": rec["id"], "name": rec["name"], "title": title or rec["name"], "source": "upload", "removable": True,
+            "kind": rec["kind"], "bytes": rec["bytes"], "chars": rec["chars"], "passages": passages,
+            "uploaded": rec["uploaded"],
+        }
+
+    def document_text(self, doc_id: str) -> dict[str, Any] | None:
+        """The whole text of one document and where its passages lie in it (for the page's document view)."""
+        if doc_id in self.folder_report.texts:
+            text = self.folder_report.texts[doc_id]
+        elif doc_id in self.uploads.records:
+            text = self.uploads.records[doc_id]["text"]
+        else:
+            return None
+        info = next(d for d in self.documents() if d["id"] == doc_id)
+        passages = [{"id": p.id, "offset": p.offset, "length": len(p.text)} for p in self.report.passages if p.doc_id == doc_id]
+        return {**info, "text": text, "passage_spans": passages}
+
+    def add_uploads(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        records = [self.uploads.add(item) for item in items]
+        self._reindex()
+        titles = {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages}
+        counts = {r["id"]: sum(1 for p in self.report.passages if p.doc_id == r["id"]) for r in records}
+        return [self._upload_json(r, titles.get(r["id"]), counts[r["id"]]) for r in records]
+
+    def remove_upload(self, doc_id: str) -> bool:
+        removed = self.uploads.remove(doc_id)
+        if removed:
+            self._reindex()
+        return removed
 
     @property
     def attributor(self) -> Attributor:
@@ -215,7 +329,8 @@ class ChatService:
             return None
         return (
             f"No documents are indexed: {self.report.folder} contains no readable .txt or .md files. "
-            "Start the app with --docs pointing at a folder of text files."
+            "Upload documents with the Documents button, or start the app with --docs pointing at a folder of "
+            "text files."
         )
 
     def status(self) -> dict[str, Any]:
@@ -228,7 +343,7 @@ class ChatService:
             "problems": self.report.problems,
             "error": self.no_documents_message,
             "model_loaded": att is not None,
-            "model": att.model_id if att is not None else None,
+            "model": att.model_id if att is not None else (self.model_name or at2_rag.DEFAULT_MODEL_ID),
             "estimator_trained": att.estimator.trained if att is not None else None,
             "estimator": repr(att.estimator) if att is not None else None,
             "top_k": self.top_k,
@@ -237,15 +352,21 @@ class ChatService:
             "max_history": self.max_history,
             "max_history_chars": self.max_history_chars,
             "suggestions": self.suggestions if self.report.passages else [],
+            "num_uploads": len(self.uploads),
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_upload_files": self.max_upload_files,
+            "max_uploaded_documents": self.max_uploaded_documents,
+            "upload_types": list(ALLOWED_TYPES),
         }
 
     def retrieve(self, question: str, history: list[dict[str, str]]) -> list[Any]:
         """Top-k passages for the question; a follow-up that matches nothing borrows the earlier questions' words."""
-        hits = self.index.search(question, self.top_k)
+        index = self.index
+        hits = index.search(question, self.top_k)
         if not hits:
             earlier = " ".join(t["content"] for t in history if t["role"] == "user")
             if earlier:
-                hits = self.index.search(f"{question} {earlier}", self.top_k)
+                hits = index.search(f"{question} {earlier}", self.top_k)
         return [p.to_document(score, rank) for rank, (p, score) in enumerate(hits, 1)]
 
     def question_too_long(self, question: str) -> JSONResponse | None:
@@ -282,7 +403,8 @@ class ChatService:
     def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
         """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
         att = self.attributor
-        att.check_fits(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
+        check = getattr(att, "check_fits", None) or att.runner.check_fits  # the core moved it to the runner
+        check(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
 
     def context_too_long_message(
         self, exc: ContextTooLongError, question: str, documents: list[Any], history: list[dict[str, str]]
@@ -319,11 +441,20 @@ def create_app(
     max_history: int = DEFAULT_MAX_HISTORY,
     max_question_chars: int = DEFAULT_MAX_QUESTION_CHARS,
     max_history_chars: int = DEFAULT_MAX_HISTORY_CHARS,
+    upload_dir: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES,
+    max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
+    model_name: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
 
     A request may carry a question of at most `max_question_chars` characters and at most `max_history` earlier
-    messages of `max_history_chars` characters in all; larger ones get HTTP 413 before any model work."""
+    messages of `max_history_chars` characters in all; larger ones get HTTP 413 before any model work.
+
+    Uploaded documents are kept in `upload_dir` (a temporary folder when None): at most `max_upload_files` files
+    of `max_upload_bytes` each per request, `max_uploaded_documents` in all. `model_name` is what the page shows
+    before the model has loaded."""
     is_sample = Path(docs).expanduser().resolve() == SAMPLE_DOCS
     service = ChatService(
         docs,
@@ -335,6 +466,11 @@ def create_app(
         suggestions=SAMPLE_QUESTIONS if is_sample else None,
         max_question_chars=max_question_chars,
         max_history_chars=max_history_chars,
+        upload_dir=upload_dir,
+        max_upload_bytes=max_upload_bytes,
+        max_upload_files=max_upload_files,
+        max_uploaded_documents=max_uploaded_documents,
+        model_name=model_name,
     )
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
@@ -352,6 +488,39 @@ def create_app(
     @app.get("/api/status")
     async def status() -> dict[str, Any]:
         return service.status()
+
+    @app.get("/api/documents")
+    async def list_documents() -> dict[str, Any]:
+        return {"documents": service.documents(), **_upload_limits(service)}
+
+    @app.get("/api/documents/{doc_id:path}")
+    async def get_document(doc_id: str) -> Any:
+        doc = service.document_text(doc_id)
+        if doc is None:
+            return error_response(404, "not_found", "This document is no longer indexed (it may have been removed).")
+        return doc
+
+    @app.delete("/api/documents/{doc_id:path}")
+    async def delete_document(doc_id: str) -> Any:
+        if doc_id in service.folder_report.texts:
+            return error_response(
+                403, "read_only", "This document comes from the server's folder; only uploaded documents can be removed here."
+            )
+        if not await run_in_threadpool(service.remove_upload, doc_id):
+            return error_response(404, "not_found", "No uploaded document has this id (it may have been removed already).")
+        return {"deleted": doc_id, "num_documents": len(service.documents())}
+
+    @app.post("/api/documents", status_code=201)
+    async def upload_documents(request: Request) -> Any:
+        return await _upload(service, request)
+
+    @app.post("/api/chat/stop")
+    async def stop(body: StopRequest) -> Any:
+        cancel = service.streams.get(body.stream_id)
+        if cancel is None:
+            return error_response(404, "not_found", "This answer has already finished.")
+        cancel.event.set()
+        return {"stopped": body.stream_id}
 
     @app.post("/api/chat")
     async def chat(body: ChatRequest, request: Request) -> Any:
@@ -383,7 +552,7 @@ def create_app(
         except AT2Error as exc:
             return error_response(400, "invalid_input", str(exc))
         return StreamingResponse(
-            _events(service, question, documents, history),
+            _events(service, question, documents, history, regenerate=body.regenerate),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -391,17 +560,98 @@ def create_app(
     return app
 
 
-async def _events(service: ChatService, question: str, documents: list[Any], history: list[dict[str, str]]) -> AsyncIterator[str]:
+async def _upload(service: ChatService, request: Request) -> Any:
+    """POST /api/documents: multipart with one or more `file` fields. Every file is checked on its own: the
+    accepted ones are indexed at once (201, `documents`), the refused ones are listed with the reason
+    (`rejected`). When none is accepted, the first refusal's status and message answer the request."""
+    limits = _upload_limits(service)
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        return error_response(415, "not_multipart", "Send the files as multipart/form-data, in fields named `file`.")
+    declared = request.headers.get("content-length")
+    budget = service.max_upload_files * (service.max_upload_bytes + 64 * 1024) + 64 * 1024
+    if declared is None or not declared.isdigit():
+        return error_response(411, "length_required", "The upload must say its size (Content-Length).")
+    if int(declared) > budget:
+        return error_response(
+            413, "upload_too_large",
+            f"This upload is too large: at most {service.max_upload_files} files of "
+            f"{_size_words(service.max_upload_bytes)} each can be sent at once.",
+            **limits,
+        )
+    try:
+        form = await request.form(max_files=service.max_upload_files + 1, max_fields=20)
+    except Exception as exc:  # a malformed body, or more files than max_files
+        return error_response(400, "bad_upload", f"The upload could not be read ({exc}). Send at most "
+                              f"{service.max_upload_files} files in fields named `file`.", **limits)
+    try:
+        files = [f for f in form.getlist("file") if hasattr(f, "read")]
+        if not files:
+            return error_response(400, "no_file", "Choose at least one file to upload (.txt, .md or .pdf).", **limits)
+        if len(files) > service.max_upload_files:
+            return error_response(
+                413, "too_many_files", f"At most {service.max_upload_files} files can be uploaded at once; "
+                f"you sent {len(files)}.", **limits,
+            )
+        room = service.max_uploaded_documents - len(service.uploads)
+        accepted: list[dict[str, Any]] = []
+        rejected: list[dict[str, Any]] = []
+        for f in files:
+            name = safe_name(f.filename)
+            raw = await f.read(service.max_upload_bytes + 1)
+            try:
+                if len(accepted) >= room:
+                    raise UploadError(
+                        409, "too_many_documents",
+                        f"{name}: the server keeps at most {service.max_uploaded_documents} uploaded documents; "
+                        "remove some first.",
+                    )
+                accepted.append(await run_in_threadpool(extract_upload, name, raw, service.max_upload_bytes))
+            except UploadError as exc:
+                rejected.append({"name": name, "status": exc.status, "error": exc.kind, "message": exc.message})
+    finally:
+        await form.close()
+    if not accepted:
+        first = rejected[0]
+        return error_response(first["status"], first["error"], first["message"], rejected=rejected, **limits)
+    documents = await run_in_threadpool(service.add_uploads, accepted)
+    return JSONResponse(
+        {"documents": documents, "rejected": rejected, "num_documents": len(service.documents())}, status_code=201
+    )
+
+
+def _upload_limits(service: ChatService) -> dict[str, Any]:
+    return {
+        "max_upload_bytes": service.max_upload_bytes,
+        "max_upload_files": service.max_upload_files,
+        "max_uploaded_documents": service.max_uploaded_documents,
+        "upload_types": list(ALLOWED_TYPES),
+    }
+
+
+def _size_words(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MB" if n >= 1024 * 1024 else f"{n / 1024:g} KB"
+
+
+async def _events(
+    service: ChatService, question: str, documents: list[Any], history: list[dict[str, str]], regenerate: bool = False
+) -> AsyncIterator[str]:
     retrieved = [
-        {"id": d.id, "title": d.title, "path": d.metadata["path"], "bm25": d.metadata["bm25"], "rank": d.metadata["bm25_rank"]}
+        {
+            "id": d.id, "title": d.title, "path": d.metadata["path"], "bm25": d.metadata["bm25"],
+            "rank": d.metadata["bm25_rank"], "doc_id": d.metadata["doc_id"],
+        }
         for d in documents
     ]
-    yield sse("retrieval", {"documents": retrieved})
+    cancel = _Cancelled()
+    stream_id = secrets.token_urlsafe(12)
+    service.streams[stream_id] = cancel
+    yield sse("retrieval", {"documents": retrieved, "stream_id": stream_id})
     if service.generation_lock.locked():
         yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
-    cancel = _Cancelled()
     end = object()
     started = time.perf_counter()
+    sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
     try:
         async with service.generation_lock:
             from transformers import StoppingCriteriaList
@@ -413,13 +663,17 @@ async def _events(service: ChatService, question: str, documents: list[Any], his
                 **service.prompt_kwargs,
                 max_new_tokens=service.max_new_tokens,
                 stopping_criteria=StoppingCriteriaList([cancel]),
+                **sampling,
             )
             while True:
                 item = await run_in_threadpool(next, stream, end)
                 if item is end:
                     break
                 if isinstance(item, Attribution):
-                    yield sse("attribution", attribution_payload(item))
+                    payload = attribution_payload(item)
+                    payload["stopped"] = cancel.event.is_set()
+                    payload["sampled"] = regenerate
+                    yield sse("attribution", payload)
                 else:
                     yield sse("token", {"text": item})
         yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
@@ -435,6 +689,8 @@ async def _events(service: ChatService, question: str, documents: list[Any], his
     except Exception as exc:  # keep the page informative instead of a silently broken stream
         logger.exception("generation failed")
         yield sse("error", {"error": "internal", "message": f"Generation failed: {type(exc).__name__}: {exc}"})
+    finally:
+        service.streams.pop(stream_id, None)
 
 
 # ---- command line ----------------------------------------------------------------------------------------
@@ -466,7 +722,30 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_HISTORY_CHARS,
         help=f"characters over those earlier messages (default {DEFAULT_MAX_HISTORY_CHARS})",
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face causal LM (folder) or its id in the local cache; default: the embedded "
+        "SmolLM2-135M-Instruct",
+    )
+    parser.add_argument(
+        "--estimator",
+        default=None,
+        help="AT2 estimator for --model (folder, file or id); default: the one shipped for the model, else "
+        "average attention (untrained)",
+    )
+    parser.add_argument(
+        "--upload-dir",
+        default=str(DEFAULT_UPLOAD_DIR),
+        help=f"where documents uploaded from the page are kept (default {DEFAULT_UPLOAD_DIR})",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
+        help="largest uploaded file, in MB (default 2)",
+    )
     args = parser.parse_args(argv)
+    if args.max_upload_mb <= 0:
+        parser.error("--max-upload-mb must be positive")
     if not Path(args.docs).expanduser().is_dir():
         parser.error(f"--docs {args.docs!r} is not a folder")
     if args.top_k < 1 or args.max_new_tokens < 1:
@@ -482,8 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     import bm25s  # noqa: F401  (it sets its own logger to DEBUG on import: quiet it afterwards)
 
     logging.getLogger("bm25s").setLevel(logging.WARNING)
-    print("Loading the model (SmolLM2-135M-Instruct, embedded) …", flush=True)
-    attributor = load_default_attributor()
+    print(f"Loading the model ({args.model or 'SmolLM2-135M-Instruct, embedded'}) …", flush=True)
+    try:
+        attributor = load_attributor(args.model, args.estimator)
+    except Exception as exc:
+        parser.exit(2, f"could not load the model {args.model or 'default'!r}: {type(exc).__name__}: {exc}\n")
     app = create_app(
         args.docs,
         attributor=attributor,
@@ -492,6 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         max_history=args.max_history,
         max_question_chars=args.max_question_chars,
         max_history_chars=args.max_history_chars,
+        upload_dir=args.upload_dir,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        model_name=attributor.model_id,
     )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
