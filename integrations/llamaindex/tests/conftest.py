@@ -94,14 +94,16 @@ def _words(text: str) -> set:
 class ExtractiveLLM(CustomLLM):
     """A real llama-index-core LLM that is *not* the AT2 model: it answers with the one sentence of its prompt's
     context that shares the most words with the question (the prompt's last line with a "?"), deterministically.
-    It records every prompt it was given (`prompts`), as text: `CustomLLM.chat` renders chat messages with
-    `messages_to_prompt` and calls `complete`."""
+    It records every prompt it was given (`prompts`), as text. `chat_model=True` makes it a chat model:
+    LlamaIndex then sends it messages (`CustomLLM.chat` renders them with `messages_to_prompt` and calls
+    `complete`)."""
 
     prompts: List[str] = Field(default_factory=list)
+    chat_model: bool = False
 
     @property
     def metadata(self) -> LLMMetadata:
-        return LLMMetadata(context_window=8192, num_output=64, model_name="extractive")
+        return LLMMetadata(context_window=8192, num_output=64, model_name="extractive", is_chat_model=self.chat_model)
 
     @staticmethod
     def answer_for(prompt: str) -> str:

@@ -26,32 +26,39 @@ def response(engine):
 def check_response(response, node_text, retrieved_ids=None):
     meta = response.metadata
     attribution = meta["attribution"]
+    at2 = meta["at2"]
     assert response.response == attribution.answer and response.response.strip()
+    # metadata["at2"] is the core's one serialisation, nothing re-serialised here
+    assert at2 == attribution.to_dict() and at2["schema"] == "at2-rag/attribution"
+    assert meta["citations"] is at2["citations"]
     ids = [n.node.node_id for n in response.source_nodes]
     if retrieved_ids is not None:
         assert sorted(ids) == sorted(retrieved_ids)
     # source_nodes: ranked by AT2; score = AT2 score; retrieval score kept in metadata
     scores = [n.score for n in response.source_nodes]
     assert scores == sorted(scores, reverse=True)
-    for n in response.source_nodes:
-        assert n.score == n.node.metadata["at2_score"] == pytest.approx(meta["at2"]["scores"][n.node.node_id])
-        assert n.node.metadata["retrieval_score"] == meta["at2"]["retrieval_scores"][n.node.node_id]
-    assert meta["at2"]["ranking"] == ids
-    assert sorted(meta["at2"]["prompt_order"]) == sorted(ids)
+    doc_scores = {d["id"]: d["score"] for d in at2["documents"]}
+    for rank, n in enumerate(response.source_nodes, 1):
+        assert n.node.metadata["at2_document_id"] == n.node.node_id
+        assert n.score == n.node.metadata["at2_score"] == doc_scores[n.node.node_id]
+        assert n.node.metadata["at2_rank"] == rank
+        assert isinstance(n.node.metadata["retrieval_score"], float)
+        for s in n.node.metadata["at2_sentences"]:
+            assert node_text[n.node.node_id][s["start"] : s["end"]] == s["text"]
+    assert sorted(doc_scores) == sorted(ids)
     # citations: per answer sentence, spans in the answer, supporting sentences as spans in node text
     citations = meta["citations"]
     assert citations
     for c in citations:
         assert response.response[c["start"] : c["end"]] == c["text"]
-        assert set(c["node_ids"]) <= set(ids)
-        assert c["supported"] == bool(c["node_ids"])
-        assert set(c["scores"]) == set(ids)
-        assert [s["node_id"] for s in c["sources"]] == c["node_ids"]
-        for src in c["sources"]:
-            text = node_text[src["node_id"]]
-            for s in src["sentences"]:
+        assert set(c["cited"]) <= set(ids)
+        assert c["supported"] == bool(c["cited"])
+        assert {d["id"] for d in c["documents"]} == set(ids)
+        for d in c["documents"]:
+            text = node_text[d["id"]]
+            for s in d["sentences"]:
                 assert text[s["start"] : s["end"]] == s["text"]
-    assert any(c["node_ids"] for c in citations)
+    assert any(c["cited"] for c in citations)
     assert meta["at2_complete"] is True
     assert meta["cited_answer"].startswith(response.response[: citations[0]["end"]])
 
@@ -82,7 +89,7 @@ def test_streaming_fills_attribution_after_the_stream(attributor, vector_index, 
     )
     streaming = engine.query(PENICILLIN)
     assert isinstance(streaming, StreamingResponse)
-    assert streaming.metadata["at2_complete"] is False and streaming.metadata["citations"] is None
+    assert streaming.metadata["at2_complete"] is False and streaming.metadata["at2"] is None
     chunks = list(streaming.response_gen)
     assert len(chunks) > 1
     assert "".join(chunks) == response.response  # greedy: same answer as the non-streaming engine

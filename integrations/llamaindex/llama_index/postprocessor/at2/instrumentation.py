@@ -24,6 +24,7 @@ skipped.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import threading
@@ -44,6 +45,7 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionStartEvent,
 )
 from llama_index.core.instrumentation.events.retrieval import RetrievalEndEvent
+from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
@@ -148,14 +150,10 @@ class _Tracker:
             if call.skip:
                 self._forget(call)
                 return
-            unfinished = any(c.answer is None for c in call.llm_calls.values())
-            if _is_streaming(result) and unfinished:
-                call.result = result  # finished when the LLM's stream ends (its end event)
-                self.pending[id_] = call
-                while len(self.pending) > self.max_pending_streams:
-                    _, old = self.pending.popitem(last=False)
-                    logger.warning("AT2: a streaming response was never consumed; its attribution is dropped")
-                    self._forget(old)
+            if _is_streaming(result):
+                if not self._watch_stream(call, result):
+                    logger.info("AT2: %s is not attributed (streaming chat responses are not supported)", id_)
+                    self._forget(call)
                 return
             self._forget(call)
         metadata = self.owner.finish(call, result)
@@ -164,6 +162,68 @@ class _Tracker:
                 outer = self.engines.get(parent_engine)
                 if outer is not None:
                     outer.child_metadata = metadata
+
+    # ---- streaming responses: the synthesizer calls the LLM only when the stream is consumed, after the
+    # engine's span has ended. The stream is wrapped so that the LLM call runs inside the engine's span (its
+    # events are paired with the engine call) and the attribution is written when the stream ends.
+    def _watch_stream(self, call: _EngineCall, result: Any) -> bool:
+        gen = getattr(result, "response_gen", None)
+        if type(result).__name__ == "StreamingResponse" and inspect.isgenerator(gen):
+            result.response_gen = self._sync_stream(call, result, gen)
+        elif type(result).__name__ == "AsyncStreamingResponse" and inspect.isasyncgen(gen):
+            result.response_gen = self._async_stream(call, result, gen)
+        else:
+            return False
+        call.result = result
+        self.pending[call.span_id] = call
+        while len(self.pending) > self.max_pending_streams:
+            _, old = self.pending.popitem(last=False)
+            logger.warning("AT2: a streaming response was never consumed; its attribution is dropped")
+            self._forget(old)
+        return True
+
+    def _stream_ended(self, call: _EngineCall, complete: bool) -> None:
+        with self.lock:
+            if call.span_id not in self.pending:
+                return  # dropped (too many unconsumed streams)
+            self._forget(call)
+        if complete:
+            self.owner.finish(call, call.result)
+
+    def _sync_stream(self, call: _EngineCall, result: Any, gen: Any) -> Any:
+        complete = False
+        try:
+            while True:
+                token = active_span_id.set(call.span_id)
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    complete = True
+                    return
+                finally:
+                    active_span_id.reset(token)
+                yield item
+        finally:
+            self._stream_ended(call, complete)
+
+    async def _async_stream(self, call: _EngineCall, result: Any, gen: Any) -> Any:
+        complete = False
+        try:
+            while True:
+                token = active_span_id.set(call.span_id)
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    complete = True
+                    return
+                finally:
+                    active_span_id.reset(token)
+                yield item
+        finally:
+            if complete:  # the attribution's forward pass runs off the event loop
+                await asyncio.to_thread(self._stream_ended, call, True)
+            else:
+                self._stream_ended(call, False)
 
     def drop(self, id_: str) -> None:
         with self.lock:
@@ -200,7 +260,6 @@ class _Tracker:
     def event(self, event: BaseEvent) -> None:
         if isinstance(event, AT2_EVENTS):
             return
-        finished: Optional[_EngineCall] = None
         with self.lock:
             call = self._call_of(event.span_id)
             if call is None or call.skip:
@@ -220,14 +279,8 @@ class _Tracker:
                     else:
                         llm_call.answer = event.response.text or ""
                     call.last_call = llm_call
-                    done = all(c.answer is not None for c in call.llm_calls.values())
-                    if done and call.span_id in self.pending:  # the stream ended: its engine call is over
-                        self._forget(call)
-                        finished = call
                 elif llm_call is None and not self._inside_llm_call(call, span_id):
                     logger.debug("AT2: an LLM end event without its start event (span %s)", span_id)
-        if finished is not None:
-            self.owner.finish(finished, finished.result)
 
 
 class _AT2SpanHandler(BaseSpanHandler[Any]):
