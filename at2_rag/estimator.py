@@ -61,11 +61,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, protected_namespaces=(), frozen=True)
 
 
+class EvaluationColumn(_Strict):
+    """One column of the card's evaluation table, as the evaluation's metric registry described it."""
+
+    model_config = ConfigDict(extra="allow")
+    key: str
+    label: str
+    digits: int = Field(default=3, ge=0, le=12)
+
+
 class EvaluationRecord(_Strict):
-    """`metadata.evaluation` as `at2-rag evaluate --record` writes it; the model card renders its summary rows."""
+    """`metadata.evaluation` as `at2-rag evaluate --record` writes it; the model card renders its summary rows
+    under its `columns` (records written before columns were kept: the LDS / top-k / passes table)."""
 
     model_config = ConfigDict(extra="allow")
     summary: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    columns: list[EvaluationColumn] | None = None
+
+
+# the card's columns for evaluation records that do not list their own (written before metrics were pluggable)
+LEGACY_EVALUATION_COLUMNS = (
+    ("lds", "LDS", 3),
+    ("lds_dependent", "LDS, document-dependent sentences", 3),
+    ("top1_drop", "top-1 log-prob drop", 2),
+    ("top3_drop", "top-3 log-prob drop", 2),
+    ("extra_forward_passes", "extra forward passes", 1),
+)
 
 
 class EstimatorMetadata(_Strict):
@@ -491,21 +512,23 @@ def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
         spread = f" ± {sem:.{digits}f}" if isinstance(sem, (int, float)) and sem == sem else ""
         return f"{value:.{digits}f}{spread}"
 
+    recorded = evaluation.get("columns")
+    table = [
+        (c["key"], str(c.get("label", c["key"])), min(max(c.get("digits", 3), 0), 12))
+        for c in (recorded if isinstance(recorded, list) else [])
+        if isinstance(c, dict) and isinstance(c.get("key"), str) and type(c.get("digits", 3)) is int
+    ] or list(LEGACY_EVALUATION_COLUMNS)
     lines = [
         f"## Evaluation ({evaluation.get('num_examples', '?')} held-out examples"
         + (f", {evaluation['examples']}" if evaluation.get("examples") else "") + ")",
         "",
-        "| method | LDS | LDS, document-dependent sentences | top-1 log-prob drop | top-3 log-prob drop "
-        "| extra forward passes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | " + " | ".join(label for _, label, _ in table) + " |",
+        "|---|" + "---:|" * len(table),
     ]
     for name, row in summary.items():
         if not isinstance(row, dict):  # not a method's row (a hand-edited record): nothing to show
             continue
-        lines.append(
-            f"| {name} | {number(row, 'lds', 3)} | {number(row, 'lds_dependent', 3)} | {number(row, 'top1_drop', 2)} "
-            f"| {number(row, 'top3_drop', 2)} | {number(row, 'extra_forward_passes', 1)} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(number(row, key, digits) for key, _, digits in table) + " |")
     return lines
 
 

@@ -122,7 +122,7 @@ def test_evaluation_cache_refuses_foreign_files(tmp_path):
 
 def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
     """`at2-rag evaluate --record`: the summary is kept in config.json and rendered as a table in README.md."""
-    from at2_rag.training.cli import record_evaluation
+    from at2_rag.evaluation.report import record_evaluation
 
     folder = ScoreEstimator.single_head(2, 1, 4, 2, model_id="org/model").save_pretrained(tmp_path / "est")
     (folder / "training_report.json").write_text("{}")
@@ -149,3 +149,99 @@ def test_record_needs_an_estimator_folder(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="--record needs --estimator"):
         main(["evaluate", "--merge", str(tmp_path / "part.json"), "--record"])
+
+
+# ---- pluggable metrics: one registration, nowhere else ------------------------------------------------------
+def _additive_view(method, scores, effects):
+    """A MethodScores over an exactly additive answer: log p(kept) = -sum of the removed sources' effects."""
+    import torch
+
+    from at2_rag.evaluation.registry import MethodScores
+
+    n = len(effects)
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(32, n, generator=gen) < 0.5
+    truth = masks.double() @ torch.tensor(effects, dtype=torch.double)
+    measured = []
+
+    def measure(keep_masks):
+        measured.extend(keep_masks)
+        return [-sum(e for e, kept in zip(effects, m) if not kept) for m in keep_masks]
+
+    whole = torch.tensor(scores, dtype=torch.float32)
+    view = MethodScores(method, torch.stack([whole, whole]), masks, [truth], [True], measure)
+    return view, measured
+
+
+def test_a_registered_metric_reaches_summary_plot_and_model_card(tmp_path):
+    from at2_rag.evaluation.registry import MetricColumn, metrics, register_metric, unregister_metric
+    from at2_rag.evaluation.report import plot_summary, record_evaluation, summarize
+
+    @register_metric("top1_share", MetricColumn("top1_share", "share of the top source", digits=3))
+    def top1_share(m):
+        whole = m.scores[-1]
+        return {"top1_share": float(whole.max() / whole.abs().sum())}
+
+    try:
+        effects = [4.0, 1.0, 0.0]
+        rows = []
+        for i, scores in enumerate(([3.0, 1.0, 0.0], [0.0, 1.0, 3.0])):  # right ranking, reversed ranking
+            view, measured = _additive_view("at2", scores, effects)
+            values = {}
+            for metric in metrics():
+                values.update(metric(view))
+            rows.append({"id": str(i), "methods": {"at2": {**values, "cost": {"forward_passes": 0, "seconds": 0.5}}}})
+        first, second = (r["methods"]["at2"] for r in rows)
+        assert first["lds"] == pytest.approx(1.0) and second["lds"] < 0.5  # additive truth: exact scores rank best
+        assert first["top1_drop"] == pytest.approx(4.0) and second["top1_drop"] == pytest.approx(0.0)
+        assert first["top3_drop"] == pytest.approx(5.0)
+        assert first["top1_share"] == pytest.approx(0.75)
+
+        summary = summarize(rows)
+        assert summary["at2"]["top1_share"] == pytest.approx(0.75)
+        assert summary["at2"]["top1_drop"] == pytest.approx(2.0) and summary["at2"]["top1_drop_sem"] == pytest.approx(2.0)
+        assert summary["at2"]["extra_forward_passes"] == 0 and "extra_forward_passes_sem" not in summary["at2"]
+        assert plot_summary(summary, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+        folder = ScoreEstimator.uniform(4, 2, model_id="org/model").save_pretrained(tmp_path / "est")
+        record_evaluation(folder, {"num_examples": 2, "summary": summary}, "heldout.jsonl")
+        card = (folder / "README.md").read_text()
+        assert "| top-3 log-prob drop | share of the top source | extra forward passes |" in card
+        assert "| 0.750 ± 0.000 | 0.0 |" in card
+        reloaded = ScoreEstimator.from_pretrained(folder)  # the recorded columns pass the strict loader
+        assert [c["key"] for c in reloaded.metadata["evaluation"]["columns"]][-2:] == ["top1_share",
+                                                                                       "extra_forward_passes"]
+    finally:
+        unregister_metric("top1_share")
+    assert "top1_share" not in [m.name for m in metrics()]
+
+
+def test_metric_registry_refuses_bad_metrics():
+    from at2_rag import InvalidInputError
+    from at2_rag.evaluation.registry import MetricColumn, metrics, register_metric, unregister_metric
+
+    with pytest.raises(ValueError, match="already reported by lds"):
+        register_metric("mine", MetricColumn("lds", "LDS again"))(lambda m: {"lds": 0.0})
+    with pytest.raises(ValueError, match="already reported by the evaluation itself"):
+        register_metric("mine", MetricColumn("extra_forward_passes", "passes"))(lambda m: {})
+    with pytest.raises(InvalidInputError, match="unknown metric.*'nope'.*registered: lds, top_k_drop"):
+        metrics(["nope"])
+
+    register_metric("wrong_keys", MetricColumn("wrong_a", "a"))(lambda m: {"wrong_b": 1.0})
+    try:
+        view, _ = _additive_view("x", [1.0, 0.0], [1.0, 0.0])
+        with pytest.raises(TypeError, match="'wrong_keys' must return a dict with keys \\['wrong_a'\\]"):
+            metrics(["wrong_keys"])[0](view)
+        with pytest.raises(ValueError, match="needs 2 entries"):
+            view.answer_log_prob([True])
+    finally:
+        unregister_metric("wrong_keys")
+
+
+def test_evaluate_cli_refuses_an_unknown_metric_before_loading_the_model(tmp_path, capsys):
+    from at2_rag.cli import main
+
+    examples = tmp_path / "x.jsonl"
+    examples.write_text(json.dumps(EXAMPLES[0]) + "\n")
+    assert main(["evaluate", str(examples), "--metrics", "lds", "nope"]) == 2
+    assert "unknown metric(s) 'nope'" in capsys.readouterr().err

@@ -36,8 +36,9 @@ from ..ablation import (
 )
 from ..examples import example_seed, read_examples
 from ..layout import source_layout
+from . import metrics as _builtin_metrics  # noqa: F401 - registers the built-in metrics (LDS, top-k drop)
 from .baselines import leave_one_out_scores, surrogate_scores
-from .metrics import lds, top_k_mask
+from .registry import COST_COLUMNS, MethodScores, Metric, MetricColumn, columns, metrics
 from ..errors import InputFileError
 from ..files import atomic_path, read_user_text
 
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 LDS_MASKS = 32
 DEPENDENT_STD = 1.0  # nats: a target counts as document-dependent when its log-odds vary this much across masks
 SURROGATE_SIZES = (32, 64)
-TOP_K = (1, 3)
 
 
 def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int) -> torch.Tensor:
@@ -181,12 +181,14 @@ def evaluate_example(
     batch_size: int = 64,
     surrogate_sizes: Sequence[int] = SURROGATE_SIZES,
     cache_dir: str | os.PathLike[str] | None = None,
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
-    """Per-method LDS (mean over target sentences), top-k drops and cost for one example.
+    """Every registered metric (or those named) and the cost, per method, for one example.
 
     With `cache_dir`, the example's ablations are read from there when an earlier run with the same model,
-    seed and settings measured them, and written there otherwise.
+    seed and settings measured them, and written there otherwise (with any mask a metric measured since).
     """
+    selected: list[Metric] = metrics(metric_names)
     key = {"model_id": attributor.model_id, "seed": seed, "max_new_tokens": max_new_tokens,
            "lds_masks": LDS_MASKS, "surrogate_size": max(surrogate_sizes)}
     path = _cache_path(Path(cache_dir), example.id) if cache_dir is not None else None
@@ -226,57 +228,61 @@ def evaluate_example(
             "forward_passes": size, "seconds": data.seconds["surrogate_pass"] * size + time.perf_counter() - t
         }
 
-    result: dict[str, Any] = {"id": example.id, "num_sources": n, "num_targets": len(targets), "methods": {}}
-    drop_masks: dict[tuple[str, int], tuple[bool, ...]] = {}
     truths = [target_log_odds(data.lds_lp, rows) for rows in targets]
     # targets whose answer the documents move (label spread >= DEPENDENT_STD nats across the LDS masks): chosen
     # from the ground truth alone, so the subset is the same for every method
     dependent = [float(y.std()) >= DEPENDENT_STD for y in truths]
-    result["num_dependent_targets"] = sum(dependent)
-    for name, per_target in scores.items():
-        values = [lds(per_target[i], data.lds_masks, y) for i, y in enumerate(truths)]
-        result["methods"][name] = {
-            "lds": _nanmean(values),
-            "lds_dependent": _nanmean([v for v, dep in zip(values, dependent) if dep]),
-            "cost": cost[name],
-        }
-        for k in TOP_K:
-            drop_masks[(name, k)] = tuple(top_k_mask(per_target[-1], k).tolist())
+    result: dict[str, Any] = {"id": example.id, "num_sources": n, "num_targets": len(targets),
+                              "num_dependent_targets": sum(dependent), "methods": {}}
     measured = data.measured()
-    missing = sorted({m for m in drop_masks.values() if m not in measured})
-    if missing:
-        new_lp = _labels(attributor, data.input_ids.tolist(), data.full_lp.shape[0], [tuple(s) for s in data.spans.tolist()],
-                         torch.tensor(missing, dtype=torch.bool), batch_size)
-        data.probe_masks = torch.cat([data.probe_masks, torch.tensor(missing, dtype=torch.bool)])
-        data.probe_lp = torch.cat([data.probe_lp, new_lp])
-        measured.update(zip(missing, new_lp))
-        if path is not None:
-            data.save(path)
-    full_answer_lp = float(target_log_prob(data.full_lp, whole))
-    for (name, k), mask in drop_masks.items():
-        result["methods"][name][f"top{k}_drop"] = full_answer_lp - float(target_log_prob(measured[mask], whole))
+    new_masks: list[tuple[bool, ...]] = []
+
+    def measure(masks: Sequence[tuple[bool, ...]]) -> list[float]:
+        """The whole answer's log-prob under each keep-mask; masks no run measured yet cost one batch of passes."""
+        missing = sorted({m for m in masks if m not in measured})
+        if missing:
+            new_lp = _labels(attributor, data.input_ids.tolist(), data.full_lp.shape[0],
+                             [tuple(s) for s in data.spans.tolist()], torch.tensor(missing, dtype=torch.bool),
+                             batch_size)
+            data.probe_masks = torch.cat([data.probe_masks, torch.tensor(missing, dtype=torch.bool)])
+            data.probe_lp = torch.cat([data.probe_lp, new_lp])
+            measured.update(zip(missing, new_lp, strict=True))
+            new_masks.extend(missing)
+        return [float(target_log_prob(measured[m], whole)) for m in masks]
+
+    for name, per_target in scores.items():
+        view = MethodScores(name, per_target, data.lds_masks, truths, dependent, measure)
+        values: dict[str, Any] = {}
+        for metric in selected:
+            values.update(metric(view))
+        result["methods"][name] = {**values, "cost": cost[name]}
+    if new_masks and path is not None:
+        data.save(path)
     return result
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+def _cost_values(values: dict[str, Any]) -> dict[str, float]:
+    cost = values.get("cost") or {}
+    return {"extra_forward_passes": cost.get("forward_passes", float("nan")),
+            "seconds_per_example": cost.get("seconds", float("nan"))}
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    methods: dict[str, dict[str, Any]] = {}
+def summarize(rows: list[dict[str, Any]], report_columns: Sequence[MetricColumn] | None = None) -> dict[str, Any]:
+    """Per method, every column's mean over the examples (NaN values left out) and its standard error
+    (`<key>_sem`); cost columns get the mean only. Columns default to the registered ones the rows report."""
+    if report_columns is None:
+        keys = {k for row in rows for values in row["methods"].values() for k in values}
+        report_columns = [c for c in columns() if c.key in keys or c in COST_COLUMNS]
+    cost_keys = {c.key for c in COST_COLUMNS}
+    collected: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         for name, values in row["methods"].items():
-            agg = methods.setdefault(
-                name, {"lds": [], "lds_dependent": [], **{f"top{k}_drop": [] for k in TOP_K}, "passes": [], "seconds": []}
-            )
-            for key in ("lds", "lds_dependent"):
-                if not math.isnan(values.get(key, float("nan"))):
-                    agg[key].append(values[key])
-            for k in TOP_K:
-                agg[f"top{k}_drop"].append(values[f"top{k}_drop"])
-            agg["passes"].append(values["cost"]["forward_passes"])
-            agg["seconds"].append(values["cost"]["seconds"])
+            flat = {**values, **_cost_values(values)}
+            agg = collected.setdefault(name, {c.key: [] for c in report_columns})
+            for column in report_columns:
+                value = flat.get(column.key, float("nan"))
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    agg[column.key].append(float(value))
 
     def mean(v: list[float]) -> float:
         return sum(v) / len(v) if v else float("nan")
@@ -287,37 +293,38 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         m = mean(v)
         return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
 
-    return {
-        name: {
-            "lds": mean(a["lds"]),
-            "lds_sem": sem(a["lds"]),
-            "lds_dependent": mean(a["lds_dependent"]),
-            "lds_dependent_sem": sem(a["lds_dependent"]),
-            **{f"top{k}_drop": mean(a[f"top{k}_drop"]) for k in TOP_K},
-            **{f"top{k}_drop_sem": sem(a[f"top{k}_drop"]) for k in TOP_K},
-            "extra_forward_passes": mean(a["passes"]),
-            "seconds_per_example": mean(a["seconds"]),
-        }
-        for name, a in methods.items()
-    }
+    summary: dict[str, Any] = {}
+    for name, agg in collected.items():
+        out: dict[str, float] = {}
+        for column in report_columns:
+            out[column.key] = mean(agg[column.key])
+            if column.key not in cost_keys:
+                out[column.key + "_sem"] = sem(agg[column.key])
+        summary[name] = out
+    return summary
 
 
-def plot_summary(summary: dict[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
+def plot_summary(
+    summary: dict[str, Any], path: str | os.PathLike[str], title: str = "",
+    report_columns: Sequence[MetricColumn] | None = None,
+) -> Path:
+    """One panel per plotted metric column, one bar per method (with its standard error and extra passes)."""
     from ..plotting import pyplot, save_figure
 
     plt = pyplot()
     names = list(summary)
-    panels = {"lds": "LDS, all answer sentences", "lds_dependent": "LDS, document-dependent sentences",
-              "top1_drop": "top-1 log-prob drop", "top3_drop": "top-3 log-prob drop"}
-    panels = {k: v for k, v in panels.items() if any(k in summary[n] for n in names)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
-    for ax, (metric, label) in zip(axes, panels.items()):
-        values = [summary[n].get(metric, float("nan")) for n in names]
-        errs = [summary[n].get(metric + "_sem", 0) for n in names]
+    panels = [c for c in (report_columns or columns()) if c.plot and any(c.key in summary[n] for n in names)]
+    if not panels:
+        raise ValueError("nothing to plot: the summary has none of the metric columns")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8), squeeze=False)
+    for ax, column in zip(axes[0], panels, strict=True):
+        values = [summary[n].get(column.key, float("nan")) for n in names]
+        errs = [summary[n].get(column.key + "_sem", 0) for n in names]
         errs = [0 if (e is None or math.isnan(e)) else e for e in errs]
         ax.bar(range(len(names)), values, yerr=errs, color=["#d62728" if n == "at2" else "#7f7f7f" for n in names])
-        ax.set_xticks(range(len(names)), [f"{n}\n({summary[n]['extra_forward_passes']:.0f} passes)" for n in names], fontsize=7, rotation=30, ha="right")
-        ax.set_title(label, fontsize=9)
+        ticks = [f"{n}\n({summary[n].get('extra_forward_passes', float('nan')):.0f} passes)" for n in names]
+        ax.set_xticks(range(len(names)), ticks, fontsize=7, rotation=30, ha="right")
+        ax.set_title(column.label, fontsize=9)
     fig.suptitle(title or "Attribution faithfulness on held-out examples", fontsize=10)
     return save_figure(fig, path)
 
@@ -334,16 +341,20 @@ def evaluate(
     batch_size: int = 64,
     part: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    metric_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side);
-    write the JSON report (atomically) and the plot if asked."""
+    """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side) with
+    every registered metric (or those named); write the JSON report (atomically) and the plot if asked."""
+    selected = metrics(metric_names)  # an unknown name fails before any model work
+    report_columns = columns(selected)
     todo = read_examples(examples, limit=limit or None)
     todo = todo[part[0] :: part[1]] if part else todo
     if estimators is None:
         estimators = {"at2": attributor.estimator, "average_attention": ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)}
     rows = []
     for example in tqdm(todo, desc="evaluate", unit="ex", disable=None):
-        row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size, cache_dir=cache_dir)
+        row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size, cache_dir=cache_dir,
+                               metric_names=[m.name for m in selected])
         if row is not None:
             rows.append(row)
     report = {
@@ -351,11 +362,24 @@ def evaluate(
         "estimator": attributor.estimator.config_dict(),
         "num_examples": len(rows),
         "lds_masks": LDS_MASKS,
-        "summary": summarize(rows),
+        "metrics": [m.name for m in selected],
+        "columns": [c.to_dict() for c in report_columns],
+        "summary": summarize(rows, report_columns),
         "examples": rows,
     }
     write_report(report, output, plot)
     return report
+
+
+def report_columns_of(report: dict[str, Any]) -> list[MetricColumn]:
+    """The columns a report was summarized with (reports written before they were recorded: the registered ones)."""
+    recorded = report.get("columns")
+    if not isinstance(recorded, list):
+        return columns()
+    try:
+        return [MetricColumn(**c) for c in recorded]
+    except TypeError as exc:
+        raise InputFileError(f"the report's 'columns' are not metric columns: {exc}") from exc
 
 
 def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None) -> None:
@@ -363,7 +387,8 @@ def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, 
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(report, indent=2))
     if plot is not None:
-        plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples")
+        plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples",
+                     report_columns_of(report))
 
 
 def _read_part(path: Path) -> dict[str, Any]:
@@ -383,5 +408,27 @@ def _read_part(path: Path) -> dict[str, Any]:
 def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """One report from the parts written by several evaluation processes."""
     parts = [_read_part(Path(p)) for p in paths]
+    names = {tuple(part.get("metrics") or ()) for part in parts}
+    if len(names) > 1:
+        raise InputFileError(f"the parts were evaluated with different metrics: {sorted(names)}")
     rows = [row for part in parts for row in part["examples"]]
-    return {**parts[0], "num_examples": len(rows), "summary": summarize(rows), "examples": rows}
+    summary = summarize(rows, report_columns_of(parts[0]))
+    return {**parts[0], "num_examples": len(rows), "summary": summary, "examples": rows}
+
+
+def evaluation_record(report: dict[str, Any], examples: str) -> dict[str, Any]:
+    """What an estimator's metadata keeps of a report: the summary and the columns its model card shows."""
+    return {
+        "examples": examples,
+        "num_examples": report["num_examples"],
+        "lds_masks": report.get("lds_masks"),
+        "columns": [c.to_dict() for c in report_columns_of(report) if c.card],
+        "summary": report["summary"],
+    }
+
+
+def record_evaluation(folder: str | os.PathLike[str], report: dict[str, Any], examples: str) -> None:
+    """Keep an evaluation summary in the estimator's config and model card (what a Hub page shows)."""
+    estimator = ScoreEstimator.from_folder(folder)
+    estimator.metadata["evaluation"] = evaluation_record(report, examples)
+    estimator.update_card(folder)

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..estimator import ScoreEstimator
-    from ..evaluation.report import evaluate, merge_reports, write_report
+    from ..evaluation.report import evaluate, merge_reports, record_evaluation, write_report
 
     if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
         raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
@@ -119,9 +119,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not 0 <= k < n:
             raise InvalidInputError(f"--part must be K/N with 0 <= K < N, got {args.part!r}")
         part = (k, n)
-    from .data import read_examples
+    from ..evaluation.registry import metrics
+    from ..examples import read_examples
 
-    # before the model loads: a bad file fails at once
+    # before the model loads: a bad file or an unknown metric fails at once
+    metrics(args.metrics)
     examples = read_examples(args.examples, limit=args.limit or None)
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
@@ -139,25 +141,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         part=part,
         cache_dir=args.cache,
+        metric_names=args.metrics,
     )
     if args.record:
         record_evaluation(Path(args.estimator), report, str(args.examples))
     print(json.dumps(report["summary"], indent=2))
     return 0
-
-
-def record_evaluation(folder: Path, report: dict[str, Any], examples: str) -> None:
-    """Keep an evaluation summary in the estimator's config and model card (what a Hub page shows)."""
-    from ..estimator import ScoreEstimator
-
-    estimator = ScoreEstimator.from_folder(folder)
-    estimator.metadata["evaluation"] = {
-        "examples": examples,
-        "num_examples": report["num_examples"],
-        "lds_masks": report.get("lds_masks"),
-        "summary": report["summary"],
-    }
-    estimator.update_card(folder)
 
 
 def add_training_commands(sub: Any) -> None:
@@ -213,6 +202,8 @@ def add_training_commands(sub: Any) -> None:
                    "is short: the prefix cache holds this many rows)")
     e.add_argument("--cache", type=Path, help="folder keeping each example's ablations: rerun with another "
                    "estimator measures only its new top-k masks (resumable)")
+    e.add_argument("--metrics", nargs="+", metavar="NAME", help="evaluate with these registered metrics only "
+                   "(default: all of them; built in: lds, top_k_drop; see at2_rag.evaluation.registry)")
     e.add_argument("--record", action="store_true", help="write the summary into the --estimator folder's "
                    "config.json and model card")
     e.set_defaults(func=cmd_evaluate)
