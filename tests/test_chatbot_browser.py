@@ -276,10 +276,30 @@ def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_ser
 
     docs_screenshot(page, artifacts, "chatbot.png")
 
+    # citation numbers: every mark's number is the number its document has in the sources list, with the same title
+    for cite in answer.locator("button.cite").all():
+        row = page.locator(f"#sources .source-row[data-doc-id='{cite.get_attribute('data-doc')}']")
+        expect(row.locator(".num")).to_have_text(cite.get_attribute("data-n"))
+        assert cite.get_attribute("aria-label") == f"Source {cite.get_attribute('data-n')}: {row.locator('.title').inner_text()}"
+
     # clicking a source row shows the whole-answer sentence scores of that document
     rows.nth(1).click()
     expect(page.locator("#doc-card")).to_have_attribute("data-mode", "document")
     expect(page.locator("#doc-claim")).to_contain_text("Whole answer")
+
+    # highlights share one scale across documents: the main source's strongest sentence is full strength, a source
+    # with a small share looks weak (or has no highlight at all), never as bright as the main one
+    def strengths(row_index: int) -> list[float]:
+        rows.nth(row_index).click()
+        expect(page.locator("#doc-view")).to_have_attribute("data-doc-id", rows.nth(row_index).get_attribute("data-doc-id"))
+        return [float(x) for x in page.locator("#doc-view mark.hl").evaluate_all("ms => ms.map(m => m.dataset.strength)")]
+
+    assert max(strengths(0)) == 1.0
+    weak = [i for i, p in enumerate(percents) if p <= 10]
+    assert weak, percents
+    for i in weak:
+        assert all(x < 0.5 for x in strengths(i)), (i, percents)
+    rows.nth(1).click()
 
     # ---- turn 2: the earlier turn goes to the model as history ---------------------------------------------
     with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as req:
@@ -376,6 +396,7 @@ def test_marks_for_an_earlier_answer_and_for_a_sentence_not_from_the_documents(p
         expect(flags.first).to_have_text("not from your documents")
         expect(weather.locator(f".sent.unsupported[data-citation='{flagged[0]}']")).to_be_visible()
         expect(weather.locator(".unsupported-flag")).to_contain_text("Not from your documents.")
+        expect(weather.locator(".unsupported-flag")).to_be_in_viewport()  # the chat scrolled to it after the citations
 
         # ---- "repeat your previous answer": "from the earlier answer", which shows that answer -----------------
         with page.expect_request(lambda r: r.url.endswith("/api/chat") and r.method == "POST") as req:

@@ -37,7 +37,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import secrets
 import threading
 import time

@@ -57,7 +57,9 @@ def _pdf_text(raw: bytes, name: str) -> tuple[str, str | None]:
     try:
         from pypdf import PdfReader
     except ImportError:  # pragma: no cover - pypdf is in the app's dependencies
-        raise UploadError(415, "unsupported_type", "PDF upload needs the pypdf package on the server (pip install pypdf).")
+        raise UploadError(
+            415, "unsupported_type", "PDF upload needs the pypdf package on the server (pip install pypdf)."
+        ) from None
     try:
         reader = PdfReader(io.BytesIO(raw))
         if reader.is_encrypted and not reader.decrypt(""):
