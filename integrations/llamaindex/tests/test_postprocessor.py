@@ -117,3 +117,26 @@ def test_in_a_standard_query_engine(attributor, vector_index):
     assert node.score == node.node.metadata["at2_score"]
     assert isinstance(node.node.metadata["retrieval_score"], float)
     assert isinstance(node, NodeWithScore)
+
+
+def test_same_id_with_other_text_is_kept_as_a_second_document(attributor, retrieved):
+    """The core's one policy (`at2_rag.map_documents`): chunks sharing an id with other text are all scored, the
+    later one as `id#2`; each returned node says which at2 document it is."""
+    from at2_rag import map_documents
+    from llama_index.core.schema import TextNode
+
+    from llama_index.postprocessor.at2 import AT2NodePostprocessor, unique_nodes
+
+    first, other = retrieved[0], retrieved[1]
+    clash = NodeWithScore(node=TextNode(text=other.node.text, id_=first.node.node_id, metadata={"title": "Clash"}), score=0.5)
+    nodes = [first, clash, first]  # first repeated (merged), clash renamed
+    assert map_documents(nodes).ids == [first.node.node_id, first.node.node_id + "#2", first.node.node_id]
+    assert unique_nodes(nodes) == [first, clash]
+    pp = AT2NodePostprocessor(attributor, max_new_tokens=MAX_NEW)
+    out = pp.postprocess_nodes(nodes, query_str=PENICILLIN)
+    assert len(out) == 2 and all(n.node.node_id == first.node.node_id for n in out)
+    by_doc = {n.node.metadata["at2_document_id"]: n for n in out}
+    assert set(by_doc) == {first.node.node_id, first.node.node_id + "#2"}
+    assert by_doc[first.node.node_id + "#2"].node.text == other.node.text
+    for doc_id, n in by_doc.items():
+        assert n.score == pp.last_attribution.document(doc_id).score

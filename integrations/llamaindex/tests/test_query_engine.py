@@ -141,3 +141,21 @@ def test_from_args_rejects_other_objects():
 
     with pytest.raises(TypeError, match="index or BaseRetriever"):
         AT2CitationQueryEngine.from_args("not an index")
+
+
+def test_a_node_retrieved_twice_is_one_document(attributor, bm25, node_text):
+    """A fusion-style retriever returning a node twice: one document, one source node, annotated."""
+    from llama_index.core.retrievers import BaseRetriever
+
+    from llama_index.postprocessor.at2 import AT2CitationQueryEngine
+
+    retrieved = bm25.retrieve(PENICILLIN)[:3]
+
+    class Twice(BaseRetriever):
+        def _retrieve(self, query_bundle):
+            return list(retrieved) + [retrieved[0]]
+
+    response = AT2CitationQueryEngine.from_args(Twice(), attributor=attributor, max_new_tokens=12).query(PENICILLIN)
+    assert sorted(n.node.node_id for n in response.source_nodes) == sorted(n.node.node_id for n in retrieved)
+    assert len(response.metadata["at2"]["documents"]) == 3
+    check_response(response, node_text)
