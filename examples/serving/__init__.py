@@ -1,0 +1,1 @@
+"""Deploying the attribution service beyond one process (Ray Serve): see docs/serving.md."""
