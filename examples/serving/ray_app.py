@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from fastapi import FastAPI, Request
@@ -56,7 +56,9 @@ from at2_rag.runner import check_max_new_tokens
 logger = logging.getLogger(__name__)
 
 #: errors that mean "this request is wrong" (answered 422 over HTTP); anything else is the server's fault (500)
-CLIENT_ERRORS: tuple[type[Exception], ...] = (InvalidInputError, NoDocumentsError, ContextTooLongError, PromptRenderError)
+CLIENT_ERRORS: tuple[type[Exception], ...] = (
+    InvalidInputError, NoDocumentsError, ContextTooLongError, PromptRenderError,
+)
 REQUEST_KEYS = frozenset({"query", "documents", "history", "system_prompt", "answer", "max_new_tokens"})
 
 
@@ -196,8 +198,9 @@ class AttributionService:
         )
         logger.info("replica loaded %s in %.1f s", self.attributor.model_id or self.config.model or "the model",
                     time.perf_counter() - started)
-        self._run_batch.set_max_batch_size(self.config.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        batcher: Any = self._run_batch  # @serve.batch's setters (not in its type hints)
+        batcher.set_max_batch_size(self.config.max_batch_size)
+        batcher.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self._stats_lock = threading.Lock()
         self._serve_batches: list[int] = []
         self._model_batches: list[ModelBatch] = []
@@ -267,7 +270,7 @@ def build_app(config: ServiceConfig | Mapping[str, Any] | None = None) -> serve.
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica}
     if cfg.gpus_per_replica:
         actor_options["num_gpus"] = cfg.gpus_per_replica
-    deployment = AttributionService.options(
+    deployment = cast(serve.Deployment, AttributionService).options(
         num_replicas=cfg.replicas,
         ray_actor_options=actor_options,
         max_ongoing_requests=cfg.max_ongoing_requests or 2 * cfg.max_batch_size,
@@ -277,7 +280,7 @@ def build_app(config: ServiceConfig | Mapping[str, Any] | None = None) -> serve.
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """For `serve run examples.serving.ray_app:app_builder replicas=2 max_batch_size=8 model=/path`."""
-    return build_app(ServiceConfig(**args))
+    return build_app(ServiceConfig.model_validate(args))  # pydantic turns "2" into 2
 
 
 def handle_example(handle: DeploymentHandle) -> list[dict[str, Any]]:
@@ -294,15 +297,13 @@ def handle_example(handle: DeploymentHandle) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve at2-rag attribution on Ray Serve (a local Ray unless "
                                      "RAY_ADDRESS names a cluster you started).")
-    for name, field in ServiceConfig.model_fields.items():
-        kind = field.annotation if field.annotation in (int, float) else None
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description,
-                            type=kind if kind else None)
+    for name, field in ServiceConfig.model_fields.items():  # strings: ServiceConfig validates and converts them
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     args = vars(parser.parse_args(argv))
     host, port = args.pop("host"), args.pop("port")
-    config = ServiceConfig(**{k: v for k, v in args.items() if v is not None})
+    config = ServiceConfig.model_validate({k: v for k, v in args.items() if v is not None})
     logging.basicConfig(level=logging.INFO)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(config), name="at2-rag", route_prefix="/")
