@@ -95,7 +95,7 @@ def answer_logit_probs(
     return torch.cat(out, dim=0)
 
 
-def _full_attention_cache(model: Any) -> Any | None:
+def full_attention_cache(model: Any) -> Any | None:
     """An empty KV cache for `model` when every layer keeps every position (no sliding window), else None.
 
     Prefix sharing reuses cached keys/values across masks; a sliding-window or recurrent layer would drop or
@@ -206,7 +206,7 @@ def ablated_answer_logit_probs(
     """
     seq_len = len(input_ids)
     segments = _prefix_segments(spans, seq_len, answer_len) if share_prefixes else None
-    cache = _full_attention_cache(model) if segments is not None else None
+    cache = full_attention_cache(model) if segments is not None else None
     if segments is None or cache is None or not segments[0]:
         logger.debug("ablations without prefix sharing (overlapping sources, sliding window or no sources)")
         return answer_logit_probs(model, input_ids, answer_len, ablation_attention_mask(seq_len, spans, masks), batch_size)
@@ -219,6 +219,6 @@ def ablated_answer_logit_probs(
     out = torch.empty(masks.shape[0], answer_len)
     for start in range(0, masks.shape[0], batch_size):
         idx = perm[start : start + batch_size]
-        chunk_cache = cache if start == 0 else _full_attention_cache(model)
+        chunk_cache = cache if start == 0 else full_attention_cache(model)
         out[idx] = _shared_prefix_chunk(model, ids, answer_len, spans, order, ends, masks[idx], chunk_cache)
     return out

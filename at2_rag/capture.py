@@ -45,6 +45,10 @@ class CaptureState:
     capture_from: int  # first absolute query position recorded
     capture_to: int | None  # exclusive; None = no end
     num_layers: int
+    # a left-padded batch: row b's first left_padding[b] keys are padding. The model's mask is then known to be
+    # causal + padding (+ window), so rows are deferred as without a mask and the padding is masked at the read
+    left_padding: list[int] | None = None
+    start_position: int = 0  # positions already in the model's cache when the capture starts
     seen: list[int] = field(default_factory=list)
     rows: list[list[torch.Tensor]] = field(default_factory=list)
     pending: list["_PendingRows | None"] = field(default_factory=list)
@@ -56,7 +60,7 @@ class CaptureState:
     _hidden: dict[Any, torch.Tensor] = field(default_factory=dict)  # masks shared by the layers of one read
 
     def __post_init__(self) -> None:
-        self.seen = [0] * self.num_layers
+        self.seen = [self.start_position] * self.num_layers
         self._rows_kept = [0] * self.num_layers
         self.rows = [[] for _ in range(self.num_layers)]
         self.pending = [None] * self.num_layers
@@ -234,6 +238,10 @@ class CaptureState:
         if pending.softcap is not None:
             scores.div_(pending.softcap).tanh_().mul_(pending.softcap)
         by_row = scores.view(b, kvh, k_len, rep, rows)
+        if self.left_padding is not None:
+            for row, pad in enumerate(self.left_padding):
+                if pad:
+                    by_row[row, :, :pad].fill_(float("-inf"))
         if pending.window:
             by_row.masked_fill_(self.hidden_keys(first, rows, k_len, pending.window, key.device), float("-inf"))
         elif first < k_len - 1:  # keys after the first row are future keys for some rows: mask only those
@@ -522,7 +530,7 @@ def _capturing_attention(
     base_fn = _base_function(module, _base)
     state = _ACTIVE.get()
     if state is None or (
-        attention_mask is None
+        (attention_mask is None or state.left_padding is not None)
         and query.shape[2] == 1
         and state.keep_decode_row(getattr(module, "layer_idx", None), query, key)
     ):
@@ -545,9 +553,9 @@ def _capturing_attention(
     softcap = kwargs.get("softcap")
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else state.module_window(layer, module)
     key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
-    if attention_mask is None and key_start == 0:
-        # every key from position 0 is here and only causality (and the window) masks it: reduce later, let
-        # the model's kernel compute the output now
+    if (attention_mask is None or state.left_padding is not None) and key_start == 0:
+        # every key from position 0 is here and only causality (and the window, and a batch's left padding) masks
+        # it: reduce later, let the model's kernel compute the output now
         # a slice is copied at once: it would pin the whole query tensor of a prefill
         rows = query if hi - lo == q_len else query[:, :, lo:hi].clone()
         state.defer(layer, rows, key, start + lo, scaling, softcap, window)
@@ -660,12 +668,21 @@ def capture_attention(
     spans: Sequence[tuple[int, int]],
     capture_from: int,
     capture_to: int | None = None,
+    left_padding: Sequence[int] | None = None,
+    start_position: int = 0,
 ) -> Iterator[CaptureState]:
     """Record attention to the sources (token spans `[start, end)`) for query positions in
-    `[capture_from, capture_to)` during the block."""
+    `[capture_from, capture_to)` during the block.
+
+    `left_padding` (one count per batch row) declares a left-padded batch whose only mask is causal + padding
+    (+ window); `start_position` is the number of positions already in the model's cache (a prefill done before
+    the capture)."""
     install_capture(model)
     num_layers, _ = model_shape(model)
-    state = CaptureState([(int(a), int(b)) for a, b in spans], capture_from, capture_to, num_layers)
+    state = CaptureState(
+        [(int(a), int(b)) for a, b in spans], capture_from, capture_to, num_layers,
+        left_padding=None if left_padding is None else [int(p) for p in left_padding], start_position=start_position,
+    )
     token = _ACTIVE.set(state)
     try:
         yield state

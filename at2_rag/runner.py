@@ -6,6 +6,8 @@ Everything here is about running the model; what the captured features mean (sco
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import threading
 import weakref
@@ -14,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .ablation import ablated_answer_logit_probs
+from .ablation import ablated_answer_logit_probs, full_attention_cache
 from .capture import capture_attention, install_capture, model_shape, text_config
 from .errors import ContextTooLongError, InvalidInputError
 from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
@@ -257,6 +259,42 @@ class ModelRunner:
         mask = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pads, sequences)], device=self.device)
         return ids, mask, pads
 
+    @functools.cached_property
+    def _cache_arg(self) -> str:
+        """transformers renamed `past_key_values` to `cache` during 5.x."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _prefill_rows(self, sequences: Sequence[Sequence[int]], pads: Sequence[int], length: int) -> Any | None:
+        """A batch KV cache of the first `length` positions of left-padded rows, each row's real tokens run alone.
+
+        A padded batch needs an explicit mask, and CPU attention with a mask takes the slow path that materialises
+        every score: a long prompt prefilled in a padded batch cost ~4x its rows run one by one. Each row alone
+        uses the fast causal kernel; its keys and values are then left-padded into one cache (the padding is masked
+        by the attention mask from then on). None for models whose cache is not plain full attention (sliding
+        windows): they prefill in the padded batch."""
+        cache = full_attention_cache(self.model)
+        if cache is None:
+            return None
+        rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
+        for seq, pad in zip(sequences, pads):
+            real = length - pad
+            if real <= 0:
+                rows.append(None)
+                continue
+            ids = torch.tensor([list(seq[:real])], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            rows.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        template = next(r for r in rows if r is not None)
+        for layer, (k0, v0) in enumerate(template):
+            keys, values = [], []
+            for row in rows:
+                k, v = row[layer] if row is not None else (k0[:, :, :0], v0[:, :, :0])
+                missing = length - k.shape[2]
+                keys.append(torch.nn.functional.pad(k, (0, 0, missing, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, missing, 0)))
+            cache.update(torch.cat(keys), torch.cat(values), layer)
+        return cache
+
     @staticmethod
     def _batch_spans(prompts: Sequence[RenderedPrompt], pads: Sequence[int]) -> tuple[list[tuple[int, int]], list[slice]]:
         """Every row's source spans shifted by its padding, one after another (each row reads its own columns)."""
@@ -286,10 +324,15 @@ class ModelRunner:
         ids, mask, pads = self._left_padded([p.input_ids for p in prompts])
         spans, columns = self._batch_spans(prompts, pads)
         width = ids.shape[1]
-        with self.lock, torch.no_grad(), capture_attention(self.model, spans, width - 1) as state:
-            output = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **self._generate_kwargs(generate_kwargs)
-            )
+        kwargs = self._generate_kwargs(generate_kwargs)
+        with self.lock, torch.no_grad():
+            cache = self._prefill_rows([p.input_ids for p in prompts], pads, width - 1) if width > 1 else None
+            if cache is not None:
+                kwargs[self._cache_arg] = cache
+            with capture_attention(
+                self.model, spans, width - 1, left_padding=pads, start_position=0 if cache is None else width - 1
+            ) as state:
+                output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
         features = state.features()
         runs = []
         for row, prompt in enumerate(prompts):
@@ -318,8 +361,19 @@ class ModelRunner:
         # row i predicts its answer from position pad_i + prompt_i - 1 to the end: capture from the earliest
         starts = [pad + p.num_tokens - 1 for pad, p in zip(pads, prompts)]
         first = min(starts)
-        with self.lock, torch.no_grad(), capture_attention(self.model, spans, first, width - 1) as state:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        sequences = [p.input_ids + t.token_ids for p, t in zip(prompts, tokens)]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.lock, torch.no_grad():
+            cache = self._prefill_rows(sequences, pads, first) if first > 0 else None
+            begin = 0 if cache is None else first
+            with capture_attention(
+                self.model, spans, first, width - 1, left_padding=pads, start_position=begin
+            ) as state:
+                cached = {} if cache is None else {self._cache_arg: cache, "use_cache": True}
+                self.model(
+                    input_ids=ids[:, begin:], attention_mask=mask, position_ids=positions[:, begin:],
+                    logits_to_keep=1, **({"use_cache": False} | cached),
+                )
         features = state.features()
         runs = []
         for row, (prompt, encoded) in enumerate(zip(prompts, tokens)):

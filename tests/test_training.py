@@ -20,7 +20,7 @@ from at2_rag import EstimatorFormatError, ScoreEstimator
 from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
 from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
 from at2_rag.ablation import (
-    _full_attention_cache,
+    full_attention_cache,
     ablated_answer_logit_probs,
     ablation_attention_mask,
     answer_logit_probs,
@@ -127,7 +127,7 @@ def test_batched_ablations_equal_one_at_a_time(tiny_llama):
 @pytest.mark.parametrize("batch_size", [1, 3, 8, 33])
 def test_shared_prefix_ablations_equal_full_passes(tiny_llama, batch_size):
     """Prefix sharing computes each distinct prompt prefix once yet gives the full passes' numbers."""
-    assert _full_attention_cache(tiny_llama) is not None  # the shared path really runs here
+    assert full_attention_cache(tiny_llama) is not None  # the shared path really runs here
     gen = torch.Generator().manual_seed(batch_size)
     ids = torch.randint(1, 64, (60,), generator=gen).tolist()
     spans = [(4, 12), (12, 20), (23, 31), (31, 31), (35, 44)]  # adjacent, gapped and empty sources
