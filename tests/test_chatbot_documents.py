@@ -260,3 +260,29 @@ def test_the_model_name_is_shown_before_the_model_loads(uploads: Path):
     status = client_for(uploads, model_name="my-org/tiny-llama").get("/api/status").json()
     assert status["model"] == "my-org/tiny-llama" and status["model_loaded"] is False
     assert client_for(uploads).get("/api/status").json()["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.slow
+def test_cli_serves_any_local_causal_lm_and_shows_its_name(tmp_path: Path, monkeypatch):
+    """--model with a local Hugging Face folder (here: the embedded model saved with save_pretrained)."""
+    import uvicorn
+
+    from at2_rag import load_default_model
+
+    folder = tmp_path / "my-local-lm"
+    model, tokenizer = load_default_model()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    argv = ["--model", str(folder), "--max-new-tokens", "12", "--upload-dir", str(tmp_path / "u")]
+    assert main(argv) == 0
+    client = TestClient(served["app"])
+    status = client.get("/api/status").json()
+    assert status["model_loaded"] and status["model"] == str(folder)  # the page shows its last part: my-local-lm
+    assert status["estimator_trained"] is False  # no estimator shipped for a folder: average attention, said so
+    r = client.post("/api/chat", json={"question": "How many vacation days do I get per year?"})
+    assert r.status_code == 200
+    events = [block.split("\n", 1)[0] for block in r.text.strip().split("\n\n")]
+    assert events[0] == "event: retrieval" and "event: attribution" in events and events[-1] == "event: done"

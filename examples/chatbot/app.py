@@ -762,7 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     print(f"Loading the model ({args.model or 'SmolLM2-135M-Instruct, embedded'}) …", flush=True)
     try:
-        attributor = load_attributor(args.model, args.estimator)
+        if args.model is None and args.estimator is None:
+            attributor = load_default_attributor()
+        else:
+            attributor = load_attributor(args.model, args.estimator)
     except Exception as exc:
         parser.exit(2, f"could not load the model {args.model or 'default'!r}: {type(exc).__name__}: {exc}\n")
     app = create_app(
@@ -775,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         max_history_chars=args.max_history_chars,
         upload_dir=args.upload_dir,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        model_name=attributor.model_id,
+        model_name=getattr(attributor, "model_id", None),
     )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
