@@ -10,6 +10,7 @@ from importlib import metadata
 
 from . import annotations as _annotations  # registers the "at2" content translator
 from ._loading import clear_cache, get_attributor
+from .annotations import attribution_from_metadata
 from .callbacks import EVENT_NAME, AsyncAT2CallbackHandler, AT2CallbackHandler, ChainAttribution
 from .chat_models import ChatAT2
 from .citations import AT2Citations, with_citations
@@ -37,6 +38,7 @@ __all__ = [
     "ChainAttribution",
     "ChatAT2",
     "__version__",
+    "attribution_from_metadata",
     "clear_cache",
     "document_blocks",
     "documents_message",

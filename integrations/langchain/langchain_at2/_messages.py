@@ -1,45 +1,46 @@
-"""LangChain messages as the role/content dicts a chat template expects."""
+"""LangChain messages as the role/content dicts a chat template expects (via `convert_to_openai_messages`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage
+from at2_rag import InvalidInputError
+from langchain_core.messages import BaseMessage, convert_to_openai_messages
 
-_ROLES = {
-    "system": "system",
-    "developer": "system",
-    "human": "user",
-    "user": "user",
-    "ai": "assistant",
-    "assistant": "assistant",
-    "tool": "user",
-    "function": "user",
-}
+#: OpenAI roles -> the roles a chat template knows (tool results are read as user turns, as before)
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def role_of(message: BaseMessage) -> str:
-    role = getattr(message, "role", None) if message.type == "chat" else message.type
-    return _ROLES.get(str(role), "user")
+def to_chat_dict(message: BaseMessage) -> dict[str, str]:
+    """`convert_to_openai_messages(message, text_format="string")` reduced to role + string content.
 
-
-def text_of(message: BaseMessage) -> str:
-    """The message's text blocks joined (images, documents and tool calls are not text)."""
-    return message.text if isinstance(message.content, list) else str(message.content)
+    Content OpenAI's format has no string for (documents, images) keeps its text blocks (`message.text`)."""
+    try:
+        converted = convert_to_openai_messages(message, text_format="string")
+    except ValueError:  # e.g. text-plain document blocks: not an OpenAI block type
+        converted = {"role": "user" if message.type == "human" else message.type, "content": message.text}
+    content = converted.get("content")
+    return {
+        "role": _ROLES.get(str(converted.get("role")), "user"),
+        "content": content if isinstance(content, str) else message.text,
+    }
 
 
 def to_chat_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    return [{"role": role_of(m), "content": text_of(m)} for m in messages]
+    return [to_chat_dict(m) for m in messages]
 
 
 def split_for_core(messages: Sequence[BaseMessage]) -> tuple[str | None, list[dict[str, str]], str]:
     """(system prompt or None, history, query) for the core's own template: the last human message is the
     query, leading system messages are the system prompt, the turns in between are the history."""
     turns = to_chat_dicts(messages)
-    last_user = max((i for i, m in enumerate(messages) if role_of(m) == "user" and m.type != "tool"), default=None)
+    last_user = max(
+        (i for i, (m, t) in enumerate(zip(messages, turns)) if t["role"] == "user" and m.type not in ("tool", "function")),
+        default=None,
+    )
     if last_user is None:
-        raise ValueError("with documents, the messages must contain a human message (the question)")
+        raise InvalidInputError("with documents, the messages must contain a human message (the question)")
     system_parts: list[str] = []
     first = 0
     while first < last_user and turns[first]["role"] == "system":
@@ -54,5 +55,5 @@ def split_for_core(messages: Sequence[BaseMessage]) -> tuple[str | None, list[di
 def last_human_text(messages: Sequence[Any]) -> str:
     for m in reversed(messages):
         if isinstance(m, BaseMessage) and m.type == "human":
-            return text_of(m)
+            return m.text
     return ""

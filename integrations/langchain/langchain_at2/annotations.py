@@ -1,86 +1,74 @@
-"""AT2 results as plain `response_metadata` and as LangChain v1 standard `Citation` annotations.
+"""AT2 results as `response_metadata` and as LangChain v1 standard `Citation` annotations.
 
-`ChatAT2` keeps `AIMessage.content` a plain string and stores the attribution in
-`response_metadata["at2"]`, with `response_metadata["model_provider"] = "at2"`. A content translator registered
-for that provider makes `message.content_blocks` return the text block with one `Citation` annotation per
-(answer sentence, supporting document); with `output_version="v1"` LangChain stores those blocks as the content.
+Everything here is built from the core's one serialization, `Attribution.to_dict()` (schema
+`at2-rag/attribution`, versioned): `response_metadata["at2"]` *is* that dict plus three LangChain conveniences
+(`mode`, `scores`, `context_scores`), so `Attribution.model_validate(message.response_metadata["at2"])` gives the
+attribution back; the `Citation` annotations and the trace summary select and rename its fields.
+
+`ChatAT2` keeps `AIMessage.content` a plain string, with `response_metadata["model_provider"] = "at2"`. A content
+translator registered for that provider makes `message.content_blocks` return the text block with one `Citation`
+annotation per (answer sentence, supporting document); with `output_version="v1"` LangChain stores those blocks as
+the content.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from at2_rag import Attribution
-from langchain_core.messages import AIMessage, AIMessageChunk
+from at2_rag.result import context_key
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.block_translators import register_translator
-from langchain_core.messages.content import Citation, TextContentBlock
+from langchain_core.messages.content import Citation, TextContentBlock, create_citation
 
 PROVIDER = "at2"
+#: the keys `attribution_metadata` adds to `Attribution.to_dict()`
+LANGCHAIN_KEYS = ("mode", "scores", "context_scores")
+#: what goes into a trace's run metadata (LangSmith): small, the rest is in the run's outputs / the custom event
+TRACE_KEYS = ("schema", "schema_version", "scores", "context_scores", "supported", "extra_forward_passes")
 
 
-def attribution_metadata(
-    attribution: Attribution,
-    *,
-    mode: str,
-    unlocated: Sequence[dict[str, Any]] = (),
-) -> dict[str, Any]:
-    """The JSON-friendly summary stored in `response_metadata["at2"]`.
+def attribution_metadata(attribution: Attribution, *, mode: str) -> dict[str, Any]:
+    """`response_metadata["at2"]`: `attribution.to_dict()` (every field of the versioned schema: `documents` in
+    prompt order with their sentences, `citations` per answer sentence with `cited`, `supported`, `grounded`,
+    `context`, `unlocated_documents`, `context_sources`, `extra_forward_passes`, ...) plus
 
-    Keys: `scores` (doc id -> score for the whole answer), `documents` (ranked: id, index, title, url, score),
-    `citations` (per answer sentence: text, start, end, cited ids, supported, and every document's score with
-    its best-supporting sentence), `supported`, `support_threshold`, `estimator_trained`, `mode`
-    ("template": the documents were rendered by at2-rag's prompt template; "prompt": they were found in the
-    messages as given), `unlocated_documents`, `extra_forward_passes` (ablation passes paid to refine the
-    scores: 0 for plain AT2, k with `ablations=k`).
-
-    Conversations: `context_scores` (`{"history:0": s, ..., "system": s, "query": s}`, on the documents'
-    scale) and `context_sources` (per earlier turn, system prompt and question: key, kind, index, role, text,
-    score, as in `Attribution.to_dict()`); each citation also has `grounded` (nats: the estimated drop of the
-    sentence's log-odds without any document; `supported` is `grounded` reaching the estimator's threshold) and
-    `context` (the earlier turns / system prompt it draws on, best first: key and score).
+    * `mode`: "template" (at2-rag's prompt template placed the documents) or "prompt" (they were located in the
+      messages as given);
+    * `scores`: doc id -> score for the whole answer;
+    * `context_scores`: `{"history:0": s, ..., "system": s, "query": s}`, on the documents' scale.
     """
-    docs = {d.id: d for d in attribution.documents}
+    data = attribution.to_dict()
     return {
-        "scores": attribution.document_scores(),
-        "documents": [
-            {"id": d.id, "index": d.index, "title": d.title, "url": d.url, "score": d.score}
-            for d in attribution.top_documents(len(attribution.documents))
-        ],
-        "citations": [
-            {
-                "text": c.text,
-                "start": c.start,
-                "end": c.end,
-                "cited": list(c.cited),
-                "supported": c.supported,
-                "grounded": c.grounded,
-                "context": [{"key": src.key, "score": src.score} for src in c.context],
-                "documents": [
-                    {
-                        "id": cd.id,
-                        "score": cd.score,
-                        "cited_text": cd.sentences[0].text if cd.sentences else docs[cd.id].text[:200],
-                    }
-                    for cd in c.documents
-                ],
-            }
-            for c in attribution.citations
-        ],
-        "supported": attribution.supported,
-        "support_threshold": attribution.support_threshold,
-        "estimator_trained": attribution.estimator_trained,
+        **data,
         "mode": mode,
-        "unlocated_documents": list(unlocated),
-        "extra_forward_passes": attribution.extra_forward_passes,
-        "context_scores": attribution.context_scores(),
-        "context_sources": context_sources(attribution),
+        "scores": {d["id"]: d["score"] for d in data["documents"]},
+        "context_scores": context_scores(data),
     }
 
 
-def context_sources(attribution: Attribution) -> list[dict[str, Any]]:
-    """The context sources as `Attribution.to_dict()` writes them, each with its `key` (`history:0`, ...)."""
-    return [{"key": c.key, **c.model_dump(mode="json")} for c in attribution.context_sources]
+def context_scores(data: Mapping[str, Any]) -> dict[str, float]:
+    """`{"history:0": s, ..., "system": s, "query": s}` from `Attribution.to_dict()`'s `context_sources`."""
+    return {context_key(c["kind"], c.get("index")): c["score"] for c in data["context_sources"]}
+
+
+def attribution_from_metadata(source: BaseMessage | Mapping[str, Any]) -> Attribution:
+    """The `at2_rag.Attribution` back from a message's `response_metadata["at2"]` (or that dict itself)."""
+    at2 = source.response_metadata.get(PROVIDER) if isinstance(source, BaseMessage) else source
+    if not isinstance(at2, Mapping):
+        raise ValueError("the message carries no AT2 attribution (response_metadata['at2'] is missing)")
+    return Attribution.model_validate({k: v for k, v in at2.items() if k not in LANGCHAIN_KEYS})
+
+
+def trace_summary(at2: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of `attribution_metadata` put into a model run's trace metadata (see `AT2CallbackHandler`)."""
+    return {k: at2[k] for k in TRACE_KEYS if k in at2}
+
+
+def context_refs(context: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A citation's `context` (context sources of `to_dict()`) as `{"key", "score"}` pairs, best first."""
+    return [{"key": context_key(c["kind"], c.get("index")), "score": c["score"]} for c in context]
 
 
 def trim_attribution(attribution: Attribution, cut: int) -> Attribution:
@@ -97,12 +85,13 @@ def trim_attribution(attribution: Attribution, cut: int) -> Attribution:
     return attribution.model_copy(update={"answer": attribution.answer[:cut], "citations": citations})
 
 
-def citation_annotations(at2: dict[str, Any]) -> list[Citation]:
-    """One standard `Citation` per (answer sentence, cited document), best document first.
+def citation_annotations(at2: Mapping[str, Any]) -> list[Citation]:
+    """One standard `Citation` (`create_citation`) per (answer sentence, cited document), best document first.
 
-    `start_index`/`end_index` index the whole answer text (in a stream: the concatenated chunks). `extras`:
-    `document_id`, `document_index`, `score` (the document's score for the sentence), and the sentence's
-    `grounded` and `context` (earlier turns it draws on: key and score)."""
+    `start_index`/`end_index` index the whole answer text (in a stream: the concatenated chunks); `cited_text` is
+    the document's best-supporting sentence for it. `extras`: `document_id`, `document_index`, `score` (the
+    document's score for the sentence), and the sentence's `grounded` and `context` (earlier turns it draws on:
+    key and score)."""
     docs = {d["id"]: d for d in at2.get("documents", [])}
     out: list[Citation] = []
     for ci, c in enumerate(at2.get("citations", [])):
@@ -110,28 +99,23 @@ def citation_annotations(at2: dict[str, Any]) -> list[Citation]:
         for doc_id in c.get("cited", []):
             doc = docs.get(doc_id, {})
             cited = per_doc.get(doc_id, {})
-            annotation: Citation = {
-                "type": "citation",
-                "id": f"at2-{ci}-{doc.get('index', doc_id)}",
-                "start_index": c["start"],
-                "end_index": c["end"],
-            }
-            if doc.get("title"):
-                annotation["title"] = doc["title"]
-            if doc.get("url"):
-                annotation["url"] = doc["url"]
-            if cited.get("cited_text"):
-                annotation["cited_text"] = cited["cited_text"]
-            annotation["extras"] = {
-                "document_id": doc_id,
-                "document_index": doc.get("index"),
-                "score": cited.get("score"),
-            }
-            if "grounded" in c:  # absent from metadata written by earlier versions
-                annotation["extras"]["grounded"] = c["grounded"]
-            if "context" in c:
-                annotation["extras"]["context"] = [dict(src) for src in c["context"]]
-            out.append(annotation)
+            sentences = cited.get("sentences") or []
+            cited_text = sentences[0]["text"] if sentences else (doc.get("text") or "")[:200]
+            out.append(
+                create_citation(
+                    id=f"at2-{ci}-{doc.get('index', doc_id)}",
+                    url=doc.get("url") or None,
+                    title=doc.get("title") or None,
+                    start_index=c["start"],
+                    end_index=c["end"],
+                    cited_text=cited_text or None,
+                    document_id=doc_id,
+                    document_index=doc.get("index"),
+                    score=cited.get("score"),
+                    grounded=c.get("grounded"),
+                    context=context_refs(c.get("context", [])),
+                )
+            )
     return out
 
 

@@ -14,7 +14,8 @@ from pydantic import ConfigDict, Field
 
 from ._loading import get_attributor
 from ._messages import to_chat_dicts
-from .documents import convert_documents, to_langchain_document
+from .annotations import context_refs, context_scores
+from .documents import convert_documents, to_at2_document, to_langchain_document
 
 
 class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
@@ -105,33 +106,32 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
             except (AT2Error, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
 
-        scores = attribution.document_scores() if attribution else {}
+        data = attribution.to_dict() if attribution else None
+        scores = {d["id"]: d["score"] for d in data["documents"]} if data else {}
         output = dict(input)
         output[doc_key] = [_scored(doc, doc_id, scores.get(doc_id), i) for i, (doc, doc_id) in enumerate(zip(raw_docs, ids))]
-        output["citations"] = (
-            [
-                {
-                    "text": c.text,
-                    "start": c.start,
-                    "end": c.end,
-                    "document_ids": list(c.cited),
-                    "scores": {d.id: d.score for d in c.documents},
-                    "supported": c.supported,
-                    "grounded": c.grounded,
-                    "context": [{"key": src.key, "score": src.score} for src in c.context],
-                }
-                for c in attribution.citations
-            ]
-            if attribution
-            else []
-        )
-        output["context_scores"] = attribution.context_scores() if attribution else {}
+        output["citations"] = [_citation(c) for c in data["citations"]] if data else []
+        output["context_scores"] = context_scores(data) if data else {}
         output["cited_answer"] = attribution.cited_answer() if attribution else answer
-        output["unsupported"] = not (attribution is not None and attribution.supported)
+        output["unsupported"] = not (data is not None and data["supported"])
         output["attribution"] = attribution
         output["at2_error"] = error
-        output["extra_forward_passes"] = attribution.extra_forward_passes if attribution else 0
+        output["extra_forward_passes"] = data["extra_forward_passes"] if data else 0
         return output
+
+
+def _citation(c: dict[str, Any]) -> dict[str, Any]:
+    """A citation of `Attribution.to_dict()` in this post-processor's format (selected and renamed)."""
+    return {
+        "text": c["text"],
+        "start": c["start"],
+        "end": c["end"],
+        "document_ids": list(c["cited"]),
+        "scores": {d["id"]: d["score"] for d in c["documents"]},
+        "supported": c["supported"],
+        "grounded": c["grounded"],
+        "context": context_refs(c["context"]),
+    }
 
 
 def _prompt_arg(prompt: Any) -> Any:
@@ -155,8 +155,6 @@ def _history_arg(history: Any) -> list[Any] | None:
 def _scored(doc: Any, doc_id: str, score: float | None, index: int) -> Document:
     if isinstance(doc, Document):
         return Document(page_content=doc.page_content, id=doc.id, metadata={**doc.metadata, "at2_score": score, "at2_id": doc_id})
-    from .documents import to_at2_document
-
     return to_langchain_document(to_at2_document(doc, index), at2_score=score, at2_id=doc_id)
 
 

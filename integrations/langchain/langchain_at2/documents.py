@@ -1,5 +1,8 @@
 """LangChain documents <-> at2-rag documents, and documents carried inside chat messages.
 
+The mapping from LangChain objects to at2-rag `Document`s, and the duplicate-id policy, are the core's
+(`at2_rag.to_document` / `at2_rag.map_documents`): the helpers here are thin, LangChain-named wrappers.
+
 A chat model sees retrieved documents in one of three ways (see `ChatAT2`):
 
 * explicitly: `model.invoke(messages, documents=docs)` or `model.bind(documents=docs)`;
@@ -14,120 +17,54 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from at2_rag import Document as AT2Document
+from at2_rag import map_documents, to_document
+from at2_rag.sources import TEXT_PLAIN_BLOCK
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages.content import PlainTextContentBlock, create_plaintext_block
 
 DocumentInput = Union[Document, AT2Document, str, Mapping[str, Any]]
 
-DOCUMENT_BLOCK_TYPE = "text-plain"
+DOCUMENT_BLOCK_TYPE = TEXT_PLAIN_BLOCK
 DOCUMENTS_KWARG = "documents"
 
 
-def _first_str(*values: Any) -> str | None:
-    for value in values:
-        if isinstance(value, str) and value:
-            return value
-    return None
-
-
 def to_at2_document(item: DocumentInput, index: int = 0) -> AT2Document:
-    """Convert one input to an at2-rag Document.
+    """One input as an at2-rag Document: `at2_rag.to_document` (raises `at2_rag.InvalidInputError`, a ValueError).
 
     LangChain `Document`: text = `page_content`; id = `doc.id`, else `metadata["id"]`, else `doc{index}`;
     title = `metadata["title"]`; url = `metadata["url"]`, else `metadata["source"]`; metadata is kept.
     A `text-plain` content block: text, title, url; id = `extras["document_id"]`, else the block id.
     """
-    if isinstance(item, AT2Document):
-        return item if item.id is not None else item.model_copy(update={"id": f"doc{index}"})
-    if isinstance(item, Document):
-        meta = dict(item.metadata or {})
-        return AT2Document(
-            text=item.page_content,
-            id=_first_str(item.id, str(meta["id"]) if meta.get("id") is not None else None) or f"doc{index}",
-            title=_first_str(meta.get("title")),
-            url=_first_str(meta.get("url"), meta.get("source")),
-            metadata=meta,
-        )
-    if isinstance(item, str):
-        return AT2Document(text=item, id=f"doc{index}")
-    if isinstance(item, Mapping):
-        data = dict(item)
-        if data.get("type") == DOCUMENT_BLOCK_TYPE:
-            extras = dict(data.get("extras") or {})
-            text = data.get("text")
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"document block {index} has no 'text' (base64, url or file_id documents cannot be attributed)"
-                )
-            return AT2Document(
-                text=text,
-                id=_first_str(extras.pop("document_id", None), data.get("id")) or f"doc{index}",
-                title=_first_str(data.get("title")),
-                url=_first_str(data.get("url")),
-                metadata=extras.get("metadata") or {},
-            )
-        if "text" not in data and "page_content" in data:
-            data["text"] = data.pop("page_content")
-        meta = data.get("metadata") or {}
-        return AT2Document(
-            text=data.get("text"),
-            id=_first_str(str(data["id"]) if data.get("id") is not None else None) or f"doc{index}",
-            title=_first_str(data.get("title"), meta.get("title")),
-            url=_first_str(data.get("url"), meta.get("url"), meta.get("source")),
-            metadata=meta,
-        )
-    raise TypeError(
-        f"document {index} has type {type(item).__name__}; expected a langchain Document, an at2_rag Document, "
-        "a string, a dict with 'text'/'page_content', or a text-plain content block"
-    )
-
-
-def to_at2_documents(items: Sequence[DocumentInput]) -> list[AT2Document]:
-    """Convert a list; identical documents (same id and text) are kept once, clashing ids get a `#n` suffix."""
-    return convert_documents(items)[0]
+    return to_document(item, index)
 
 
 def convert_documents(items: Sequence[DocumentInput]) -> tuple[list[AT2Document], list[str]]:
-    """`to_at2_documents`, plus the at2 document id of every input item (duplicates share one)."""
-    if isinstance(items, (str, Document, AT2Document)) or isinstance(items, Mapping):
-        raise TypeError("documents must be a list of documents (wrap a single document in a list)")
-    out: list[AT2Document] = []
-    ids: list[str] = []
-    seen: dict[str, str] = {}
-    for i, item in enumerate(items):
-        doc = to_at2_document(item, i)
-        assert doc.id is not None
-        if doc.id in seen:
-            if seen[doc.id] == doc.text:
-                ids.append(doc.id)
-                continue
-            n = 2
-            while f"{doc.id}#{n}" in seen:
-                n += 1
-            doc = doc.model_copy(update={"id": f"{doc.id}#{n}"})
-        assert doc.id is not None
-        seen[doc.id] = doc.text
-        out.append(doc)
-        ids.append(doc.id)
-    return out, ids
+    """`at2_rag.map_documents`: the documents, and the at2 document id of every input item.
+
+    The core's duplicate-id policy: the same id with the same text is one document (both items map to it); the
+    same id with other text keeps both, the later one renamed `id#2`, `id#3`, ... An empty list gives `([], [])`
+    (the core refuses it: callers here report "no documents" themselves); a bare document (not a list) raises
+    `at2_rag.InvalidInputError`.
+    """
+    if isinstance(items, Sequence) and not isinstance(items, (str, bytes)) and len(items) == 0:
+        return [], []
+    mapped = map_documents(items)
+    return list(mapped.documents), list(mapped.ids)
 
 
-def document_blocks(documents: Sequence[DocumentInput]) -> list[dict[str, Any]]:
-    """LangChain v1 `text-plain` content blocks for documents (title, url and document id preserved)."""
-    blocks: list[dict[str, Any]] = []
-    for doc in to_at2_documents(documents):
-        block: dict[str, Any] = {
-            "type": DOCUMENT_BLOCK_TYPE,
-            "mime_type": "text/plain",
-            "text": doc.text,
-            "extras": {"document_id": doc.id},
-        }
-        if doc.title:
-            block["title"] = doc.title
-        if doc.url:
-            block["url"] = doc.url
-        blocks.append(block)
-    return blocks
+def to_at2_documents(items: Sequence[DocumentInput]) -> list[AT2Document]:
+    """`convert_documents(items)[0]`: the documents, with the core's duplicate-id policy applied."""
+    return convert_documents(items)[0]
+
+
+def document_blocks(documents: Sequence[DocumentInput]) -> list[PlainTextContentBlock]:
+    """LangChain v1 `text-plain` content blocks (`create_plaintext_block`) for documents, with title, url and
+    the document id (`extras["document_id"]`, what `to_at2_document` reads back)."""
+    return [
+        create_plaintext_block(doc.text, title=doc.title, url=doc.url, document_id=doc.id)
+        for doc in to_at2_documents(documents)
+    ]
 
 
 def documents_message(question: str, documents: Sequence[DocumentInput]) -> HumanMessage:
@@ -153,6 +90,10 @@ def rag_messages(
     return messages
 
 
+def _is_document_block(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == DOCUMENT_BLOCK_TYPE
+
+
 def extract_documents(messages: Sequence[BaseMessage]) -> tuple[list[BaseMessage], list[Any]]:
     """Split documents out of messages: returns (messages without document blocks, documents in order).
 
@@ -162,17 +103,14 @@ def extract_documents(messages: Sequence[BaseMessage]) -> tuple[list[BaseMessage
     documents: list[Any] = []
     for message in messages:
         extra = message.additional_kwargs.get(DOCUMENTS_KWARG) if message.additional_kwargs else None
-        blocks_found = isinstance(message.content, list) and any(
-            isinstance(b, dict) and b.get("type") == DOCUMENT_BLOCK_TYPE for b in message.content
-        )
-        if not extra and not blocks_found:
+        blocks = [b for b in message.content if _is_document_block(b)] if isinstance(message.content, list) else []
+        if not extra and not blocks:
             cleaned.append(message)
             continue
         update: dict[str, Any] = {}
-        if blocks_found:
-            content = [b for b in message.content if not (isinstance(b, dict) and b.get("type") == DOCUMENT_BLOCK_TYPE)]
-            documents.extend(b for b in message.content if isinstance(b, dict) and b.get("type") == DOCUMENT_BLOCK_TYPE)
-            update["content"] = content
+        if blocks:
+            documents.extend(blocks)
+            update["content"] = [b for b in message.content if not _is_document_block(b)]
         if extra:
             documents.extend(extra)
             update["additional_kwargs"] = {k: v for k, v in message.additional_kwargs.items() if k != DOCUMENTS_KWARG}

@@ -1,9 +1,11 @@
 """Callback handlers that attribute the answers of existing chains to the documents their retrievers returned.
 
-Attach one to any chain (`config={"callbacks": [handler]}`): it follows every run up to its root run, collects
-the documents from `on_retriever_end` and the exact prompt from `on_chat_model_start` / `on_llm_start`, and when
-a model call ends after documents were retrieved under the same root it runs one forward pass of the AT2 model
-over that prompt and answer, with the documents located inside the prompt (however the chain formatted them).
+Attach one to any chain or graph (`config={"callbacks": [handler]}`). The handler is a langchain-core tracer
+(`BaseTracer` / `AsyncBaseTracer`): the tracer base keeps the run tree of every live run (`run_map`) and forgets a
+run when it ends. When a model call ends, the handler takes the documents of every retriever run that ended under
+the same root run (the outermost run the handler sees), the exact prompt of that call (`on_chat_model_start`
+messages, or `on_llm_start` text) and its answer, locates the documents inside the prompt (however the chain
+formatted them) and runs one forward pass of the AT2 model over prompt + answer.
 
 The chain's own LLM can be any chat model or LLM: the AT2 model (the embedded SmolLM2 unless told otherwise)
 reads the same prompt and answer and scores them. That is exact when the chain's LLM *is* the AT2 model, and a
@@ -15,29 +17,31 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 from uuid import UUID
 
 from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 from at2_rag.refine import check_ablations
-from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import run_in_executor
+from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
+from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._loading import get_attributor
 from .._messages import last_human_text, to_chat_dicts
-from ..annotations import attribution_metadata
+from ..annotations import PROVIDER, attribution_metadata, trace_summary
 from ..documents import to_at2_documents, to_langchain_document
 
 logger = logging.getLogger(__name__)
 
 EVENT_NAME = "at2_attribution"
 _QUERY_KEYS = ("question", "query", "input", "q")
+#: where the handler keeps a chat model run's messages on its own `Run` (the tracer base stores them serialised)
+_MESSAGES_KEY = "at2_messages"
 
 
 class ChainAttribution(BaseModel):
@@ -45,7 +49,7 @@ class ChainAttribution(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    run_id: UUID = Field(description="the root run (what `chain.invoke` created)")
+    run_id: UUID = Field(description="the root run: the outermost run the handler saw (what `chain.invoke` created)")
     llm_run_id: UUID
     query: str
     answer: str
@@ -58,6 +62,11 @@ class ChainAttribution(BaseModel):
         default_factory=list, description="retrieved documents that do not occur in the prompt, with the reason"
     )
     error: str | None = None
+    run_name: str | None = Field(default=None, description="the model run's name (e.g. 'ChatAT2')")
+    run_tags: list[str] = Field(default_factory=list, description="the model run's tags")
+    run_metadata: dict[str, Any] = Field(
+        default_factory=dict, description="the model run's LangChain metadata (LangGraph adds `langgraph_node`)"
+    )
 
     @property
     def scores(self) -> dict[str, float]:
@@ -75,14 +84,14 @@ class ChainAttribution(BaseModel):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The attribution as `ChatAT2` writes it into `response_metadata["at2"]` (see
-        `langchain_at2.annotations.attribution_metadata`); {} when there is none."""
-        if self.attribution is None:
-            return {}
-        return attribution_metadata(self.attribution, mode="prompt", unlocated=self.unlocated)
+        """The attribution as `ChatAT2` writes it into `response_metadata["at2"]`: `Attribution.to_dict()` plus
+        `mode`, `scores`, `context_scores` (see `langchain_at2.annotations.attribution_metadata`); {} when there
+        is none."""
+        return attribution_metadata(self.attribution, mode="prompt") if self.attribution is not None else {}
 
     def to_event(self) -> dict[str, Any]:
-        """The JSON-friendly payload of the `at2_attribution` custom event."""
+        """The JSON-friendly payload of the `at2_attribution` custom event: `metadata` plus the run ids, query,
+        answer and error (with no attribution: empty scores and citations, `supported` False)."""
         data: dict[str, Any] = {
             "run_id": str(self.run_id),
             "llm_run_id": str(self.llm_run_id),
@@ -108,26 +117,45 @@ class ChainAttribution(BaseModel):
 def _query_from_inputs(inputs: Any) -> str | None:
     if isinstance(inputs, str):
         return inputs
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         for key in _QUERY_KEYS:
             if isinstance(inputs.get(key), str):
                 return inputs[key]
     return None
 
 
-class _AT2Tracker:
-    """Run-tree bookkeeping and the attribution itself, shared by the sync and async handlers."""
+def _retrieved_documents(root: Run) -> list[Document]:
+    """The documents of every retriever run that ended under `root`, in the order the retrievers started."""
+    documents: list[Document] = []
+    stack: list[Run] = [root]
+    while stack:
+        run = stack.pop()
+        if run.run_type == "retriever" and run.end_time is not None and run.error is None and run.outputs:
+            documents.extend(d for d in run.outputs.get("documents") or [] if isinstance(d, Document))
+        stack.extend(reversed(list(run.child_runs)))
+    return documents
 
-    def __init__(
+
+class _AT2Tracker:
+    """The attribution of finished model runs and the results store, shared by the sync and async handlers.
+
+    Run bookkeeping is the tracer base's (`run_map`: live runs only, each with its child runs); the handler adds
+    nothing per run beyond the `Run` objects themselves, and drops the base's `order_map` entry of every run that
+    ends, so nothing is kept for a run after it ends, wherever the handler is attached."""
+
+    run_map: dict[str, Run]
+    order_map: dict[UUID, tuple[UUID, str]]
+
+    def _setup(
         self,
-        attributor: Attributor | None = None,
-        *,
-        model_name: str | None = None,
-        estimator: str | None = None,
-        device: str | None = None,
-        dispatch_events: bool = True,
-        max_results: int = 1000,
-        ablations: int = 0,
+        attributor: Attributor | None,
+        model_name: str | None,
+        estimator: str | None,
+        device: str | None,
+        dispatch_events: bool,
+        trace_metadata: bool,
+        max_results: int,
+        ablations: int,
     ) -> None:
         self.ablations = check_ablations(ablations)
         """ablation passes that refine each attribution (0 = plain AT2: one forward pass per model call)"""
@@ -135,17 +163,16 @@ class _AT2Tracker:
         self._model_args = {"estimator": estimator, "device": device}
         self._model_name = model_name
         self.dispatch_events = dispatch_events
+        self.trace_metadata = trace_metadata
         self.max_results = max_results
         self.results: OrderedDict[UUID, ChainAttribution] = OrderedDict()
-        """root run id -> the attribution of the last model call under it that had documents"""
+        """root run id -> the model call under it that answered from the retrieved documents (the latest one that
+        did; a later call whose prompt does not hold them never replaces it)"""
+        self.calls: OrderedDict[UUID, list[ChainAttribution]] = OrderedDict()
+        """root run id -> every attributed model call under it, in the order they ended"""
         self.llm_results: OrderedDict[UUID, ChainAttribution] = OrderedDict()
         """model-call run id -> its attribution"""
-        self._lock = threading.RLock()
-        self._parent: dict[UUID, UUID | None] = {}
-        self._members: dict[UUID, set[UUID]] = {}
-        self._root_inputs: dict[UUID, Any] = {}
-        self._documents: dict[UUID, list[Document]] = {}
-        self._prompts: dict[UUID, tuple[str, list[Any]]] = {}
+        self._results_lock = threading.Lock()
 
     @property
     def attributor(self) -> Attributor:
@@ -153,84 +180,52 @@ class _AT2Tracker:
             self._attributor = get_attributor(self._model_name, **self._model_args)
         return self._attributor
 
-    # ---- run tree -------------------------------------------------------------------------------------------
-    def _root(self, run_id: UUID) -> UUID:
-        seen = set()
-        while run_id not in seen:
-            seen.add(run_id)
-            parent = self._parent.get(run_id)
-            if parent is None:
-                return run_id
-            run_id = parent
-        return run_id  # pragma: no cover - cycles cannot happen in LangChain's run tree
+    # ---- tracer hooks -----------------------------------------------------------------------------------------
+    def _persist_run_sync(self, run: Run) -> None:
+        """Nothing is persisted: a root run's tree is dropped when it ends."""
 
-    def _track(self, run_id: UUID, parent_run_id: UUID | None) -> UUID:
-        with self._lock:
-            self._parent[run_id] = parent_run_id
-            root = self._root(run_id)
-            self._members.setdefault(root, set()).add(run_id)
-            return root
+    def _forget_order(self, run: Run) -> None:
+        self.order_map.pop(run.id, None)
 
-    def _forget(self, root: UUID) -> None:
-        with self._lock:
-            for run in self._members.pop(root, {root}):
-                self._parent.pop(run, None)
-                self._prompts.pop(run, None)
-            self._parent.pop(root, None)
-            self._root_inputs.pop(root, None)
-            self._documents.pop(root, None)
+    def _keep_messages(self, run_id: UUID, messages: list[list[BaseMessage]]) -> None:
+        run = self.run_map.get(str(run_id))
+        if run is not None:
+            run.extra[_MESSAGES_KEY] = [list(batch) for batch in messages]
 
-    def _chain_start(self, inputs: Any, run_id: UUID, parent_run_id: UUID | None) -> None:
-        self._track(run_id, parent_run_id)
-        if parent_run_id is None:
-            with self._lock:
-                self._root_inputs[run_id] = inputs
-
-    def _retriever_end(self, documents: Sequence[Document], run_id: UUID, parent_run_id: UUID | None) -> None:
-        root = self._track(run_id, parent_run_id)
-        with self._lock:
-            self._documents.setdefault(root, []).extend(documents)
-
-    def _prompt_start(self, kind: str, prompts: list[Any], run_id: UUID, parent_run_id: UUID | None) -> None:
-        self._track(run_id, parent_run_id)
-        with self._lock:
-            self._prompts[run_id] = (kind, list(prompts))
-
-    def _collect(self, response: LLMResult, run_id: UUID, parent_run_id: UUID | None) -> list[dict[str, Any]]:
-        """Everything one finished model call needs for attribution (taken under the lock, computed outside)."""
-        with self._lock:
-            root = self._root(run_id) if run_id in self._parent else run_id
-            prompt = self._prompts.pop(run_id, None)
-            documents = list(self._documents.get(root, []))
-            inputs = self._root_inputs.get(root)
-        if prompt is None or not documents:
-            return []
-        kind, prompts = prompt
-        jobs = []
+    # ---- attribution ------------------------------------------------------------------------------------------
+    def _jobs(self, run: Run) -> Iterator[dict[str, Any]]:
+        """What each prompt of a finished model run needs for attribution; none without retrieved documents."""
+        root = self.run_map.get(str(run.trace_id)) if run.trace_id != run.id else None
+        if root is None or run.error is not None:
+            return
+        documents = _retrieved_documents(root)
+        if not documents:
+            return
+        query = _query_from_inputs(root.inputs)
+        messages = run.extra.get(_MESSAGES_KEY)
+        prompts: list[Any] = messages if messages is not None else list(run.inputs.get("prompts") or [])
+        generations = (run.outputs or {}).get("generations") or []
+        metadata = {k: v for k, v in (run.extra.get("metadata") or {}).items() if k != PROVIDER}
         for i, payload in enumerate(prompts):
-            generations = response.generations[i] if i < len(response.generations) else []
-            if not generations:
+            if i >= len(generations) or not generations[i]:
                 continue
-            answer = generations[0].text
-            if kind == "chat":
-                messages: list[BaseMessage] = payload
-                rendered: Any = to_chat_dicts(messages)
-                fallback = last_human_text(messages)
+            if messages is not None:
+                rendered: Any = to_chat_dicts(payload)
+                fallback = last_human_text(payload)
             else:
                 rendered, fallback = str(payload), ""
-            jobs.append(
-                {
-                    "root": root,
-                    "llm_run_id": run_id,
-                    "prompt": rendered,
-                    "answer": answer,
-                    "documents": documents,
-                    "query": _query_from_inputs(inputs) or fallback,
-                }
-            )
-        return jobs
+            yield {
+                "root": root.id,
+                "run": run,
+                "prompt": rendered,
+                "answer": generations[i][0].get("text") or "",
+                "documents": documents,
+                "query": query or fallback,
+                "run_metadata": metadata,
+            }
 
     def _compute(self, job: dict[str, Any]) -> ChainAttribution:
+        run: Run = job["run"]
         documents = to_at2_documents(job["documents"])
         attribution: Attribution | None = None
         unlocated: list[dict[str, Any]] = []
@@ -248,176 +243,168 @@ class _AT2Tracker:
                 error = f"none of the {len(documents)} retrieved documents occurs in the prompt"
             except (AT2Error, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        if unlocated:
+        if attribution is not None and unlocated:
             logger.warning(
                 "AT2: %d of %d retrieved documents were not found in the prompt of run %s and get no score: %s",
                 len(unlocated),
                 len(documents),
-                job["llm_run_id"],
+                run.id,
                 "; ".join(f"{u['id']}: {u['reason']}" for u in unlocated),
             )
-        if error:
-            logger.warning("AT2: no attribution for run %s: %s", job["llm_run_id"], error)
+        if error:  # a call whose prompt holds none of the documents (a grader, a router) is routine in a graph
+            level = logging.INFO if attribution is None and unlocated and len(unlocated) == len(documents) else logging.WARNING
+            logger.log(level, "AT2: no attribution for run %s (%s): %s", run.id, run.name, error)
         scores = attribution.document_scores() if attribution else {}
         return ChainAttribution(
             run_id=job["root"],
-            llm_run_id=job["llm_run_id"],
+            llm_run_id=run.id,
             query=job["query"],
             answer=job["answer"],
             attribution=attribution,
             documents=[to_langchain_document(d, at2_score=scores.get(d.id)) for d in documents],
             unlocated=unlocated,
             error=error,
+            run_name=run.name,
+            run_tags=list(run.tags or []),
+            run_metadata=job["run_metadata"],
         )
 
-    def _store(self, result: ChainAttribution) -> None:
-        with self._lock:
-            for table, key in ((self.results, result.run_id), (self.llm_results, result.llm_run_id)):
-                table[key] = result
-                table.move_to_end(key)
+    def _store(self, result: ChainAttribution, run: Run) -> dict[str, Any]:
+        """Keep the result; put its summary into the model run's trace metadata; return the event payload."""
+        event = result.to_event()
+        if self.trace_metadata:
+            # the metadata dict LangChain handed every handler of this model run: tracers that end the run after
+            # this handler (LangSmith's is added after the config's callbacks) record the summary with it
+            shared = run.extra.get("metadata")
+            if isinstance(shared, dict):
+                shared[PROVIDER] = {**trace_summary(event), "error": result.error}
+        with self._results_lock:
+            self.llm_results[result.llm_run_id] = result
+            self.calls.setdefault(result.run_id, []).append(result)
+            self.calls.move_to_end(result.run_id)
+            current = self.results.get(result.run_id)
+            if current is None or result.attribution is not None:
+                self.results[result.run_id] = result
+            self.results.move_to_end(result.run_id)
+            for table in (self.results, self.calls, self.llm_results):
                 while len(table) > self.max_results:
                     table.popitem(last=False)
-
-    def _end(self, run_id: UUID, parent_run_id: UUID | None) -> None:
-        if parent_run_id is None:
-            self._forget(run_id)
+        return event
 
 
-class AT2CallbackHandler(_AT2Tracker, BaseCallbackHandler):
-    """Attribute the answers of any chain that retrieves documents and then calls a model.
+_HANDLER_DOC = """
 
     ```python
     handler = AT2CallbackHandler()              # the embedded SmolLM2 scores (or pass attributor=...)
-    answer = chain.invoke("question?", config={"callbacks": [handler]})
-    result = handler.results[run_id]            # ChainAttribution: .scores, .attribution, .unlocated
+    answer = chain.invoke("question?", config={"callbacks": [handler], "run_id": run_id})
+    result = handler.results[run_id]            # ChainAttribution: .scores, .attribution, .unlocated, .error
+    handler.calls[run_id]                       # every attributed model call under that root, in order
     ```
-    Root run ids come from `config={"run_id": ...}`, `collect_runs()`, or `handler.results` (insertion
-    ordered). Each result is also dispatched as the custom event `"at2_attribution"` (see `astream_events`)
-    when the model call runs inside a chain. Thread safe: one handler can serve concurrent invocations.
 
-    `AT2CallbackHandler(ablations=k)` pays k ablation passes per attributed model call to refine the scores
-    (0, the default, is plain AT2); the event's `extra_forward_passes` says how many were paid.
+    Root run ids come from `config={"run_id": ...}`, `collect_runs()`, or `handler.results` (insertion ordered);
+    attached below the root (e.g. `inner.with_config(callbacks=[handler])`), the root is the outermost run the
+    handler sees. `results[root]` is the model call that answered from the retrieved documents: a later call
+    whose prompt does not hold them (a grader, a router) never replaces it; `llm_results[llm_run_id]` and
+    `calls[root]` keep every call. The oldest are dropped after `max_results`.
+
+    Each result also goes out as the custom event `"at2_attribution"` (see `astream_events`) when the model call
+    runs inside a chain, and, with `trace_metadata=True` (default), its summary (`schema`, `scores`,
+    `context_scores`, `supported`, `extra_forward_passes`, `error`) lands in the model run's trace metadata under
+    `"at2"` for tracers that end the run after this handler (LangSmith's tracer is added after the callbacks of
+    the config). Thread safe: one handler can serve concurrent invocations.
+
+    `ablations=k` pays k ablation passes per attributed model call to refine the scores (0, the default, is plain
+    AT2); the event's `extra_forward_passes` says how many were paid.
     """
 
-    def on_chain_start(
-        self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._chain_start(inputs, run_id, parent_run_id)
 
-    def on_chain_end(self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
-        self._end(run_id, parent_run_id)
+class AT2CallbackHandler(_AT2Tracker, BaseTracer):
+    __doc__ = "Attribute the answers of any chain that retrieves documents and then calls a model." + _HANDLER_DOC
 
-    def on_chain_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._end(run_id, parent_run_id)
+    name: str = "at2_callback_handler"
 
-    def on_retriever_start(
-        self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    def __init__(
+        self,
+        attributor: Attributor | None = None,
+        *,
+        model_name: str | None = None,
+        estimator: str | None = None,
+        device: str | None = None,
+        dispatch_events: bool = True,
+        trace_metadata: bool = True,
+        max_results: int = 1000,
+        ablations: int = 0,
     ) -> None:
-        self._track(run_id, parent_run_id)
+        BaseTracer.__init__(self, _schema_format="original+chat")
+        self._setup(attributor, model_name, estimator, device, dispatch_events, trace_metadata, max_results, ablations)
 
-    def on_retriever_end(
-        self, documents: Sequence[Document], *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._retriever_end(documents, run_id, parent_run_id)
+    def _persist_run(self, run: Run) -> None:
+        self._persist_run_sync(run)
+
+    def _end_trace(self, run: Run) -> None:
+        super()._end_trace(run)
+        self._forget_order(run)
 
     def on_chat_model_start(
-        self,
-        serialized: Any,
-        messages: list[list[BaseMessage]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._prompt_start("chat", messages, run_id, parent_run_id)
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
+    ) -> Run:
+        run = super().on_chat_model_start(serialized, messages, run_id=run_id, **kwargs)
+        self._keep_messages(run_id, messages)
+        return run
 
-    def on_llm_start(
-        self, serialized: Any, prompts: list[str], *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._prompt_start("text", prompts, run_id, parent_run_id)
-
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
-        for job in self._collect(response, run_id, parent_run_id):
-            result = self._compute(job)
-            self._store(result)
+    def _on_llm_end(self, run: Run) -> None:
+        for job in self._jobs(run):
+            event = self._store(self._compute(job), run)
             if self.dispatch_events:
                 try:
-                    dispatch_custom_event(EVENT_NAME, result.to_event())
+                    dispatch_custom_event(EVENT_NAME, event)
                 except Exception as exc:  # no enclosing runnable (e.g. a bare model call, or a batch step)
                     logger.debug("AT2: custom event not dispatched: %s", exc)
-        self._end(run_id, parent_run_id)
 
-    def on_llm_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+
+class AsyncAT2CallbackHandler(_AT2Tracker, AsyncBaseTracer):
+    __doc__ = (
+        "The async variant of `AT2CallbackHandler`: the forward pass runs in a worker thread and the result is "
+        "dispatched with `adispatch_custom_event`, so `astream_events` shows `on_custom_event` / `at2_attribution`."
+        + _HANDLER_DOC
+    )
+
+    name: str = "async_at2_callback_handler"
+
+    def __init__(
+        self,
+        attributor: Attributor | None = None,
+        *,
+        model_name: str | None = None,
+        estimator: str | None = None,
+        device: str | None = None,
+        dispatch_events: bool = True,
+        trace_metadata: bool = True,
+        max_results: int = 1000,
+        ablations: int = 0,
     ) -> None:
-        with self._lock:
-            self._prompts.pop(run_id, None)
-        self._end(run_id, parent_run_id)
+        AsyncBaseTracer.__init__(self, _schema_format="original+chat")
+        self._setup(attributor, model_name, estimator, device, dispatch_events, trace_metadata, max_results, ablations)
 
+    async def _persist_run(self, run: Run) -> None:
+        self._persist_run_sync(run)
 
-class AsyncAT2CallbackHandler(_AT2Tracker, AsyncCallbackHandler):
-    """The async variant of `AT2CallbackHandler`: the forward pass runs in a worker thread and the result is
-    dispatched with `adispatch_custom_event`, so `astream_events` shows `on_custom_event` / `at2_attribution`."""
-
-    async def on_chain_start(
-        self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._chain_start(inputs, run_id, parent_run_id)
-
-    async def on_chain_end(
-        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._end(run_id, parent_run_id)
-
-    async def on_chain_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._end(run_id, parent_run_id)
-
-    async def on_retriever_start(
-        self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._track(run_id, parent_run_id)
-
-    async def on_retriever_end(
-        self, documents: Sequence[Document], *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._retriever_end(documents, run_id, parent_run_id)
+    async def _end_trace(self, run: Run) -> None:
+        await super()._end_trace(run)
+        self._forget_order(run)
 
     async def on_chat_model_start(
-        self,
-        serialized: Any,
-        messages: list[list[BaseMessage]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._prompt_start("chat", messages, run_id, parent_run_id)
+        self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
+    ) -> Any:
+        await super().on_chat_model_start(serialized, messages, run_id=run_id, **kwargs)
+        self._keep_messages(run_id, messages)
 
-    async def on_llm_start(
-        self, serialized: Any, prompts: list[str], *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        self._prompt_start("text", prompts, run_id, parent_run_id)
-
-    async def on_llm_end(
-        self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        for job in self._collect(response, run_id, parent_run_id):
+    async def _on_llm_end(self, run: Run) -> None:
+        for job in list(self._jobs(run)):
             result = await run_in_executor(None, self._compute, job)
-            self._store(result)
+            event = self._store(result, run)
             if self.dispatch_events:
                 try:
-                    await adispatch_custom_event(EVENT_NAME, result.to_event())
+                    await adispatch_custom_event(EVENT_NAME, event)
                 except Exception as exc:
                     logger.debug("AT2: custom event not dispatched: %s", exc)
-        self._end(run_id, parent_run_id)
-
-    async def on_llm_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
-    ) -> None:
-        with self._lock:
-            self._prompts.pop(run_id, None)
-        self._end(run_id, parent_run_id)

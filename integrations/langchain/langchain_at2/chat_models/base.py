@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from at2_rag import DEFAULT_MODEL_ID, Attribution, Attributor, CapturedRun, PromptTemplate
+from at2_rag import DEFAULT_MODEL_ID, TEMPLATE_DEFAULT, Attribution, AttributionRequest, Attributor, CapturedRun, PromptTemplate
+from at2_rag.errors import InvalidInputError
 from at2_rag.refine import check_ablations
 from at2_rag.locate import LocatedPrompt
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -40,10 +41,10 @@ class _Plan:
     stop: list[str]
     ablations: int = 0
     query: str = ""
-    documents: list[Any] = field(default_factory=list)
-    history: list[dict[str, str]] = field(default_factory=list)
-    system_prompt: dict[str, Any] = field(default_factory=dict)  # {} = at2-rag's default system prompt
+    request: AttributionRequest | None = None
+    """template mode: what the core renders (query, documents, history, system prompt)"""
     located: LocatedPrompt | None = None
+    """plain and prompt mode: the messages as given, with the documents located inside them"""
 
 
 class _StopFilter:
@@ -240,14 +241,13 @@ class ChatAT2(BaseChatModel):
 
         messages, embedded = extract_documents(messages)
         if explicit is not None and not isinstance(explicit, (list, tuple)):
-            raise TypeError("documents must be a list of documents")
+            raise InvalidInputError("documents must be a list of documents (wrap a single document in a list)")
         raw_docs = [*(explicit or []), *embedded]
         if not raw_docs:
             plan.located = attributor.locate(to_chat_dicts(messages))
             return plan
 
         documents = to_at2_documents(raw_docs)
-        plan.documents = documents
         if self.documents_mode != "template":
             located = attributor.locate(to_chat_dicts(messages), documents)
             if located.located:
@@ -262,16 +262,15 @@ class ChatAT2(BaseChatModel):
                 plan.query = split_for_core(messages)[2] if any(m.type == "human" for m in messages) else ""
                 return plan
             if self.documents_mode == "prompt":
-                raise ValueError(
+                raise InvalidInputError(
                     "documents_mode='prompt' but none of the documents' text occurs in the messages: "
                     + "; ".join(f"{u.id}: {u.reason}" for u in located.unlocated)
                 )
         system, history, query = split_for_core(messages)
-        plan.mode, plan.query, plan.history = "template", query, history
-        if system is not None:
-            plan.system_prompt = {"system_prompt": system}
-        elif self.system_prompt is not None:
-            plan.system_prompt = {"system_prompt": self.system_prompt}
+        if system is None:
+            system = TEMPLATE_DEFAULT if self.system_prompt is None else self.system_prompt
+        plan.mode, plan.query = "template", query
+        plan.request = AttributionRequest(query=query, documents=documents, history=history, system_prompt=system)
         return plan
 
     # ---- results --------------------------------------------------------------------------------------------
@@ -295,26 +294,19 @@ class ChatAT2(BaseChatModel):
             "finish_reason": finish_reason,
         }
         if attribution is not None:
-            unlocated = [u.to_dict() for u in attribution.unlocated_documents]
-            metadata[PROVIDER] = attribution_metadata(
-                attribution, mode="template" if plan.mode == "template" else "prompt", unlocated=unlocated
-            )
+            metadata[PROVIDER] = attribution_metadata(attribution, mode=plan.mode)
         usage = UsageMetadata(
             input_tokens=prompt_tokens, output_tokens=answer_tokens, total_tokens=prompt_tokens + answer_tokens
         )
         return text, metadata, usage
 
     def _run(self, plan: _Plan) -> tuple[str, dict[str, Any], UsageMetadata]:
+        """One planned call through the core: `Attributor.generate` on the request (template mode), else the
+        runner over the located prompt, with capture when documents were located in it."""
         att = plan.attributor
-        if plan.mode == "template":
+        if plan.request is not None:
             result = att.generate(
-                plan.query,
-                plan.documents,
-                plan.history,
-                max_new_tokens=plan.max_new_tokens,
-                ablations=plan.ablations,
-                **plan.system_prompt,
-                **plan.generate_kwargs,
+                plan.request, max_new_tokens=plan.max_new_tokens, ablations=plan.ablations, **plan.generate_kwargs
             )
             return self._finish(
                 plan, result.answer, result, result.num_prompt_tokens, result.num_answer_tokens, result.finish_reason
@@ -361,15 +353,9 @@ class ChatAT2(BaseChatModel):
         plan = self._plan(messages, stop, kwargs)
         att = plan.attributor
         items: Iterator[Any]
-        if plan.mode == "template":
+        if plan.request is not None:
             items = att.stream(
-                plan.query,
-                plan.documents,
-                plan.history,
-                max_new_tokens=plan.max_new_tokens,
-                ablations=plan.ablations,
-                **plan.system_prompt,
-                **plan.generate_kwargs,
+                plan.request, max_new_tokens=plan.max_new_tokens, ablations=plan.ablations, **plan.generate_kwargs
             )
         else:
             assert plan.located is not None

@@ -77,8 +77,10 @@ def test_results_per_root_run(chain, bm25_retriever) -> None:
     # the custom event went out under the chain's run
     (name, data, _), = [e for e in collector.events if e[0] == EVENT_NAME]
     assert data["run_id"] == str(run_id) and data["scores"] == result.scores
-    # the run tree of a finished root is forgotten, the result is kept
-    assert not handler._parent and not handler._documents
+    # the tracer base's run tree of a finished root is forgotten, the result is kept
+    assert handler.run_map == {} and handler.order_map == {}
+    assert handler.calls[run_id] == [result] and handler.llm_results[result.llm_run_id] is result
+    assert result.run_name == "ChatAT2" and result.run_metadata["ls_provider"] == "at2"
 
 
 def test_documents_missing_from_the_prompt_are_reported(bm25_retriever, llm, caplog) -> None:
@@ -133,7 +135,7 @@ def test_eight_concurrent_invocations_do_not_mix(chain, bm25_retriever) -> None:
         assert question in result.attribution.prompt and result.attribution.answer == answer
         assert set(result.scores) == {d.id for d in result.documents}
     assert len({r.run_id for r in handler.results.values()}) == len(QUESTIONS)
-    assert not handler._parent and not handler._prompts
+    assert handler.run_map == {} and handler.order_map == {}
 
 
 @pytest.mark.parametrize("handler_class", [AsyncAT2CallbackHandler, AT2CallbackHandler])
@@ -160,6 +162,7 @@ def test_text_prompts_from_completion_llms(attributor, corpus) -> None:
     root, retriever_run, llm_run = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     docs = [d for d in corpus if d.id in ("amazon-river", "jupiter")]
     handler.on_chain_start({}, {"question": "Which river carries the most water?"}, run_id=root)
+    handler.on_retriever_start({}, "Which river carries the most water?", run_id=retriever_run, parent_run_id=root)
     handler.on_retriever_end(docs, run_id=retriever_run, parent_run_id=root)
     prompt = f"{docs[0].page_content}\n{docs[1].page_content}\nQ: Which river carries the most water?\nA:"
     handler.on_llm_start({}, [prompt], run_id=llm_run, parent_run_id=root)
@@ -167,6 +170,7 @@ def test_text_prompts_from_completion_llms(attributor, corpus) -> None:
         LLMResult(generations=[[Generation(text=" The Amazon River.")]]), run_id=llm_run, parent_run_id=root
     )
     handler.on_chain_end({}, run_id=root)
+    assert handler.run_map == {} and handler.order_map == {}
     result = handler.results[root]
     assert result.llm_run_id == llm_run and result.query == "Which river carries the most water?"
     assert result.attribution is not None and result.attribution.prompt == prompt
@@ -177,4 +181,5 @@ def test_model_calls_without_documents_are_ignored(llm) -> None:
     handler = AT2CallbackHandler()
     chain = RunnableLambda(lambda q: q) | llm | StrOutputParser()
     chain.invoke("Say hi.", config={"callbacks": [handler]})
-    assert handler.results == {}
+    assert handler.results == {} and handler.calls == {} and handler.llm_results == {}
+    assert handler.run_map == {} and handler.order_map == {}

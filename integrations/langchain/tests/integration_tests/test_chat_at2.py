@@ -8,7 +8,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-from langchain_at2 import ChatAT2, rag_messages
+from langchain_at2 import ChatAT2, attribution_from_metadata, rag_messages
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,11 @@ def _check_at2(message: AIMessage, doc_ids: list[str]) -> dict:
     assert isinstance(message, AIMessage) and message.text.strip()
     at2 = message.response_metadata["at2"]
     assert set(at2["scores"]) == set(doc_ids)
-    assert [d["id"] for d in at2["documents"]] == sorted(at2["scores"], key=at2["scores"].get, reverse=True)
+    # Attribution.to_dict(): documents in prompt order, with the schema tag
+    assert at2["schema"] == "at2-rag/attribution"
+    assert [d["index"] for d in at2["documents"]] == list(range(len(at2["documents"])))
+    assert at2["scores"] == {d["id"]: d["score"] for d in at2["documents"]}
+    assert attribution_from_metadata(message).document_scores() == at2["scores"]
     assert at2["citations"], "every non-empty answer has at least one sentence"
     for c in at2["citations"]:
         assert message.text[c["start"] : c["end"]] == c["text"]
@@ -49,8 +53,8 @@ def test_documents_kwarg_uses_the_template(llm, retrieved) -> None:
     msg = llm.invoke(QUESTION, documents=retrieved)
     at2 = _check_at2(msg, [d.id for d in retrieved])
     assert at2["mode"] == "template"
-    assert at2["documents"][0]["id"] == "eiffel-tower"  # the document that holds the answer ranks first
-    assert at2["documents"][0]["title"] == "Eiffel Tower"
+    assert max(at2["scores"], key=at2["scores"].get) == "eiffel-tower"  # the document holding the answer ranks first
+    assert {d["id"]: d["title"] for d in at2["documents"]}["eiffel-tower"] == "Eiffel Tower"
     annotations = msg.content_blocks[0].get("annotations", [])
     assert any(a["extras"]["document_id"] == "eiffel-tower" and a["url"].endswith("Eiffel_Tower") for a in annotations)
 
@@ -141,5 +145,5 @@ def test_full_lcel_chain(llm, bm25_retriever) -> None:
     )
     msg = chain.invoke("How tall is Mount Everest?")
     at2 = msg.response_metadata["at2"]
-    assert at2["documents"][0]["id"] == "mount-everest"
+    assert max(at2["scores"], key=at2["scores"].get) == "mount-everest"
     assert (chain | StrOutputParser()).invoke("How tall is Mount Everest?") == msg.text

@@ -1,8 +1,9 @@
 """LangChain's standard integration tests for chat models, on the real embedded SmolLM2-135M-Instruct.
 
 Features a 135M local model does not have are switched off through the documented properties: tool calling,
-structured output, JSON mode, image/audio/PDF/video inputs, per-call model override. Generations are kept
-short (max_tokens=12) for CPU time.
+structured output, JSON mode, image/audio/PDF/video inputs. A per-call model override is supported and tested:
+the override is the embedded model's converted checkpoint folder, loaded as a second, separate model (no other
+causal LM is available offline). Generations are kept short (max_tokens=12) for CPU time.
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ class TestChatAT2Integration(ChatModelIntegrationTests):
 
     @property
     def supports_model_override(self) -> bool:
-        return False
+        return True
+
+    @property
+    def model_override_value(self) -> str:
+        from at2_rag.models import default_model_path
+
+        return str(default_model_path())  # a local folder: `model=` loads it with Attributor.from_pretrained
 
     @property
     def returns_usage_metadata(self) -> bool:

@@ -6,6 +6,7 @@ import copy
 from operator import itemgetter
 
 import pytest
+from at2_rag import Scorer
 from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
@@ -58,9 +59,13 @@ def test_scored_documents_and_citations(bm25_retriever, llm, attributor) -> None
 def test_unsupported_follows_the_grounded_threshold(bm25_retriever, llm, attributor) -> None:
     chain = rag_chain(bm25_retriever, llm)
     answer = chain.invoke({"question": "How long is a marathon?"})
-    strict, lenient = copy.copy(attributor), copy.copy(attributor)
-    strict.grounded_threshold = 1e6  # no sentence can depend on the documents that much
-    lenient.grounded_threshold, lenient.support_threshold = -1e6, 0.0
+    def with_thresholds(grounded: float, support: float | None = None):  # same model, the scorer's policy changed
+        other = copy.copy(attributor)
+        other.scorer = Scorer(attributor.estimator, support, grounded)
+        return other
+
+    strict = with_thresholds(1e6)  # no sentence can depend on the documents that much
+    lenient = with_thresholds(-1e6, 0.0)
     assert AT2Citations(attributor=strict).invoke(answer)["unsupported"] is True
     out = AT2Citations(attributor=lenient).invoke(answer)
     assert out["unsupported"] is False and all(c["document_ids"] for c in out["citations"])

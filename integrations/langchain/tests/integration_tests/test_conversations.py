@@ -17,7 +17,10 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import RunnablePassthrough
 
+from at2_rag.result import context_key
+
 from langchain_at2 import EVENT_NAME, AT2CallbackHandler, AT2Citations, ChatAT2
+from langchain_at2.annotations import context_refs
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +49,17 @@ def _check_citations(at2: dict, text: str) -> None:
         assert text[c["start"] : c["end"]] == c["text"]
         assert isinstance(c["grounded"], float)
         assert isinstance(c["context"], list)
-        assert all(set(src) == {"key", "score"} and src["key"] in keys - {"query"} for src in c["context"])
+        # the context sources of Attribution.to_dict(), keyed like context_scores
+        assert all(context_key(src["kind"], src["index"]) in keys - {"query"} for src in c["context"])
         assert [s["score"] for s in c["context"]] == sorted((s["score"] for s in c["context"]), reverse=True)
         assert c["supported"] or not c["cited"]
 
 
 def _check_sources(at2: dict, expected: list[tuple[str, str, str]]) -> None:
     """expected: (key, role, text) of every context source, in prompt order."""
-    assert [(s["key"], s["role"], s["text"]) for s in at2["context_sources"]] == expected
-    assert at2["context_scores"] == {s["key"]: s["score"] for s in at2["context_sources"]}
+    assert [(context_key(s["kind"], s["index"]), s["role"], s["text"]) for s in at2["context_sources"]] == expected
+    assert at2["context_scores"] == {context_key(s["kind"], s["index"]): s["score"] for s in at2["context_sources"]}
     assert all(isinstance(v, float) for v in at2["context_scores"].values())
-    for s in at2["context_sources"]:
-        assert s["key"] == (f"{s['kind']}:{s['index']}" if s["index"] is not None else s["kind"])
 
 
 class EventCollector(BaseCallbackHandler):
@@ -94,7 +96,7 @@ def test_chat_history_becomes_context_sources_in_template_mode(llm) -> None:
     assert annotations or not any(c["cited"] for c in at2["citations"])
     for ann in annotations:
         c = by_sentence[(ann["start_index"], ann["end_index"])]
-        assert ann["extras"]["grounded"] == c["grounded"] and ann["extras"]["context"] == c["context"]
+        assert ann["extras"]["grounded"] == c["grounded"] and ann["extras"]["context"] == context_refs(c["context"])
     # streaming: the last chunk carries the same
     chunks = list(llm.stream([*HISTORY, HumanMessage(FOLLOW_UP)], documents=DOCS))
     assert chunks[-1].response_metadata["at2"]["context_scores"] == pytest.approx(at2["context_scores"])
@@ -149,7 +151,7 @@ def test_handler_attributes_a_repeated_answer_to_the_earlier_turn(attributor) ->
     assert meta["context_scores"] == result.context_scores
     _check_citations(meta, answer)
     (citation,) = meta["citations"]
-    assert citation["context"][0]["key"] == "history:1"
+    assert context_refs(citation["context"])[0]["key"] == "history:1"
     assert citation["grounded"] == result.attribution.citations[0].grounded
     # the custom event carries the same
     ((_, data),) = [e for e in collector.events if e[0] == EVENT_NAME]

@@ -16,6 +16,5 @@ class TestChatAT2Unit(ChatModelUnitTests):
     def chat_model_params(self) -> dict:
         return {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
-    @property
-    def supports_model_override(self) -> bool:
-        return False
+    # supports_model_override: True (the default): a per-call `model=` picks another shared Attributor, and
+    # `_get_ls_params(model=...)` reports it (test_standard_params_model_override)

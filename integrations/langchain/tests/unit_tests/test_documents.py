@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 from at2_rag import Document as AT2Document
+from at2_rag import InvalidInputError, map_documents
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
@@ -23,10 +24,14 @@ def test_other_inputs() -> None:
     assert to_at2_document("plain text", 1).id == "doc1"
     assert to_at2_document({"page_content": "x", "id": "a", "metadata": {"title": "T"}}, 0).title == "T"
     assert to_at2_document(AT2Document(text="y"), 2).id == "doc2"
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidInputError, match="document 0 has type int"):
         to_at2_document(42, 0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidInputError, match="must be a list"):
         to_at2_documents("not a list")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="must be a list"):
+        to_at2_documents(Document(page_content="a bare document"))  # type: ignore[arg-type]
+    assert issubclass(InvalidInputError, ValueError)
+    assert convert_documents([]) == ([], [])
 
 
 def test_duplicates_are_merged_and_clashing_ids_renamed() -> None:
@@ -34,11 +39,15 @@ def test_duplicates_are_merged_and_clashing_ids_renamed() -> None:
     docs, ids = convert_documents([a, a, Document(page_content="other", id="a"), "free"])
     assert [d.id for d in docs] == ["a", "a#2", "doc3"]
     assert ids == ["a", "a", "a#2", "doc3"]
+    # the core's one policy, not a copy of it: the same result as at2_rag.map_documents
+    mapped = map_documents([a, a, Document(page_content="other", id="a"), "free"])
+    assert (docs, ids) == (mapped.documents, mapped.ids)
 
 
 def test_blocks_round_trip() -> None:
     docs = [Document(page_content="Alpha text.", id="alpha", metadata={"title": "Alpha", "url": "https://a"}), "Beta text."]
     blocks = document_blocks(docs)
+    assert blocks[0].pop("id").startswith("lc_")  # create_plaintext_block gives every block an id
     assert blocks[0] == {
         "type": "text-plain",
         "mime_type": "text/plain",

@@ -11,6 +11,7 @@ EXPECTED = {
     "ChainAttribution",
     "ChatAT2",
     "__version__",
+    "attribution_from_metadata",
     "clear_cache",
     "document_blocks",
     "documents_message",
@@ -30,14 +31,15 @@ def test_all_imports() -> None:
 
 
 def test_constructing_models_loads_nothing() -> None:
-    from langchain_at2 import _loading
+    from at2_rag import shared
 
-    before = dict(_loading._CACHE)
+    assert langchain_at2.get_attributor is shared.get_attributor  # one shared Attributor per process, the core's
+    before = dict(shared._CACHE)
     for _ in range(50):
         langchain_at2.ChatAT2(max_tokens=8)
         langchain_at2.AT2CallbackHandler()
         langchain_at2.AT2Citations()
-    assert _loading._CACHE == before
+    assert shared._CACHE == before
 
 
 def test_field_aliases_and_params() -> None:
