@@ -24,7 +24,8 @@ from .errors import AT2Error, InvalidInputError
 from .refine import check_ablations
 from .request import AttributionRequest
 from .result import Attribution
-from .runner import check_max_new_tokens
+from .prompt import RenderedPrompt
+from .runner import check_answer, check_max_new_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ DEFAULT_MAX_WAIT_MS = 10.0
 
 @dataclass
 class _Pending:
-    request: AttributionRequest
+    prompt: RenderedPrompt  # rendered (or located) in the caller's thread: bad input fails there, at once
+    query: str
+    answer: str | None
     settings: tuple[Any, ...]  # requests batch together only with equal settings
     future: Future
     max_new_tokens: int
@@ -85,21 +88,42 @@ class MicroBatcher:
     def submit(
         self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **generate_kwargs: Any
     ) -> Future:
-        """Queue a request; the Future resolves to its Attribution (or raises its own error)."""
+        """Queue a request; the Future resolves to its Attribution (or raises its own error). The prompt is
+        rendered here, so malformed input raises in the caller's thread."""
+        parsed = AttributionRequest.coerce(request)
+        return self.submit_prompt(
+            self.attributor.render(parsed), parsed.query, parsed.answer, max_new_tokens, ablations, **generate_kwargs
+        )
+
+    def submit_prompt(
+        self,
+        prompt: RenderedPrompt,
+        query: str = "",
+        answer: str | None = None,
+        max_new_tokens: int = 256,
+        ablations: int = 0,
+        **generate_kwargs: Any,
+    ) -> Future:
+        """Queue a ready prompt (`Attributor.render`, or `Attributor.locate(...).prompt` for a prompt rendered
+        elsewhere): its answer is generated, or with `answer`, attributed with one forward pass."""
         if self._closed:
             raise RuntimeError("this MicroBatcher is closed")
-        parsed = AttributionRequest.coerce(request)
         check_ablations(ablations)
         check_max_new_tokens(max_new_tokens)
         if "streamer" in generate_kwargs:
             raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
-        mode = "attribute" if parsed.answer is not None else "generate"
-        try:
-            frozen = tuple(sorted((k, repr(v)) for k, v in generate_kwargs.items()))
-        except TypeError as exc:
-            raise InvalidInputError(f"generate keyword arguments must have string names: {exc}") from exc
-        settings = (mode, ablations) if mode == "attribute" else (mode, max_new_tokens, ablations, frozen)
-        pending = _Pending(parsed, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs))
+        if answer is not None:
+            check_answer(answer)
+            self.attributor.runner.check_fits(prompt)
+            settings: tuple[Any, ...] = ("attribute", ablations)
+        else:
+            self.attributor.runner.check_fits(prompt, max_new_tokens)
+            try:
+                frozen = tuple(sorted((k, repr(v)) for k, v in generate_kwargs.items()))
+            except TypeError as exc:
+                raise InvalidInputError(f"generate keyword arguments must have string names: {exc}") from exc
+            settings = ("generate", max_new_tokens, ablations, frozen)
+        pending = _Pending(prompt, query, answer, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs))
         self._queue.put(pending)
         return pending.future
 
@@ -176,13 +200,13 @@ class MicroBatcher:
         if not live:
             return
         head = live[0]
+        runner, prompts = self.attributor.runner, [p.prompt for p in live]
         try:
             if head.settings[0] == "attribute":
-                results = self.attributor.attribute_batch([p.request for p in live], ablations=head.ablations)
+                runs = runner.forward_batch(prompts, [p.answer or "" for p in live])
             else:
-                results = self.attributor.generate_batch(
-                    [p.request for p in live], head.max_new_tokens, head.ablations, **head.generate_kwargs
-                )
+                runs = runner.generate_batch(prompts, head.max_new_tokens, **head.generate_kwargs)
+            results = [self.attributor.build_attribution(run, p.query, p.ablations) for run, p in zip(runs, live)]
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
             if len(live) == 1:
                 head.future.set_exception(exc)
@@ -198,14 +222,13 @@ class MicroBatcher:
             pending.future.set_result(result)
 
     def _run_one(self, pending: _Pending) -> None:
+        runner = self.attributor.runner
         try:
-            if pending.request.answer is not None:
-                result = self.attributor.attribute(pending.request, ablations=pending.ablations)
+            if pending.answer is not None:
+                run = runner.forward(pending.prompt, pending.answer)
             else:
-                result = self.attributor.generate(
-                    pending.request, max_new_tokens=pending.max_new_tokens, ablations=pending.ablations,
-                    **pending.generate_kwargs,
-                )
+                run = runner.generate(pending.prompt, pending.max_new_tokens, **pending.generate_kwargs)
+            result = self.attributor.build_attribution(run, pending.query, pending.ablations)
         except Exception as exc:  # noqa: BLE001 - handed to its own caller
             pending.future.set_exception(exc)
         else:

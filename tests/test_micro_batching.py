@@ -49,7 +49,7 @@ def test_concurrent_callers_share_one_batch_and_get_their_own_results(att, alone
 
 
 def test_a_bad_request_fails_alone(att, alone):
-    too_long = {"query": "Why? " * 5000, "documents": ["x"]}
+    too_long = {"query": "Why? " * 5000, "documents": ["x"]}  # refused in its caller's thread, at once
     with MicroBatcher(att, max_wait_ms=500) as batcher:
         results = _concurrently(lambda r: batcher.generate(r, max_new_tokens=NEW), [REQUESTS[0], too_long, REQUESTS[2]])
     assert "context window" in str(results[1])
@@ -103,3 +103,14 @@ def test_bad_settings_are_clear(att):
             batcher.submit({"query": "q"})
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(REQUESTS[0])
+
+
+def test_a_batch_that_fails_in_the_model_hands_each_caller_its_own_error(att):
+    """A failure inside the batched run is retried request by request: each caller gets its own error (here
+    every one, since the setting is bad for all), and the batcher keeps serving."""
+    with MicroBatcher(att, max_wait_ms=300) as batcher:
+        futures = [batcher.submit(r, max_new_tokens=4, do_sample=True, temperature=-1.0) for r in REQUESTS[:2]]
+        errors = [f.exception(timeout=300) for f in futures]
+        after = batcher.generate(REQUESTS[0], max_new_tokens=4)
+    assert all(isinstance(e, ValueError) and "temperature" in str(e) for e in errors), errors
+    assert batcher.stats.batch_sizes[:2] == [1, 1] and after.num_answer_tokens > 0
