@@ -9,7 +9,11 @@ TORCH_PIN ?= torch==2.13.0
 INTEGRATIONS := $(wildcard integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test fuzz system-deps data clean-venv
+# ruff reads every Python file of the repository; mypy checks the library and both integrations.
+LINT_PATHS ?= at2_rag integrations examples tests bench scripts
+MYPY_PATHS ?= at2_rag integrations/langchain/langchain_at2 integrations/llamaindex/llama_index/postprocessor/at2
+
+.PHONY: install demo test lint fuzz system-deps data clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +35,8 @@ demo: $(STAMP)
 	$(VENV)/bin/at2-rag demo
 
 # Debian packages the tests read: Chromium for the browser tests (Debian's build; never a browser download of a
-# test tool's own) and python3-doc, the real documentation the dataset builder turns into RAG examples.
+# test tool's own) and python3-doc, the real documentation the dataset builder turns into RAG examples. Needs root
+# (apt-get): CI runs it before `make test`, which itself installs nothing system-wide.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
@@ -41,8 +46,12 @@ system-deps:
 		|| echo "could not install$$missing: the browser tests skip without chromium, the dataset tests fail without python3-doc"; \
 	fi
 
-test: $(STAMP) system-deps
+test: $(STAMP)
 	@bash scripts/run_tests.sh $(PY) $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(MYPY_PATHS)
 
 # The standing fuzz suite at full size: 5 properties x 2,100 cases (CI runs 40 of each inside `make test`).
 FUZZ_EXAMPLES ?= 2100

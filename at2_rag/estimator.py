@@ -36,7 +36,7 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 REFERENCE_NAME = "score_estimator.pt"
 SHIPPED_PACKAGE = "at2_rag.estimators"
-FORMAT_NAME = "at2-rag-estimator"
+FORMAT_NAME: Literal["at2-rag-estimator"] = "at2-rag-estimator"
 WEIGHTS_KEY = "weights"
 # config.json holds a few numbers and an evaluation summary; anything near this size is not an estimator config
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
@@ -175,7 +175,8 @@ def read_weights(path: Path, num_layers: int, num_heads: int) -> torch.Tensor:
             dtype, shape = handle.get_dtype(), list(handle.get_shape())
             if dtype not in FLOAT_DTYPES:
                 raise EstimatorFormatError(
-                    f"{path}: tensor {WEIGHTS_KEY!r} has dtype {dtype}, expected a float type ({', '.join(FLOAT_DTYPES)})"
+                    f"{path}: tensor {WEIGHTS_KEY!r} has dtype {dtype}, "
+                    f"expected a float type ({', '.join(FLOAT_DTYPES)})"
                 )
             if shape not in ([n], [num_layers, num_heads]):
                 raise EstimatorFormatError(
@@ -246,13 +247,13 @@ class ScoreEstimator(torch.nn.Module):
 
     # construction ---------------------------------------------------------------------------------------
     @classmethod
-    def uniform(cls, num_layers: int, num_heads: int, model_id: str | None = None) -> "ScoreEstimator":
+    def uniform(cls, num_layers: int, num_heads: int, model_id: str | None = None) -> ScoreEstimator:
         """Average attention over all heads: AT2's starting point and the untrained baseline."""
         n = num_layers * num_heads
         return cls(torch.full((n,), 1.0 / n), num_layers, num_heads, model_id=model_id, trained=False)
 
     @classmethod
-    def single_head(cls, layer: int, head: int, num_layers: int, num_heads: int, **kw: Any) -> "ScoreEstimator":
+    def single_head(cls, layer: int, head: int, num_layers: int, num_heads: int, **kw: Any) -> ScoreEstimator:
         """All weight on one head, to inspect what it attends to."""
         if not (0 <= layer < num_layers and 0 <= head < num_heads):
             raise EstimatorFormatError(f"head ({layer}, {head}) outside a {num_layers} x {num_heads} grid")
@@ -269,11 +270,11 @@ class ScoreEstimator(torch.nn.Module):
             )
         return features.to(self.weights.dtype) @ self.weights
 
-    def l1_normalize_(self) -> "ScoreEstimator":
+    def l1_normalize_(self) -> ScoreEstimator:
         with torch.no_grad():
             norm = self.weights.abs().sum()
             if norm > 0:
-                self.weights /= norm
+                self.weights.div_(norm)
         return self
 
     def check_compatible(self, num_layers: int, num_heads: int, model_id: str | None = None) -> None:
@@ -377,7 +378,7 @@ class ScoreEstimator(torch.nn.Module):
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike[str]) -> "ScoreEstimator":
+    def from_folder(cls, folder: str | os.PathLike[str]) -> ScoreEstimator:
         """Load config.json + model.safetensors (or a reference score_estimator.pt), validating both: the folder
         may come from anywhere (the Hub, a colleague), so every field is checked before it is used."""
         folder = Path(folder)
@@ -426,7 +427,7 @@ class ScoreEstimator(torch.nn.Module):
                    metadata=dict(ref.metadata))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> "ScoreEstimator":
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **hub_kwargs: Any) -> ScoreEstimator:
         """Load from a folder, a reference-format `.pt` file, or a Hugging Face Hub repo id."""
         path = Path(name_or_path)
         if path.is_dir():
@@ -436,7 +437,7 @@ class ScoreEstimator(torch.nn.Module):
         return cls._from_hub(str(name_or_path), **hub_kwargs)
 
     @classmethod
-    def _from_hub(cls, repo_id: str, **hub_kwargs: Any) -> "ScoreEstimator":
+    def _from_hub(cls, repo_id: str, **hub_kwargs: Any) -> ScoreEstimator:
         from huggingface_hub import snapshot_download
 
         try:
@@ -464,7 +465,7 @@ class ScoreEstimator(torch.nn.Module):
         return str(info)
 
     @classmethod
-    def shipped(cls, model_id: str) -> "ScoreEstimator | None":
+    def shipped(cls, model_id: str) -> ScoreEstimator | None:
         """The estimator bundled inside the package for `model_id`, if there is one."""
         root = resources.files(SHIPPED_PACKAGE) / model_slug(model_id)
         if not (root / CONFIG_NAME).is_file():

@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import InputFileError, InvalidExamplesError, InvalidInputError, NoDocumentsError
 from .files import json_type, read_jsonl
@@ -143,6 +144,7 @@ def scan_examples(source: str | os.PathLike[str] | Iterable[Any], limit: int | N
             example_id, problem = _example_id(row, position)
             problem = problem or _example_problem(row)
             if problem is None:
+                assert example_id is not None  # _example_id gives an id whenever it reports no problem
                 example = Example(
                     id=example_id, query=row["query"], documents=row["documents"], history=row.get("history") or [],
                     line=line, position=position,

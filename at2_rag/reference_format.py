@@ -73,7 +73,7 @@ class ReferenceExtractorKwargs(_Reference):
 
 class ReferenceExtractor(_Reference):
     class_: Literal["AttentionFeatureExtractor"] = Field(alias="class")
-    kwargs: ReferenceExtractorKwargs
+    args: ReferenceExtractorKwargs = Field(alias="kwargs")  # not named kwargs: pydantic's mypy plugin reserves it
 
 
 class ReferenceEstimatorKwargs(_Reference):
@@ -90,7 +90,7 @@ class ReferenceEstimatorFile(_Reference):
     class_: Literal["LinearScoreEstimator"] = Field(alias="class")
     feature_extractor: ReferenceExtractor
     state_dict: dict[str, Any]
-    kwargs: ReferenceEstimatorKwargs | None = None
+    args: ReferenceEstimatorKwargs | None = Field(default=None, alias="kwargs")
     extras: dict[Any, Any] | None = None  # informational: only its str -> scalar entries are kept
 
 
@@ -137,7 +137,7 @@ def convert_reference(data: dict[str, Any], model_id: str | None = None, source:
         ref = ReferenceEstimatorFile.model_validate(data)
     except ValidationError as exc:
         raise EstimatorFormatError(describe_validation_error(exc, where)) from exc
-    num_layers, num_heads = ref.feature_extractor.kwargs.num_layers, ref.feature_extractor.kwargs.num_heads
+    num_layers, num_heads = ref.feature_extractor.args.num_layers, ref.feature_extractor.args.num_heads
     n = num_layers * num_heads
     weight = data["state_dict"].get("linear.weight")
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == 1 and weight.shape[1] != n:
@@ -146,17 +146,19 @@ def convert_reference(data: dict[str, Any], model_id: str | None = None, source:
             f"{num_layers} x {num_heads} = {n} (feature_extractor.kwargs)"
         )
     weight = _float_tensor(weight, "linear.weight", where, (1, n))
-    kwargs = ref.kwargs or ReferenceEstimatorKwargs()
+    kwargs = ref.args or ReferenceEstimatorKwargs()
     if "linear.bias" in data["state_dict"]:
         bias = _float_tensor(data["state_dict"]["linear.bias"], "linear.bias", where, (1,))
         if kwargs.bias and bias.abs().max() > 0:
             # A constant added to every source's score: it shifts scores but never changes their ranking.
-            logger.warning("reference estimator in %s has a bias (%s); at2-rag scores are bias-free", where, bias.tolist())
+            logger.warning(
+                "reference estimator in %s has a bias (%s); at2-rag scores are bias-free", where, bias.tolist()
+            )
     extras = ref.extras or {}
     metadata = {
         "converted_from": source or "reference at2 estimator",
         "reference_kwargs": {k: getattr(kwargs, k) for k in ("normalize", "non_negative", "bias")},
-        "reference_model_type": ref.feature_extractor.kwargs.model_type,
+        "reference_model_type": ref.feature_extractor.args.model_type,
         "reference_extras": {
             k: v for k, v in extras.items() if isinstance(k, str) and isinstance(v, (str, int, float, bool))
         },

@@ -1,7 +1,8 @@
 """Multi-turn training/held-out examples for collection: the model's own first answer as history, then a
 follow-up (repeat / build on / doubt / unanswerable; at2_rag/evaluation/conversations.py). Resumable JSONL.
 
-    python scripts/build_conversations.py data/rag_python_docs/train.jsonl data/rag_python_docs/train_conversations.jsonl --examples 120
+    python scripts/build_conversations.py data/rag_python_docs/train.jsonl \
+        data/rag_python_docs/train_conversations.jsonl --examples 120
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def main() -> None:
             if f"{examples[i].id}-{KINDS[i % len(KINDS)]}" in done:
                 continue
             conversation = conversation_example(attributor, examples, i)
-            documents = [d if isinstance(d, dict) else d.model_dump(exclude_none=True) for d in conversation["documents"]]
+            documents = [
+                d if isinstance(d, dict) else d.model_dump(exclude_none=True) for d in conversation["documents"]
+            ]
             handle.write(json.dumps({**conversation, "documents": documents}) + "\n")
             handle.flush()
 

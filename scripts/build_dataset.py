@@ -31,10 +31,10 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tqdm import tqdm
 

@@ -32,6 +32,7 @@ from transformers import (
 from at2_rag import UnsupportedModelError
 from at2_rag.capture import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
 
+
 def source_matrix(prompt_tokens: int, spans) -> torch.Tensor:
     """Dense [prompt_tokens, sources] indicator: the reference reduction, independent of the capture's."""
     matrix = torch.zeros(prompt_tokens, len(spans), dtype=torch.float32)
@@ -393,7 +394,8 @@ def test_deferred_read_exact_beyond_exp_range(case, monkeypatch):
     calls = []
     shares = CaptureState._source_shares
     monkeypatch.setattr(
-        CaptureState, "_source_shares", lambda self, *a, shifted: calls.append(shifted) or shares(self, *a, shifted=shifted)
+        CaptureState, "_source_shares",
+        lambda self, *a, shifted: calls.append(shifted) or shares(self, *a, shifted=shifted),
     )
     first = k_len - rows
     state = CaptureState(spans, first, None, num_layers=1)
@@ -415,7 +417,6 @@ def test_capture_memory_is_bounded_on_long_forward():
     model = cls(config).eval()
     n_prompt, n_answer = 2000, 16
     spans = [(i * 100, i * 100 + 90) for i in range(20)]
-    matrix = source_matrix(n_prompt, spans)
     ids = torch.randint(3, VOCAB, (1, n_prompt + n_answer))
     with torch.no_grad(), capture_attention(model, spans, n_prompt - 1, n_prompt - 1 + n_answer) as state:
         model(ids, use_cache=False, logits_to_keep=1)

@@ -37,7 +37,7 @@ def test_evaluate_reports_every_method_with_costs(smollm, tmp_path):
     assert report["num_examples"] == 2
     summary = report["summary"]
     assert set(summary) == {"at2", "average_attention", "leave_one_out", "contextcite_32", "contextcite_64"}
-    for name, row in summary.items():
+    for row in summary.values():
         assert math.isnan(row["lds"]) or -1.0 <= row["lds"] <= 1.0
         assert math.isfinite(row["top1_drop"]) and math.isfinite(row["top3_drop"])
     by_id = {row["id"]: row for row in report["examples"]}
@@ -199,7 +199,8 @@ def test_a_registered_metric_reaches_summary_plot_and_model_card(tmp_path):
 
         summary = summarize(rows)
         assert summary["at2"]["top1_share"] == pytest.approx(0.75)
-        assert summary["at2"]["top1_drop"] == pytest.approx(2.0) and summary["at2"]["top1_drop_sem"] == pytest.approx(2.0)
+        assert summary["at2"]["top1_drop"] == pytest.approx(2.0)
+        assert summary["at2"]["top1_drop_sem"] == pytest.approx(2.0)
         assert summary["at2"]["extra_forward_passes"] == 0 and "extra_forward_passes_sem" not in summary["at2"]
         assert plot_summary(summary, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 

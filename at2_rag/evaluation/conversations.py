@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..attributor import Attributor
+from ..examples import Example
 from ..features import answer_targets, target_features
 from ..grounding import GroundednessCalibration, auroc
 from ..refine import RefinementPrior
-from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
-from ..examples import Example
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ def evaluate_conversation(
     attributor: Attributor, example: dict[str, Any], max_new_tokens: int = 48, batch_size: int = 8
 ) -> list[dict[str, Any]]:
     """One row per sentence of the follow-up answer (see the module docstring)."""
-    run = attributor.capture({"query": example["query"], "documents": example["documents"], "history": example["history"]}, max_new_tokens=max_new_tokens)
+    request = {"query": example["query"], "documents": example["documents"], "history": example["history"]}
+    run = attributor.capture(request, max_new_tokens=max_new_tokens)
     prompt, answer = run.prompt, run.answer
     targets = answer_targets(answer)
     n_docs, n_sents, n_ctx = len(prompt.doc_sources), len(prompt.sentence_sources), len(prompt.context_parts)
@@ -104,7 +107,8 @@ def evaluate_conversation(
                 "average_grounded": float(average[:n_docs].sum()),
                 "no_documents_log_prob_drop": drop,
                 "depends_on_documents": drop >= 1.0,
-                "supported": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()) >= grounding.threshold,
+                "supported": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist())
+                >= grounding.threshold,
             }
         )
     return rows
@@ -138,7 +142,9 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     labels = torch.tensor([r["depends_on_documents"] for r in rows])
     for method, key in (("at2", "grounded"), ("average", "average_grounded")):
         scores = torch.tensor([r[key] for r in rows], dtype=torch.double)
-        summary[f"groundedness_auroc_{method}"] = {"mean": auroc(scores, labels), "se": _bootstrap_auroc(scores, labels)}
+        summary[f"groundedness_auroc_{method}"] = {
+            "mean": auroc(scores, labels), "se": _bootstrap_auroc(scores, labels)
+        }
     supported = torch.tensor([r["supported"] for r in rows])
 
     def share(values: Sequence[bool]) -> dict[str, float]:

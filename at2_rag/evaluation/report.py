@@ -16,31 +16,32 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..attributor import Attributor
-from ..estimator import ScoreEstimator
-from ..features import answer_targets, target_features
 from ..ablation import (
     ablated_answer_logit_probs,
     random_masks,
     target_log_odds,
     target_log_prob,
 )
+from ..attributor import Attributor
+from ..errors import InputFileError
+from ..estimator import ScoreEstimator
 from ..examples import example_seed, read_examples
+from ..features import answer_targets, target_features
+from ..files import atomic_path, read_user_text
 from ..layout import source_layout
 from . import metrics as _builtin_metrics  # noqa: F401 - registers the built-in metrics (LDS, top-k drop)
 from .baselines import leave_one_out_scores, surrogate_scores
 from .registry import COST_COLUMNS, MethodScores, Metric, MetricColumn, columns, metrics
-from ..errors import InputFileError
-from ..files import atomic_path, read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ DEPENDENT_STD = 1.0  # nats: a target counts as document-dependent when its log-
 SURROGATE_SIZES = (32, 64)
 
 
-def _labels(attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int) -> torch.Tensor:
+def _labels(
+    attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int
+) -> torch.Tensor:
     with attributor.runner.lock:
         return ablated_answer_logit_probs(attributor.model, ids, answer_len, spans, masks, batch)
 
@@ -108,7 +111,7 @@ class ExampleAblations:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
-    def load(cls, path: Path) -> "ExampleAblations":
+    def load(cls, path: Path) -> ExampleAblations:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != CACHE_FORMAT:
@@ -139,7 +142,8 @@ def measure_ablations(
 ) -> ExampleAblations | None:
     """Generate the answer with capture and run every estimator-independent ablation of one example."""
     t0 = time.perf_counter()
-    run = attributor.capture({"query": example.query, "documents": example.documents, "history": example.history}, max_new_tokens=max_new_tokens)
+    request = {"query": example.query, "documents": example.documents, "history": example.history}
+    run = attributor.capture(request, max_new_tokens=max_new_tokens)
     gen_seconds = time.perf_counter() - t0
     targets = answer_targets(run.answer)
     spans, columns, _ = source_layout(run, "documents")
@@ -154,7 +158,8 @@ def measure_ablations(
     gen = torch.Generator().manual_seed(example_seed(seed, example.id))
 
     lds_masks = random_masks(n, LDS_MASKS, 0.5, gen)  # fresh masks: the LDS ground truth
-    truth = _labels(attributor, ids, a_len, spans, torch.cat([torch.ones(1, n, dtype=torch.bool), lds_masks]), batch_size)
+    everything = torch.ones(1, n, dtype=torch.bool)
+    truth = _labels(attributor, ids, a_len, spans, torch.cat([everything, lds_masks]), batch_size)
     t = time.perf_counter()
     loo_lp = _labels(attributor, ids, a_len, spans, ~torch.eye(n, dtype=torch.bool), batch_size)
     loo_seconds = time.perf_counter() - t
@@ -214,7 +219,8 @@ def evaluate_example(
     for name, est in estimators.items():
         t = time.perf_counter()
         scores[name] = torch.stack([est(f) for f in data.features])
-        cost[name] = {"forward_passes": 0, "seconds": time.perf_counter() - t, "generation_seconds": data.seconds["generation"]}
+        cost[name] = {"forward_passes": 0, "seconds": time.perf_counter() - t,
+                      "generation_seconds": data.seconds["generation"]}
     scores["leave_one_out"] = torch.stack([
         leave_one_out_scores(target_log_odds(data.full_lp, rows), target_log_odds(data.loo_lp, rows))
         for rows in data.target_rows
@@ -223,7 +229,9 @@ def evaluate_example(
     for size in surrogate_sizes:
         t = time.perf_counter()
         masks, lps = data.surrogate_masks[:size], data.surrogate_lp[:size]
-        scores[f"contextcite_{size}"] = torch.stack([surrogate_scores(masks, target_log_odds(lps, rows)) for rows in data.target_rows])
+        scores[f"contextcite_{size}"] = torch.stack(
+            [surrogate_scores(masks, target_log_odds(lps, rows)) for rows in data.target_rows]
+        )
         cost[f"contextcite_{size}"] = {
             "forward_passes": size, "seconds": data.seconds["surrogate_pass"] * size + time.perf_counter() - t
         }
@@ -350,7 +358,8 @@ def evaluate(
     todo = read_examples(examples, limit=limit or None)
     todo = todo[part[0] :: part[1]] if part else todo
     if estimators is None:
-        estimators = {"at2": attributor.estimator, "average_attention": ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)}
+        uniform = ScoreEstimator.uniform(attributor.num_layers, attributor.num_heads)
+        estimators = {"at2": attributor.estimator, "average_attention": uniform}
     rows = []
     for example in tqdm(todo, desc="evaluate", unit="ex", disable=None):
         row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size, cache_dir=cache_dir,
@@ -382,7 +391,9 @@ def report_columns_of(report: dict[str, Any]) -> list[MetricColumn]:
         raise InputFileError(f"the report's 'columns' are not metric columns: {exc}") from exc
 
 
-def write_report(report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None) -> None:
+def write_report(
+    report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None
+) -> None:
     if output is not None:
         with atomic_path(output) as tmp:
             tmp.write_text(json.dumps(report, indent=2))

@@ -12,9 +12,9 @@ from ..errors import InvalidInputError
 
 def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
     from ..attributor import Attributor
+    from ..capture import model_shape
     from ..estimator import ScoreEstimator
     from ..models import load_default_model, load_model
-    from ..capture import model_shape
 
     if args.model:
         model, tokenizer = load_model(args.model)

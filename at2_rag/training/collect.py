@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from ..attributor import Attributor
 from ..errors import (
     ContextTooLongError,
@@ -31,7 +33,6 @@ from ..errors import (
 from ..examples import example_seed
 from ..features import answer_targets, target_features
 from ..layout import SourceKind, source_layout
-from ..ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from .data import (
     CollectedExample,
     Example,
@@ -63,7 +64,8 @@ def collect_example(
 
     With `sources="context"` the last mask removes every document and keeps every context part, so each
     target also records the all-documents-removed label that groundedness is calibrated on."""
-    run = attributor.capture({"query": example.query, "documents": example.documents, "history": example.history}, max_new_tokens=max_new_tokens)
+    request = {"query": example.query, "documents": example.documents, "history": example.history}
+    run = attributor.capture(request, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
     spans, columns, source_ids = source_layout(run, sources)
     if not targets or not spans:
@@ -79,7 +81,9 @@ def collect_example(
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
     with attributor.runner.lock:
-        logit_probs = ablated_answer_logit_probs(attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size)
+        logit_probs = ablated_answer_logit_probs(
+            attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size
+        )
     labels = torch.stack([target_log_odds(logit_probs, rows) for _, rows in targets])  # [targets, 1 + masks]
     meta = {
         "id": example.id,
