@@ -60,7 +60,9 @@ def format_docs(docs: list[Document]) -> str:
     return "\n\n".join(f"[{i}] {d.page_content}" for i, d in enumerate(docs, 1))
 
 
-def build_graph(retriever: BaseRetriever, llm: BaseChatModel, grader: BaseChatModel | None = None, max_attempts: int = 2) -> Any:
+def build_graph(
+    retriever: BaseRetriever, llm: BaseChatModel, grader: BaseChatModel | None = None, max_attempts: int = 2
+) -> Any:
     """The compiled graph: retrieve -> answer -> grade -> (answer again while graded "no", up to max_attempts)."""
     from langgraph.graph import END, START, StateGraph
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from at2_rag import InvalidInputError
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
+
+from at2_rag import InvalidInputError
 
 #: OpenAI roles -> the roles a chat template knows (tool results are read as user turns, as before)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+#: user-role turns that are results, not questions
+_NOT_ASKED = ("tool", "function")
 
 
 def to_chat_dict(message: BaseMessage) -> dict[str, str]:
@@ -35,10 +39,8 @@ def split_for_core(messages: Sequence[BaseMessage]) -> tuple[str | None, list[di
     """(system prompt or None, history, query) for the core's own template: the last human message is the
     query, leading system messages are the system prompt, the turns in between are the history."""
     turns = to_chat_dicts(messages)
-    last_user = max(
-        (i for i, (m, t) in enumerate(zip(messages, turns)) if t["role"] == "user" and m.type not in ("tool", "function")),
-        default=None,
-    )
+    asks = [i for i, (m, t) in enumerate(zip(messages, turns)) if t["role"] == "user" and m.type not in _NOT_ASKED]
+    last_user = asks[-1] if asks else None
     if last_user is None:
         raise InvalidInputError("with documents, the messages must contain a human message (the question)")
     system_parts: list[str] = []

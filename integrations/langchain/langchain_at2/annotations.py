@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from at2_rag import Attribution
-from at2_rag.result import context_key
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.block_translators import register_translator
 from langchain_core.messages.content import Citation, TextContentBlock, create_citation
+
+from at2_rag import Attribution
+from at2_rag.result import context_key
 
 PROVIDER = "at2"
 #: the keys `attribution_metadata` adds to `Attribution.to_dict()`

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field
+
+from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 
 from ._loading import get_attributor
 from ._messages import to_chat_dicts
@@ -109,7 +110,9 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
         data = attribution.to_dict() if attribution else None
         scores = {d["id"]: d["score"] for d in data["documents"]} if data else {}
         output = dict(input)
-        output[doc_key] = [_scored(doc, doc_id, scores.get(doc_id), i) for i, (doc, doc_id) in enumerate(zip(raw_docs, ids))]
+        output[doc_key] = [
+            _scored(doc, doc_id, scores.get(doc_id), i) for i, (doc, doc_id) in enumerate(zip(raw_docs, ids))
+        ]
         output["citations"] = [_citation(c) for c in data["citations"]] if data else []
         output["context_scores"] = context_scores(data) if data else {}
         output["cited_answer"] = attribution.cited_answer() if attribution else answer
@@ -154,7 +157,8 @@ def _history_arg(history: Any) -> list[Any] | None:
 
 def _scored(doc: Any, doc_id: str, score: float | None, index: int) -> Document:
     if isinstance(doc, Document):
-        return Document(page_content=doc.page_content, id=doc.id, metadata={**doc.metadata, "at2_score": score, "at2_id": doc_id})
+        metadata = {**doc.metadata, "at2_score": score, "at2_id": doc_id}
+        return Document(page_content=doc.page_content, id=doc.id, metadata=metadata)
     return to_langchain_document(to_at2_document(doc, index), at2_score=score, at2_id=doc_id)
 
 

@@ -14,16 +14,17 @@ A chat model sees retrieved documents in one of three ways (see `ChatAT2`):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
-from at2_rag import Document as AT2Document
-from at2_rag import map_documents, to_document
-from at2_rag.sources import TEXT_PLAIN_BLOCK
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.content import PlainTextContentBlock, create_plaintext_block
 
-DocumentInput = Union[Document, AT2Document, str, Mapping[str, Any]]
+from at2_rag import Document as AT2Document
+from at2_rag import map_documents, to_document
+from at2_rag.sources import TEXT_PLAIN_BLOCK
+
+DocumentInput = Document | AT2Document | str | Mapping[str, Any]
 
 DOCUMENT_BLOCK_TYPE = TEXT_PLAIN_BLOCK
 DOCUMENTS_KWARG = "documents"
@@ -73,7 +74,8 @@ def documents_message(question: str, documents: Sequence[DocumentInput]) -> Huma
     `ChatAT2` renders such documents with its prompt template and attributes the answer to them; other chat
     models that understand standard content blocks see the same documents.
     """
-    return HumanMessage(content=[*document_blocks(documents), {"type": "text", "text": question}])
+    content: list[Any] = [*document_blocks(documents), {"type": "text", "text": question}]
+    return HumanMessage(content=content)
 
 
 def rag_messages(

@@ -54,8 +54,9 @@ def bm25_retriever(corpus: list[Document]) -> BM25SRetriever:
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     """The embedded model's tokenizer only (no weights): enough for prompt/offset unit tests."""
-    from at2_rag.models import default_model_path
     from transformers import AutoTokenizer
+
+    from at2_rag.models import default_model_path
 
     return AutoTokenizer.from_pretrained(str(default_model_path()), use_fast=True)
 

@@ -21,8 +21,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from uuid import UUID
 
-from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
-from at2_rag.refine import check_ablations
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
@@ -30,6 +28,9 @@ from langchain_core.runnables.config import run_in_executor
 from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
+
+from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
+from at2_rag.refine import check_ablations
 
 from .._loading import get_attributor
 from .._messages import last_human_text, to_chat_dicts
@@ -252,7 +253,8 @@ class _AT2Tracker:
                 "; ".join(f"{u['id']}: {u['reason']}" for u in unlocated),
             )
         if error:  # a call whose prompt holds none of the documents (a grader, a router) is routine in a graph
-            level = logging.INFO if attribution is None and unlocated and len(unlocated) == len(documents) else logging.WARNING
+            none_located = attribution is None and bool(unlocated) and len(unlocated) == len(documents)
+            level = logging.INFO if none_located else logging.WARNING
             logger.log(level, "AT2: no attribution for run %s (%s): %s", run.id, run.name, error)
         scores = attribution.document_scores() if attribution else {}
         return ChainAttribution(
@@ -261,7 +263,7 @@ class _AT2Tracker:
             query=job["query"],
             answer=job["answer"],
             attribution=attribution,
-            documents=[to_langchain_document(d, at2_score=scores.get(d.id)) for d in documents],
+            documents=[to_langchain_document(d, at2_score=scores.get(d.id or "")) for d in documents],
             unlocated=unlocated,
             error=error,
             run_name=run.name,

@@ -8,10 +8,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from at2_rag import DEFAULT_MODEL_ID, TEMPLATE_DEFAULT, Attribution, AttributionRequest, Attributor, CapturedRun, PromptTemplate
-from at2_rag.errors import InvalidInputError
-from at2_rag.refine import check_ablations
-from at2_rag.locate import LocatedPrompt
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -19,6 +15,20 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field
+
+from at2_rag import (
+    DEFAULT_MODEL_ID,
+    TEMPLATE_DEFAULT,
+    Attribution,
+    AttributionRequest,
+    Attributor,
+    CapturedRun,
+    PromptTemplate,
+)
+from at2_rag.errors import InvalidInputError
+from at2_rag.locate import LocatedPrompt
+from at2_rag.refine import check_ablations
+from at2_rag.request import SystemPrompt
 
 from .._loading import get_attributor, is_default_model
 from .._messages import split_for_core, to_chat_dicts
@@ -266,9 +276,10 @@ class ChatAT2(BaseChatModel):
                     "documents_mode='prompt' but none of the documents' text occurs in the messages: "
                     + "; ".join(f"{u.id}: {u.reason}" for u in located.unlocated)
                 )
-        system, history, query = split_for_core(messages)
-        if system is None:
-            system = TEMPLATE_DEFAULT if self.system_prompt is None else self.system_prompt
+        found, history, query = split_for_core(messages)
+        system: SystemPrompt = found if found is not None else (
+            TEMPLATE_DEFAULT if self.system_prompt is None else self.system_prompt
+        )
         plan.mode, plan.query = "template", query
         plan.request = AttributionRequest(query=query, documents=documents, history=history, system_prompt=system)
         return plan

@@ -6,13 +6,13 @@ import uuid
 from operator import itemgetter
 
 import pytest
-from at2_rag import InvalidInputError
 from langchain_core.messages import HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from pydantic import ValidationError
 
+from at2_rag import InvalidInputError
 from langchain_at2 import AT2CallbackHandler, AT2Citations, ChatAT2
 
 pytestmark = pytest.mark.slow

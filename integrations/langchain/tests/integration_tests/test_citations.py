@@ -6,13 +6,13 @@ import copy
 from operator import itemgetter
 
 import pytest
-from at2_rag import Scorer
 from langchain_core.documents import Document
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
+from at2_rag import Scorer
 from langchain_at2 import AT2Citations, ChatAT2, with_citations
 
 pytestmark = pytest.mark.slow

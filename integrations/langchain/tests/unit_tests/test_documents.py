@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from at2_rag import Document as AT2Document
-from at2_rag import InvalidInputError, map_documents
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
+from at2_rag import Document as AT2Document
+from at2_rag import InvalidInputError, map_documents
 from langchain_at2 import document_blocks, documents_message, extract_documents, rag_messages, to_at2_documents
 from langchain_at2.documents import convert_documents, to_at2_document
 
