@@ -82,7 +82,7 @@ class Attributor:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         **kwargs: Any,
-    ) -> "Attributor":
+    ) -> Attributor:
         """Load a local (or Hub) Hugging Face causal LM and wrap it."""
         from .models import load_model
 
@@ -92,7 +92,7 @@ class Attributor:
         return cls(model, tokenizer, estimator=estimator, **own)
 
     @classmethod
-    def default(cls, **kwargs: Any) -> "Attributor":
+    def default(cls, **kwargs: Any) -> Attributor:
         """The embedded SmolLM2-135M-Instruct with its shipped estimator."""
         from .models import load_default_model
 
@@ -268,7 +268,8 @@ class Attributor:
     ) -> AttributionRequest:
         """One request from either a request object (or dict) or the separate arguments, never both."""
         if isinstance(query, (AttributionRequest, Mapping)):
-            if documents is not None or history is not None or system_prompt is not TEMPLATE_DEFAULT or answer is not None:
+            separate = (documents, history, answer)
+            if any(v is not None for v in separate) or system_prompt is not TEMPLATE_DEFAULT:
                 raise InvalidInputError("pass either a request or query/documents/history/system_prompt, not both")
             return AttributionRequest.coerce(query)
         if not isinstance(query, str):
@@ -276,7 +277,10 @@ class Attributor:
         if documents is None:
             raise InvalidInputError("documents must be a list of documents (wrap a single document in a list)")
         return AttributionRequest.coerce(
-            {"query": query, "documents": documents, "history": history, "system_prompt": system_prompt, "answer": answer}
+            {
+                "query": query, "documents": documents, "history": history,
+                "system_prompt": system_prompt, "answer": answer,
+            }
         )
 
     @staticmethod

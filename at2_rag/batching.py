@@ -14,17 +14,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from .attributor import Attributor, RequestLike
 from .errors import AT2Error, InvalidInputError
+from .prompt import RenderedPrompt
 from .refine import check_ablations
 from .request import AttributionRequest
 from .result import Attribution
-from .prompt import RenderedPrompt
 from .runner import check_answer, check_max_new_tokens
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,9 @@ class MicroBatcher:
             raise InvalidInputError("attribute needs a request with an answer")
         return self.submit(parsed, ablations=ablations).result()
 
-    async def agenerate(self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any) -> Attribution:
+    async def agenerate(
+        self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any
+    ) -> Attribution:
         return await asyncio.wrap_future(self.submit(request, max_new_tokens, ablations, **kw))
 
     async def aattribute(self, request: RequestLike, ablations: int = 0) -> Attribution:
@@ -154,7 +155,7 @@ class MicroBatcher:
             self._queue.put(None)
             self._worker.join(timeout)
 
-    def __enter__(self) -> "MicroBatcher":
+    def __enter__(self) -> MicroBatcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:

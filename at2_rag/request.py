@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -13,9 +13,9 @@ from .errors import InvalidInputError
 class TemplateDefault:
     """The type of `TEMPLATE_DEFAULT`: "use the prompt template's own system prompt" (None means no system prompt)."""
 
-    _instance: "TemplateDefault | None" = None
+    _instance: TemplateDefault | None = None
 
-    def __new__(cls) -> "TemplateDefault":
+    def __new__(cls) -> TemplateDefault:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -30,7 +30,7 @@ class TemplateDefault:
 #: `system_prompt=TEMPLATE_DEFAULT` keeps the template's system prompt; a string replaces it; None removes it
 TEMPLATE_DEFAULT = TemplateDefault()
 
-SystemPrompt = Union[str, None, TemplateDefault]
+SystemPrompt = str | None | TemplateDefault
 
 
 class AttributionRequest(BaseModel):
@@ -59,7 +59,7 @@ class AttributionRequest(BaseModel):
         return list(value) if isinstance(value, tuple) else value
 
     @classmethod
-    def coerce(cls, value: "AttributionRequest | Mapping[str, Any]", position: int | None = None) -> "AttributionRequest":
+    def coerce(cls, value: AttributionRequest | Mapping[str, Any], position: int | None = None) -> AttributionRequest:
         """A request from a request or a dict with the same keys; a clear `InvalidInputError` otherwise."""
         if isinstance(value, AttributionRequest):
             return value

@@ -11,8 +11,9 @@ import inspect
 import logging
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class CapturedRun:
         return len(self.prompt.doc_sources)
 
 
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -224,7 +225,9 @@ class ModelRunner:
 
         def work() -> None:
             try:
-                outcome["run"] = self.generate(prompt, max_new_tokens, capture=capture, streamer=streamer, **generate_kwargs)
+                outcome["run"] = self.generate(
+                    prompt, max_new_tokens, capture=capture, streamer=streamer, **generate_kwargs
+                )
             except BaseException as exc:  # surfaced in the consuming thread
                 outcome["error"] = exc
                 streamer.end()
@@ -296,7 +299,9 @@ class ModelRunner:
         return cache
 
     @staticmethod
-    def _batch_spans(prompts: Sequence[RenderedPrompt], pads: Sequence[int]) -> tuple[list[tuple[int, int]], list[slice]]:
+    def _batch_spans(
+        prompts: Sequence[RenderedPrompt], pads: Sequence[int]
+    ) -> tuple[list[tuple[int, int]], list[slice]]:
         """Every row's source spans shifted by its padding, one after another (each row reads its own columns)."""
         spans: list[tuple[int, int]] = []
         columns: list[slice] = []
@@ -332,7 +337,9 @@ class ModelRunner:
             with capture_attention(
                 self.model, spans, width - 1, left_padding=pads, start_position=0 if cache is None else width - 1
             ) as state:
-                output = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+                output = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs
+                )
         features = state.features()
         runs = []
         for row, prompt in enumerate(prompts):

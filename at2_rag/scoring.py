@@ -73,7 +73,9 @@ class Scorer:
         # nats: a sentence is supported when removing every document is predicted to lower its log-odds this much
         self.grounded_threshold = grounded_threshold
         self.refinement = RefinementPrior.from_metadata(estimator.metadata)
-        self._calibration = GroundednessCalibration.from_metadata(estimator.metadata, fallback_scale=self.refinement.scale)
+        self._calibration = GroundednessCalibration.from_metadata(
+            estimator.metadata, fallback_scale=self.refinement.scale
+        )
 
     @torch.no_grad()
     def attribution(
@@ -96,7 +98,9 @@ class Scorer:
             masks = choose_masks(columns.docs, ablations, prompt.text + "\x00" + answer.text)
             logit_probs = ablation_passes(run, masks)
             refined = [
-                refine_scores(torch.tensor(columns.documents(s)), masks, target_log_odds(logit_probs, rows), self.refinement).tolist()
+                refine_scores(
+                    torch.tensor(columns.documents(s)), masks, target_log_odds(logit_probs, rows), self.refinement
+                ).tolist()
                 for rows, s in zip(target_rows, scores)
             ]
             scores = [r + s[columns.docs :] for r, s in zip(refined, scores)]

@@ -41,7 +41,8 @@ def get_attributor(
     """The process's Attributor for `model_name` (a local folder or Hub id; None or "default" = the embedded
     SmolLM2-135M-Instruct), loaded on first use under a lock so concurrent first calls load once."""
     name = DEFAULT_MODEL_ID if is_default_model(model_name) else os.fspath(model_name)  # type: ignore[arg-type]
-    key = (name, _estimator_key(estimator), None if device is None else str(device), None if dtype is None else str(dtype))
+    key = (name, _estimator_key(estimator),
+           None if device is None else str(device), None if dtype is None else str(dtype))
     cached = _CACHE.get(key)
     if cached is not None:
         return cached

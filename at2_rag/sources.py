@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,7 +28,7 @@ class Document(BaseModel):
 
 
 #: what `to_document` accepts (framework objects are duck-typed, never imported)
-DocumentLike = Union[Document, str, Mapping[str, Any], Any]
+DocumentLike = Document | str | Mapping[str, Any] | Any
 
 
 class CharSpan(BaseModel):
@@ -128,7 +129,9 @@ def to_document(item: Any, index: int) -> Document:
                 raise InvalidInputError(
                     f"document {index} is a mapping without a 'text' key: keys are {sorted(map(str, data))}"
                 )
-            doc = _from_fields(index, data["text"], data.get("id"), data.get("metadata"), data.get("title"), data.get("url"))
+            doc = _from_fields(
+                index, data["text"], data.get("id"), data.get("metadata"), data.get("title"), data.get("url")
+            )
     elif hasattr(item, "page_content") and hasattr(item, "metadata"):  # langchain_core.documents.Document
         doc = _from_fields(index, item.page_content, getattr(item, "id", None), item.metadata)
     elif hasattr(getattr(item, "node", None), "get_content") or (
@@ -250,7 +253,8 @@ def build_sources(documents: Iterable[Document]) -> tuple[list[Source], list[Sou
     doc_sources: list[Source] = []
     sentence_sources: list[Source] = []
     for i, doc in enumerate(documents):
-        doc_sources.append(Source(kind="document", doc_index=i, span=CharSpan(start=0, end=len(doc.text)), text=doc.text))
+        whole = CharSpan(start=0, end=len(doc.text))
+        doc_sources.append(Source(kind="document", doc_index=i, span=whole, text=doc.text))
         for span in split_sentences(doc.text):
             sentence_sources.append(
                 Source(kind="sentence", doc_index=i, span=span, text=doc.text[span.start : span.end])

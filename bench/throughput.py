@@ -122,13 +122,15 @@ def main() -> None:
         row["same_answers"] = same
         row["speedup"] = row["batched"]["rps"] / row["serialized"]["rps"]
         rows.append(row)
-        print(f"{clients} clients: serialized {row['serialized']['rps']:.3f} req/s p50 {row['serialized']['p50_s']:.2f}s "
+        print(f"{clients} clients: serialized {row['serialized']['rps']:.3f} req/s "
+              f"p50 {row['serialized']['p50_s']:.2f}s "
               f"p95 {row['serialized']['p95_s']:.2f}s | batched {row['batched']['rps']:.3f} req/s p50 "
               f"{row['batched']['p50_s']:.2f}s p95 {row['batched']['p95_s']:.2f}s | x{row['speedup']:.2f} "
               f"| batches {sizes} | same answers {same}/{len(requests)}", flush=True)
 
     overhead = capture_overhead(att, requests[: max(args.levels)], args.new_tokens, args.reps)
-    print(f"capture inside a batch of {overhead['batch']}: {overhead['overhead'] * 100:+.1f} % vs plain batched generate "
+    print(f"capture inside a batch of {overhead['batch']}: {overhead['overhead'] * 100:+.1f} % "
+          "vs plain batched generate "
           f"(median {overhead['capture_median_s']:.2f}s vs {overhead['plain_median_s']:.2f}s)", flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,10 @@ REQUESTS = [
     {
         "query": "And the queen?",
         "documents": DOCS_B,
-        "history": [{"role": "user", "content": "What is a colony?"}, {"role": "assistant", "content": "A bee family."}],
+        "history": [
+            {"role": "user", "content": "What is a colony?"},
+            {"role": "assistant", "content": "A bee family."},
+        ],
     },
 ]
 

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
+from test_batching import REQUESTS, SCORE_TOL, _scores
 
 from at2_rag import InvalidInputError, MicroBatcher
-from test_batching import REQUESTS, SCORE_TOL, _scores
 
 NEW = 12
 
