@@ -25,8 +25,7 @@ from .prompt import (
     check_untrusted_text_placed,
     token_spans_for_ranges,
 )
-from .result import UnlocatedDocument
-from .sources import Document, DocumentLike, build_sources, normalize_documents
+from .sources import Document, DocumentLike, UnlocatedDocument, build_sources, normalize_documents
 from .untrusted import control_token_strings, encode_prompt
 
 __all__ = [

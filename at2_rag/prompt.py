@@ -10,8 +10,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import InvalidInputError, PromptRenderError
-from .result import UnlocatedDocument, context_key
-from .sources import Document, Source, build_sources
+from .sources import Document, Source, UnlocatedDocument, build_sources, context_key
 from .untrusted import control_token_strings, encode_prompt
 
 logger = logging.getLogger(__name__)

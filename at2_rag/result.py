@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .sources import UnlocatedDocument, context_key
+
 ATTRIBUTION_SCHEMA = "at2-rag/attribution"
 ATTRIBUTION_SCHEMA_VERSION = 2  # 2: context sources, grounded, extra_forward_passes
 
@@ -51,11 +53,6 @@ class CitedDocument(BaseModel):
     sentences: list[SentenceScore] = Field(default_factory=list)
 
 
-def context_key(kind: str, index: int | None) -> str:
-    """`history:0`, `system`, `query`: how a context source is named in `Attribution.context_scores()`."""
-    return f"{kind}:{index}" if index is not None else kind
-
-
 class ContextSource(BaseModel):
     """A part of the prompt other than the documents, scored by the same estimator on the same scale: an
     earlier turn (`kind="history"`, `index` = its position in the history), the system prompt, the question."""
@@ -91,21 +88,6 @@ class Citation(BaseModel):
         default_factory=list,
         description="earlier turns and the system prompt this sentence draws on (e.g. the answer it repeats), best first",
     )
-
-
-class UnlocatedDocument(BaseModel):
-    """A document that was given but could not be found in the prompt (see `Attributor.attribute_rendered`),
-    so it has no score: `position` is its index in the caller's list, `reason` says why."""
-
-    model_config = ConfigDict(frozen=True)
-
-    position: int
-    id: str
-    title: str | None = None
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "position": self.position, "reason": self.reason}
 
 
 class Attribution(BaseModel):

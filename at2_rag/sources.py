@@ -97,6 +97,26 @@ def _from_fields(index: int, text: Any, id: Any, metadata: Any, title: Any = Non
         raise InvalidInputError(f"document {index} is not a valid document: {exc}") from exc
 
 
+def context_key(kind: str, index: int | None) -> str:
+    """`history:0`, `system`, `query`: how a context source is named in `Attribution.context_scores()`."""
+    return f"{kind}:{index}" if index is not None else kind
+
+
+class UnlocatedDocument(BaseModel):
+    """A document that was given but could not be found in the prompt (see `Attributor.attribute_rendered`),
+    so it has no score: `position` is its index in the caller's list, `reason` says why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    position: int
+    id: str
+    title: str | None = None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "position": self.position, "reason": self.reason}
+
+
 def to_document(item: Any, index: int) -> Document:
     """One document from what a user or a framework holds; `index` names it in errors and default ids (`doc{index}`).
 
