@@ -32,7 +32,7 @@ from at2_rag.request import SystemPrompt
 
 from .._loading import get_attributor, is_default_model
 from .._messages import split_for_core, to_chat_dicts
-from ..annotations import PROVIDER, attribution_metadata, trim_attribution
+from ..annotations import PROVIDER, attribution_metadata, trace_summary, trim_attribution
 from ..documents import extract_documents, to_at2_documents
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,15 @@ class _StopFilter:
     def flush(self) -> str:
         out, self.buffer = ("" if self.done else self.buffer), ""
         return out
+
+
+def _to_trace(run_manager: CallbackManagerForLLMRun | None, metadata: dict[str, Any]) -> None:
+    """The attribution's summary into this run's trace metadata (the dict every tracer of the run holds).
+
+    `BaseChatModel.stream` does not hand `_stream` its run manager: there the attribution reaches the trace in the
+    run's outputs (the last chunk's `response_metadata["at2"]`) only."""
+    if run_manager is not None and PROVIDER in metadata and isinstance(run_manager.metadata, dict):
+        run_manager.metadata[PROVIDER] = trace_summary(metadata[PROVIDER])
 
 
 def _stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -339,6 +348,7 @@ class ChatAT2(BaseChatModel):
     ) -> ChatResult:
         plan = self._plan(messages, stop, kwargs)
         text, metadata, usage = self._run(plan)
+        _to_trace(run_manager, metadata)
         message = AIMessage(content=text, response_metadata=metadata, usage_metadata=usage)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": plan.model_name})
 
@@ -417,4 +427,5 @@ class ChatAT2(BaseChatModel):
         )
         if run_manager:
             run_manager.on_llm_new_token("", chunk=last)
+        _to_trace(run_manager, metadata)
         yield last

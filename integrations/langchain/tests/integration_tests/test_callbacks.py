@@ -154,6 +154,7 @@ async def test_event_in_astream_events(chain, handler_class) -> None:
     assert data["documents"][0]["id"] == "coffee"
     streamed = "".join(e["data"]["chunk"] for e in events if e["event"] == "on_chain_stream" and e["run_id"] == root_id)
     assert data["answer"] == streamed
+    assert handler.run_map == {} and handler.order_map == {}
 
 
 def test_text_prompts_from_completion_llms(attributor, corpus) -> None:

@@ -8,7 +8,10 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
+from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
+
 from langchain_at2 import ChatAT2, attribution_from_metadata, rag_messages
+from langchain_at2.annotations import trace_summary
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +53,12 @@ def _check_at2(message: AIMessage, doc_ids: list[str]) -> dict:
 
 
 def test_documents_kwarg_uses_the_template(llm, retrieved) -> None:
-    msg = llm.invoke(QUESTION, documents=retrieved)
+    collector = RunCollectorCallbackHandler()
+    msg = llm.invoke(QUESTION, documents=retrieved, config={"callbacks": [collector]})
     at2 = _check_at2(msg, [d.id for d in retrieved])
+    # the trace (here langchain-core's run collector; LangSmith alike) has the summary in the run's metadata
+    (run,) = collector.traced_runs
+    assert run.extra["metadata"]["at2"] == trace_summary(at2) and run.extra["metadata"]["at2"]["scores"] == at2["scores"]
     assert at2["mode"] == "template"
     assert max(at2["scores"], key=at2["scores"].get) == "eiffel-tower"  # the document holding the answer ranks first
     assert {d["id"]: d["title"] for d in at2["documents"]}["eiffel-tower"] == "Eiffel Tower"
