@@ -19,8 +19,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -33,7 +34,7 @@ ROW_BLOCK = 64  # decode steps whose query rows share one allocation
 ROWS_PER_PACK = 8  # decode rows held as the model's tensors before one copy packs them (divides ROW_BLOCK)
 _NORMAL_RANGE = (1e-30, 1e37)  # softmax denominators summed without a max shift must land inside this
 
-_ACTIVE: contextvars.ContextVar["CaptureState | None"] = contextvars.ContextVar("at2_capture_state", default=None)
+_ACTIVE: contextvars.ContextVar[CaptureState | None] = contextvars.ContextVar("at2_capture_state", default=None)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class CaptureState:
     start_position: int = 0  # positions already in the model's cache when the capture starts
     seen: list[int] = field(default_factory=list)
     rows: list[list[torch.Tensor]] = field(default_factory=list)
-    pending: list["_PendingRows | None"] = field(default_factory=list)
+    pending: list[_PendingRows | None] = field(default_factory=list)
     _bounds: dict[Any, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _row_blocks: list[list[torch.Tensor]] = field(default_factory=list)  # block, layer: [B, H, ROW_BLOCK, D]
     _rows_kept: list[int] = field(default_factory=list)  # decode rows packed into _row_blocks, per layer
@@ -107,10 +108,12 @@ class CaptureState:
             pending = self.pending[layer] = _PendingRows([], first_position, key, scaling, softcap, window)
         self._append_rows(layer, pending, query, key)
 
-    def keep_decode_row(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
+    def keep_decode_row(self, layer: int | None, query: torch.Tensor, key: torch.Tensor) -> bool:
         """A decode step's row for a layer already deferring rows, kept with as little work as possible (the path
         of all but one call per layer in a generation); False where the general path must decide."""
-        pending = self.pending[layer] if type(layer) is int and 0 <= layer < self.num_layers else None
+        if type(layer) is not int or not 0 <= layer < self.num_layers:
+            return False
+        pending = self.pending[layer]
         if pending is None:
             return False
         start = self.seen[layer]
@@ -120,7 +123,7 @@ class CaptureState:
         self._append_rows(layer, pending, query, key)
         return True
 
-    def _append_rows(self, layer: int, pending: "_PendingRows", query: torch.Tensor, key: torch.Tensor) -> None:
+    def _append_rows(self, layer: int, pending: _PendingRows, query: torch.Tensor, key: torch.Tensor) -> None:
         """Queue query rows after a layer's earlier ones, keep its newest keys, pack loose decode rows when due."""
         pending.queries.append(query)
         if _TIMINGS is None:
@@ -134,7 +137,7 @@ class CaptureState:
             if pending.loose == ROWS_PER_PACK:
                 self._pack_rows(layer, pending)
 
-    def _pack_rows(self, layer: int, pending: "_PendingRows") -> None:
+    def _pack_rows(self, layer: int, pending: _PendingRows) -> None:
         """Copy a layer's loose decode rows into the block shared by all layers; the block's view replaces them.
 
         Keeping the model's own small per-step tensors alive for the whole answer would pin thousands of little
@@ -190,7 +193,7 @@ class CaptureState:
             self._hidden[cache_key] = (~_visible(q_pos, k_pos, window)).T[:, None, :]  # [keys, 1, rows]
         return self._hidden[cache_key]
 
-    def flush(self, layer: int, workspace: "_Workspace | None" = None) -> None:
+    def flush(self, layer: int, workspace: _Workspace | None = None) -> None:
         """Reduce a layer's deferred rows against the keys kept for them (scratch from `workspace`, shared by the
         layers of one read; a flush on its own frees its scratch when it returns).
 
@@ -215,10 +218,11 @@ class CaptureState:
                 shares = self._source_shares(*chunk, shifted=False)
                 if shares is None:  # a score outside exp's fp32 range: the max-shifted softmax instead
                     shares = self._source_shares(*chunk, shifted=True)
+                assert shares is not None  # the max-shifted softmax always fits fp32
                 self.rows[layer].append(shares)
 
     def _source_shares(
-        self, query: torch.Tensor, key: torch.Tensor, pending: "_PendingRows", first: int,
+        self, query: torch.Tensor, key: torch.Tensor, pending: _PendingRows, first: int,
         take: Callable[..., torch.Tensor], shifted: bool,
     ) -> torch.Tensor | None:
         """Softmax mass of every source for query rows at positions `first`...: `[B, rows, S, KVH, rep]` (heads
@@ -305,8 +309,8 @@ class CaptureState:
             )
         if len(lengths) != 1 or out is None:
             raise UnsupportedModelError(f"layers captured different numbers of rows {sorted(lengths)}")
-        b, t, s, l, h = out.shape
-        return out.view(b, t, s, l * h)
+        b, t, s, layers, h = out.shape
+        return out.view(b, t, s, layers * h)
 
 
 class _Workspace:
@@ -549,7 +553,7 @@ def _capturing_attention(
     if lo >= hi:
         return base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    scaling = scaling if scaling is not None else module.head_dim**-0.5
+    scaling = scaling if scaling is not None else cast(int, module.head_dim) ** -0.5
     softcap = kwargs.get("softcap")
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else state.module_window(layer, module)
     key_start = start + q_len - k_len  # keys are a contiguous window ending at the newest token
@@ -627,7 +631,7 @@ def capture_base(implementation: str) -> str:
 
 
 def text_config(model: torch.nn.Module) -> Any:
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module's attribute typing cannot say so)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -652,7 +656,8 @@ def install_capture(model: torch.nn.Module) -> None:
             "after attributing: model.set_attn_implementation(%r)",
             current, _BACKENDS[current].reason, base, current,
         )
-    model.set_attn_implementation(_register(base))
+    pretrained: Any = model  # a transformers PreTrainedModel (nn.Module's attribute typing cannot see its methods)
+    pretrained.set_attn_implementation(_register(base))
     if not attention_implementation(model).startswith(CAPTURE_PREFIX):
         # transformers keeps the old implementation (and logs why) for a model whose attention layers do not call
         # ALL_ATTENTION_FUNCTIONS.get_interface
