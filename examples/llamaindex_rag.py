@@ -42,7 +42,9 @@ def build_retriever(kind: str, nodes, top_k: int):
 def print_citations(response) -> None:
     """`response.metadata["citations"]` is the core's schema (`Attribution.to_dict()["citations"]`)."""
     print("\nCitations (answer sentence -> nodes, best supporting sentence):")
-    texts = {n.node.metadata["at2_document_id"]: n.node.get_content(metadata_mode="none") for n in response.source_nodes}
+    texts = {
+        n.node.metadata["at2_document_id"]: n.node.get_content(metadata_mode="none") for n in response.source_nodes
+    }
     for c in response.metadata["citations"]:
         print(f"  [{c['start']}:{c['end']}] {c['text']!r}")
         if not c["cited"]:
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from llama_index.core.node_parser import SentenceSplitter
 
     from llama_index.postprocessor.at2 import (
-        AT2CitationQueryEngine,
         AT2LLM,
+        AT2CitationQueryEngine,
         AT2NodePostprocessor,
         load_folder,
         use_local_settings,
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0, id_func=lambda i, doc: f"{doc.node_id}-{i}")
     nodes = splitter.get_nodes_from_documents(documents)
     retriever, index = build_retriever(args.retriever, nodes, args.top_k)
-    print(f"indexed {len(documents)} documents as {len(nodes)} nodes ({args.retriever}) in {time.perf_counter() - t0:.1f} s")
+    took = time.perf_counter() - t0
+    print(f"indexed {len(documents)} documents as {len(nodes)} nodes ({args.retriever}) in {took:.1f} s")
 
     engine = AT2CitationQueryEngine.from_args(
         retriever, attributor=attributor, max_new_tokens=args.max_new_tokens, streaming=args.stream

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
 import torch
@@ -98,7 +98,7 @@ class ExtractiveLLM(CustomLLM):
     LlamaIndex then sends it messages (`CustomLLM.chat` renders them with `messages_to_prompt` and calls
     `complete`)."""
 
-    prompts: List[str] = Field(default_factory=list)
+    prompts: list[str] = Field(default_factory=list)
     chat_model: bool = False
 
     @property

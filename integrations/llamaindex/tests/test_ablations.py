@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from conftest import PENICILLIN
+from pydantic import ValidationError
 
 MAX_NEW = 12
 

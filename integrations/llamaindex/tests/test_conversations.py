@@ -5,7 +5,6 @@ real llama-index-core engines."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import PENICILLIN
 
 MAX_NEW = 12

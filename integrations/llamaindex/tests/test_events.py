@@ -4,19 +4,18 @@ events, and the engine's `callback_manager`. Real BM25 retrieval, real model."""
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 import pytest
+from conftest import PENICILLIN
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-
-from conftest import PENICILLIN
 
 MAX_NEW = 8
 
 
 class Recorder(BaseEventHandler):
-    events: List[Any] = []
+    events: list[Any] = []
 
     def handle(self, event: Any, **kwargs: Any) -> None:
         self.events.append(event)

@@ -6,15 +6,14 @@ the real embedded SmolLM2 scoring."""
 from __future__ import annotations
 
 import threading
-from typing import Any, List
+from typing import Any
 
 import pytest
+from conftest import PENICILLIN, ExtractiveLLM
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatStartEvent
-
-from conftest import PENICILLIN, ExtractiveLLM
 
 EVEREST = "Who made the first confirmed ascent of Mount Everest?"
 
@@ -22,12 +21,12 @@ EVEREST = "Who made the first confirmed ascent of Mount Everest?"
 class Recorder(BaseEventHandler):
     """Keeps every instrumentation event (a test's own handler on the root dispatcher)."""
 
-    events: List[Any] = []
+    events: list[Any] = []
 
     def handle(self, event: Any, **kwargs: Any) -> None:
         self.events.append(event)
 
-    def of(self, cls: type) -> List[Any]:
+    def of(self, cls: type) -> list[Any]:
         return [e for e in self.events if isinstance(e, cls)]
 
 
@@ -127,7 +126,10 @@ def test_condense_plus_context_chat_engine_second_turn(at2, attributor, bm25, no
 
     llm = ExtractiveLLM()  # a completion model: the chat engine's messages reach it as one prompt text
     chat = CondensePlusContextChatEngine.from_defaults(retriever=bm25, llm=llm)
-    history = [ChatMessage(role="user", content="Tell me about mountains."), ChatMessage(role="assistant", content="Sure.")]
+    history = [
+        ChatMessage(role="user", content="Tell me about mountains."),
+        ChatMessage(role="assistant", content="Sure."),
+    ]
     out = chat.chat(EVEREST, chat_history=history)
     assert len(llm.prompts) == 2  # condense, then answer
     prompt = llm.prompts[-1]
@@ -213,6 +215,39 @@ def test_other_settings_need_uninstrument_first(at2, attributor):
 
     with pytest.raises(RuntimeError, match="uninstrument"):
         instrument_at2(attributor, ablations=2)
+
+
+def test_nodes_missing_from_the_prompt_are_a_clear_error(at2, vector_index, recorder, caplog):
+    """A synthesizer template that leaves the context out: no node occurs in the LLM's prompt, so nothing can be
+    scored; the response says why (the dispatcher swallows handler errors, the handler does not)."""
+    from llama_index.core import PromptTemplate
+
+    from llama_index.postprocessor.at2 import AT2AttributionEndEvent
+
+    llm = ExtractiveLLM()
+    engine = vector_index.as_query_engine(
+        llm=llm, similarity_top_k=2, text_qa_template=PromptTemplate("Question: {query_str}\nAnswer: ")
+    )
+    with caplog.at_level("WARNING", logger="llama_index.postprocessor.at2.instrumentation"):
+        response = engine.query(PENICILLIN)
+    assert response.metadata["at2"] is None
+    assert response.metadata["at2_error"].startswith("DocumentsNotLocatedError")
+    assert response.source_nodes and all("at2_score" not in n.node.metadata for n in response.source_nodes)
+    assert "no attribution" in caplog.text
+    (end,) = recorder.of(AT2AttributionEndEvent)
+    assert end.attribution is None and end.error == response.metadata["at2_error"]
+    assert at2.open_calls == 0
+
+
+@pytest.mark.asyncio
+async def test_achat(at2, attributor, bm25, node_text):
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    llm = ExtractiveLLM()
+    out = await ContextChatEngine.from_defaults(retriever=bm25, llm=llm).achat(EVEREST)
+    check_attributed(out, attributor, llm.prompts[-1], out.response, EVEREST, node_text)
+    assert out.source_nodes[0].node.node_id == "mount_everest-0"
+    assert at2.open_calls == 0
 
 
 def test_uninstrument(at2, vector_index):

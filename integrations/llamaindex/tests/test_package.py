@@ -13,8 +13,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 def test_namespace_import_alongside_core():
     import llama_index
     import llama_index.core
-    import llama_index.postprocessor.at2 as at2
     import llama_index.retrievers.bm25  # another installed integration package shares the namespace
+
+    import llama_index.postprocessor.at2 as at2
 
     assert Path(at2.__file__).resolve().is_relative_to(PACKAGE_ROOT)
     # PEP 420 namespace packages: no __init__.py in llama_index/ or llama_index/postprocessor/
@@ -30,7 +31,8 @@ def test_public_classes_subclass_llama_index_bases():
     from llama_index.core.llms.custom import CustomLLM
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.query_engine import CustomQueryEngine
-    from llama_index.postprocessor.at2 import AT2CitationQueryEngine, AT2LLM, AT2NodePostprocessor, MiniLMEmbedding
+
+    from llama_index.postprocessor.at2 import AT2LLM, AT2CitationQueryEngine, AT2NodePostprocessor, MiniLMEmbedding
 
     assert issubclass(AT2NodePostprocessor, BaseNodePostprocessor)
     assert issubclass(AT2CitationQueryEngine, CustomQueryEngine)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
-
 from conftest import PENICILLIN
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 MAX_NEW = 24
 
@@ -122,13 +121,15 @@ def test_in_a_standard_query_engine(attributor, vector_index):
 def test_same_id_with_other_text_is_kept_as_a_second_document(attributor, retrieved):
     """The core's one policy (`at2_rag.map_documents`): chunks sharing an id with other text are all scored, the
     later one as `id#2`; each returned node says which at2 document it is."""
-    from at2_rag import map_documents
     from llama_index.core.schema import TextNode
 
+    from at2_rag import map_documents
     from llama_index.postprocessor.at2 import AT2NodePostprocessor, unique_nodes
 
     first, other = retrieved[0], retrieved[1]
-    clash = NodeWithScore(node=TextNode(text=other.node.text, id_=first.node.node_id, metadata={"title": "Clash"}), score=0.5)
+    clash = NodeWithScore(
+        node=TextNode(text=other.node.text, id_=first.node.node_id, metadata={"title": "Clash"}), score=0.5
+    )
     nodes = [first, clash, first]  # first repeated (merged), clash renamed
     assert map_documents(nodes).ids == [first.node.node_id, first.node.node_id + "#2", first.node.node_id]
     assert unique_nodes(nodes) == [first, clash]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
-
 from conftest import PENICILLIN
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
 
 MAX_NEW = 32
 EVEREST = "Who made the first confirmed ascent of Mount Everest?"
@@ -15,7 +14,9 @@ EVEREST = "Who made the first confirmed ascent of Mount Everest?"
 def engine(attributor, vector_index):
     from llama_index.postprocessor.at2 import AT2CitationQueryEngine
 
-    return AT2CitationQueryEngine.from_args(vector_index, attributor=attributor, similarity_top_k=4, max_new_tokens=MAX_NEW)
+    return AT2CitationQueryEngine.from_args(
+        vector_index, attributor=attributor, similarity_top_k=4, max_new_tokens=MAX_NEW
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,9 @@ def test_streaming_fills_attribution_after_the_stream(attributor, vector_index, 
     assert streaming.metadata["at2_complete"] is True
     final = Response("".join(chunks), streaming.source_nodes, streaming.metadata)
     check_response(final, node_text)
-    assert [n.score for n in streaming.source_nodes] == pytest.approx([n.score for n in response.source_nodes], abs=1e-4)
+    assert [n.score for n in streaming.source_nodes] == pytest.approx(
+        [n.score for n in response.source_nodes], abs=1e-4
+    )
 
 
 @pytest.mark.asyncio

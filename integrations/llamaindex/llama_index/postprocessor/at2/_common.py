@@ -7,8 +7,9 @@ renames repeated ids), `Attribution.to_dict()` is the one serialisation; this mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
@@ -43,9 +44,9 @@ class MappedNodes:
     `documents`: the at2 `Document`s; `document_ids[i]`: the at2 id of input node i (`id`, or `id#2` for a second
     chunk sharing an id with other text)."""
 
-    nodes: List[NodeWithScore]
-    documents: List[Any]
-    document_ids: List[str]
+    nodes: list[NodeWithScore]
+    documents: list[Any]
+    document_ids: list[str]
 
 
 def map_nodes(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> MappedNodes:
@@ -53,32 +54,33 @@ def map_nodes(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> Ma
     from at2_rag import map_documents
 
     mapped = map_documents(list(nodes))
-    firsts: Dict[str, NodeWithScore] = {}
+    firsts: dict[str, NodeWithScore] = {}
     for nws, doc_id in zip(nodes, mapped.ids):
         firsts.setdefault(doc_id, nws)
     documents = mapped.documents
     if not include_titles:
         documents = [d.model_copy(update={"title": None}) for d in documents]
-    return MappedNodes(nodes=[firsts[d.id] for d in mapped.documents], documents=documents, document_ids=mapped.ids)
+    # one node per document, in the documents' order (each document is where its id first occurs)
+    return MappedNodes(nodes=list(firsts.values()), documents=documents, document_ids=mapped.ids)
 
 
-def unique_nodes(nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
+def unique_nodes(nodes: Sequence[NodeWithScore]) -> list[NodeWithScore]:
     """One node per at2 document (the core's policy: a node returned twice with the same id and text, as a fusion
     retriever does, is kept once; nodes sharing an id with other text are all kept)."""
     return map_nodes(nodes).nodes if nodes else []
 
 
-def nodes_to_documents(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> List[Any]:
+def nodes_to_documents(nodes: Sequence[NodeWithScore], include_titles: bool = True) -> list[Any]:
     """at2-rag Documents for the nodes, in order: `at2_rag.map_documents(nodes).documents` (id = the node's `id_`,
     text without metadata, title from the metadata's title / file_name / filename)."""
     return map_nodes(nodes, include_titles).documents
 
 
-def _top_sentences(doc: Dict[str, Any], k: int) -> List[Dict[str, Any]]:
+def _top_sentences(doc: dict[str, Any], k: int) -> list[dict[str, Any]]:
     return sorted(doc.get("sentences", []), key=lambda s: s["score"], reverse=True)[:k]
 
 
-def _with_at2_metadata(nws: NodeWithScore, values: Dict[str, Any]) -> NodeWithScore:
+def _with_at2_metadata(nws: NodeWithScore, values: dict[str, Any]) -> NodeWithScore:
     node = nws.node.model_copy()
     node.metadata = {**(nws.node.metadata or {}), RETRIEVAL_SCORE_KEY: nws.score, **values}
     for attr in ("excluded_llm_metadata_keys", "excluded_embed_metadata_keys"):
@@ -92,8 +94,8 @@ def annotate_nodes(
     nodes: Sequence[NodeWithScore],
     attribution: Any,
     top_sentences: int = 3,
-    data: Optional[Dict[str, Any]] = None,
-) -> List[NodeWithScore]:
+    data: dict[str, Any] | None = None,
+) -> list[NodeWithScore]:
     """New `NodeWithScore`s, one per at2 document (the first node of each, in input order), whose `score` is the
     AT2 score and whose node is a shallow copy carrying `retrieval_score`, `at2_score`, `at2_rank` (1 = most
     used), `at2_sentences` (the best supporting sentences, char offsets inside the node's text) and
@@ -125,12 +127,12 @@ def annotate_nodes(
     return out
 
 
-def rank_nodes(nodes: Sequence[NodeWithScore]) -> List[NodeWithScore]:
+def rank_nodes(nodes: Sequence[NodeWithScore]) -> list[NodeWithScore]:
     """Highest AT2 score first (stable: ties keep the retriever's order; unscored nodes last)."""
     return sorted(nodes, key=lambda n: n.score if n.score is not None else float("-inf"), reverse=True)
 
 
-def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[str, Any]]:
+def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> list[dict[str, Any]]:
     """`attribution.to_dict()["citations"]`: per answer sentence `text`, `start`/`end` (span in the answer),
     `documents` (every node's score for it, best supporting sentences with char offsets inside the node's text),
     `cited` (at2 document ids, best first), `supported`, `grounded` (nats), `context`. `top_sentences` is kept for
@@ -138,13 +140,18 @@ def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> List[Dict[st
     return attribution.to_dict()["citations"]
 
 
-def empty_metadata(complete: bool = True) -> Dict[str, Any]:
+def empty_metadata(complete: bool = True) -> dict[str, Any]:
     """`Response.metadata` before (or without) an attribution."""
-    return {"at2": None, "citations": [] if complete else None, "attribution": None, "cited_answer": None,
-            "at2_complete": complete}
+    return {
+        "at2": None,
+        "citations": [] if complete else None,
+        "attribution": None,
+        "cited_answer": None,
+        "at2_complete": complete,
+    }
 
 
-def response_metadata(attribution: Any, data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def response_metadata(attribution: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The keys this package adds to `Response.metadata`:
 
     - `at2`: `attribution.to_dict()`, the core's versioned JSON (`schema` "at2-rag/attribution");
@@ -163,9 +170,9 @@ def response_metadata(attribution: Any, data: Optional[Dict[str, Any]] = None) -
     }
 
 
-def chat_dicts(messages: Sequence[Any], system_prompt: Optional[str] = None) -> List[Dict[str, str]]:
+def chat_dicts(messages: Sequence[Any], system_prompt: str | None = None) -> list[dict[str, str]]:
     """LlamaIndex `ChatMessage`s as role/content dicts for the core (roles mapped to system/user/assistant)."""
-    turns: List[Dict[str, str]] = []
+    turns: list[dict[str, str]] = []
     for m in messages:
         role = m.role.value if hasattr(m.role, "value") else str(m.role)
         role = {"model": "assistant", "chatbot": "assistant", "developer": "system"}.get(role, role)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -37,15 +37,15 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
     """
 
     mode: Literal["rerank", "filter"] = Field(default="rerank", description="'rerank' or 'filter'.")
-    top_k: Optional[int] = Field(default=None, ge=1, description="Keep at most this many nodes.")
-    threshold: Optional[float] = Field(default=None, description="Drop nodes whose AT2 score is below this.")
-    relative_threshold: Optional[float] = Field(
+    top_k: int | None = Field(default=None, ge=1, description="Keep at most this many nodes.")
+    threshold: float | None = Field(default=None, description="Drop nodes whose AT2 score is below this.")
+    relative_threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Drop nodes scoring below this fraction of the best node."
     )
     min_keep: int = Field(default=1, ge=0, description="Never return fewer nodes than this (if there are any).")
     max_new_tokens: int = Field(default=64, ge=1, description="Length of the answer generated to attribute.")
-    system_prompt: Optional[str] = Field(default=None, description="System prompt; None = at2-rag's default.")
-    generate_kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
+    system_prompt: str | None = Field(default=None, description="System prompt; None = at2-rag's default.")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
     ablations: int = Field(
         default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
     )
@@ -76,7 +76,7 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         return self._last_attribution
 
     # ---- core ---------------------------------------------------------------------------------------------
-    def attribute_nodes(self, nodes: List[NodeWithScore], query_str: str) -> Tuple[List[NodeWithScore], Any]:
+    def attribute_nodes(self, nodes: list[NodeWithScore], query_str: str) -> tuple[list[NodeWithScore], Any]:
         """Generate with capture and attribute: `(annotated nodes in input order, Attribution)`. Nodes are mapped
         by the core (`at2_rag.map_documents`): a node repeated with the same id and text is scored (and returned)
         once; nodes sharing an id with other text are all kept, the later ones scored as `id#2`, ...
@@ -107,7 +107,7 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         self._last_attribution = attribution
         return annotate_nodes(mapped.nodes, attribution, data=data), attribution
 
-    def select(self, annotated: List[NodeWithScore]) -> List[NodeWithScore]:
+    def select(self, annotated: list[NodeWithScore]) -> list[NodeWithScore]:
         """Apply mode / top_k / thresholds to nodes already carrying AT2 scores."""
         ranked = rank_nodes(annotated)
         if not ranked:
@@ -131,8 +131,8 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         return [n for n in annotated if id(n) in kept]
 
     def _postprocess_nodes(
-        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
-    ) -> List[NodeWithScore]:
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
         if query_bundle is None:
             raise ValueError("AT2NodePostprocessor needs the query: pass query_bundle or query_str")
         if not nodes:
@@ -141,8 +141,8 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         return self.select(annotated)
 
     async def _apostprocess_nodes(
-        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
-    ) -> List[NodeWithScore]:
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
         """Runs the (CPU/GPU-bound) model call in the default executor, so the event loop stays free."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, functools.partial(self._postprocess_nodes, nodes, query_bundle))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any
 
 
-def load_folder(directory: str | Path, extensions: Sequence[str] = (".txt", ".md")) -> List[Any]:
+def load_folder(directory: str | Path, extensions: Sequence[str] = (".txt", ".md")) -> list[Any]:
     """One Document per file: id = file stem and a readable title, so attribution scores and citations keep
     pointing at the same node ids across runs; machine paths stay out of what the LLM and embedder read."""
     from llama_index.core import SimpleDirectoryReader

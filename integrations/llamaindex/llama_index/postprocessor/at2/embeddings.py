@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, List, Optional
+from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -52,7 +52,7 @@ class MiniLMEmbedding(BaseEmbedding):
     def class_name(cls) -> str:
         return "MiniLMEmbedding"
 
-    def _encode(self, texts: List[str]) -> List[Embedding]:
+    def _encode(self, texts: list[str]) -> list[Embedding]:
         vectors = self._model.encode(
             texts, batch_size=self.embed_batch_size, normalize_embeddings=self.normalize, show_progress_bar=False
         )
@@ -64,7 +64,7 @@ class MiniLMEmbedding(BaseEmbedding):
     def _get_text_embedding(self, text: str) -> Embedding:
         return self._encode([text])[0]
 
-    def _get_text_embeddings(self, texts: List[str]) -> List[Embedding]:
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return self._encode(list(texts))
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
@@ -73,11 +73,11 @@ class MiniLMEmbedding(BaseEmbedding):
     async def _aget_text_embedding(self, text: str) -> Embedding:
         return await asyncio.to_thread(self._get_text_embedding, text)
 
-    async def _aget_text_embeddings(self, texts: List[str]) -> List[Embedding]:
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
 
     @property
-    def dimension(self) -> Optional[int]:
+    def dimension(self) -> int | None:
         getter = getattr(self._model, "get_embedding_dimension", None) or getattr(
             self._model, "get_sentence_embedding_dimension", None
         )

@@ -17,7 +17,7 @@ get_dispatcher().add_event_handler(Printer())
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
@@ -32,7 +32,7 @@ class AT2AttributionStartEvent(BaseEvent):
 
     source: str
     query: str
-    document_ids: List[str] = Field(default_factory=list)
+    document_ids: list[str] = Field(default_factory=list)
 
     @classmethod
     def class_name(cls) -> str:
@@ -45,9 +45,9 @@ class AT2AttributionEndEvent(BaseEvent):
 
     source: str
     query: str
-    scores: Dict[str, float] = Field(default_factory=dict)
-    attribution: Optional[Dict[str, Any]] = None
-    error: Optional[str] = None
+    scores: dict[str, float] = Field(default_factory=dict)
+    attribution: dict[str, Any] | None = None
+    error: str | None = None
 
     @classmethod
     def class_name(cls) -> str:

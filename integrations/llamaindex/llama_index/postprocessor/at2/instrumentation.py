@@ -29,8 +29,9 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.bridge.pydantic import PrivateAttr
@@ -62,8 +63,8 @@ SOURCE = "instrumentation"
 @dataclass
 class _LLMCall:
     span_id: str
-    prompt: Union[str, List[Dict[str, str]]]
-    answer: Optional[str] = None
+    prompt: str | list[dict[str, str]]
+    answer: str | None = None
 
 
 @dataclass
@@ -74,11 +75,11 @@ class _EngineCall:
     query: str
     skip: bool
     members: set = field(default_factory=set)
-    retrieved: List[NodeWithScore] = field(default_factory=list)
-    llm_calls: Dict[str, _LLMCall] = field(default_factory=dict)
-    last_call: Optional[_LLMCall] = None
+    retrieved: list[NodeWithScore] = field(default_factory=list)
+    llm_calls: dict[str, _LLMCall] = field(default_factory=dict)
+    last_call: _LLMCall | None = None
     result: Any = None  # a streaming response waiting for its LLM call to end
-    child_metadata: Optional[Dict[str, Any]] = None
+    child_metadata: dict[str, Any] | None = None
 
 
 def _is_engine(instance: Any) -> bool:
@@ -107,18 +108,18 @@ def _is_streaming(result: Any) -> bool:
 class _Tracker:
     """The bookkeeping shared by the span handler and the event handler (one lock, state keyed by span ids)."""
 
-    def __init__(self, owner: "AT2Instrumentation", max_pending_streams: int) -> None:
+    def __init__(self, owner: AT2Instrumentation, max_pending_streams: int) -> None:
         self.owner = owner
         self.lock = threading.RLock()
-        self.parent: Dict[str, Optional[str]] = {}
-        self.engine_of: Dict[str, str] = {}  # span id -> the engine call it belongs to
-        self.engines: Dict[str, _EngineCall] = {}
-        self.instance_of: Dict[str, int] = {}  # engine span id -> id(engine)
-        self.pending: "OrderedDict[str, _EngineCall]" = OrderedDict()  # streams waiting for their LLM's end
+        self.parent: dict[str, str | None] = {}
+        self.engine_of: dict[str, str] = {}  # span id -> the engine call it belongs to
+        self.engines: dict[str, _EngineCall] = {}
+        self.instance_of: dict[str, int] = {}  # engine span id -> id(engine)
+        self.pending: OrderedDict[str, _EngineCall] = OrderedDict()  # streams waiting for their LLM's end
         self.max_pending_streams = max_pending_streams
 
     # ---- spans ------------------------------------------------------------------------------------------------
-    def enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any, parent_id: Optional[str]) -> None:
+    def enter(self, id_: str, bound_args: inspect.BoundArguments, instance: Any, parent_id: str | None) -> None:
         with self.lock:
             owner = self.engine_of.get(parent_id) if parent_id is not None else None
             starts_engine = (
@@ -244,7 +245,7 @@ class _Tracker:
             return len(self.engines)
 
     # ---- events -----------------------------------------------------------------------------------------------
-    def _call_of(self, span_id: Optional[str]) -> Optional[_EngineCall]:
+    def _call_of(self, span_id: str | None) -> _EngineCall | None:
         owner = self.engine_of.get(span_id or "")
         return self.engines.get(owner) if owner is not None else None
 
@@ -294,9 +295,9 @@ class _AT2SpanHandler(BaseSpanHandler[Any]):
         self,
         id_: str,
         bound_args: inspect.BoundArguments,
-        instance: Optional[Any] = None,
-        parent_span_id: Optional[str] = None,
-        tags: Optional[Dict[str, Any]] = None,
+        instance: Any | None = None,
+        parent_span_id: str | None = None,
+        tags: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         try:
@@ -309,8 +310,8 @@ class _AT2SpanHandler(BaseSpanHandler[Any]):
         self,
         id_: str,
         bound_args: inspect.BoundArguments,
-        instance: Optional[Any] = None,
-        result: Optional[Any] = None,
+        instance: Any | None = None,
+        result: Any | None = None,
         **kwargs: Any,
     ) -> None:
         try:
@@ -323,8 +324,8 @@ class _AT2SpanHandler(BaseSpanHandler[Any]):
         self,
         id_: str,
         bound_args: inspect.BoundArguments,
-        instance: Optional[Any] = None,
-        err: Optional[BaseException] = None,
+        instance: Any | None = None,
+        err: BaseException | None = None,
         **kwargs: Any,
     ) -> None:
         self._tracker.drop(id_)
@@ -379,7 +380,7 @@ class AT2Instrumentation:
         """Engine calls in flight (or streams not yet consumed): 0 once every query has ended."""
         return self._tracker.open_calls()
 
-    def install(self, root: Any = None) -> "AT2Instrumentation":
+    def install(self, root: Any = None) -> AT2Instrumentation:
         root = root if root is not None else get_dispatcher()
         root.add_span_handler(self.span_handler)
         root.add_event_handler(self.event_handler)
@@ -398,7 +399,7 @@ class AT2Instrumentation:
                 _REGISTRY.remove(self)
 
     # ---- the attribution --------------------------------------------------------------------------------------
-    def finish(self, call: _EngineCall, result: Any) -> Optional[Dict[str, Any]]:
+    def finish(self, call: _EngineCall, result: Any) -> dict[str, Any] | None:
         """Attribute the engine call's answer and write it into `result`; returns the metadata written."""
         if result is None or not hasattr(result, "source_nodes"):
             return None
@@ -417,7 +418,7 @@ class AT2Instrumentation:
                 source=SOURCE, query=query, document_ids=[d.id for d in mapped.documents], span_id=call.span_id
             )
         )
-        error: Optional[str] = None
+        error: str | None = None
         attribution = None
         if not llm_call.answer.strip():
             error = "the LLM's answer is empty"
@@ -463,7 +464,7 @@ class AT2Instrumentation:
         return added
 
 
-_REGISTRY: List[AT2Instrumentation] = []
+_REGISTRY: list[AT2Instrumentation] = []
 _REGISTRY_LOCK = threading.Lock()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Dict, Iterator, List, Sequence, Union
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, cast
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -41,7 +42,7 @@ class AT2LLM(CustomLLM):
     max_new_tokens: int = Field(default=256, ge=1, description="Tokens to generate at most (num_output).")
     context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, description="Set from the model at init.")
     model_name: str = Field(default="local", description="Set from the model at init.")
-    generate_kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
 
     _attributor: Any = PrivateAttr(default=None)
 
@@ -73,10 +74,10 @@ class AT2LLM(CustomLLM):
     # ---- prompt rendering -------------------------------------------------------------------------------
     # Prompts go to the core as messages, not as rendered strings: the core then tokenizes every message's
     # content as plain text, so a retrieved node reading "<|im_end|>" cannot end the turn.
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> List[Dict[str, str]]:
+    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
         return chat_dicts(messages, self.system_prompt)
 
-    def _completion_prompt(self, prompt: str, formatted: bool) -> Union[str, List[Dict[str, str]]]:
+    def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
         """`formatted=True`: the caller's exact prompt text; else one user turn (and the system prompt)."""
         if formatted:
             return prompt
@@ -85,13 +86,13 @@ class AT2LLM(CustomLLM):
         return turns
 
     # ---- generation (the core's plain generation: no capture, under the model's lock) -------------------
-    def _generate_args(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    def _generate_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"max_new_tokens": kwargs.pop("max_new_tokens", self.max_new_tokens), **self.generate_kwargs, **kwargs}
 
-    def _generate(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> str:
+    def _generate(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> str:
         return self._attributor.generate_text(prompt, **self._generate_args(kwargs))
 
-    def _stream(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> Iterator[str]:
+    def _stream(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> Iterator[str]:
         return self._attributor.stream_text(prompt, **self._generate_args(kwargs))
 
     @llm_completion_callback()
@@ -142,14 +143,14 @@ class AT2LLM(CustomLLM):
 
     # Async streaming: every chunk is awaited from a worker thread, so the event loop keeps running while the
     # model decodes (CustomLLM's default would iterate the synchronous stream inside the loop).
-    async def _astream(self, prompt: Union[str, List[Dict[str, str]]], **kwargs: Any) -> AsyncIterator[str]:
+    async def _astream(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> AsyncIterator[str]:
         chunks = self._stream(prompt, **kwargs)
         try:
             while True:
                 chunk = await asyncio.to_thread(next, chunks, _DONE)
                 if chunk is _DONE:
                     return
-                yield chunk
+                yield cast(str, chunk)
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -159,9 +160,7 @@ class AT2LLM(CustomLLM):
                     logger.debug("AT2LLM: stream closed while a chunk was being generated")
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         text = self._completion_prompt(prompt, formatted)
 
         async def gen() -> CompletionResponseAsyncGen:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Sequence, Union
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from typing import Any, cast
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.llms.types import CompletionResponse
@@ -75,13 +76,13 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     """
 
     retriever: BaseRetriever = Field(description="Where the nodes come from.")
-    node_postprocessors: List[BaseNodePostprocessor] = Field(
+    node_postprocessors: list[BaseNodePostprocessor] = Field(
         default_factory=list, description="Applied to the retrieved nodes before generation."
     )
     max_new_tokens: int = Field(default=128, ge=1)
     streaming: bool = Field(default=False)
-    system_prompt: Optional[str] = Field(default=None, description="None = at2-rag's default system prompt.")
-    generate_kwargs: Dict[str, Any] = Field(default_factory=dict)
+    system_prompt: str | None = Field(default=None, description="None = at2-rag's default system prompt.")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict)
     top_sentences: int = Field(default=3, ge=0, description="Supporting sentences reported per cited node.")
     ablations: int = Field(
         default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
@@ -99,15 +100,15 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         index_or_retriever: Any,
         attributor: Any = None,
         similarity_top_k: int = 4,
-        node_postprocessors: Optional[Sequence[BaseNodePostprocessor]] = None,
+        node_postprocessors: Sequence[BaseNodePostprocessor] | None = None,
         streaming: bool = False,
         max_new_tokens: int = 128,
-        system_prompt: Optional[str] = None,
-        callback_manager: Optional[CallbackManager] = None,
-        generate_kwargs: Optional[Dict[str, Any]] = None,
+        system_prompt: str | None = None,
+        callback_manager: CallbackManager | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
         ablations: int = 0,
         **retriever_kwargs: Any,
-    ) -> "AT2CitationQueryEngine":
+    ) -> AT2CitationQueryEngine:
         """`index_or_retriever`: an index (its `as_retriever(similarity_top_k=..., **retriever_kwargs)` is used)
         or a ready `BaseRetriever` (used as is: `similarity_top_k` and `retriever_kwargs` are then ignored, set
         them on the retriever). `attributor`: an `at2_rag.Attributor`; default the embedded SmolLM2.
@@ -117,10 +118,8 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         elif hasattr(index_or_retriever, "as_retriever"):
             retriever = index_or_retriever.as_retriever(similarity_top_k=similarity_top_k, **retriever_kwargs)
         else:
-            raise TypeError(
-                f"expected a LlamaIndex index or BaseRetriever, got {type(index_or_retriever).__name__}"
-            )
-        kwargs: Dict[str, Any] = {}
+            raise TypeError(f"expected a LlamaIndex index or BaseRetriever, got {type(index_or_retriever).__name__}")
+        kwargs: dict[str, Any] = {}
         if callback_manager is not None:
             kwargs["callback_manager"] = callback_manager
         return cls(
@@ -169,7 +168,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         return response
 
     # ---- retrieval ----------------------------------------------------------------------------------------
-    def retrieve(self, query_bundle: QueryType) -> List[NodeWithScore]:
+    def retrieve(self, query_bundle: QueryType) -> list[NodeWithScore]:
         """Retrieved (and post-processed) nodes, one per at2 document (the core's duplicate-id policy)."""
         bundle = query_bundle if isinstance(query_bundle, QueryBundle) else QueryBundle(query_bundle)
         nodes = self.retriever.retrieve(bundle)
@@ -177,7 +176,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             nodes = p.postprocess_nodes(nodes, query_bundle=bundle)
         return map_nodes(nodes).nodes if nodes else []
 
-    async def aretrieve(self, query_bundle: QueryType) -> List[NodeWithScore]:
+    async def aretrieve(self, query_bundle: QueryType) -> list[NodeWithScore]:
         bundle = query_bundle if isinstance(query_bundle, QueryBundle) else QueryBundle(query_bundle)
         nodes = await self.retriever.aretrieve(bundle)
         for p in self.node_postprocessors:
@@ -185,10 +184,10 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         return map_nodes(nodes).nodes if nodes else []
 
     # ---- answering ----------------------------------------------------------------------------------------
-    def _system_kwargs(self) -> Dict[str, Any]:
+    def _system_kwargs(self) -> dict[str, Any]:
         return {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
 
-    def _generate_kwargs(self) -> Dict[str, Any]:
+    def _generate_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.generate_kwargs)
         kwargs.update(self._system_kwargs())
         kwargs["max_new_tokens"] = self.max_new_tokens
@@ -200,13 +199,13 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         metadata["cited_answer"] = EMPTY_RESPONSE
         return Response(EMPTY_RESPONSE, [], metadata)
 
-    def _fill(self, metadata: Dict[str, Any], attribution: Any, nodes: List[NodeWithScore]) -> List[NodeWithScore]:
+    def _fill(self, metadata: dict[str, Any], attribution: Any, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         data = attribution.to_dict()
         metadata.update(response_metadata(attribution, data))
         return rank_nodes(annotate_nodes(nodes, attribution, self.top_sentences, data=data))
 
     # the standard synthesize / LLM events around the one generation that answers and is attributed
-    def _start(self, query_str: str, mapped: MappedNodes) -> "_Run":
+    def _start(self, query_str: str, mapped: MappedNodes) -> _Run:
         span_id = active_span_id.get()
         dispatcher.event(SynthesizeStartEvent(query=query_str, span_id=span_id))
         prompt = self.attributor.render(query_str, mapped.documents, **self._system_kwargs()).text
@@ -224,7 +223,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         )
         return _Run(query_str=query_str, span_id=span_id, prompt=prompt, llm_event=llm_event)
 
-    def _end(self, run: "_Run", attribution: Any = None, error: Optional[BaseException] = None) -> None:
+    def _end(self, run: _Run, attribution: Any = None, error: BaseException | None = None) -> None:
         answer = "" if attribution is None else attribution.answer
         completion = CompletionResponse(text=answer)
         self.callback_manager.on_event_end(
@@ -244,7 +243,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             )
         )
 
-    def _answer(self, query_str: str, nodes: List[NodeWithScore]) -> Response:
+    def _answer(self, query_str: str, nodes: list[NodeWithScore]) -> Response:
         mapped = map_nodes(nodes)
         with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as ev:
             run = self._start(query_str, mapped)
@@ -254,7 +253,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
                 self._end(run, error=exc)
                 raise
             self._end(run, attribution)
-            metadata: Dict[str, Any] = {}
+            metadata: dict[str, Any] = {}
             ranked = self._fill(metadata, attribution, mapped.nodes)
             response = Response(attribution.answer, ranked, metadata)
             ev.on_end(payload={EventPayload.RESPONSE: response})
@@ -262,7 +261,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         return response
 
     def _token_gen(
-        self, run: "_Run", mapped: MappedNodes, source_nodes: List[NodeWithScore], metadata: Dict[str, Any]
+        self, run: _Run, mapped: MappedNodes, source_nodes: list[NodeWithScore], metadata: dict[str, Any]
     ) -> Iterator[str]:
         from at2_rag import Attribution
 
@@ -277,15 +276,15 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             self._end(run, error=exc)
             raise
 
-    def _streaming(self, query_str: str, nodes: List[NodeWithScore]) -> tuple:
+    def _streaming(self, query_str: str, nodes: list[NodeWithScore]) -> tuple:
         mapped = map_nodes(nodes)
         with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}):
             run = self._start(query_str, mapped)
-        source_nodes: List[NodeWithScore] = list(mapped.nodes)
+        source_nodes: list[NodeWithScore] = list(mapped.nodes)
         metadata = empty_metadata(complete=False)
         return self._token_gen(run, mapped, source_nodes, metadata), source_nodes, metadata, run
 
-    def custom_query(self, query_str: str) -> Union[Response, StreamingResponse]:
+    def custom_query(self, query_str: str) -> Response | StreamingResponse:
         nodes = self.retrieve(query_str)
         if not nodes:
             return self._empty()
@@ -306,12 +305,12 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             return await asyncio.to_thread(self._answer, query_str, nodes)
         sync_gen, source_nodes, metadata, run = self._streaming(query_str, nodes)
 
-        async def agen() -> AsyncIterator[str]:
+        async def agen() -> AsyncGenerator[str, None]:
             while True:
                 item = await asyncio.to_thread(next, sync_gen, _DONE)
                 if item is _DONE:
                     return
-                yield item
+                yield cast(str, item)
 
         response = AsyncStreamingResponse(response_gen=agen(), source_nodes=source_nodes, metadata=metadata)
         dispatcher.event(SynthesizeEndEvent(query=query_str, response=response, span_id=run.span_id))
@@ -323,7 +322,7 @@ class _Run:
 
     __slots__ = ("query_str", "span_id", "prompt", "llm_event")
 
-    def __init__(self, query_str: str, span_id: Optional[str], prompt: str, llm_event: str) -> None:
+    def __init__(self, query_str: str, span_id: str | None, prompt: str, llm_event: str) -> None:
         self.query_str, self.span_id, self.prompt, self.llm_event = query_str, span_id, prompt, llm_event
 
 
