@@ -153,6 +153,21 @@ def test_streaming_query_engine_is_filled_when_the_stream_ends(at2, attributor, 
 
 
 @pytest.mark.asyncio
+async def test_async_streaming_query_engine(at2, attributor, vector_index, node_text):
+    from llama_index.core.base.response.schema import AsyncStreamingResponse
+
+    llm = ExtractiveLLM()
+    engine = vector_index.as_query_engine(llm=llm, similarity_top_k=4, streaming=True)
+    streaming = await engine.aquery(PENICILLIN)
+    assert isinstance(streaming, AsyncStreamingResponse)
+    text = "".join([t async for t in streaming.async_response_gen()])
+    assert text == ExtractiveLLM.answer_for(llm.prompts[-1])
+    final = await streaming.get_response()
+    check_attributed(final, attributor, llm.prompts[-1], text, PENICILLIN, node_text)
+    assert at2.open_calls == 0
+
+
+@pytest.mark.asyncio
 async def test_aquery(at2, attributor, vector_index, node_text):
     llm = ExtractiveLLM()
     response = await vector_index.as_query_engine(llm=llm, similarity_top_k=4).aquery(PENICILLIN)
