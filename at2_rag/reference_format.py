@@ -73,7 +73,7 @@ class ReferenceExtractorKwargs(_Reference):
 
 class ReferenceExtractor(_Reference):
     class_: Literal["AttentionFeatureExtractor"] = Field(alias="class")
-    args: ReferenceExtractorKwargs = Field(alias="kwargs")  # not named kwargs: pydantic's mypy plugin reserves it
+    args: ReferenceExtractorKwargs = Field(validation_alias="kwargs")  # a field named kwargs confuses mypy
 
 
 class ReferenceEstimatorKwargs(_Reference):
@@ -90,7 +90,7 @@ class ReferenceEstimatorFile(_Reference):
     class_: Literal["LinearScoreEstimator"] = Field(alias="class")
     feature_extractor: ReferenceExtractor
     state_dict: dict[str, Any]
-    args: ReferenceEstimatorKwargs | None = Field(default=None, alias="kwargs")
+    args: ReferenceEstimatorKwargs | None = Field(default=None, validation_alias="kwargs")
     extras: dict[Any, Any] | None = None  # informational: only its str -> scalar entries are kept
 
 
