@@ -441,6 +441,10 @@ def test_marks_for_an_earlier_answer_and_for_a_sentence_not_from_the_documents(p
             locator.scroll_into_view_if_needed()
             box = locator.bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        # on a phone the document opened by the citation above is a sheet over the page: tapping outside closes it
+        expect(page.locator("#doc-card")).to_be_in_viewport()
+        page.locator("#doc-scrim").click(position={"x": 10, "y": 10})
+        expect(page.locator("#doc-card")).to_be_hidden()
         mark.first.click()
         expect(weather).to_have_class(re.compile(r"\brecalled\b"))
         expect(weather).to_be_in_viewport()

@@ -313,7 +313,7 @@ async function ask(raw, opts = {}) {
     const err = addMessage("error", `<strong>${esc(errorTitle(failure.kind))}</strong>${esc(failure.message)}`);
     err.dataset.kind = failure.kind;
     // the question was not answered: give it back to the box to edit and resend (unless a new one is being typed)
-    if (!els.question.value.trim()) { els.question.value = question; autosize(); updateCount(); }
+    if (!els.question.value.trim()) { els.question.value = opts.regenerate ? question : raw; autosize(); updateCount(); }
     scrollToEnd(err);
   } else {
     const idx = state.answers.length;
