@@ -12,11 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
 
-from fastapi.testclient import TestClient  # noqa: E402
-
 from chatbot.app import SAMPLE_DOCS, create_app, main  # noqa: E402
 from chatbot.corpus import load_folder, text_to_passages  # noqa: E402
 from chatbot.uploads import safe_name  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 
 ZEPHYR = "The Zephyr drone flies for 47 minutes on one charge."
 
@@ -43,7 +42,9 @@ def make_pdf(lines: list[str], title: str | None = None) -> bytes:
         offsets.append(len(out))
         out += f"{i} 0 obj\n{obj}\nendobj\n".encode("latin-1")
     xref = len(out)
-    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode() + b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode() + b"".join(
+        f"{o:010d} 00000 n \n".encode() for o in offsets
+    )
     info = f" /Info {len(objs)} 0 R" if title else ""
     out += f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R{info} >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return out
@@ -63,7 +64,9 @@ def client_for(uploads: Path, docs: Path | str = SAMPLE_DOCS, **kwargs) -> TestC
 
 
 def upload(client: TestClient, *files: tuple[str, bytes]):
-    return client.post("/api/documents", files=[("file", (name, data, "application/octet-stream")) for name, data in files])
+    return client.post(
+        "/api/documents", files=[("file", (name, data, "application/octet-stream")) for name, data in files]
+    )
 
 
 def retrieved_doc_ids(client: TestClient, question: str) -> list[str]:
@@ -94,7 +97,11 @@ def test_upload_several_files_lists_and_indexes_them_without_a_restart(uploads: 
     assert all(d["removable"] and d["source"] == "upload" and d["passages"] == 1 for d in docs.values())
 
     listed = client.get("/api/documents").json()
-    assert [d["name"] for d in listed["documents"] if d["source"] == "upload"] == ["zephyr.pdf", "notes.md", "plain.txt"]
+    assert [d["name"] for d in listed["documents"] if d["source"] == "upload"] == [
+        "zephyr.pdf",
+        "notes.md",
+        "plain.txt",
+    ]
     assert listed["max_upload_bytes"] == 2 * 1024 * 1024 and ".pdf" in listed["upload_types"]
     status = client.get("/api/status").json()
     assert status["num_files"] == 15 and status["num_uploads"] == 3
@@ -211,7 +218,12 @@ def test_an_upload_larger_than_all_files_together_may_be_is_refused_before_readi
 
 def test_file_names_are_labels_never_paths(uploads: Path, tmp_path: Path):
     client = client_for(uploads)
-    r = upload(client, ("../../outside.md", b"Escape attempt."), ("..\\..\\win.txt", b"Windows escape."), ("/etc/cron.d/x.txt", b"x"))
+    r = upload(
+        client,
+        ("../../outside.md", b"Escape attempt."),
+        ("..\\..\\win.txt", b"Windows escape."),
+        ("/etc/cron.d/x.txt", b"x"),
+    )
     assert r.status_code == 201
     assert [d["name"] for d in r.json()["documents"]] == ["outside.md", "win.txt", "x.txt"]
     assert not (tmp_path / "outside.md").exists() and not (ROOT / "outside.md").exists()
@@ -223,8 +235,16 @@ def test_file_names_are_labels_never_paths(uploads: Path, tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("report.pdf", "report.pdf"), ("../../etc/passwd", "passwd"), ("C:\\x\\y.md", "y.md"), ("", "untitled.txt"),
-     ("..", "untitled.txt"), ("<script>.md", "_script_.md"), ("a\x00b\nc\u202e.txt", "abc.txt"), ("a" * 300 + ".txt", "a" * 116 + ".txt")],
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("C:\\x\\y.md", "y.md"),
+        ("", "untitled.txt"),
+        ("..", "untitled.txt"),
+        ("<script>.md", "_script_.md"),
+        ("a\x00b\nc\u202e.txt", "abc.txt"),
+        ("a" * 300 + ".txt", "a" * 116 + ".txt"),
+    ],
 )
 def test_safe_name(raw, expected):
     assert safe_name(raw) == expected
@@ -245,7 +265,7 @@ def test_passages_are_exact_slices_of_the_whole_file():
     assert len(passages) > 5 and all(len(p.text) <= 700 for p in passages)
     for p in passages:
         assert text[p.offset : p.offset + len(p.text)] == p.text and p.text == p.text.strip()
-    assert passages[0].title == "Title (part 1/%d)" % len(passages)
+    assert passages[0].title == f"Title (part 1/{len(passages)})"
 
 
 # ---- any model ----------------------------------------------------------------------------------------------

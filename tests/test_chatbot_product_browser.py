@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from test_chatbot_browser import (  # noqa: F401  (fixtures: artifacts, browser)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example is the package `chatbot`
+
+from test_chatbot_browser import (  # noqa: E402, F401  (skips without Chromium; fixtures: artifacts, browser)
     ANSWER_TIMEOUT_MS,
     QUESTION,
     ServerThread,
@@ -27,11 +30,11 @@ from test_chatbot_browser import (  # noqa: F401  (fixtures: artifacts, browser)
     docs_screenshot,
     open_app,
 )
-from test_chatbot_documents import ZEPHYR, make_pdf
 
 import uvicorn  # noqa: E402
 from chatbot.app import create_app, load_default_attributor  # noqa: E402
 from playwright.sync_api import Page, expect  # noqa: E402
+from test_chatbot_documents import ZEPHYR, make_pdf  # noqa: E402
 
 ZEPHYR_QUESTION = "How long does the Zephyr drone fly on one charge?"
 

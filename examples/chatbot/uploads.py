@@ -77,7 +77,9 @@ def _pdf_text(raw: bytes, name: str) -> tuple[str, str | None]:
     except UploadError:
         raise
     except Exception as exc:  # pypdf raises many kinds on broken files
-        raise UploadError(422, "unreadable_file", f"{name} could not be read as a PDF ({type(exc).__name__}).") from None
+        raise UploadError(
+            422, "unreadable_file", f"{name} could not be read as a PDF ({type(exc).__name__})."
+        ) from None
     text = "\n\n".join(p for p in pages if p)
     text = re.sub(r"[ \t]+\n", "\n", normalise_newlines(text)).replace("\x00", "")
     if not text.strip():
@@ -132,7 +134,9 @@ class UploadStore:
     """Uploaded documents as JSON records `<id>.json` in `folder` (created if needed; a temporary folder when None)."""
 
     def __init__(self, folder: str | Path | None) -> None:
-        self.folder = Path(folder).expanduser() if folder is not None else Path(tempfile.mkdtemp(prefix="at2-chatbot-uploads-"))
+        self.folder = (
+            Path(folder).expanduser() if folder is not None else Path(tempfile.mkdtemp(prefix="at2-chatbot-uploads-"))
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
@@ -144,7 +148,9 @@ class UploadStore:
                     raise ValueError("not an upload record")
                 self.records[rec["id"]] = rec
             except Exception as exc:
-                self.problems.append({"file": f"uploads/{path.name}", "error": f"unreadable upload record ({exc}); skipped"})
+                self.problems.append(
+                    {"file": f"uploads/{path.name}", "error": f"unreadable upload record ({exc}); skipped"}
+                )
         for stale in self.folder.glob(".*.tmp"):  # a record whose writer died before the rename
             stale.unlink(missing_ok=True)
 
