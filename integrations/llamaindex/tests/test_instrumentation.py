@@ -152,6 +152,25 @@ def test_streaming_query_engine_is_filled_when_the_stream_ends(at2, attributor, 
     check_attributed(final, attributor, llm.prompts[-1], text, PENICILLIN, node_text)
 
 
+@pytest.mark.parametrize("engine_name", ["ContextChatEngine", "CondensePlusContextChatEngine"])
+def test_streaming_chat_engines(at2, attributor, bm25, node_text, engine_name):
+    """`stream_chat`: the chat engine consumes the LLM's stream in its own thread (started inside its span); the
+    response is filled when the answer's LLM call ends, before `response_gen` finishes."""
+    import llama_index.core.chat_engine as chat_engines
+
+    llm = ExtractiveLLM(chat_model=True)
+    chat = getattr(chat_engines, engine_name).from_defaults(retriever=bm25, llm=llm)
+    out = chat.stream_chat(EVEREST)
+    text = "".join(out.response_gen)
+    assert text.strip() == ExtractiveLLM.answer_for(llm.prompts[-1]) and "Hillary" in text
+    assert out.metadata and out.metadata["at2"]["answer"].strip() == text.strip()
+    assert out.source_nodes[0].node.node_id == "mount_everest-0"
+    scores = [n.score for n in out.source_nodes]
+    assert scores == sorted(scores, reverse=True) and out.source_nodes[0].node.metadata["at2_rank"] == 1
+    assert out.metadata["attribution"].query == EVEREST
+    assert at2.open_calls == 0
+
+
 @pytest.mark.asyncio
 async def test_async_streaming_query_engine(at2, attributor, vector_index, node_text):
     from llama_index.core.base.response.schema import AsyncStreamingResponse

@@ -64,6 +64,7 @@ SOURCE = "instrumentation"
 class _LLMCall:
     span_id: str
     prompt: str | list[dict[str, str]]
+    seq: int = 0  # when it started, in the engine call's event order
     answer: str | None = None
 
 
@@ -80,6 +81,15 @@ class _EngineCall:
     last_call: _LLMCall | None = None
     result: Any = None  # a streaming response waiting for its LLM call to end
     child_metadata: dict[str, Any] | None = None
+    seq: int = 0  # events seen
+    retrieval_seq: int = -1  # when the last retrieval ended
+    awaits_answer: bool = False  # a streaming chat response: finished by its answer's LLM end event
+
+    def answer_done(self) -> bool:
+        """The answer's LLM call (one that started after the last retrieval) has ended, and no call is open."""
+        calls = self.llm_calls.values()
+        answered = any(c.seq > self.retrieval_seq and c.answer is not None for c in calls)
+        return answered and all(c.answer is not None for c in calls)
 
 
 def _is_engine(instance: Any) -> bool:
@@ -151,9 +161,11 @@ class _Tracker:
             if call.skip:
                 self._forget(call)
                 return
-            if _is_streaming(result):
+            if _is_streaming(result) and not (
+                type(result).__name__ == "StreamingAgentChatResponse" and call.answer_done()
+            ):
                 if not self._watch_stream(call, result):
-                    logger.info("AT2: %s is not attributed (streaming chat responses are not supported)", id_)
+                    logger.info("AT2: %s is not attributed (an unknown streaming response)", id_)
                     self._forget(call)
                 return
             self._forget(call)
@@ -173,6 +185,10 @@ class _Tracker:
             result.response_gen = self._sync_stream(call, result, gen)
         elif type(result).__name__ == "AsyncStreamingResponse" and inspect.isasyncgen(gen):
             result.response_gen = self._async_stream(call, result, gen)
+        elif type(result).__name__ == "StreamingAgentChatResponse":
+            # chat engines consume their stream in a thread (or task) started inside their span, which copies
+            # the context: the answer's LLM call is paired with the engine call, and its end event finishes it
+            call.awaits_answer = True
         else:
             return False
         call.result = result
@@ -261,17 +277,20 @@ class _Tracker:
     def event(self, event: BaseEvent) -> None:
         if isinstance(event, AT2_EVENTS):
             return
+        finished: _EngineCall | None = None
         with self.lock:
             call = self._call_of(event.span_id)
             if call is None or call.skip:
                 return
             span_id = event.span_id or ""
+            call.seq += 1
             if isinstance(event, RetrievalEndEvent):
                 call.retrieved.extend(event.nodes)
+                call.retrieval_seq = call.seq
             elif isinstance(event, (LLMChatStartEvent, LLMCompletionStartEvent)):
                 if not self._inside_llm_call(call, span_id):
                     prompt = event.prompt if isinstance(event, LLMCompletionStartEvent) else chat_dicts(event.messages)
-                    call.llm_calls[span_id] = _LLMCall(span_id=span_id, prompt=prompt)
+                    call.llm_calls[span_id] = _LLMCall(span_id=span_id, prompt=prompt, seq=call.seq)
             elif isinstance(event, (LLMChatEndEvent, LLMCompletionEndEvent)):
                 llm_call = call.llm_calls.get(span_id)
                 if llm_call is not None and llm_call.answer is None:
@@ -280,8 +299,13 @@ class _Tracker:
                     else:
                         llm_call.answer = event.response.text or ""
                     call.last_call = llm_call
+                    if call.awaits_answer and call.span_id in self.pending and call.answer_done():
+                        self._forget(call)
+                        finished = call
                 elif llm_call is None and not self._inside_llm_call(call, span_id):
                     logger.debug("AT2: an LLM end event without its start event (span %s)", span_id)
+        if finished is not None:  # a streaming chat response's answer has ended (in the engine's stream thread)
+            self.owner.finish(finished, finished.result)
 
 
 class _AT2SpanHandler(BaseSpanHandler[Any]):
