@@ -18,7 +18,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.block_translators import register_translator
-from langchain_core.messages.content import Citation, TextContentBlock, create_citation
+from langchain_core.messages.content import Citation, create_citation
 
 from at2_rag import Attribution
 from at2_rag.result import context_key
@@ -44,14 +44,9 @@ def attribution_metadata(attribution: Attribution, *, mode: str) -> dict[str, An
     return {
         **data,
         "mode": mode,
-        "scores": {d["id"]: d["score"] for d in data["documents"]},
-        "context_scores": context_scores(data),
+        "scores": attribution.document_scores(),
+        "context_scores": attribution.context_scores(),
     }
-
-
-def context_scores(data: Mapping[str, Any]) -> dict[str, float]:
-    """`{"history:0": s, ..., "system": s, "query": s}` from `Attribution.to_dict()`'s `context_sources`."""
-    return {context_key(c["kind"], c.get("index")): c["score"] for c in data["context_sources"]}
 
 
 def attribution_from_metadata(source: BaseMessage | Mapping[str, Any]) -> Attribution:
@@ -127,7 +122,7 @@ def _translate(message: AIMessage | AIMessageChunk) -> list[Any]:
     annotations = citation_annotations(at2) if at2 else []
     if not message.content and not annotations:
         return []
-    block: TextContentBlock = {"type": "text", "text": message.content}
+    block: dict[str, Any] = {"type": "text", "text": message.content}  # a TextContentBlock
     if annotations:
         block["annotations"] = annotations
     return [block]

@@ -15,7 +15,7 @@ from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
 
 from ._loading import get_attributor
 from ._messages import to_chat_dicts
-from .annotations import context_refs, context_scores
+from .annotations import context_refs
 from .documents import convert_documents, to_at2_document, to_langchain_document
 
 
@@ -108,13 +108,13 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
                 error = f"{type(exc).__name__}: {exc}"
 
         data = attribution.to_dict() if attribution else None
-        scores = {d["id"]: d["score"] for d in data["documents"]} if data else {}
+        scores = attribution.document_scores() if attribution else {}
         output = dict(input)
         output[doc_key] = [
             _scored(doc, doc_id, scores.get(doc_id), i) for i, (doc, doc_id) in enumerate(zip(raw_docs, ids))
         ]
         output["citations"] = [_citation(c) for c in data["citations"]] if data else []
-        output["context_scores"] = context_scores(data) if data else {}
+        output["context_scores"] = attribution.context_scores() if attribution else {}
         output["cited_answer"] = attribution.cited_answer() if attribution else answer
         output["unsupported"] = not (data is not None and data["supported"])
         output["attribution"] = attribution
