@@ -20,7 +20,7 @@ from .request import TEMPLATE_DEFAULT, AttributionRequest
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
 from .runner import CapturedRun, ModelRunner
 from .scoring import Scorer
-from .shared import clear_shared_attributors, default_attributor, get_attributor
+from .shared import clear_shared_attributors, default_attributor, get_attributor, get_micro_batcher
 from .sources import Document, MappedDocuments, map_documents, to_document
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ __all__ = [
     "clear_shared_attributors",
     "default_attributor",
     "get_attributor",
+    "get_micro_batcher",
     "load_default_model",
     "load_model",
     "map_documents",

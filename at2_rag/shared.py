@@ -69,3 +69,23 @@ def clear_shared_attributors() -> None:
     """Forget every shared Attributor (a model is freed once nothing else holds it)."""
     with _LOCK:
         _CACHE.clear()
+        batchers = list(_BATCHERS.values())
+        _BATCHERS.clear()
+    for batcher in batchers:
+        batcher.close()
+
+
+_BATCHERS: dict[int, Any] = {}
+
+
+def get_micro_batcher(attributor: Attributor | None = None) -> Any:
+    """The process's MicroBatcher for `attributor` (default: the shared default Attributor): every adapter's
+    concurrent and async callers of one model share its batches."""
+    from .batching import MicroBatcher
+
+    attributor = attributor if attributor is not None else get_attributor()
+    with _LOCK:
+        batcher = _BATCHERS.get(id(attributor))
+        if batcher is None or batcher.attributor is not attributor:
+            batcher = _BATCHERS[id(attributor)] = MicroBatcher(attributor)
+        return batcher
