@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,18 +17,60 @@ import torch
 
 from .errors import DocumentsNotLocatedError, InvalidInputError
 from .estimator import ScoreEstimator
+from .features import answer_targets
 from .locate import LocatedPrompt, locate_prompt
 from .prompt import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
 from .refine import check_ablations
 from .request import TEMPLATE_DEFAULT, AttributionRequest, SystemPrompt
-from .result import Attribution
-from .runner import CapturedRun, ModelRunner, check_answer, check_max_new_tokens
+from .result import Attribution, Citation
+from .runner import CapturedRun, LiveGeneration, ModelRunner, check_answer, check_max_new_tokens
 from .scoring import Scorer
 from .sources import DocumentLike, normalize_documents
 
 logger = logging.getLogger(__name__)
 
 RequestLike = AttributionRequest | Mapping[str, Any]
+
+_WORD_END = re.compile(r"\S\s")  # a word followed by whitespace
+
+
+class _SentenceTracker:
+    """`stream(sentence_citations=True)`'s `on_step`: in the generation thread, between decode steps, the citation of
+    every answer sentence that became complete with the newest token (see `Attributor.stream`)."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.done = 0  # sentences whose citation was handed out
+        self.checked = 0  # answer characters already looked at for a word end
+
+    def __call__(self, live: LiveGeneration) -> list[Citation]:
+        answer = live.answer
+        new = answer.text[max(0, self.checked - 1) :]
+        self.checked = len(answer.text)
+        if not _WORD_END.search(new):  # a sentence only becomes complete when a word ends
+            return []
+        targets = answer_targets(answer)
+        complete = len(targets) - 1
+        if targets and not _WORD_END.search(answer.text, targets[-1][0].start):
+            complete -= 1  # the newest sentence's first word is still growing: its predecessor may yet change
+        if complete <= self.done:
+            return []
+        run = live.captured()
+        citations = [self.scorer.citation_for(run, k) for k in range(self.done, complete)]
+        self.done = complete
+        return citations
+
+
+def _remaining_citations(streamed: list[Citation], final: list[Citation]) -> list[Citation]:
+    """The final citations not streamed yet (the sentences still open when the text ended), in order. A streamed
+    citation the final attribution does not hold (the splitter cut the finished answer elsewhere) is logged: the
+    final Attribution is the one to keep."""
+    spans = {(c.start, c.end) for c in streamed}
+    final_spans = {(c.start, c.end) for c in final}
+    moved = [c.text for c in streamed if (c.start, c.end) not in final_spans]
+    if moved:
+        logger.warning("sentences streamed with a citation were split differently in the finished answer: %s", moved)
+    return [c for c in final if (c.start, c.end) not in spans]
 
 
 class Attributor:
@@ -142,16 +186,54 @@ class Attributor:
         system_prompt: SystemPrompt = TEMPLATE_DEFAULT,
         max_new_tokens: int = 256,
         ablations: int = 0,
+        sentence_citations: bool = False,
         **generate_kwargs: Any,
-    ) -> Iterator[str | Attribution]:
-        """Yield answer text chunks as they are generated, then the Attribution as the last item.
+    ) -> Iterator[str | Citation | Attribution]:
+        """Yield answer text chunks (str) as they are generated, then the Attribution as the last item.
+
+        With `sentence_citations=True`, each answer sentence's `Citation` is also yielded as soon as the sentence is
+        complete, in answer order, after the text chunks that hold it, and the rest when the text ends: one per
+        sentence of the final `Attribution.citations`, which are equal to them. A sentence is complete when the
+        answer-sentence splitter (`features.answer_targets`, the one scoring uses) finds a later sentence whose
+        first word is complete. Attention is causal, so that sentence's features no longer change: its citation
+        is computed then, from the features captured so far (no extra forward pass), and is its final one. It costs
+        reading the capture once per completed sentence. Not with `ablations` > 0 (`InvalidInputError`): refined
+        scores exist only after the whole answer.
 
         Bad input and a prompt + max_new_tokens that exceeds the context window raise on the first `next()`, in
         the caller's thread, before the generation thread starts. `ablations=k` refines after the text ends."""
         request = self._request(query, documents, history, system_prompt)
         check_ablations(ablations)
-        for item in self.runner.stream(self.render(request), max_new_tokens, **generate_kwargs):
-            yield self.build_attribution(item, request.query, ablations) if isinstance(item, CapturedRun) else item
+        if not sentence_citations:
+            for item in self.runner.stream(self.render(request), max_new_tokens, **generate_kwargs):
+                yield self.build_attribution(item, request.query, ablations) if isinstance(item, CapturedRun) else item
+            return
+        if ablations:
+            raise InvalidInputError(
+                "sentence_citations=True streams each sentence's AT2 citation as it completes, but ablations="
+                f"{ablations} refines the scores only after the whole answer: stream with ablations=0, or attribute "
+                "with ablations after the text"
+            )
+        tracker = _SentenceTracker(self.scorer)
+        held: deque[Citation] = deque()  # citations whose sentence's text is not all yielded yet
+        streamed: list[Citation] = []
+        text_length = 0
+        for item in self.runner.stream(self.render(request), max_new_tokens, on_step=tracker, **generate_kwargs):
+            if isinstance(item, CapturedRun):
+                attribution = self.build_attribution(item, request.query)
+                streamed.extend(held)
+                yield from held
+                yield from _remaining_citations(streamed, attribution.citations)
+                yield attribution
+                return
+            if isinstance(item, Citation):
+                held.append(item)
+            else:
+                text_length += len(item)
+                yield item
+            while held and held[0].end <= text_length:
+                streamed.append(held[0])
+                yield held.popleft()
 
     def attribute(
         self,

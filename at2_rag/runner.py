@@ -11,14 +11,14 @@ import inspect
 import logging
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .ablation import ablated_answer_logit_probs, full_attention_cache
-from .capture import capture_attention, install_capture, model_shape, text_config
+from .capture import CaptureState, capture_attention, install_capture, model_shape, text_config
 from .errors import ContextTooLongError, InvalidInputError
 from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
 from .prompt import RenderedPrompt
@@ -162,12 +162,16 @@ class ModelRunner:
         max_new_tokens: int = 256,
         capture: bool = True,
         streamer: Any = None,
+        on_state: Callable[[CaptureState], None] | None = None,
         **generate_kwargs: Any,
     ) -> CapturedRun:
         """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
 
         With `capture=False` it is a plain generation: no features (`token_features` has no source columns)
-        and no per-token answer offsets. `streamer` is handed to `generate` (e.g. a `TextIteratorStreamer`)."""
+        and no per-token answer offsets. `streamer` is handed to `generate` (e.g. a `TextIteratorStreamer`).
+        `on_state` is called with the live CaptureState before the first forward pass (not at all without
+        capture): a streamer may then read `state.features()` in its `put`, which runs in the generation thread
+        between decode steps (see `stream(on_step=...)`); no other thread may touch the state."""
         check_max_new_tokens(max_new_tokens)
         self.check_fits(prompt, max_new_tokens)
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
@@ -180,6 +184,8 @@ class ModelRunner:
             else contextlib.nullcontext(None)
         )
         with self.lock, torch.no_grad(), ctx as state:
+            if state is not None and on_state is not None:
+                on_state(state)
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -211,22 +217,33 @@ class ModelRunner:
         prompt: RenderedPrompt,
         max_new_tokens: int = 256,
         capture: bool = True,
+        on_step: Callable[[LiveGeneration], Iterable[Any]] | None = None,
         **generate_kwargs: Any,
-    ) -> Iterator[str | CapturedRun]:
-        """`generate` in a worker thread: yield text chunks as they are generated, then the CapturedRun. The
-        length check runs in the caller's thread, before the worker starts; an error in the worker is re-raised
-        here."""
+    ) -> Iterator[Any]:
+        """`generate` in a worker thread: yield text chunks (str) as they are generated, then the CapturedRun. The
+        length check runs in the caller's thread, before the worker starts; an error in the worker (`on_step`'s
+        included) is re-raised here.
+
+        `on_step(live)` is called in the generation thread after every generated token, between decode steps (no
+        attention call in flight), with the `LiveGeneration` so far; whatever it returns is yielded, in order with
+        the text chunks, before the CapturedRun. It may call `live.captured()` (features of the tokens so far)."""
         from transformers import TextIteratorStreamer
 
         check_max_new_tokens(max_new_tokens)
         self.check_fits(prompt, max_new_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        live = LiveGeneration(prompt, self.tokenizer)
+        streamer = (
+            TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            if on_step is None
+            else _step_streamer(self.tokenizer, live, on_step)
+        )
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
                 outcome["run"] = self.generate(
-                    prompt, max_new_tokens, capture=capture, streamer=streamer, **generate_kwargs
+                    prompt, max_new_tokens, capture=capture, streamer=streamer, on_state=live.attach,
+                    **generate_kwargs,
                 )
             except BaseException as exc:  # surfaced in the consuming thread
                 outcome["error"] = exc
@@ -388,6 +405,90 @@ class ModelRunner:
             rows = features[row, lo : lo + len(encoded.token_ids), columns[row]].clone()
             runs.append(CapturedRun(prompt, encoded, rows, None))
         return runs
+
+
+class LiveGeneration:
+    """A generation in progress, as seen from the generation thread between two decode steps (a streamer's `put`):
+    the answer's tokens so far, their char spans, and on request the captured run of those tokens.
+
+    Attention is causal, so the features of tokens already generated never change as more are generated: the run
+    `captured()` returns now holds the same rows (up to float rounding) as the final run."""
+
+    def __init__(self, prompt: RenderedPrompt, tokenizer: Any) -> None:
+        self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self._spans: list[tuple[int, int]] = []
+        self._text = ""
+        self._end = 0  # end of the last complete character
+        self._state: CaptureState | None = None
+
+    def attach(self, state: CaptureState) -> None:
+        """`ModelRunner.generate`'s `on_state`: the capture state this generation records into."""
+        self._state = state
+
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """Add generated tokens, giving each its char span exactly as `features.decode_with_offsets` would (one
+        prefix decode per new token instead of one per token of the whole answer)."""
+        for token in token_ids:
+            self.token_ids.append(int(token))
+            text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            self._text = text
+            if text.endswith("\ufffd"):  # incomplete multi-byte character
+                self._spans.append((self._end, self._end))
+                continue
+            end = max(self._end, len(text))
+            self._spans.append((self._end, end))
+            self._end = end
+
+    @property
+    def answer(self) -> AnswerTokens:
+        """The answer so far (its text may end inside a word, or with end-of-sequence tokens' empty spans)."""
+        return AnswerTokens(token_ids=list(self.token_ids), text=self._text, char_spans=list(self._spans))
+
+    def captured(self) -> CapturedRun:
+        """The captured run of the tokens generated so far. Reads the capture (`CaptureState.features`: deferred
+        rows are reduced now, and later reads reuse them), so call it only from the generation thread, between
+        decode steps, and only when needed: each call copies every row read so far."""
+        if self._state is None:
+            raise RuntimeError("this generation runs without capture: it has no features to read")
+        features = self._state.features()[0]
+        count = len(self.token_ids)
+        if features.shape[0] < count:
+            raise RuntimeError(f"{features.shape[0]} captured rows for {count} generated tokens")
+        return CapturedRun(self.prompt, self.answer, features[:count], None)  # a view: the capture never rewrites it
+
+
+@functools.cache
+def _step_streamer_class() -> type:
+    from transformers import TextIteratorStreamer
+
+    class StepStreamer(TextIteratorStreamer):
+        """A TextIteratorStreamer that also feeds each generated token to a LiveGeneration and queues what
+        `on_step` returns after the token's text."""
+
+        def __init__(
+            self, tokenizer: Any, live: LiveGeneration, on_step: Callable[[LiveGeneration], Iterable[Any]]
+        ) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.live = live
+            self.on_step = on_step
+
+        def put(self, value: torch.Tensor) -> None:
+            prompt = self.next_tokens_are_prompt
+            super().put(value)  # the text chunk first (it may hold back a word's end until the next space)
+            if prompt:
+                return
+            self.live.extend((value[0] if value.dim() > 1 else value).tolist())
+            for item in self.on_step(self.live):
+                self.text_queue.put(item, timeout=self.timeout)
+
+    return StepStreamer
+
+
+def _step_streamer(tokenizer: Any, live: LiveGeneration, on_step: Callable[[LiveGeneration], Iterable[Any]]) -> Any:
+    """The streamer of `ModelRunner.stream(on_step=...)` (transformers is imported only when a stream starts)."""
+    return _step_streamer_class()(tokenizer, live, on_step)
 
 
 def _until_first_stop(generated: list[int], eos: frozenset[int]) -> list[int]:

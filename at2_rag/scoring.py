@@ -159,6 +159,27 @@ class Scorer:
             extra_forward_passes=passes,
         )
 
+    @torch.no_grad()
+    def citation_for(self, run: CapturedRun, sentence_index: int) -> Citation:
+        """The AT2 citation of one answer sentence (the `sentence_index`-th of `features.answer_targets`) with the
+        same estimator and citation policy as `attribution` (no refinement).
+
+        `run` may be a partial run of a generation in progress (`LiveGeneration.captured()`): attention is causal,
+        so once a sentence's last token is generated its features, and this citation, equal those of the finished
+        run, as long as the splitter still cuts the answer there."""
+        targets = answer_targets(run.answer)
+        if not 0 <= sentence_index < len(targets):
+            raise IndexError(f"sentence {sentence_index} of an answer with {len(targets)} sentences")
+        prompt = run.prompt
+        span, rows = targets[sentence_index]
+        columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
+        scores = self.estimator(target_features(run.token_features, rows)).tolist()
+        sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
+        for j, src in enumerate(prompt.sentence_sources):
+            sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
+        grounding = self.groundedness(refined=False)
+        return self._citation(run.answer.text, span, scores, prompt, columns, sentences_by_doc, grounding)
+
     def groundedness(self, refined: bool) -> GroundednessCalibration:
         """Refined scores are the ablation surrogate's effects (in prior units): their sum in nats is the
         surrogate's own prediction; AT2 scores go through the estimator's calibration."""
