@@ -361,6 +361,30 @@ def test_chat_streams_the_answer_then_its_attribution(attributor):
     assert set(att["context_scores"]) == {"system", "query"}  # no history: no earlier turns to score
     assert first["grounded"] > 1 and first["mark"] is None and first["earlier_answer"] is None
 
+    # each sentence's `citation` event came as soon as it was complete, equal to its entry in the attribution
+    sent = [(i, data) for i, (kind, data) in enumerate(events) if kind == "citation"]
+    assert [data["start"] for _, data in sent] == [c["start"] for c in att["citations"]]
+    for (_, got), want in zip(sent, att["citations"]):
+        assert_same_json(got, want)
+    last_token = max(i for i, (kind, _) in enumerate(events) if kind == "token")
+    assert len(att["citations"]) >= 2 and sent[0][0] < last_token  # the first sentence's marks before the answer's end
+
+
+def assert_same_json(got, want, path: str = "") -> None:
+    """Equal JSON values, numbers within 1e-6 (the same scores, computed mid-stream or at the end)."""
+    if isinstance(got, float) or isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-6), path
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), path
+        for key in want:
+            assert_same_json(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_json(a, b, f"{path}[{i}]")
+    else:
+        assert got == want, path
+
 
 def chat_attribution(client: TestClient, question: str, history: list[dict[str, str]]) -> dict:
     with client.stream("POST", "/api/chat", json={"question": question, "history": history}) as res:

@@ -143,6 +143,29 @@ def docs_screenshot(page: Page, artifacts: Path, name: str) -> None:
         shutil.copyfile(shot, docs_img)
 
 
+# records, on every change of the conversation, the citation marks of the answer still streaming while Stop is shown
+WATCH_LIVE_MARKS = """() => {
+  window.liveMarks = [];
+  new MutationObserver(() => {
+    const streaming = document.querySelector(".msg.assistant.streaming");
+    if (!streaming || document.querySelector("#stop").hidden) return;
+    const marks = [...streaming.querySelectorAll("button.cite")];
+    if (!marks.length) return;
+    const seen = {
+      text: streaming.querySelector(".answer-text").innerText.length,
+      marks: marks.map((m) => ({ citation: m.dataset.citation, doc: m.dataset.doc, n: m.dataset.n })),
+    };
+    if (!window.liveMarks.length) {  // hover the first mark now, mid-stream: its preview shows at once
+      marks[0].dispatchEvent(new MouseEvent("mouseover", { bubbles: true }));
+      const preview = document.querySelector("#preview");
+      seen.preview = preview.hidden ? null : preview.innerText;
+      marks[0].dispatchEvent(new MouseEvent("mouseout", { bubbles: true }));
+    }
+    window.liveMarks.push(seen);
+  }).observe(document.querySelector("#messages"), { childList: true, subtree: true, characterData: true });
+}"""
+
+
 def ask(page: Page, question: str, answers_before: int) -> None:
     page.fill("#question", question)
     page.click("#send")
@@ -244,12 +267,22 @@ def test_history_sent_stays_within_the_servers_limits(page):
 def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_server, artifacts):
     open_app(page, sample_server.url)
 
-    # ---- turn 1: the answer streams in, then gets citation marks -------------------------------------------
+    # ---- turn 1: the answer streams in, each sentence gets its citation marks as soon as it is complete ----
+    page.evaluate(WATCH_LIVE_MARKS)
     ask(page, QUESTION, answers_before=0)
     answer = page.locator(".msg.assistant").first
     expect(answer.locator(".answer-text")).to_contain_text("27")
     marks = answer.locator("button.cite")
     assert marks.count() >= 1
+    # a mark was on the page while the answer was still streaming (Stop shown), and more text came after it
+    live = page.evaluate("window.liveMarks")
+    assert live, "no citation mark appeared before the answer ended"
+    assert live[-1]["text"] > live[0]["text"], live
+    assert live[0]["preview"] and "of this sentence's attribution" in live[0]["preview"], live[0]
+    # the final attribution keeps it: the same sentence cites the same document with the same number
+    for mark in live[0]["marks"]:
+        final = answer.locator(f"button.cite[data-citation='{mark['citation']}'][data-doc='{mark['doc']}']")
+        expect(final).to_have_attribute("data-n", mark["n"])
     expect(answer.locator(".unsupported-flag")).to_have_count(0)
 
     # the side panel ranks the retrieved documents by attribution: the vacation policy first

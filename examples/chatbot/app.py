@@ -9,11 +9,14 @@ The page is plain HTML/CSS/JS in `static/`; the API is:
 
     GET  /api/status   model, estimator, indexed files, files that were skipped (and why)
     POST /api/chat     {"question": str, "history": [{"role", "content"}...]}  ->  text/event-stream of
-                       `retrieval`, `token`*, `attribution`, `done` events (or one `error` event)
+                       `retrieval`, `token`* and `citation`* (interleaved), `attribution`, `done` events (or one
+                       `error` event)
 
 The `attribution` event is `Attribution.to_dict()` without the prompt, plus `share` per document, `cited_answer`,
 `context_scores`, and per answer sentence `earlier_answer` (the history turn it repeats) and `mark`
-(`"earlier_answer"`, `"not_from_documents"` or null): see `attribution_payload`.
+(`"earlier_answer"`, `"not_from_documents"` or null): see `attribution_payload`. Each `citation` event is one answer
+sentence's entry of those `citations`, sent as soon as the sentence is complete (`Attributor.stream` with
+`sentence_citations=True`); the `attribution` event holds them all again and replaces them.
 
 Requests are bounded before any model work: a question of at most `max_question_chars` characters (HTTP 413
 `question_too_long` otherwise) and a history of at most `max_history` messages and `max_history_chars` characters
@@ -174,11 +177,19 @@ def attribution_payload(attribution: Attribution) -> dict[str, Any]:
     data["cited_answer"] = attribution.cited_answer()
     data["context_scores"] = attribution.context_scores()
     data["context_sources"] = [_context_json(c) for c in attribution.context_sources]
-    for cit, out in zip(attribution.citations, data["citations"]):
-        out["context"] = [_context_json(c) for c in cit.context]
-        out["earlier_answer"] = repeats = earlier_answer(cit, attribution.support_threshold)
-        out["mark"] = sentence_mark(cit, repeats)
+    data["citations"] = [citation_payload(cit, attribution.support_threshold) for cit in attribution.citations]
     return data
+
+
+def citation_payload(citation: Citation, support_threshold: float) -> dict[str, Any]:
+    """One answer sentence's citation as the page gets it, in the `citation` event while the answer streams and
+    in the `attribution` event's `citations`: `Citation.model_dump()`, context sources without their text, plus
+    `earlier_answer` and `mark`."""
+    out = citation.model_dump(mode="json")
+    out["context"] = [_context_json(c) for c in citation.context]
+    out["earlier_answer"] = repeats = earlier_answer(citation, support_threshold)
+    out["mark"] = sentence_mark(citation, repeats)
+    return out
 
 
 def _context_json(source: ContextSource) -> dict[str, Any]:
@@ -661,6 +672,7 @@ async def _events(
                 history=history,
                 **service.prompt_kwargs,
                 max_new_tokens=service.max_new_tokens,
+                sentence_citations=True,
                 stopping_criteria=StoppingCriteriaList([cancel]),
                 **sampling,
             )
@@ -673,6 +685,8 @@ async def _events(
                     payload["stopped"] = cancel.event.is_set()
                     payload["sampled"] = regenerate
                     yield sse("attribution", payload)
+                elif isinstance(item, Citation):  # a sentence just completed: its marks can show now
+                    yield sse("citation", citation_payload(item, service.attributor.support_threshold))
                 else:
                     yield sse("token", {"text": item})
         yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})

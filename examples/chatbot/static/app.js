@@ -269,6 +269,13 @@ async function ask(raw, opts = {}) {
   let streamed = "", retrieval = null, attribution = null, failure = null, seconds = null;
   const history = historyToSend();
   const historyStart = state.history.length - history.length;  // where the sent turns start in state.history
+  // the sentences cited so far while the answer streams (`citation` events), shown until the attribution replaces them
+  const live = { citations: [], documents: [] };
+  Object.assign(cur, { msg, live, historyStart });
+  const renderLive = () => {
+    textEl.innerHTML = renderMarkdown(streamed, live.citations, citationDecorate(live, state.answers.length, historyStart));
+    keepPreview(textEl);
+  };
 
   try {
     const res = await fetch("/api/chat", {
@@ -291,8 +298,16 @@ async function ask(raw, opts = {}) {
         } else if (event === "status") { textEl.innerHTML = `<span class="thinking">${esc(data.message)}</span>`; }
         else if (event === "token") {
           streamed += data.text;
-          textEl.innerHTML = renderMarkdown(streamed);
+          renderLive();
           els.messages.scrollTop = els.messages.scrollHeight;
+        } else if (event === "citation") {  // a sentence is complete: its marks show now (the same as in the attribution)
+          for (const d of data.documents) {
+            if (docById(live, d.id)) continue;
+            const found = retrieval?.documents.find((r) => r.id === d.id);
+            live.documents.push({ index: d.index, id: d.id, title: d.title, metadata: { path: found?.path } });
+          }
+          live.citations.push(data);
+          renderLive();
         } else if (event === "attribution") { attribution = data; }
         else if (event === "done") { seconds = data.seconds; }
         else if (event === "error") { failure = { kind: data.error, message: data.message }; }
@@ -438,13 +453,13 @@ function docById(att, id) { return att.documents.find((d) => d.id === id); }
 
 // the page's answer (index into state.answers) that history turn `historyIndex` of answer `idx`'s request was;
 // null when that turn is not an answer on this page
-function earlierAnswerOf(idx, historyIndex) {
-  const turn = state.history[state.answers[idx].historyStart + historyIndex];
+function earlierAnswerOf(idx, historyIndex, historyStart = state.answers[idx].historyStart) {
+  const turn = state.history[historyStart + historyIndex];
   return turn && turn.role === "assistant" && turn.answer != null && turn.answer < idx ? turn.answer : null;
 }
 
-function earlierAnswerMark(idx, ci, c) {
-  const target = earlierAnswerOf(idx, c.earlier_answer.history_index);
+function earlierAnswerMark(idx, ci, c, historyStart) {
+  const target = earlierAnswerOf(idx, c.earlier_answer.history_index, historyStart);
   const label = `<span class="ctx-icon" aria-hidden="true">↩</span>from the earlier answer`;
   if (target == null) {
     return `<span class="ctx-mark static" data-citation="${ci}" title="This sentence repeats an earlier reply rather than a retrieved document">${label}</span>`;
@@ -453,10 +468,10 @@ function earlierAnswerMark(idx, ci, c) {
   return `<button type="button" class="ctx-mark" data-citation="${ci}" data-answer="${target}" aria-controls="answer-${target + 1}" aria-label="From the earlier answer: show answer ${target + 1} in the conversation" title="${esc(tip)}">${label}</button>`;
 }
 
-function renderAnswer(idx) {
-  const a = state.answers[idx];
-  const { attribution: att, el, seconds } = a;
-  const decorate = {
+// how answer `idx` (whose request's history starts at `historyStart` in state.history) marks its cited sentences:
+// `att` is its attribution, or while it streams the citations so far and their documents
+function citationDecorate(att, idx, historyStart) {
+  return {
     wrap(ci, html) {
       const c = att.citations[ci];
       const cls = c.mark === "earlier_answer" ? "sent repeat" : c.mark === "not_from_documents" ? "sent unsupported" : "sent";
@@ -470,11 +485,17 @@ function renderAnswer(idx) {
         const n = d.index + 1;
         html += `<button type="button" class="cite" data-citation="${ci}" data-doc="${esc(id)}" data-n="${n}" aria-label="Source ${n}: ${esc(d.title || id)}" aria-describedby="preview">${n}</button>`;
       }
-      if (c.mark === "earlier_answer") html += earlierAnswerMark(idx, ci, c);
+      if (c.mark === "earlier_answer") html += earlierAnswerMark(idx, ci, c, historyStart);
       else if (c.mark === "not_from_documents") html += `<span class="flag-sentence" data-citation="${ci}" title="No retrieved document supports this sentence">not from your documents</span>`;
       return html;
     },
   };
+}
+
+function renderAnswer(idx) {
+  const a = state.answers[idx];
+  const { attribution: att, el, seconds } = a;
+  const decorate = citationDecorate(att, idx, a.historyStart);
   const bubble = el.querySelector(".bubble");
   const body = att.answer.trim() ? renderMarkdown(att.answer, att.citations, decorate) : '<span class="thinking">(empty answer)</span>';
   bubble.innerHTML = `<div class="answer-text">${body}</div>`;
@@ -773,13 +794,14 @@ let previewFor = null;
 function showPreview(cite) {
   const msgEl = cite.closest(".msg");
   const idx = state.answers.findIndex((a) => a.el === msgEl);
-  if (idx < 0) return;
-  const att = state.answers[idx].attribution;
+  const streaming = state.current && state.current.msg === msgEl ? state.current.live : null;  // marks before the end
+  if (idx < 0 && !streaming) return;
+  const att = idx >= 0 ? state.answers[idx].attribution : streaming;
   const ci = Number(cite.dataset.citation), docId = cite.dataset.doc;
   const doc = docById(att, docId);
   const { support, share } = citationSupport(att, ci, docId);
   const best = support ? [...support.sentences].sort((a, b) => b.score - a.score)[0] : null;
-  const sentence = best ? doc.text.slice(best.start, best.end).trim() : "";
+  const sentence = best ? best.text.trim() : "";
   els.preview.innerHTML =
     `<div class="pv-title"><span class="pv-num">${doc.index + 1}</span>${esc(doc.title || doc.id)}</div>` +
     (sentence ? `<blockquote class="pv-quote">${esc(sentence)}</blockquote>` : "") +
@@ -797,6 +819,12 @@ function showPreview(cite) {
   els.preview.style.top = `${(above ? r.top - h - 8 : r.bottom + 8) + window.scrollY}px`;
 }
 function hidePreview() { els.preview.hidden = true; previewFor = null; }
+// a streaming answer is redrawn on every chunk: the preview follows its mark to the redrawn one
+function keepPreview(container) {
+  if (!previewFor || previewFor.isConnected) return;
+  const again = container.querySelector(`.cite[data-citation="${previewFor.dataset.citation}"][data-doc="${CSS.escape(previewFor.dataset.doc)}"]`);
+  if (again) previewFor = again; else hidePreview();
+}
 els.messages.addEventListener("mouseover", (e) => { const c = e.target.closest(".cite"); if (c && c !== previewFor) showPreview(c); });
 els.messages.addEventListener("mouseout", (e) => { const c = e.target.closest(".cite"); if (c && !c.contains(e.relatedTarget)) hidePreview(); });
 els.messages.addEventListener("focusin", (e) => { const c = e.target.closest(".cite"); if (c) showPreview(c); });
