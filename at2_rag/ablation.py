@@ -8,7 +8,8 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -209,7 +210,9 @@ def ablated_answer_logit_probs(
     cache = full_attention_cache(model) if segments is not None else None
     if segments is None or cache is None or not segments[0]:
         logger.debug("ablations without prefix sharing (overlapping sources, sliding window or no sources)")
-        return answer_logit_probs(model, input_ids, answer_len, ablation_attention_mask(seq_len, spans, masks), batch_size)
+        return answer_logit_probs(
+            model, input_ids, answer_len, ablation_attention_mask(seq_len, spans, masks), batch_size
+        )
     order, ends = segments
     device = next(model.parameters()).device
     ids = torch.tensor(list(input_ids), device=device)

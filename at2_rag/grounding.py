@@ -13,8 +13,9 @@ documents" that evaluation measures against, not a number tuned to data.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -38,15 +39,16 @@ class GroundednessCalibration:
     calibrated: bool = False  # fitted on all-documents-removed ablations, not derived from the scores' scale
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any], fallback_scale: float) -> "GroundednessCalibration":
+    def from_metadata(cls, metadata: Mapping[str, Any], fallback_scale: float) -> GroundednessCalibration:
         """The estimator's own calibration (`metadata["groundedness"]`), else the scores' scale in nats."""
         own = metadata.get("groundedness")
         if isinstance(own, Mapping) and _number(own.get("scale")) is not None:
+            threshold = _number(own.get("threshold"))
             return cls(
                 scale=float(own["scale"]),
                 offset=_number(own.get("offset")) or 0.0,
                 history_scale=_number(own.get("history_scale")) or 0.0,
-                threshold=_number(own.get("threshold")) if _number(own.get("threshold")) is not None else DEFAULT_THRESHOLD,
+                threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                 calibrated=True,
             )
         return cls(scale=fallback_scale)

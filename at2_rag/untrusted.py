@@ -18,13 +18,14 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["control_token_ids", "control_token_strings", "encode_prompt", "encode_text"]
 
 Encoded = tuple[list[int], list[tuple[int, int]]]
 
-_TEXT_BACKENDS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_TEXT_BACKENDS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _GUARD = threading.Lock()
 
 

@@ -32,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from at2_rag import Attributor, ScoreEstimator
-    from at2_rag.models import load_default_model
     from at2_rag.ablation import (
         ablated_answer_logit_probs,
         ablation_attention_mask,
@@ -40,8 +39,9 @@ def main() -> None:
         random_masks,
         target_log_odds,
     )
-    from at2_rag.training.data import read_examples
     from at2_rag.features import answer_targets
+    from at2_rag.models import load_default_model
+    from at2_rag.training.data import read_examples
 
     model, tokenizer = load_default_model()
     attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))

@@ -42,7 +42,9 @@ def main() -> None:
     args = parser.parse_args()
     train_single, held_single = split_examples(load_collected(args.single), 0.15, 0)
     multi = load_collected(args.conversations)
-    estimator, report = train_estimator(train_single + multi, 30, 9, model_id=MODEL, epochs=300, patience=30, progress=False)
+    estimator, report = train_estimator(
+        train_single + multi, 30, 9, model_id=MODEL, epochs=300, patience=30, progress=False
+    )
     estimator.metadata["training_data"] = (
         f"{len(train_single)} single-turn examples (the shipped estimator's training split) + {len(multi)} multi-turn "
         "examples (scripts/build_conversations.py, collect --sources context)"

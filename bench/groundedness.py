@@ -6,9 +6,10 @@ probability 1/2, 4-6 documents per example): for those targets the all-documents
 The calibration `grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset`
 (log-odds, nats) is fitted on the training split and, when collected, the multi-turn training conversations
 (`collect --sources context`, whose last mask removes every document); a sentence is supported when
-grounded >= 1 nat. The multi-turn held-out evaluation's rows (bench/conversations.py) are scored too. AUROC of grounded against "removing every document
-lowers the sentence's log-probability by >= 1 nat", and precision and recall of supported, are reported on the
-held-out split (the split the shipped estimator was trained with), with bootstrap standard errors. Writes docs/bench/groundedness.json;
+grounded >= 1 nat. The multi-turn held-out evaluation's rows (bench/conversations.py) are scored too. AUROC of
+grounded against "removing every document lowers the sentence's log-probability by >= 1 nat", and precision and
+recall of supported, are reported on the held-out split (the split the shipped estimator was trained with), with
+bootstrap standard errors. Writes docs/bench/groundedness.json;
 `--record` stores the calibration in the shipped estimator's config.json.
 
     python bench/groundedness.py [--record]
@@ -68,7 +69,11 @@ def conversation_rows(path: Path) -> torch.Tensor:
     the measured log-prob drop with every document removed."""
     rows = [r for line in path.read_text().splitlines() for r in json.loads(line)["rows"]]
     return torch.tensor(
-        [(r["document_score_sum"], r["history_score_sum"], r["no_documents_log_prob_drop"]) for r in rows if "history_score_sum" in r],
+        [
+            (r["document_score_sum"], r["history_score_sum"], r["no_documents_log_prob_drop"])
+            for r in rows
+            if "history_score_sum" in r
+        ],
         dtype=torch.double,
     ).reshape(-1, 3)
 

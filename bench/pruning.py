@@ -24,8 +24,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "integrations" / "llamaindex" / "tests" / "data" / "corpus"
@@ -49,6 +50,7 @@ QUERIES = [
 
 def load_nodes(directory: Path):
     from llama_index.core.node_parser import SentenceSplitter
+
     from llama_index.postprocessor.at2 import load_folder
 
     splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0, id_func=lambda i, doc: f"{doc.node_id}-{i}")
@@ -74,7 +76,7 @@ def prompt_tokens(attributor: Any, query: str, documents: Sequence[Any]) -> int:
     return attributor.render(query, documents).num_tokens
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import random
 
     import torch
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     rng = random.Random(args.seed)
     ks = [int(k) for k in args.ks.split(",")]
-    per_query: List[Dict[str, Any]] = []
+    per_query: list[dict[str, Any]] = []
     for qi, (query, gold) in enumerate(QUERIES[: args.queries]):
         retrieved = retriever.retrieve(query)
         n = len(retrieved)
@@ -115,13 +117,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         answer_ids = captured.answer.token_ids
         annotated = annotate_nodes(retrieved, attribution)  # what AT2NodePostprocessor computes
 
-        def subset(ids: Sequence[str]) -> List[Any]:
+        def subset(ids: Sequence[str]) -> list[Any]:
             keep = set(ids)
             return [d for d in docs if d.id in keep]  # the retriever's order
 
         full_lp = answer_logprob(attributor, query, docs, answer_ids)
         full_tokens = prompt_tokens(attributor, query, docs)
-        conditions: Dict[str, Dict[str, Any]] = {}
+        conditions: dict[str, dict[str, Any]] = {}
 
         def record(name: str, kept_ids: Sequence[str]) -> None:
             kept_docs = subset(kept_ids)
@@ -214,7 +216,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def print_table(result: Dict[str, Any]) -> None:
+def print_table(result: dict[str, Any]) -> None:
     s = result["settings"]
     print(
         f"\n{s['queries']} queries, {s['nodes_retrieved']} nodes retrieved ({s['retriever']}), "
@@ -236,7 +238,7 @@ def print_table(result: Dict[str, Any]) -> None:
     )
 
 
-def plot(result: Dict[str, Any], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,7 +273,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: List[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--retriever", choices=["vector", "bm25"], default="vector")

@@ -90,7 +90,10 @@ def main() -> None:
     train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
     train, held = targets(train_ex, weights), targets(held_ex, weights)
     scale = median_slope(train, weights)
-    print(f"{len(train_ex)} training / {len(held_ex)} held-out examples, {len(train)} / {len(held)} targets; prior scale {scale:.1f}")
+    print(
+        f"{len(train_ex)} training / {len(held_ex)} held-out examples, {len(train)} / {len(held)} targets; "
+        f"prior scale {scale:.1f}"
+    )
 
     def at2_plus(w, strength, scale_strength):
         prior = RefinementPrior(scale=scale, strength=strength, scale_strength=scale_strength)
@@ -118,7 +121,9 @@ def main() -> None:
         rows = chosen_first(held, k)
         for name, method in methods.items():
             results[name][k] = lds_values(rows, k, method)
-        print(f"k={k:2d} " + "  ".join(f"{n}: {results[n][k][0]:.3f}±{results[n][k][1]:.3f}" for n in methods), flush=True)
+        print(
+            f"k={k:2d} " + "  ".join(f"{n}: {results[n][k][0]:.3f}±{results[n][k][1]:.3f}" for n in methods), flush=True
+        )
 
     # which masks to run: the first k random ones, or the k most informative of the same pool
     selection = {}
@@ -129,14 +134,23 @@ def main() -> None:
             "most informative: AT2+k": results["AT2+k"][k],
             "most informative: ContextCite-k": results["ContextCite-k (lasso)"][k],
         }
-        print(f"mask choice k={k}: " + "  ".join(f"{n}: {v[0]:.3f}±{v[1]:.3f}" for n, v in selection[k].items()), flush=True)
+        print(
+            f"mask choice k={k}: " + "  ".join(f"{n}: {v[0]:.3f}±{v[1]:.3f}" for n, v in selection[k].items()),
+            flush=True,
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "train_examples": len(train_ex), "heldout_examples": len(held_ex), "heldout_targets": len(held),
-        "prior_scale": scale, "prior_strength": best[0], "scale_strength": best[1],
-        "lds": {name: {str(k): {"mean": v[0], "sem": v[1], "n": v[2]} for k, v in r.items()} for name, r in results.items()},
+        "train_examples": len(train_ex),
+        "heldout_examples": len(held_ex),
+        "heldout_targets": len(held),
+        "prior_scale": scale,
+        "prior_strength": best[0],
+        "scale_strength": best[1],
+        "lds": {
+            name: {str(k): {"mean": v[0], "sem": v[1], "n": v[2]} for k, v in r.items()} for name, r in results.items()
+        },
         "mask_choice": {str(k): {n: {"mean": v[0], "sem": v[1]} for n, v in d.items()} for k, d in selection.items()},
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -47,11 +47,16 @@ def main() -> None:
                 base = time.perf_counter() - start
                 ratios[k].append((with_k - base) / plain)
         print(example.id, {k: round(statistics.median(v[-args.reps :]), 2) for k, v in ratios.items()}, flush=True)
-    summary = {str(k): {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in ratios.items()}
+    summary = {
+        str(k): {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in ratios.items()
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     for k, v in summary.items():
-        print(f"k={k:>2}: refinement = {v['median']:.2f} x one plain forward pass (range {v['min']:.2f}-{v['max']:.2f}, n={v['n']})")
+        print(
+            f"k={k:>2}: refinement = {v['median']:.2f} x one plain forward pass "
+            f"(range {v['min']:.2f}-{v['max']:.2f}, n={v['n']})"
+        )
 
 
 if __name__ == "__main__":

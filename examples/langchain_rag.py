@@ -43,7 +43,11 @@ def load_corpus(path: Path) -> list[Document]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md"))
         return [
-            Document(page_content=p.read_text().strip(), id=p.stem, metadata={"title": p.stem.replace("_", " ").title(), "source": str(p)})
+            Document(
+                page_content=p.read_text().strip(),
+                id=p.stem,
+                metadata={"title": p.stem.replace("_", " ").title(), "source": str(p)},
+            )
             for p in files
         ]
     docs = []
@@ -154,7 +158,9 @@ def print_result(out: dict, width: int = 100) -> None:
     print("\nRetrieved documents, ranked by AT2 score:")
     print(f"  {'rank':>4}  {'score':>8}  {'doc':<5} {'id':<20} title / best sentence")
     best = {d.id: d.top_sentences(1) for d in attribution.documents}
-    ranked = sorted(docs, key=lambda d: d.metadata["at2_score"] if d.metadata["at2_score"] is not None else -1, reverse=True)
+    ranked = sorted(
+        docs, key=lambda d: d.metadata["at2_score"] if d.metadata["at2_score"] is not None else -1, reverse=True
+    )
     for rank, d in enumerate(ranked, 1):
         doc_id = d.metadata["at2_id"]
         score = d.metadata["at2_score"]

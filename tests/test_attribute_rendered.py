@@ -214,5 +214,7 @@ def test_lock_and_special_tokens(attributor, smollm):
         assert attributor.generate_text("Hi", max_new_tokens=1) is not None
     assert tokenizer.eos_token_id in attributor.runner.eos_token_ids
     assert isinstance(attributor.runner.eos_token_ids, frozenset)
-    expected_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(attributor.runner.eos_token_ids)
+    expected_pad = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(attributor.runner.eos_token_ids)
+    )
     assert attributor.runner.pad_token_id == expected_pad

@@ -184,8 +184,13 @@ def test_estimator_constructors():
 
 
 def test_estimator_save_load_round_trip(tmp_path):
-    est = ScoreEstimator(torch.randn(30 * 9), num_layers=30, num_heads=9, model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-                         metadata={"num_examples": 12, "epochs": 2})
+    est = ScoreEstimator(
+        torch.randn(30 * 9),
+        num_layers=30,
+        num_heads=9,
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        metadata={"num_examples": 12, "epochs": 2},
+    )
     folder = est.save_pretrained(tmp_path / "est")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
@@ -293,7 +298,10 @@ def test_result_accessors(generated):
         assert d.text == doc.text and d.num_tokens > 0
         for s in d.sentences:
             assert d.text[s.start : s.end] == s.text
-    assert [s.text for s in r.document("eiffel").sentences] == ["The Eiffel Tower is in Paris.", "It was finished in 1889."]
+    assert [s.text for s in r.document("eiffel").sentences] == [
+        "The Eiffel Tower is in Paris.",
+        "It was finished in 1889.",
+    ]
 
 
 def test_citations_index_answer_and_documents(generated):
@@ -368,7 +376,9 @@ def test_single_head_estimator_reads_one_head(smollm):
     est = ScoreEstimator.single_head(layer, head, num_layers=30, num_heads=9)
     attributor = Attributor(model, tokenizer, estimator=est)
     answer = "It was finished in 1889."
-    run = attributor.capture({"query": QUERY, "documents": DOCS, "answer": answer})  # what attribute() does, keeping the features
+    run = attributor.capture(
+        {"query": QUERY, "documents": DOCS, "answer": answer}
+    )  # what attribute() does, keeping the features
     result = attributor.build_attribution(run, QUERY)
     rows = [i for i, (a, b) in enumerate(run.answer.char_spans) if b > a]
     expected = target_features(run.token_features, rows)[: len(DOCS), layer * 9 + head]

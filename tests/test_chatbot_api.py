@@ -15,12 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
 
-from fastapi.testclient import TestClient  # noqa: E402
-
 import chatbot.app as chatbot_app  # noqa: E402
-from at2_rag import Citation, CitedDocument, ContextSource  # noqa: E402
 from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_attributor, main, sentence_mark  # noqa: E402
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from at2_rag import Citation, CitedDocument, ContextSource  # noqa: E402
 
 QUESTION = "How many vacation days do I get per year?"
 RIGHT_DOC = "vacation-policy.md"
@@ -75,7 +75,11 @@ def test_missing_question_counts_as_empty():
 
 @pytest.mark.parametrize(
     "body",
-    [{"question": 3}, {"question": "hi", "history": [{"role": "robot", "content": "x"}]}, {"question": "hi", "history": "no"}],
+    [
+        {"question": 3},
+        {"question": "hi", "history": [{"role": "robot", "content": "x"}]},
+        {"question": "hi", "history": "no"},
+    ],
 )
 def test_malformed_requests_get_a_readable_422(body):
     res = client_for().post("/api/chat", json=body)
@@ -174,12 +178,17 @@ def sentence(docs: list[float], context: list[tuple[str, int | None, str, float]
 
 
 def test_a_sentence_repeats_the_earlier_answer_that_scores_above_every_document():
-    repeat = sentence([0.004, 0.001], [("history", 3, "assistant", 0.05), ("history", 2, "user", 0.02)], supported=False)
+    repeat = sentence(
+        [0.004, 0.001], [("history", 3, "assistant", 0.05), ("history", 2, "user", 0.02)], supported=False
+    )
     assert earlier_answer(repeat, THRESHOLD) == {"history_index": 3, "score": 0.05, "best_document_score": 0.004}
     assert sentence_mark(repeat, earlier_answer(repeat, THRESHOLD)) == "earlier_answer"  # not also "not from documents"
     # supported by a document and drawing even more on the earlier answer: still marked (the page shows both)
     both = sentence([0.03], [("history", 1, "assistant", 0.04)])
-    assert earlier_answer(both, THRESHOLD)["history_index"] == 1 and sentence_mark(both, earlier_answer(both, THRESHOLD)) == "earlier_answer"
+    assert (
+        earlier_answer(both, THRESHOLD)["history_index"] == 1
+        and sentence_mark(both, earlier_answer(both, THRESHOLD)) == "earlier_answer"
+    )
 
 
 @pytest.mark.parametrize(
@@ -187,7 +196,11 @@ def test_a_sentence_repeats_the_earlier_answer_that_scores_above_every_document(
     [
         ([0.042], [("history", 1, "assistant", 0.039)], "a document scores higher"),
         ([0.039], [("history", 1, "assistant", 0.039)], "a tie is not above every document"),
-        ([0.001], [("history", 0, "user", 0.05), ("history", 1, "assistant", 0.01)], "the best source is the user's turn"),
+        (
+            [0.001],
+            [("history", 0, "user", 0.05), ("history", 1, "assistant", 0.01)],
+            "the best source is the user's turn",
+        ),
         ([0.001], [("system", None, "system", 0.02)], "the best source is the system prompt"),
         ([0.0001], [("history", 1, "assistant", 0.001)], "below the support threshold"),
         ([0.001], [], "no context source"),
@@ -201,13 +214,18 @@ def test_sentence_marks():
     assert sentence_mark(sentence([0.04], []), None) is None
     assert sentence_mark(sentence([0.0], [], supported=False), None) == "not_from_documents"
     # a sentence that draws on the system prompt but no document is still not from the documents
-    assert sentence_mark(sentence([0.0], [("system", None, "system", 0.02)], supported=False), None) == "not_from_documents"
+    assert (
+        sentence_mark(sentence([0.0], [("system", None, "system", 0.02)], supported=False), None)
+        == "not_from_documents"
+    )
 
 
 # ---- folders: unreadable files, no documents, long files ---------------------------------------------------
 @pytest.fixture()
 def messy_folder(tmp_path: Path) -> Path:
-    (tmp_path / "good.md").write_text("# Coffee machine\n\nThe espresso machine on floor two is descaled every Monday.\n")
+    (tmp_path / "good.md").write_text(
+        "# Coffee machine\n\nThe espresso machine on floor two is descaled every Monday.\n"
+    )
     (tmp_path / "notes.txt").write_text("Parking permits are renewed every January at the front desk.\n")
     (tmp_path / "latin1.txt").write_bytes("Caf\xe9 opening hours: 9 to 5.".encode("latin-1"))
     (tmp_path / "binary.md").write_bytes(b"\x00\x01\x02 not text")
@@ -401,7 +419,12 @@ def expected_earlier_answer(citation: dict, support_threshold: float) -> int | N
         return None
     best = citation["context"][0]
     best_document = max(d["score"] for d in citation["documents"])
-    if best["kind"] == "history" and best["role"] == "assistant" and best["score"] >= support_threshold and best["score"] > best_document:
+    if (
+        best["kind"] == "history"
+        and best["role"] == "assistant"
+        and best["score"] >= support_threshold
+        and best["score"] > best_document
+    ):
         return best["index"]
     return None
 
@@ -429,7 +452,10 @@ def test_a_repeated_earlier_answer_is_marked_and_a_sentence_not_from_the_documen
     second = chat_attribution(client, REPEAT, history)
     assert set(second["context_scores"]) == {"system", "history:0", "history:1", "query"}
     by_key = {c["key"]: c for c in second["context_sources"]}
-    assert by_key["history:1"]["role"] == "assistant" and by_key["history:1"]["score"] == second["context_scores"]["history:1"]
+    assert (
+        by_key["history:1"]["role"] == "assistant"
+        and by_key["history:1"]["score"] == second["context_scores"]["history:1"]
+    )
     assert all("text" not in c for c in second["context_sources"])  # the page sent those texts: not echoed back
     threshold = second["support_threshold"]
     for c in second["citations"]:
@@ -459,7 +485,9 @@ def test_follow_up_turn_passes_history_to_the_model(attributor):
     ]
     sizes = {}
     for name, turns in (("without", []), ("with", history)):
-        with client.stream("POST", "/api/chat", json={"question": "Can unused vacation days be carried over?", "history": turns}) as res:
+        with client.stream(
+            "POST", "/api/chat", json={"question": "Can unused vacation days be carried over?", "history": turns}
+        ) as res:
             events = dict(parse_sse(res.read().decode()))
         assert events["done"]["history_messages"] == len(turns)
         sizes[name] = events["attribution"]["num_prompt_tokens"]

@@ -27,7 +27,12 @@ sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbo
 
 
 def find_chromium() -> str | None:
-    for candidate in (os.environ.get("AT2_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+    for candidate in (
+        os.environ.get("AT2_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -42,9 +47,8 @@ if CHROMIUM is None:
     )
 
 import uvicorn  # noqa: E402
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
-
 from chatbot.app import create_app, load_default_attributor  # noqa: E402
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -80,7 +84,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -96,7 +100,11 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    folder = Path(os.environ["AT2_ARTIFACTS"]) if os.environ.get("AT2_ARTIFACTS") else tmp_path_factory.mktemp("chatbot-artifacts")
+    folder = (
+        Path(os.environ["AT2_ARTIFACTS"])
+        if os.environ.get("AT2_ARTIFACTS")
+        else tmp_path_factory.mktemp("chatbot-artifacts")
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -206,7 +214,9 @@ def test_over_long_question_is_refused_in_the_page_and_kept_in_the_box(page, sam
     expect(count).to_have_class(re.compile(r"\bover\b"))
     page.click("#send")
     error = page.locator("#composer-error")
-    expect(error).to_have_text("Your question is 2,519 characters long; the limit is 2,000. Please shorten it and send it again.")
+    expect(error).to_have_text(
+        "Your question is 2,519 characters long; the limit is 2,000. Please shorten it and send it again."
+    )
     expect(page.locator("#question")).to_have_value(question)  # kept for editing
     page.screenshot(path=str(artifacts / "chatbot-question-too-long.png"))
     assert sent == [] and page.locator(".msg").count() == 0
@@ -313,7 +323,10 @@ def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_ser
     for cite in answer.locator("button.cite").all():
         row = page.locator(f"#sources .source-row[data-doc-id='{cite.get_attribute('data-doc')}']")
         expect(row.locator(".num")).to_have_text(cite.get_attribute("data-n"))
-        assert cite.get_attribute("aria-label") == f"Source {cite.get_attribute('data-n')}: {row.locator('.title').inner_text()}"
+        assert (
+            cite.get_attribute("aria-label")
+            == f"Source {cite.get_attribute('data-n')}: {row.locator('.title').inner_text()}"
+        )
 
     # clicking a source row shows the whole-answer sentence scores of that document
     rows.nth(1).click()
@@ -324,8 +337,12 @@ def test_multi_turn_chat_with_citations_and_highlighted_sources(page, sample_ser
     # with a small share looks weak (or has no highlight at all), never as bright as the main one
     def strengths(row_index: int) -> list[float]:
         rows.nth(row_index).click()
-        expect(page.locator("#doc-view")).to_have_attribute("data-doc-id", rows.nth(row_index).get_attribute("data-doc-id"))
-        return [float(x) for x in page.locator("#doc-view mark.hl").evaluate_all("ms => ms.map(m => m.dataset.strength)")]
+        expect(page.locator("#doc-view")).to_have_attribute(
+            "data-doc-id", rows.nth(row_index).get_attribute("data-doc-id")
+        )
+        return [
+            float(x) for x in page.locator("#doc-view mark.hl").evaluate_all("ms => ms.map(m => m.dataset.strength)")
+        ]
 
     assert max(strengths(0)) == 1.0
     weak = [i for i, p in enumerate(percents) if p <= 10]
@@ -361,7 +378,9 @@ def test_context_too_long_is_shown_in_the_page(page, artifacts):
         error = page.locator(".msg.error")
         expect(error).to_have_attribute("data-kind", "context_too_long", timeout=ANSWER_TIMEOUT_MS)
         expect(error).to_contain_text("Too long for the model")
-        expect(error).to_contain_text("Your question is too long for the model to read together with the retrieved documents")
+        expect(error).to_contain_text(
+            "Your question is too long for the model to read together with the retrieved documents"
+        )
         expect(error).to_contain_text("Please shorten the question.")
         expect(error).not_to_contain_text("max_new_tokens")
         expect(page.locator("#send")).to_be_enabled()
@@ -481,4 +500,6 @@ def test_marks_for_an_earlier_answer_and_for_a_sentence_not_from_the_documents(p
         mark.first.click()
         expect(weather).to_have_class(re.compile(r"\brecalled\b"))
         expect(weather).to_be_in_viewport()
-        page.screenshot(path=str(artifacts / "chatbot-earlier-answer-mobile.png"), full_page=True, animations="disabled")
+        page.screenshot(
+            path=str(artifacts / "chatbot-earlier-answer-mobile.png"), full_page=True, animations="disabled"
+        )

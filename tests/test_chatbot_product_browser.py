@@ -21,6 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example is the package `chatbot`
 
+import uvicorn  # noqa: E402
+from chatbot.app import create_app, load_default_attributor  # noqa: E402
+from playwright.sync_api import Page, expect  # noqa: E402
 from test_chatbot_browser import (  # noqa: E402, F401  (skips without Chromium; fixtures: artifacts, browser)
     ANSWER_TIMEOUT_MS,
     QUESTION,
@@ -30,10 +33,6 @@ from test_chatbot_browser import (  # noqa: E402, F401  (skips without Chromium;
     docs_screenshot,
     open_app,
 )
-
-import uvicorn  # noqa: E402
-from chatbot.app import create_app, load_default_attributor  # noqa: E402
-from playwright.sync_api import Page, expect  # noqa: E402
 from test_chatbot_documents import ZEPHYR, make_pdf  # noqa: E402
 
 ZEPHYR_QUESTION = "How long does the Zephyr drone fly on one charge?"
@@ -78,7 +77,9 @@ def wait_first_token(page: Page) -> None:
 def test_upload_list_and_remove_documents_in_the_page(page, tmp_path, artifacts):  # noqa: F811
     files = tmp_path / "files"
     files.mkdir()
-    app = create_app(attributor_factory=load_default_attributor, upload_dir=tmp_path / "uploads", max_upload_bytes=64 * 1024)
+    app = create_app(
+        attributor_factory=load_default_attributor, upload_dir=tmp_path / "uploads", max_upload_bytes=64 * 1024
+    )
     with ServerThread(app) as server:
         open_app(page, server.url)
         expect(page.locator("#docs-sub")).to_have_text("12 indexed · 0 uploaded")
@@ -91,7 +92,9 @@ def test_upload_list_and_remove_documents_in_the_page(page, tmp_path, artifacts)
             write(files, "zephyr.pdf", make_pdf([ZEPHYR], title="Zephyr data sheet")),
         ])
         expect(uploaded).to_have_count(3)
-        expect(page.locator("#upload-message")).to_contain_text("Added notes.md, hours.txt, zephyr.pdf: searchable now.")
+        expect(page.locator("#upload-message")).to_contain_text(
+            "Added notes.md, hours.txt, zephyr.pdf: searchable now."
+        )
         expect(page.locator("#status-docs")).to_contain_text("15 documents indexed")
         expect(uploaded.locator(".doc-kind")).to_have_text(["MD", "TXT", "PDF"])
 
@@ -100,21 +103,31 @@ def test_upload_list_and_remove_documents_in_the_page(page, tmp_path, artifacts)
             const dt = new DataTransfer();
             dt.items.add(new File(["Dropped facts: the tide peaks at noon."], "dropped.txt", { type: "text/plain" }));
             for (const type of ["dragenter", "dragover", "drop"])
-                document.querySelector(".messages").dispatchEvent(new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
+                document.querySelector(".messages").dispatchEvent(
+                    new DragEvent(type, { dataTransfer: dt, bubbles: true, cancelable: true }));
         }""")
         expect(uploaded).to_have_count(4)
         expect(page.locator("#drop-overlay")).to_be_hidden()
-        names = [d["name"] for d in page.evaluate("fetch('/api/documents').then(r => r.json())")["documents"] if d["source"] == "upload"]
+        names = [
+            d["name"]
+            for d in page.evaluate("fetch('/api/documents').then(r => r.json())")["documents"]
+            if d["source"] == "upload"
+        ]
         assert names == ["notes.md", "hours.txt", "zephyr.pdf", "dropped.txt"]
 
-        # refused: an unsupported type and an over-large file (checked in the page), text that is not UTF-8 (by the server)
+        # refused: an unsupported type and an over-large file (checked in the page), text that is not UTF-8 (by the
+        # server)
         page.set_input_files("#file-input", [write(files, "tool.exe", b"MZ")])
-        expect(page.locator("#upload-message")).to_have_text("tool.exe: .exe files are not supported; upload .txt, .md or .pdf files.")
+        expect(page.locator("#upload-message")).to_have_text(
+            "tool.exe: .exe files are not supported; upload .txt, .md or .pdf files."
+        )
         expect(page.locator("#upload-message")).to_have_class(re.compile(r"\berror\b"))
         page.set_input_files("#file-input", [write(files, "big.txt", b"x" * (64 * 1024 + 1))])
         expect(page.locator("#upload-message")).to_contain_text("big.txt is larger than the limit of 64 KB")
         page.set_input_files("#file-input", [write(files, "latin1.txt", "caf\u00e9".encode("latin-1"))])
-        expect(page.locator("#upload-message")).to_have_text("latin1.txt is not valid UTF-8 text (byte 3); upload UTF-8 text.")
+        expect(page.locator("#upload-message")).to_have_text(
+            "latin1.txt is not valid UTF-8 text (byte 3); upload UTF-8 text."
+        )
         expect(uploaded).to_have_count(4)
 
         # the folder's files are listed, read-only
@@ -129,7 +142,9 @@ def test_upload_list_and_remove_documents_in_the_page(page, tmp_path, artifacts)
         expect(page.locator("#upload-message")).to_have_text("Removed: it is no longer searched.")
         expect(page.locator("#status-docs")).to_contain_text("15 documents indexed")  # 12 + 3
         assert "hours.txt" not in json.dumps(page.evaluate("fetch('/api/documents').then(r => r.json())"))
-        assert all(d.metadata["path"] != "hours.txt" for d in app.state.service.retrieve("When does the cafe open?", []))
+        assert all(
+            d.metadata["path"] != "hours.txt" for d in app.state.service.retrieve("When does the cafe open?", [])
+        )
         assert app.state.service.retrieve("quartz", [])[0].metadata["path"] == "notes.md"
 
 
@@ -184,7 +199,7 @@ def test_markdown_is_rendered_safely_and_keeps_the_citation_marks(page, tmp_path
                 afterSent0: box.querySelector('.sent[data-citation="0"]').nextElementSibling?.outerHTML,
                 sent1: box.querySelector('.sent[data-citation="1"]').textContent,
             };
-        }""")
+        }""")  # noqa: E501 - browser-side JavaScript test data, kept as written
         assert result["scripts"] == 0 and result["pwned"] is None, result["html"]
         assert "&lt;script&gt;" in result["html"] and "&lt;img" in result["html"]
         assert result["links"] == [["docs", "https://example.com/a?b=1", "noopener noreferrer nofollow"]]
@@ -198,10 +213,14 @@ def test_markdown_is_rendered_safely_and_keeps_the_citation_marks(page, tmp_path
 
 # ---- with the real model ----------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_answer_from_an_uploaded_pdf_preview_document_copy_memory_regenerate_phone_and_dark(context, page, tmp_path, artifacts):  # noqa: F811
+def test_answer_from_an_uploaded_pdf_preview_document_copy_memory_regenerate_phone_and_dark(
+    context, page, tmp_path, artifacts  # noqa: F811 - the fixture, imported above so pytest finds it
+):
     context.grant_permissions(["clipboard-read", "clipboard-write"])
     pdf = tmp_path / "zephyr.pdf"
-    pdf.write_bytes(make_pdf(["Zephyr drone specifications.", ZEPHYR, "It weighs 900 grams."], title="Zephyr data sheet"))
+    pdf.write_bytes(
+        make_pdf(["Zephyr drone specifications.", ZEPHYR, "It weighs 900 grams."], title="Zephyr data sheet")
+    )
     app = create_app(attributor_factory=load_default_attributor, max_new_tokens=48, upload_dir=tmp_path / "uploads")
     with ServerThread(app) as server:
         open_app(page, server.url)

@@ -3,8 +3,6 @@ each answer sentence says how much it depends on the documents at all (`grounded
 
 from __future__ import annotations
 
-import pytest
-
 from at2_rag import Attributor
 
 DOCS = [
@@ -47,7 +45,9 @@ def test_a_follow_up_that_repeats_the_earlier_answer_is_attributed_to_that_turn(
 
 
 def test_a_sentence_answered_without_the_documents_is_not_supported(att):
-    result = att.attribute("What is the official language of Peru?", DOCS, answer="The official language of Peru is Spanish.")
+    result = att.attribute(
+        "What is the official language of Peru?", DOCS, answer="The official language of Peru is Spanish."
+    )
     (citation,) = result.citations
     assert not citation.supported and citation.cited == [] and not result.supported
     assert citation.grounded < att.scorer.groundedness(refined=False).threshold
@@ -56,7 +56,9 @@ def test_a_sentence_answered_without_the_documents_is_not_supported(att):
     assert grounded.citations[0].grounded > citation.grounded
     # the threshold is the caller's to set
     strict = Attributor(att.model, att.tokenizer, grounded_threshold=1e6)
-    assert not strict.attribute("How many vacation days?", DOCS, answer="Employees get 25 vacation days per year.").supported
+    assert not strict.attribute(
+        "How many vacation days?", DOCS, answer="Employees get 25 vacation days per year."
+    ).supported
 
 
 def test_context_sources_through_attribute_rendered(att):
@@ -64,7 +66,10 @@ def test_context_sources_through_attribute_rendered(att):
         {"role": "system", "content": "Answer from the documents."},
         {"role": "user", "content": FIRST_QUESTION},
         {"role": "assistant", "content": EARLIER_ANSWER},
-        {"role": "user", "content": "Documents:\n" + "\n\n".join(DOCS) + "\n\nQuestion: Can unused days be carried over?"},
+        {
+            "role": "user",
+            "content": "Documents:\n" + "\n\n".join(DOCS) + "\n\nQuestion: Can unused days be carried over?",
+        },
     ]
     result = att.attribute_rendered(messages, DOCS, answer=EARLIER_ANSWER, query="Can unused days be carried over?")
     assert [c.key for c in result.context_sources] == ["system", "history:0", "history:1", "query"]
@@ -75,7 +80,10 @@ def test_context_sources_through_attribute_rendered(att):
     as_string = att.attribute_rendered(text, DOCS, answer="No.", query="Can unused days be carried over?")
     assert [c.key for c in as_string.context_sources] == ["query"]
     # a final user turn without documents is the question itself
-    docs_in_system = [{"role": "system", "content": "Context:\n" + "\n".join(DOCS)}, {"role": "user", "content": "Carry over?"}]
+    docs_in_system = [
+        {"role": "system", "content": "Context:\n" + "\n".join(DOCS)},
+        {"role": "user", "content": "Carry over?"},
+    ]
     located = att.attribute_rendered(docs_in_system, DOCS, answer="No.")
     assert [(c.key, c.text) for c in located.context_sources] == [("query", "Carry over?")]
 
@@ -84,7 +92,12 @@ def test_collection_ablates_context_parts_and_removes_every_document_once(att):
     from at2_rag.training.collect import collect_example
     from at2_rag.training.data import Example
 
-    example = Example(id="conv-1", query="Can unused days be carried over?", documents=att.render("x", DOCS).documents, history=history())
+    example = Example(
+        id="conv-1",
+        query="Can unused days be carried over?",
+        documents=att.render("x", DOCS).documents,
+        history=history(),
+    )
     item = collect_example(att, example, num_masks=3, sources="context", max_new_tokens=8)
     assert item is not None
     assert item.meta["source_ids"] == ["doc0", "doc1", "doc2", "system", "history:0", "history:1", "query"]

@@ -59,7 +59,9 @@ def attributor(smollm):
 
     model, tokenizer = smollm
     layers, heads = model_shape(model)
-    return Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path))
+    return Attributor(
+        model, tokenizer, estimator=ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path)
+    )
 
 
 # ---- item 3: collect and bad examples ------------------------------------------------------------------
@@ -113,7 +115,9 @@ def test_collect_skip_invalid_keeps_the_good_reports_the_bad_and_cleans_stale_te
     assert "no documents were given" in summary["invalid"][0]["reason"]
     assert summary["invalid"][1]["reason"] == "query is empty"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("line 2 (id 'bad-docs')" in w for w in warnings) and any("line 3 (id 'bad-query')" in w for w in warnings)
+    assert any("line 2 (id 'bad-docs')" in w for w in warnings) and any(
+        "line 3 (id 'bad-query')" in w for w in warnings
+    )
     assert completed_ids(out) <= {"q0", "q3"} and len(completed_ids(out)) == summary["collected"] >= 1
     assert not any(p.exists() for p in stale), "the killed writer's temp shards were left behind"
     assert not list(out.glob(".*"))
@@ -137,7 +141,10 @@ def test_collect_writes_finished_examples_before_a_mid_run_failure_propagates(tm
     every example finished since the last full shard."""
     from at2_rag.training.collect import collect
 
-    long_doc = {"id": "long", "text": " ".join(f"Fact {i}: the rover drill bit number {i} is made of steel." for i in range(5))}
+    long_doc = {
+        "id": "long",
+        "text": " ".join(f"Fact {i}: the rover drill bit number {i} is made of steel." for i in range(5)),
+    }
     examples = [
         {"id": "q0", "query": "When did the Orion rover land?", "documents": DOCS},
         {"id": "q1", "query": "What are the drill bits made of?", "documents": [*DOCS, long_doc]},

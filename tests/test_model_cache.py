@@ -23,7 +23,9 @@ def test_cold_cache_shared_by_two_processes(tmp_path):
     while the first was reading it)."""
     env = {**os.environ, "AT2_RAG_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

@@ -17,7 +17,11 @@ from at2_rag.reference_format import PUBLISHED_ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
-    {"id": "moon", "title": "Moon", "text": "The Moon orbits the Earth every 27 days. Its surface is covered in craters."},
+    {
+        "id": "moon",
+        "title": "Moon",
+        "text": "The Moon orbits the Earth every 27 days. Its surface is covered in craters.",
+    },
     {"id": "tea", "title": "Tea", "text": "Green tea is made from unoxidised leaves. It originated in China."},
     {"id": "rail", "title": "Railways", "text": "The first public steam railway opened in 1825 in England."},
 ]
@@ -109,9 +113,9 @@ def test_reference_scores_equal_direct_weights_on_the_real_model(tmp_path, smoll
 
     query, answer = "When did the first public railway open?", "It opened in 1825 in England."
     from_reference = Attributor(model, tokenizer, estimator=str(path)).attribute(query, DOCS, answer=answer)
-    direct = Attributor(model, tokenizer, estimator=ScoreEstimator(weights, num_layers=layers, num_heads=heads)).attribute(
-        query, DOCS, answer=answer
-    )
+    direct = Attributor(
+        model, tokenizer, estimator=ScoreEstimator(weights, num_layers=layers, num_heads=heads)
+    ).attribute(query, DOCS, answer=answer)
     for doc_id, score in direct.document_scores().items():
         assert from_reference.document_scores()[doc_id] == pytest.approx(score, abs=1e-6)
 

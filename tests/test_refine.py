@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from at2_rag import InvalidInputError
-from at2_rag.refine import RefinementPrior, choose_masks, refine_scores
 from at2_rag.ablation import ablated_answer_logit_probs, target_log_odds
+from at2_rag.refine import RefinementPrior, choose_masks, refine_scores
 
 DOCS = [
     "The Eiffel Tower is in Paris and was built in 1889.",
@@ -79,7 +79,12 @@ def test_all_masks_approach_the_least_squares_surrogate_and_passes_are_counted(a
     prompt, answer = run.prompt, run.answer
     masks = choose_masks(5, 32, prompt.text + "\x00" + answer.text)
     logit_probs = ablated_answer_logit_probs(
-        att.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), prompt.doc_token_spans, masks, share_prefixes=False
+        att.model,
+        prompt.input_ids + answer.token_ids,
+        len(answer.token_ids),
+        prompt.doc_token_spans,
+        masks,
+        share_prefixes=False,
     )
     rows = [i for i, (a, b) in enumerate(answer.char_spans) if b > a]
     surrogate = least_squares(masks, target_log_odds(logit_probs, rows))

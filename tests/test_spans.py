@@ -48,9 +48,9 @@ SPECIAL = [
 ]
 chars = st.characters(blacklist_categories=("Cs",))  # any code point a str can hold, but lone surrogates
 free_text = st.text(alphabet=chars, max_size=40)
-wordy_text = st.lists(st.sampled_from(["The", "cat", "sat.", "東京", "😀", "é", "!", "?", " ", "\n", "ok", "42"]), max_size=12).map(
-    " ".join
-)
+wordy_text = st.lists(
+    st.sampled_from(["The", "cat", "sat.", "東京", "😀", "é", "!", "?", " ", "\n", "ok", "42"]), max_size=12
+).map(" ".join)
 doc_text = st.one_of(st.sampled_from(SPECIAL), free_text, wordy_text)
 
 
@@ -60,13 +60,21 @@ def doc_lists(draw):
     if draw(st.booleans()) and texts:  # duplicates of each other
         texts = texts + [draw(st.sampled_from(texts))]
         texts = draw(st.permutations(texts))
-    titles = draw(st.lists(st.one_of(st.none(), st.text(alphabet=chars, min_size=1, max_size=8)), min_size=len(texts), max_size=len(texts)))
+    titles = draw(
+        st.lists(
+            st.one_of(st.none(), st.text(alphabet=chars, min_size=1, max_size=8)),
+            min_size=len(texts),
+            max_size=len(texts),
+        )
+    )
     return [Document(text=t, id=f"d{i}", title=title) for i, (t, title) in enumerate(zip(texts, titles))]
 
 
 @st.composite
 def queries(draw, docs):
-    base = draw(st.one_of(st.sampled_from(["What is it?", "東京?", "😀 why"]), st.text(alphabet=chars, min_size=1, max_size=20)))
+    base = draw(
+        st.one_of(st.sampled_from(["What is it?", "東京?", "😀 why"]), st.text(alphabet=chars, min_size=1, max_size=20))
+    )
     if draw(st.booleans()):  # text that also appears in the query
         base = base + " " + draw(st.sampled_from([d.text for d in docs]))
     assume(base.strip())
@@ -113,14 +121,24 @@ def check_spans(prompt, tokenizer, straddle_ok: bool = False) -> None:
         stripped_end = ds + len(doc.text.rstrip())
         # all of the document's (non-whitespace) text is covered ...
         if straddle_ok:  # an edge character may sit in a token shared with glued neighbouring text
-            assert cs <= stripped_start or (a > 0 and prompt.offsets[a - 1][1] > stripped_start), (doc.text, text[cs:ce])
-            assert ce >= stripped_end or (b < prompt.num_tokens and prompt.offsets[b][0] < stripped_end), (doc.text, text[cs:ce])
+            assert cs <= stripped_start or (a > 0 and prompt.offsets[a - 1][1] > stripped_start), (
+                doc.text,
+                text[cs:ce],
+            )
+            assert ce >= stripped_end or (b < prompt.num_tokens and prompt.offsets[b][0] < stripped_end), (
+                doc.text,
+                text[cs:ce],
+            )
         else:
             assert cs <= stripped_start and ce >= stripped_end, (doc.text, text[cs:ce])
         # ... and nothing else but whitespace at the edges: no template text, no other document
         if straddle_ok:  # text glued to its neighbours (no separator): only an edge token may reach outside
-            assert prompt.offsets[a][1] > ds or not text[cs:ds].strip(), f"document {i} span starts with {text[cs:ds]!r}"
-            assert prompt.offsets[b - 1][0] < de or not text[de:ce].strip(), f"document {i} span ends with {text[de:ce]!r}"
+            assert prompt.offsets[a][1] > ds or not text[cs:ds].strip(), (
+                f"document {i} span starts with {text[cs:ds]!r}"
+            )
+            assert prompt.offsets[b - 1][0] < de or not text[de:ce].strip(), (
+                f"document {i} span ends with {text[de:ce]!r}"
+            )
         else:
             assert not text[cs:ds].strip(), f"document {i} span starts with {text[cs:ds]!r}"
             assert not text[de:ce].strip(), f"document {i} span ends with {text[de:ce]!r}"
@@ -128,9 +146,9 @@ def check_spans(prompt, tokenizer, straddle_ok: bool = False) -> None:
             assert doc.text.strip() in tokenizer.decode(prompt.input_ids[a:b])
 
     # in order, never sharing a token (empty spans included)
-    for (a0, b0), (a1, b1) in zip(prompt.doc_token_spans, prompt.doc_token_spans[1:]):
+    for (_a0, b0), (a1, _b1) in zip(prompt.doc_token_spans, prompt.doc_token_spans[1:]):
         assert b0 <= a1
-    for (a0, b0), (a1, b1) in zip(prompt.sentence_token_spans, prompt.sentence_token_spans[1:]):
+    for (_a0, b0), (a1, _b1) in zip(prompt.sentence_token_spans, prompt.sentence_token_spans[1:]):
         assert b0 <= a1
 
     # sentences lie inside their document's span
@@ -146,7 +164,9 @@ def check_spans(prompt, tokenizer, straddle_ok: bool = False) -> None:
             assert ce > s_start and cs < s_end  # overlaps its own characters
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_document_spans_decode_to_their_documents(tokenizer, data):
     docs = data.draw(doc_lists())
@@ -156,7 +176,9 @@ def test_document_spans_decode_to_their_documents(tokenizer, data):
     check_spans(prompt, tokenizer)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_spans_with_plain_template_and_history(plain_tokenizer, data):
     docs = data.draw(doc_lists())
@@ -177,7 +199,9 @@ CUSTOM = PromptTemplate(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_spans_with_custom_template(tokenizer, data):
     docs = data.draw(doc_lists())
@@ -269,8 +293,10 @@ def test_empty_query_is_refused(tokenizer):
 @pytest.mark.parametrize(
     "template",
     [
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | replace('\n', ' ') }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n",
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n",
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | replace('\n', ' ') }}<|im_end|>\n"
+        "{% endfor %}<|im_start|>assistant\n",
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | e }}\n{% endfor %}assistant:",
     ],
     ids=["trim", "replace-newlines", "html-escape"],
@@ -303,7 +329,7 @@ def test_one_token_covering_three_ranges_is_not_shared():
     assert spans == [(0, 0), (0, 0), (0, 1)]
     spans = token_spans_for_ranges([(0, 10), (10, 12)], [(0, 6), (6, 8), (8, 12)])
     assert spans == [(0, 1), (1, 1), (1, 2)]
-    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+    for (_a0, b0), (a1, _b1) in zip(spans, spans[1:]):
         assert b0 <= a1
 
 

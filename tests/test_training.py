@@ -17,19 +17,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from at2_rag import EstimatorFormatError, ScoreEstimator
-from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
-from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
 from at2_rag.ablation import (
-    full_attention_cache,
     ablated_answer_logit_probs,
     ablation_attention_mask,
     answer_logit_probs,
+    full_attention_cache,
     log1mexp,
     random_masks,
     target_log_odds,
     target_log_prob,
     token_logit_probs,
 )
+from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
+from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
 from at2_rag.training.data import CollectedExample, completed_ids, load_collected, read_examples, write_shard
 from at2_rag.training.train import TargetBatch, correlation_loss, pearson, to_targets, train_estimator
 
@@ -63,7 +63,9 @@ def test_target_log_odds_equals_direct_computation():
 def test_log_odds_stable_at_extremes():
     # p close to 1 (log p = -1e-9) and tiny p (log p = -800) stay finite and correct
     x = torch.tensor([-1e-9, -0.3, -800.0], dtype=torch.double)
-    expected = torch.tensor([math.log(1 - math.exp(-1e-9)), math.log(1 - math.exp(-0.3)), -math.exp(-800.0)], dtype=torch.double)
+    expected = torch.tensor(
+        [math.log(1 - math.exp(-1e-9)), math.log(1 - math.exp(-0.3)), -math.exp(-800.0)], dtype=torch.double
+    )
     torch.testing.assert_close(log1mexp(x), expected, rtol=1e-6, atol=1e-300)
     big = torch.full((1, 3), 40.0)  # each token p ~ 1 - 4e-18
     assert torch.isfinite(target_log_odds(big, [0, 1, 2])).all()
@@ -365,8 +367,12 @@ def test_collect_splits_examples_over_launched_processes(tmp_path):
     """Two processes (torchrun sets the same env as `accelerate launch` on several GPUs) take disjoint examples."""
     docs = [{"id": "a", "text": "Copper conducts electricity well."}, {"id": "b", "text": "Owls hunt at night."}]
     src = tmp_path / "examples.jsonl"
-    src.write_text("\n".join(json.dumps({"id": f"q{i}", "query": q, "documents": docs})
-                             for i, q in enumerate(["What conducts electricity?", "When do owls hunt?", "Is copper a metal?"])))
+    src.write_text(
+        "\n".join(
+            json.dumps({"id": f"q{i}", "query": q, "documents": docs})
+            for i, q in enumerate(["What conducts electricity?", "When do owls hunt?", "Is copper a metal?"])
+        )
+    )
     out = tmp_path / "shards"
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run(

@@ -43,10 +43,10 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, Literal
 
-import at2_rag
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -54,6 +54,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+import at2_rag
 from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextSource, ContextTooLongError, NoDocumentsError
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
@@ -79,7 +80,9 @@ SAMPLE_QUESTIONS = [
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024  # per uploaded file
 DEFAULT_MAX_UPLOAD_FILES = 10  # per request
 DEFAULT_MAX_UPLOADED_DOCUMENTS = 100  # kept at once
-DEFAULT_UPLOAD_DIR = Path("~/.cache/at2-rag/chatbot-uploads")  # the command line's; create_app's default is a temp folder
+DEFAULT_UPLOAD_DIR = Path(
+    "~/.cache/at2-rag/chatbot-uploads"
+)  # the command line's; create_app's default is a temp folder
 
 
 def load_attributor(model: str | None = None, estimator: str | None = None) -> Attributor:
@@ -261,8 +264,12 @@ class ChatService:
         """Rebuild the passages and the BM25 index from the folder and the uploads (swapped in at once)."""
         passages = list(self.folder_report.passages)
         for rec in sorted(self.uploads.records.values(), key=lambda r: r["uploaded"]):
-            fallback = rec.get("title") or Path(rec["name"]).stem.replace("-", " ").replace("_", " ").strip().capitalize()
-            passages.extend(text_to_passages(rec["text"], rec["name"], fallback or rec["name"], doc_id=rec["id"], source="upload"))
+            fallback = (
+                rec.get("title") or Path(rec["name"]).stem.replace("-", " ").replace("_", " ").strip().capitalize()
+            )
+            passages.extend(
+                text_to_passages(rec["text"], rec["name"], fallback or rec["name"], doc_id=rec["id"], source="upload")
+            )
         index = BM25Index(passages)
         report = LoadReport(
             folder=self.folder_report.folder,
@@ -309,7 +316,9 @@ class ChatService:
         else:
             return None
         info = next(d for d in self.documents() if d["id"] == doc_id)
-        passages = [{"id": p.id, "offset": p.offset, "length": len(p.text)} for p in self.report.passages if p.doc_id == doc_id]
+        passages = [
+            {"id": p.id, "offset": p.offset, "length": len(p.text)} for p in self.report.passages if p.doc_id == doc_id
+        ]
         return {**info, "text": text, "passage_spans": passages}
 
     def add_uploads(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -514,10 +523,14 @@ def create_app(
     async def delete_document(doc_id: str) -> Any:
         if doc_id in service.folder_report.texts:
             return error_response(
-                403, "read_only", "This document comes from the server's folder; only uploaded documents can be removed here."
+                403,
+                "read_only",
+                "This document comes from the server's folder; only uploaded documents can be removed here.",
             )
         if not await run_in_threadpool(service.remove_upload, doc_id):
-            return error_response(404, "not_found", "No uploaded document has this id (it may have been removed already).")
+            return error_response(
+                404, "not_found", "No uploaded document has this id (it may have been removed already)."
+            )
         return {"deleted": doc_id, "num_documents": len(service.documents())}
 
     @app.post("/api/documents", status_code=201)
@@ -712,16 +725,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python examples/chatbot/app.py",
         description="Citation-grounded chatbot over a folder of .txt/.md files (AT2 attribution, BM25 retrieval).",
     )
-    parser.add_argument("--docs", default=str(SAMPLE_DOCS), help="folder of .txt/.md files (default: the bundled sample_docs)")
+    parser.add_argument(
+        "--docs", default=str(SAMPLE_DOCS), help="folder of .txt/.md files (default: the bundled sample_docs)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="documents retrieved per question (default 4)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit (default 80)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit (default 80)"
+    )
     parser.add_argument(
         "--max-question-chars",
         type=int,
         default=DEFAULT_MAX_QUESTION_CHARS,
-        help=f"longest question accepted, in characters; longer ones get HTTP 413 (default {DEFAULT_MAX_QUESTION_CHARS})",
+        help="longest question accepted, in characters; longer ones get HTTP 413 "
+        f"(default {DEFAULT_MAX_QUESTION_CHARS})",
     )
     parser.add_argument(
         "--max-history",

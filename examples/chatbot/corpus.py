@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from at2_rag import Document
 
@@ -120,7 +120,13 @@ def normalise_newlines(text: str) -> str:
 
 
 def text_to_passages(
-    text: str, path: str, fallback_title: str, max_chars: int = DEFAULT_MAX_CHARS, *, doc_id: str = "", source: str = "folder",
+    text: str,
+    path: str,
+    fallback_title: str,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    *,
+    doc_id: str = "",
+    source: str = "folder",
 ) -> list[Passage]:
     """One file's (newline-normalised) text as passages; [] when it has no text. Passage ids are `doc_id`
     (or the path) for a one-passage file, `doc_id#i` otherwise."""

@@ -134,7 +134,9 @@ def test_callback_handler_forwards_ablations(bm25_retriever) -> None:
 def test_citations_forward_ablations(bm25_retriever) -> None:
     llm = ChatAT2(max_tokens=MAX_TOKENS)
     chain = RunnablePassthrough.assign(context=itemgetter("question") | bm25_retriever)
-    chain = chain.assign(prompt=lambda x: PROMPT.invoke({"context": format_docs(x["context"]), "question": x["question"]}))
+    chain = chain.assign(
+        prompt=lambda x: PROMPT.invoke({"context": format_docs(x["context"]), "question": x["question"]})
+    )
     answered = chain.assign(answer=itemgetter("prompt") | llm | StrOutputParser()).invoke({"question": QUESTION})
     without_prompt = {k: v for k, v in answered.items() if k != "prompt"}
     for payload in (answered, without_prompt):  # attribute_rendered, then attribute

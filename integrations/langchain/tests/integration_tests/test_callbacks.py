@@ -88,7 +88,10 @@ def test_documents_missing_from_the_prompt_are_reported(bm25_retriever, llm, cap
         return docs[0].page_content
 
     chain = (
-        {"context": bm25_retriever | first_doc_only, "question": RunnablePassthrough()} | PROMPT | llm | StrOutputParser()
+        {"context": bm25_retriever | first_doc_only, "question": RunnablePassthrough()}
+        | PROMPT
+        | llm
+        | StrOutputParser()
     )
     handler = AT2CallbackHandler()
     run_id = uuid.uuid4()

@@ -7,7 +7,6 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
-
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 
 from langchain_at2 import ChatAT2, attribution_from_metadata, rag_messages
@@ -58,7 +57,9 @@ def test_documents_kwarg_uses_the_template(llm, retrieved) -> None:
     at2 = _check_at2(msg, [d.id for d in retrieved])
     # the trace (here langchain-core's run collector; LangSmith alike) has the summary in the run's metadata
     (run,) = collector.traced_runs
-    assert run.extra["metadata"]["at2"] == trace_summary(at2) and run.extra["metadata"]["at2"]["scores"] == at2["scores"]
+    assert (
+        run.extra["metadata"]["at2"] == trace_summary(at2) and run.extra["metadata"]["at2"]["scores"] == at2["scores"]
+    )
     assert at2["mode"] == "template"
     assert max(at2["scores"], key=at2["scores"].get) == "eiffel-tower"  # the document holding the answer ranks first
     assert {d["id"]: d["title"] for d in at2["documents"]}["eiffel-tower"] == "Eiffel Tower"

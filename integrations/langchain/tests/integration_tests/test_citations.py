@@ -29,7 +29,9 @@ def format_docs(docs: list[Document]) -> str:
 def rag_chain(retriever, llm, keep_prompt: bool = False):
     """question -> {"question", "context": [Document], "answer": str} (+ "prompt" when keep_prompt)."""
     chain = RunnablePassthrough.assign(context=itemgetter("question") | retriever)
-    prompt = (lambda x: PROMPT.invoke({"context": format_docs(x["context"]), "question": x["question"]}))
+    def prompt(x: dict) -> object:
+        return PROMPT.invoke({"context": format_docs(x["context"]), "question": x["question"]})
+
     if keep_prompt:
         return chain.assign(prompt=prompt).assign(answer=itemgetter("prompt") | llm | StrOutputParser())
     return chain.assign(answer=prompt | llm | StrOutputParser())

@@ -45,7 +45,10 @@ def test_duplicates_are_merged_and_clashing_ids_renamed() -> None:
 
 
 def test_blocks_round_trip() -> None:
-    docs = [Document(page_content="Alpha text.", id="alpha", metadata={"title": "Alpha", "url": "https://a"}), "Beta text."]
+    docs = [
+        Document(page_content="Alpha text.", id="alpha", metadata={"title": "Alpha", "url": "https://a"}),
+        "Beta text.",
+    ]
     blocks = document_blocks(docs)
     assert blocks[0].pop("id").startswith("lc_")  # create_plaintext_block gives every block an id
     assert blocks[0] == {
