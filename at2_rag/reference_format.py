@@ -71,9 +71,9 @@ class ReferenceExtractorKwargs(_Reference):
     model_type: str | None = None
 
 
-class ReferenceExtractor(_Reference):
+class ReferenceExtractor(_Reference):  # type: ignore[no-redef]  # pydantic's mypy plugin: alias 'kwargs' vs its **kwargs
     class_: Literal["AttentionFeatureExtractor"] = Field(alias="class")
-    args: ReferenceExtractorKwargs = Field(validation_alias="kwargs")  # a field named kwargs confuses mypy
+    args: ReferenceExtractorKwargs = Field(validation_alias="kwargs")
 
 
 class ReferenceEstimatorKwargs(_Reference):
@@ -84,7 +84,7 @@ class ReferenceEstimatorKwargs(_Reference):
     bias: bool | None = None
 
 
-class ReferenceEstimatorFile(_Reference):
+class ReferenceEstimatorFile(_Reference):  # type: ignore[no-redef]  # pydantic's mypy plugin: alias 'kwargs' vs its **kwargs
     """The dict the reference package torch-saves as score_estimator.pt (the fields at2-rag reads)."""
 
     class_: Literal["LinearScoreEstimator"] = Field(alias="class")
