@@ -187,7 +187,21 @@ class MicroBatcher:
                     batch.append(item)
                 else:
                     held.append(item)
-            self._run(batch)
+            # the batch closes once the model is free: whatever queued behind a busy model (a stream, another
+            # batch) joins it instead of waiting for the next turn
+            with self.attributor.runner.lock:
+                while len(batch) < self.max_batch_size and not stopping:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                    elif item.settings == batch[0].settings:
+                        batch.append(item)
+                    else:
+                        held.append(item)
+                self._run(batch)
 
     def _take_group(self, held: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """The oldest request and the held ones sharing its settings (up to the batch size); the rest stay held."""
@@ -200,6 +214,10 @@ class MicroBatcher:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
         if not live:
             return
+        if len(live) == 1:  # alone in its window: exactly the single-request path
+            self._run_one(live[0])
+            self.stats.batch_sizes.append(1)
+            return
         head = live[0]
         runner, prompts = self.attributor.runner, [p.prompt for p in live]
         try:
@@ -209,9 +227,6 @@ class MicroBatcher:
                 runs = runner.generate_batch(prompts, head.max_new_tokens, **head.generate_kwargs)
             results = [self.attributor.build_attribution(run, p.query, p.ablations) for run, p in zip(runs, live)]
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
-            if len(live) == 1:
-                head.future.set_exception(exc)
-                return
             if not isinstance(exc, AT2Error):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
             for pending in live:

@@ -114,3 +114,18 @@ def test_a_batch_that_fails_in_the_model_hands_each_caller_its_own_error(att):
         after = batcher.generate(REQUESTS[0], max_new_tokens=4)
     assert all(isinstance(e, ValueError) and "temperature" in str(e) for e in errors), errors
     assert batcher.stats.batch_sizes[:2] == [1, 1] and after.num_answer_tokens > 0
+
+
+def test_requests_queued_behind_a_busy_model_share_the_next_batch(att, alone):
+    """While the model is busy (here: a caller holds its lock, as a stream does), arriving requests wait in the
+    batcher and then run as one batch, whatever the wait window."""
+    with MicroBatcher(att, max_batch_size=8, max_wait_ms=1) as batcher:
+        with att.runner.lock:
+            futures = []
+            for r in REQUESTS[:3]:
+                futures.append(batcher.submit(r, max_new_tokens=NEW))
+                time.sleep(0.05)  # far longer than the window
+        results = [f.result() for f in futures]
+        sizes = list(batcher.stats.batch_sizes)
+    assert sizes[-1] >= 2 and sum(sizes) == 3, sizes
+    assert [r.answer for r in results] == [a.answer for a in alone[:3]]

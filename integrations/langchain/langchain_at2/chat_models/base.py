@@ -24,6 +24,7 @@ from at2_rag import (
     Attributor,
     CapturedRun,
     PromptTemplate,
+    get_micro_batcher,
 )
 from at2_rag.errors import InvalidInputError
 from at2_rag.locate import LocatedPrompt
@@ -324,19 +325,26 @@ class ChatAT2(BaseChatModel):
         """One planned call through the core: `Attributor.generate` on the request (template mode), else the
         runner over the located prompt, with capture when documents were located in it."""
         att = plan.attributor
-        if plan.request is not None:
-            result = att.generate(
-                plan.request, max_new_tokens=plan.max_new_tokens, ablations=plan.ablations, **plan.generate_kwargs
-            )
+        assert plan.request is not None or plan.located is not None
+        if plan.request is not None or plan.mode == "prompt":
+            # through the model's shared micro-batcher: concurrent calls (`batch`, `abatch`, threads, async callers)
+            # share one batched generation; a call alone runs exactly the single-request path
+            batcher = get_micro_batcher(att)
+            if plan.request is not None:
+                future = batcher.submit(plan.request, plan.max_new_tokens, plan.ablations, **plan.generate_kwargs)
+            else:
+                assert plan.located is not None
+                future = batcher.submit_prompt(
+                    plan.located.prompt, plan.query, None, plan.max_new_tokens, plan.ablations, **plan.generate_kwargs
+                )
+            result = future.result()
             return self._finish(
                 plan, result.answer, result, result.num_prompt_tokens, result.num_answer_tokens, result.finish_reason
             )
         assert plan.located is not None
-        capture = plan.mode == "prompt"
-        run = att.runner.generate(plan.located.prompt, plan.max_new_tokens, capture=capture, **plan.generate_kwargs)
-        attribution = att.build_attribution(run, plan.query, plan.ablations) if capture else None
+        run = att.runner.generate(plan.located.prompt, plan.max_new_tokens, capture=False, **plan.generate_kwargs)
         return self._finish(
-            plan, run.answer.text, attribution, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
+            plan, run.answer.text, None, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
         )
 
     def _generate(

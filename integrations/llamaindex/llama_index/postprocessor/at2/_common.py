@@ -182,3 +182,26 @@ def chat_dicts(messages: Sequence[Any], system_prompt: str | None = None) -> lis
     if system_prompt and not any(t["role"] == "system" for t in turns):
         turns.insert(0, {"role": "system", "content": system_prompt})
     return turns
+
+
+def generate_shared(
+    attributor: Any,
+    query: str,
+    documents: Sequence[Any],
+    *,
+    max_new_tokens: int = 256,
+    ablations: int = 0,
+    system_prompt: Any = None,
+    **generate_kwargs: Any,
+) -> Any:
+    """`Attributor.generate` through the model's shared micro-batcher (`at2_rag.get_micro_batcher`): concurrent
+    queries (threads, `aquery` in worker threads) share one batched generation; a query alone runs exactly the
+    single-request path."""
+    from at2_rag import TEMPLATE_DEFAULT, get_micro_batcher
+
+    request = {
+        "query": query,
+        "documents": list(documents),
+        "system_prompt": TEMPLATE_DEFAULT if system_prompt is None else system_prompt,
+    }
+    return get_micro_batcher(attributor).generate(request, max_new_tokens, ablations, **generate_kwargs)

@@ -10,7 +10,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from ._common import annotate_nodes, default_attributor, map_nodes, rank_nodes
+from ._common import annotate_nodes, default_attributor, generate_shared, map_nodes, rank_nodes
 from .events import AT2AttributionEndEvent, AT2AttributionStartEvent, dispatcher
 
 
@@ -88,7 +88,8 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         ids = [d.id for d in mapped.documents]
         dispatcher.event(AT2AttributionStartEvent(source="postprocessor", query=query_str, document_ids=ids))
         try:
-            attribution = self.attributor.generate(
+            attribution = generate_shared(
+                self.attributor,
                 query_str,
                 mapped.documents,
                 max_new_tokens=self.max_new_tokens,

@@ -31,6 +31,7 @@ from ._common import (
     annotate_nodes,
     default_attributor,
     empty_metadata,
+    generate_shared,
     map_nodes,
     rank_nodes,
     response_metadata,
@@ -248,7 +249,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as ev:
             run = self._start(query_str, mapped)
             try:
-                attribution = self.attributor.generate(query_str, mapped.documents, **self._generate_kwargs())
+                attribution = generate_shared(self.attributor, query_str, mapped.documents, **self._generate_kwargs())
             except Exception as exc:
                 self._end(run, error=exc)
                 raise
