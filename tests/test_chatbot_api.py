@@ -493,3 +493,45 @@ def test_follow_up_turn_passes_history_to_the_model(attributor):
         sizes[name] = events["attribution"]["num_prompt_tokens"]
         assert events["attribution"]["documents"][0]["id"] == RIGHT_DOC  # retrieved first
     assert sizes["with"] > sizes["without"] + 20
+
+
+@pytest.mark.slow
+def test_questions_waiting_behind_a_stream_share_one_batch(attributor):
+    """While one answer streams, the questions that arrive wait in the core's micro-batcher and are answered in
+    one batched generation as soon as the model is free: each gets exactly the answer it would get alone."""
+    import threading
+
+    from at2_rag import get_micro_batcher
+
+    client = client_for(attributor=attributor, max_new_tokens=48)
+    waiting = ["How do I get reimbursed for expenses?", "Can I work remotely?"]
+    batcher = get_micro_batcher(attributor)
+    before = len(batcher.stats.batch_sizes)
+    answers: dict[str, list] = {}
+
+    def ask(question: str) -> None:
+        with client.stream("POST", "/api/chat", json={"question": question, "history": []}) as res:
+            answers[question] = parse_sse(res.read().decode())
+
+    with client.stream("POST", "/api/chat", json={"question": QUESTION, "history": []}) as first:
+        lines = first.iter_lines()
+        while not next(lines).startswith("event: token"):  # the first answer is streaming: the model is busy
+            pass
+        threads = [threading.Thread(target=ask, args=(q,)) for q in waiting]
+        for t in threads:
+            t.start()
+        rest = "\n".join(lines)  # the rest of the first answer
+    for t in threads:
+        t.join(timeout=600)
+    assert "event: attribution" in rest
+    assert batcher.stats.batch_sizes[before:] == [2], batcher.stats.batch_sizes[before:]
+    for question in waiting:
+        events = answers[question]
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "retrieval" and "status" in kinds and kinds[-2:] == ["attribution", "done"]
+        att = dict(events)["attribution"]
+        assert att["batched"] is True
+        alone = attributor.generate(question, client.app.state.service.retrieve(question, []), max_new_tokens=48)
+        assert att["answer"] == alone.answer
+        streamed = "".join(d["text"] for k, d in events if k == "token")
+        assert streamed == att["answer"] and len(att["citations"]) == kinds.count("citation")

@@ -55,7 +55,16 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 import at2_rag
-from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextSource, ContextTooLongError, NoDocumentsError
+from at2_rag import (
+    AT2Error,
+    Attribution,
+    Attributor,
+    Citation,
+    ContextSource,
+    ContextTooLongError,
+    NoDocumentsError,
+    get_micro_batcher,
+)
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
 from .uploads import ALLOWED_TYPES, UploadError, UploadStore, extract_upload, safe_name
@@ -670,12 +679,26 @@ async def _events(
     stream_id = secrets.token_urlsafe(12)
     service.streams[stream_id] = cancel
     yield sse("retrieval", {"documents": retrieved, "stream_id": stream_id})
-    if service.generation_lock.locked():
-        yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
     end = object()
     started = time.perf_counter()
     sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
     try:
+        if service.generation_lock.locked():
+            # the model is streaming someone else's answer: wait in the core's micro-batcher, where every question
+            # that queues meanwhile joins one batched generation once the model is free (answers come whole)
+            yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
+            request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
+            batcher = get_micro_batcher(service.attributor)
+            future = batcher.submit(request, service.max_new_tokens, **sampling)
+            attribution = await asyncio.wrap_future(future)
+            yield sse("token", {"text": attribution.answer})
+            for citation in attribution.citations:
+                yield sse("citation", citation_payload(citation, service.attributor.support_threshold))
+            payload = attribution_payload(attribution)
+            payload["stopped"], payload["sampled"], payload["batched"] = False, regenerate, True
+            yield sse("attribution", payload)
+            yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
+            return
         async with service.generation_lock:
             from transformers import StoppingCriteriaList
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from at2_rag import get_micro_batcher
 from conftest import PENICILLIN
+
+from at2_rag import get_micro_batcher
 
 QUESTIONS = [PENICILLIN, "Who made the first confirmed ascent of Mount Everest?", "What is photosynthesis?"]
 
