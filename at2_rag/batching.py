@@ -175,33 +175,26 @@ class MicroBatcher:
                 held.append(first)
             batch, held = self._take_group(held)
             deadline = batch[0].arrived + self.max_wait_ms / 1000
-            while len(batch) < self.max_batch_size and not stopping:
-                left = deadline - time.perf_counter()
-                try:
-                    item = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                elif item.settings == batch[0].settings:
-                    batch.append(item)
-                else:
-                    held.append(item)
+            stopping = stopping or self._collect(batch, held, deadline)
             # the batch closes once the model is free: whatever queued behind a busy model (a stream, another
             # batch) joins it instead of waiting for the next turn
             with self.attributor.runner.lock:
-                while len(batch) < self.max_batch_size and not stopping:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                    elif item.settings == batch[0].settings:
-                        batch.append(item)
-                    else:
-                        held.append(item)
+                stopping = stopping or self._collect(batch, held, None)
                 self._run(batch)
+
+    def _collect(self, batch: list[_Pending], held: list[_Pending], deadline: float | None) -> bool:
+        """Add arriving requests with the batch's settings until it is full, the queue is empty (at `deadline`,
+        or now when None); others are held for a later batch. True when `close()` was called."""
+        while len(batch) < self.max_batch_size:
+            left = 0.0 if deadline is None else deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            (batch if item.settings == batch[0].settings else held).append(item)
+        return False
 
     def _take_group(self, held: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """The oldest request and the held ones sharing its settings (up to the batch size); the rest stay held."""
