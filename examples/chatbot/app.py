@@ -37,7 +37,6 @@ if __name__ == "__main__" and not __package__:  # `python examples/chatbot/app.p
 
 import argparse
 import asyncio
-import functools
 import json
 import logging
 import secrets
@@ -63,6 +62,7 @@ from at2_rag import (
     ContextSource,
     ContextTooLongError,
     NoDocumentsError,
+    get_attributor,
     get_micro_batcher,
 )
 
@@ -95,21 +95,9 @@ DEFAULT_UPLOAD_DIR = Path(
 
 
 def load_attributor(model: str | None = None, estimator: str | None = None) -> Attributor:
-    """The process's shared Attributor for `model` (None: the embedded SmolLM2-135M-Instruct), loaded once.
-
-    Uses `at2_rag.get_attributor` (shared with the LangChain / LlamaIndex adapters in the same process) when the
-    installed at2-rag has it, else a cache of its own."""
-    shared = getattr(at2_rag, "get_attributor", None)
-    if shared is not None:
-        return shared(model, estimator=estimator)
-    return _own_cache(model, estimator)
-
-
-@functools.lru_cache(maxsize=4)
-def _own_cache(model: str | None, estimator: str | None) -> Attributor:
-    if model is None or model == "default":
-        return Attributor.default(estimator=estimator) if estimator else Attributor.default()
-    return Attributor.from_pretrained(model, estimator=estimator)
+    """The process's shared Attributor for `model` (None: the embedded SmolLM2-135M-Instruct), loaded once:
+    `at2_rag.get_attributor`, shared with the LangChain / LlamaIndex adapters in the same process."""
+    return get_attributor(model, estimator=estimator)
 
 
 def load_default_attributor() -> Attributor:
@@ -431,7 +419,7 @@ class ChatService:
     def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
         """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
         att = self.attributor
-        check = getattr(att, "check_fits", None) or att.runner.check_fits  # the core moved it to the runner
+        check = att.runner.check_fits
         check(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
 
     def context_too_long_message(
