@@ -15,6 +15,8 @@ import pytest
 import torch
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
 from llama_index.core.bridge.pydantic import Field
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
@@ -133,3 +135,25 @@ class ExtractiveLLM(CustomLLM):
                 yield CompletionResponse(text=so_far, delta=word)
 
         return gen()
+
+
+class Recorder(BaseEventHandler):
+    """Keeps every instrumentation event (a test's own handler on the root dispatcher)."""
+
+    events: list[Any] = []
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        self.events.append(event)
+
+    def of(self, cls: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]
+
+
+@pytest.fixture()
+def recorder():
+    """A Recorder on the root dispatcher for the test's duration."""
+    rec = Recorder(events=[])
+    root = get_dispatcher()
+    root.add_event_handler(rec)
+    yield rec
+    root.event_handlers = [h for h in root.event_handlers if h is not rec]

@@ -4,30 +4,9 @@ events, and the engine's `callback_manager`. Real BM25 retrieval, real model."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
 from conftest import PENICILLIN
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 
 MAX_NEW = 8
-
-
-class Recorder(BaseEventHandler):
-    events: list[Any] = []
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture()
-def recorder():
-    rec = Recorder(events=[])
-    root = get_dispatcher()
-    root.add_event_handler(rec)
-    yield rec
-    root.event_handlers = [h for h in root.event_handlers if h is not rec]
 
 
 def test_query_engine_emits_the_standard_events(attributor, bm25, recorder):

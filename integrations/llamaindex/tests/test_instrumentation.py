@@ -12,22 +12,9 @@ import pytest
 from conftest import PENICILLIN, ExtractiveLLM
 from llama_index.core.base.response.schema import Response, StreamingResponse
 from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatStartEvent
 
 EVEREST = "Who made the first confirmed ascent of Mount Everest?"
-
-
-class Recorder(BaseEventHandler):
-    """Keeps every instrumentation event (a test's own handler on the root dispatcher)."""
-
-    events: list[Any] = []
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-    def of(self, cls: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +25,6 @@ def at2(attributor):
     assert instrument_at2(attributor) is handlers  # registered once
     yield handlers
     handlers.uninstrument()
-
-
-@pytest.fixture()
-def recorder():
-    rec = Recorder(events=[])
-    root = get_dispatcher()
-    root.add_event_handler(rec)
-    yield rec
-    root.event_handlers = [h for h in root.event_handlers if h is not rec]
 
 
 def check_attributed(response: Any, attributor: Any, prompt: Any, answer: str, query: str, node_text: dict) -> None:
