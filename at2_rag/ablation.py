@@ -96,6 +96,12 @@ def answer_logit_probs(
     return torch.cat(out, dim=0)
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword `model.forward` / `generate` takes a KV cache by: transformers renamed `past_key_values` to
+    `cache` during 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def full_attention_cache(model: Any) -> Any | None:
     """An empty KV cache for `model` when every layer keeps every position (no sliding window), else None.
 
@@ -149,8 +155,7 @@ def _shared_prefix_chunk(
 ) -> torch.Tensor:
     """Answer logit-probs of one chunk of masks, computing each distinct prompt prefix once."""
     device = ids.device
-    # transformers renamed `past_key_values` to `cache` during 5.x
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(model)
     n = ids.shape[0]
     bits = keep[:, order]  # [rows, ordered sources]
     num = bits.shape[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import threading
 import weakref
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .ablation import ablated_answer_logit_probs, full_attention_cache
+from .ablation import ablated_answer_logit_probs, cache_argument, full_attention_cache
 from .capture import CaptureState, capture_attention, install_capture, model_shape, text_config
 from .errors import ContextTooLongError, InvalidInputError
 from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
@@ -281,8 +280,7 @@ class ModelRunner:
 
     @functools.cached_property
     def _cache_arg(self) -> str:
-        """transformers renamed `past_key_values` to `cache` during 5.x."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return cache_argument(self.model)
 
     def _prefill_rows(self, sequences: Sequence[Sequence[int]], pads: Sequence[int], length: int) -> Any | None:
         """A batch KV cache of the first `length` positions of left-padded rows, each row's real tokens run alone.
