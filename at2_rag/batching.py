@@ -80,6 +80,7 @@ class MicroBatcher:
         self.stats = BatchStats()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
+        self._last_batch_end = 0.0
         self._worker = threading.Thread(target=self._serve, name="at2-micro-batcher", daemon=True)
         self._worker.start()
 
@@ -174,13 +175,18 @@ class MicroBatcher:
                     return
                 held.append(first)
             batch, held = self._take_group(held)
-            deadline = batch[0].arrived + self.max_wait_ms / 1000
+            # the window opens at the request's arrival, or when this worker's last batch ended if it arrived
+            # during it: the callers of that batch are about to send their next requests, and a request that
+            # was queued behind it would otherwise start alone just before they arrive (closed-loop clients
+            # would then alternate a batch of 1 with a batch of the rest forever)
+            deadline = max(batch[0].arrived, self._last_batch_end) + self.max_wait_ms / 1000
             stopping = stopping or self._collect(batch, held, deadline)
             # the batch closes once the model is free: whatever queued behind a busy model (a stream, another
             # batch) joins it instead of waiting for the next turn
             with self.attributor.runner.lock:
                 stopping = stopping or self._collect(batch, held, None)
                 self._run(batch)
+            self._last_batch_end = time.perf_counter()
 
     def _collect(self, batch: list[_Pending], held: list[_Pending], deadline: float | None) -> bool:
         """Add arriving requests with the batch's settings until it is full, the queue is empty (at `deadline`,

@@ -129,3 +129,22 @@ def test_requests_queued_behind_a_busy_model_share_the_next_batch(att, alone):
         sizes = list(batcher.stats.batch_sizes)
     assert sizes[-1] >= 2 and sum(sizes) == 3, sizes
     assert [r.answer for r in results] == [a.answer for a in alone[:3]]
+
+
+def test_a_request_queued_during_a_batch_waits_for_that_batchs_callers(att, alone):
+    """Closed-loop callers send their next request right after their answer: a request that queued while the
+    model was busy waits one window after the batch ends, so it shares a batch with them instead of running
+    alone just before they arrive (which would alternate a batch of 1 with a batch of the rest forever)."""
+    with MicroBatcher(att, max_batch_size=8, max_wait_ms=400) as batcher:
+        first = batcher.submit(REQUESTS[0], max_new_tokens=NEW)
+        while not first.running():
+            time.sleep(0.005)
+        queued = batcher.submit(REQUESTS[1], max_new_tokens=NEW)  # arrives while the first batch runs
+        assert not first.done(), "the first batch ended before the second request queued: the test is void"
+        first.result(timeout=300)
+        time.sleep(0.05)  # the first caller's next request, well inside the window
+        follow_up = batcher.submit(REQUESTS[2], max_new_tokens=NEW)
+        results = [queued.result(timeout=300), follow_up.result(timeout=300)]
+        sizes = list(batcher.stats.batch_sizes)
+    assert sizes == [1, 2], sizes
+    assert [r.answer for r in results] == [a.answer for a in alone[1:3]]
