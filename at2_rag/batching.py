@@ -47,9 +47,12 @@ class _Pending:
 
 @dataclass
 class BatchStats:
-    """What the batcher has run: the size of every batch, in order (for benchmarks and tests)."""
+    """What the batcher has run, in order (for benchmarks and tests): the size of every batch, and why each
+    batch stopped collecting: "full", "window" (its wait ended), "expected" (the callers of the batch before
+    came back) or "closed"."""
 
     batch_sizes: list[int] = field(default_factory=list)
+    closed_by: list[str] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -81,6 +84,7 @@ class MicroBatcher:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._last_batch_end = 0.0
+        self._expected = max_batch_size  # requests the last batch's callers and those queued behind it make
         self._worker = threading.Thread(target=self._serve, name="at2-micro-batcher", daemon=True)
         self._worker.start()
 
@@ -175,32 +179,43 @@ class MicroBatcher:
                     return
                 held.append(first)
             batch, held = self._take_group(held)
-            # the window opens at the request's arrival, or when this worker's last batch ended if it arrived
-            # during it: the callers of that batch are about to send their next requests, and a request that
-            # was queued behind it would otherwise start alone just before they arrive (closed-loop clients
-            # would then alternate a batch of 1 with a batch of the rest forever)
-            deadline = max(batch[0].arrived, self._last_batch_end) + self.max_wait_ms / 1000
-            stopping = stopping or self._collect(batch, held, deadline)
+            wait = self.max_wait_ms / 1000
+            # The window opens at the request's arrival, or when the last batch ended if it arrived during it:
+            # the callers that batch answered are about to send their next requests, and a request queued behind
+            # it would otherwise start alone just before they arrive (closed-loop clients would then alternate a
+            # batch of 1 with a batch of the rest). A request arriving then also closes the batch as soon as it
+            # is as large as those callers plus what queued behind them: a lone caller never waits for itself.
+            returning = batch[0].arrived < self._last_batch_end + wait
+            deadline = max(batch[0].arrived, self._last_batch_end) + wait
+            enough = self._expected if returning else self.max_batch_size
+            stopping, reason = self._collect(batch, held, deadline, enough)
             # the batch closes once the model is free: whatever queued behind a busy model (a stream, another
             # batch) joins it instead of waiting for the next turn
             with self.attributor.runner.lock:
-                stopping = stopping or self._collect(batch, held, None)
-                self._run(batch)
+                if not stopping:
+                    stopping, _ = self._collect(batch, held, None, self.max_batch_size)
+                self._run(batch, reason)
             self._last_batch_end = time.perf_counter()
+            self._expected = min(self.max_batch_size, len(batch) + self._queue.qsize() + len(held))
 
-    def _collect(self, batch: list[_Pending], held: list[_Pending], deadline: float | None) -> bool:
-        """Add arriving requests with the batch's settings until it is full, the queue is empty (at `deadline`,
-        or now when None); others are held for a later batch. True when `close()` was called."""
+    def _collect(
+        self, batch: list[_Pending], held: list[_Pending], deadline: float | None, enough: int
+    ) -> tuple[bool, str]:
+        """Add arriving requests with the batch's settings until it holds `enough` (or is full), or the queue is
+        empty at `deadline` (now when None); others are held for a later batch. Returns (whether `close()` was
+        called, why the batch closed: "full", "expected" (it holds `enough`) or "window")."""
         while len(batch) < self.max_batch_size:
+            if len(batch) >= enough:
+                return False, "expected"
             left = 0.0 if deadline is None else deadline - time.perf_counter()
             try:
                 item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
-                return False
+                return False, "window"
             if item is None:
-                return True
+                return True, "closed"
             (batch if item.settings == batch[0].settings else held).append(item)
-        return False
+        return False, "full"
 
     def _take_group(self, held: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
         """The oldest request and the held ones sharing its settings (up to the batch size); the rest stay held."""
@@ -209,13 +224,17 @@ class MicroBatcher:
         taken = {id(p) for p in batch}
         return batch, [p for p in held if id(p) not in taken]
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _record(self, sizes: list[int], reason: str) -> None:
+        self.stats.batch_sizes.extend(sizes)
+        self.stats.closed_by.extend([reason] * len(sizes))
+
+    def _run(self, batch: list[_Pending], reason: str) -> None:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
         if not live:
             return
         if len(live) == 1:  # alone in its window: exactly the single-request path
+            self._record([1], reason)  # before the caller can see its result
             self._run_one(live[0])
-            self.stats.batch_sizes.append(1)
             return
         head = live[0]
         runner, prompts = self.attributor.runner, [p.prompt for p in live]
@@ -228,11 +247,11 @@ class MicroBatcher:
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
             if not isinstance(exc, AT2Error):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
+            self._record([1] * len(live), reason)
             for pending in live:
                 self._run_one(pending)
-            self.stats.batch_sizes.extend([1] * len(live))
             return
-        self.stats.batch_sizes.append(len(live))
+        self._record([len(live)], reason)
         for pending, result in zip(live, results):
             pending.future.set_result(result)
 

@@ -50,6 +50,9 @@ class CaptureState:
     # causal + padding (+ window), so rows are deferred as without a mask and the padding is masked at the read
     left_padding: list[int] | None = None
     start_position: int = 0  # positions already in the model's cache when the capture starts
+    # a batch whose rows have sources of their own (`spans` unused): row b's spans, its features in columns
+    # 0..len-1 (zeros after). Each row reduces against its own spans only, not every row's
+    row_spans: list[list[tuple[int, int]]] | None = None
     seen: list[int] = field(default_factory=list)
     rows: list[list[torch.Tensor]] = field(default_factory=list)
     pending: list[_PendingRows | None] = field(default_factory=list)
@@ -65,17 +68,40 @@ class CaptureState:
         self._rows_kept = [0] * self.num_layers
         self.rows = [[] for _ in range(self.num_layers)]
         self.pending = [None] * self.num_layers
-        for a, b in self.spans:
-            if a < 0 or b < a:
-                raise ValueError(f"invalid source span ({a}, {b})")
+        if self.row_spans is not None and self.left_padding is not None and len(self.row_spans) != len(
+            self.left_padding
+        ):
+            raise ValueError(f"{len(self.row_spans)} rows of spans for {len(self.left_padding)} padded rows")
+        for spans in [self.spans] if self.row_spans is None else self.row_spans:
+            for a, b in spans:
+                if a < 0 or b < a:
+                    raise ValueError(f"invalid source span ({a}, {b})")
 
-    def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Span starts and ends as tensors on `device` (built once per device)."""
-        if device not in self._bounds:
-            starts = torch.tensor([a for a, _ in self.spans], dtype=torch.long, device=device)
-            ends = torch.tensor([b for _, b in self.spans], dtype=torch.long, device=device)
-            self._bounds[device] = (starts, ends)
-        return self._bounds[device]
+    @property
+    def num_sources(self) -> int:
+        """Columns of the features: the sources, or the most any row has."""
+        if self.row_spans is None:
+            return len(self.spans)
+        return max((len(spans) for spans in self.row_spans), default=0)
+
+    def spans_of(self, row: int | None) -> list[tuple[int, int]]:
+        """The spans batch row `row` reduces against (None: the spans every row shares)."""
+        if self.row_spans is None or row is None:
+            return self.spans
+        return self.row_spans[row]
+
+    def check_rows(self, batch: int) -> None:
+        if self.row_spans is not None and len(self.row_spans) != batch:
+            raise ValueError(f"the capture has spans for {len(self.row_spans)} rows but the batch has {batch}")
+
+    def bounds(self, device: torch.device, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Span starts and ends as tensors on `device` (built once per device and row)."""
+        if (device, row) not in self._bounds:
+            spans = self.spans_of(row)
+            starts = torch.tensor([a for a, _ in spans], dtype=torch.long, device=device)
+            ends = torch.tensor([b for _, b in spans], dtype=torch.long, device=device)
+            self._bounds[device, row] = (starts, ends)
+        return self._bounds[device, row]
 
     def reduce(self, probs: torch.Tensor, key_start: int) -> torch.Tensor:
         """Sum attention over every source's keys: `[B, H, T, K]` -> `[B, H, T, S]` (calls reduced at once).
@@ -83,9 +109,19 @@ class CaptureState:
         Prefix sums make each source's sum a difference of two entries: O(K + S) per row instead of
         an O(K x S) product, and a key window that starts late (sliding-window caches) just clips the spans.
         """
-        k_len = probs.shape[-1]
         prefix = probs.cumsum(-1)  # fp32: ~1e-7 error
-        starts, ends = self.bounds(probs.device)
+        if self.row_spans is None:
+            return self._span_sums(prefix, None, key_start)
+        self.check_rows(prefix.shape[0])
+        out = prefix.new_zeros(*prefix.shape[:-1], self.num_sources)
+        for row in range(prefix.shape[0]):
+            sums = self._span_sums(prefix[row], row, key_start)
+            out[row, ..., : sums.shape[-1]] = sums
+        return out
+
+    def _span_sums(self, prefix: torch.Tensor, row: int | None, key_start: int) -> torch.Tensor:
+        k_len = prefix.shape[-1]
+        starts, ends = self.bounds(prefix.device, row)
         lo = (starts - key_start).clamp(0, k_len)
         hi = (ends - key_start).clamp(0, k_len)
         # sum over [lo, hi) = prefix[hi - 1] - prefix[lo - 1], with prefix[-1] = 0
@@ -167,12 +203,15 @@ class CaptureState:
             self._module_windows[layer] = getattr(module, "sliding_window", None)
         return self._module_windows[layer]
 
-    def key_segments(self, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Keys 0..k_len-1 cut at every source boundary: each key's segment, each source's first and end segment
-        (a source is the run of segments between them), and the number of segments. Built once per key length."""
-        cache_key = (k_len, device)
+    def key_segments(
+        self, k_len: int, device: torch.device, row: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Keys 0..k_len-1 cut at every source boundary (of `row`'s sources): each key's segment, each source's
+        first and end segment (a source is the run of segments between them), and the number of segments. Built
+        once per key length and row."""
+        cache_key = (k_len, device, row)
         if cache_key not in self._segments:
-            clipped = [(min(a, k_len), min(b, k_len)) for a, b in self.spans]
+            clipped = [(min(a, k_len), min(b, k_len)) for a, b in self.spans_of(row)]
             edges = sorted({0, k_len, *(x for span in clipped for x in span)})
             index = {x: i for i, x in enumerate(edges)}
             segment_of_key = torch.searchsorted(
@@ -252,9 +291,29 @@ class CaptureState:
             hidden = self.hidden_keys(first, rows, k_len, None, key.device)
             by_row[:, :, first + 1 :].masked_fill_(hidden, float("-inf"))
         weights = (scores.sub_(scores.amax(2, keepdim=True)) if shifted else scores).exp_()  # numerators, in place
-        segment_of_key, first_segment, end_segment, num_segments = self.key_segments(k_len, key.device)
+        if self.row_spans is None:
+            shares = self._segment_shares(weights, None, take, shifted)
+        else:  # each row against its own sources: a batch of 8 reads 1/8 of the columns of all rows' sources
+            self.check_rows(b)
+            shares = weights.new_zeros(b, kvh, self.num_sources, rep * rows)  # kept: not workspace scratch
+            for row in range(b):
+                own = self._segment_shares(weights[row : row + 1], row, take, shifted)
+                if own is None:
+                    return None
+                shares[row : row + 1, :, : own.shape[2]] = own
+        if shares is None:
+            return None
+        return shares.view(b, kvh, shares.shape[2], rep, rows).permute(0, 4, 2, 1, 3)
+
+    def _segment_shares(
+        self, weights: torch.Tensor, row: int | None, take: Callable[..., torch.Tensor], shifted: bool
+    ) -> torch.Tensor | None:
+        """Softmax numerators `[B, KVH, K, R]` -> each source's share `[B, KVH, S, R]` (`row`'s sources, or the
+        shared ones); None when unshifted numerators left a denominator outside fp32's normal range."""
+        b, kvh, k_len, r = weights.shape
+        segment_of_key, first_segment, end_segment, num_segments = self.key_segments(k_len, weights.device, row)
         # totals[:, :, j] = sum of segments before j; totals[:, :, -1] = the row's softmax denominator
-        totals = take(2, (b, kvh, num_segments + 1, rep * rows), torch.float32, key.device).zero_()
+        totals = take(2, (b, kvh, num_segments + 1, r), torch.float32, weights.device).zero_()
         totals[:, :, 1:].index_add_(2, segment_of_key, weights).cumsum_(2)
         denominator = totals[:, :, -1:]
         if not shifted:
@@ -262,8 +321,7 @@ class CaptureState:
             if not (_NORMAL_RANGE[0] < smallest.item() and largest.item() < _NORMAL_RANGE[1]):
                 return None
         shares = totals.index_select(2, end_segment).sub_(totals.index_select(2, first_segment))
-        shares.div_(denominator)  # [B, KVH, S, rep * rows]
-        return shares.view(b, kvh, shares.shape[2], rep, rows).permute(0, 4, 2, 1, 3)
+        return shares.div_(denominator)  # [B, KVH, S, R]
 
     def features(self) -> torch.Tensor:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package).
@@ -293,7 +351,7 @@ class CaptureState:
             lengths.add(total)
             if out is None:
                 heads = math.prod(chunks[0].shape[3:])
-                out = chunks[0].new_empty(chunks[0].shape[0], total, len(self.spans), self.num_layers, heads)
+                out = chunks[0].new_empty(chunks[0].shape[0], total, self.num_sources, self.num_layers, heads)
             if total != out.shape[1]:
                 continue  # reported below with every layer's count
             slot, row = out[:, :, :, layer], 0
@@ -675,18 +733,21 @@ def capture_attention(
     capture_to: int | None = None,
     left_padding: Sequence[int] | None = None,
     start_position: int = 0,
+    row_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Iterator[CaptureState]:
     """Record attention to the sources (token spans `[start, end)`) for query positions in
     `[capture_from, capture_to)` during the block.
 
     `left_padding` (one count per batch row) declares a left-padded batch whose only mask is causal + padding
     (+ window); `start_position` is the number of positions already in the model's cache (a prefill done before
-    the capture)."""
+    the capture). `row_spans` gives each batch row sources of its own (`spans` is then ignored, pass `()`): row b's
+    features are in columns `0..len(row_spans[b]) - 1`."""
     install_capture(model)
     num_layers, _ = model_shape(model)
     state = CaptureState(
         [(int(a), int(b)) for a, b in spans], capture_from, capture_to, num_layers,
         left_padding=None if left_padding is None else [int(p) for p in left_padding], start_position=start_position,
+        row_spans=None if row_spans is None else [[(int(a), int(b)) for a, b in own] for own in row_spans],
     )
     token = _ACTIVE.set(state)
     try:

@@ -314,17 +314,10 @@ class ModelRunner:
         return cache
 
     @staticmethod
-    def _batch_spans(
-        prompts: Sequence[RenderedPrompt], pads: Sequence[int]
-    ) -> tuple[list[tuple[int, int]], list[slice]]:
-        """Every row's source spans shifted by its padding, one after another (each row reads its own columns)."""
-        spans: list[tuple[int, int]] = []
-        columns: list[slice] = []
-        for prompt, pad in zip(prompts, pads):
-            own = [(a + pad, b + pad) for a, b in source_spans(prompt)]
-            columns.append(slice(len(spans), len(spans) + len(own)))
-            spans.extend(own)
-        return spans, columns
+    @staticmethod
+    def _batch_spans(prompts: Sequence[RenderedPrompt], pads: Sequence[int]) -> list[list[tuple[int, int]]]:
+        """Every row's own source spans, shifted by its padding (each row reduces against its own sources)."""
+        return [[(a + pad, b + pad) for a, b in source_spans(prompt)] for prompt, pad in zip(prompts, pads)]
 
     def generate_batch(
         self, prompts: Sequence[RenderedPrompt], max_new_tokens: int = 256, **generate_kwargs: Any
@@ -342,7 +335,7 @@ class ModelRunner:
         if "streamer" in generate_kwargs:
             raise InvalidInputError("generate_batch does not stream: stream each request with `stream`")
         ids, mask, pads = self._left_padded([p.input_ids for p in prompts])
-        spans, columns = self._batch_spans(prompts, pads)
+        row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
         kwargs = self._generate_kwargs(generate_kwargs)
         with self.lock, torch.no_grad():
@@ -350,7 +343,8 @@ class ModelRunner:
             if cache is not None:
                 kwargs[self._cache_arg] = cache
             with capture_attention(
-                self.model, spans, width - 1, left_padding=pads, start_position=0 if cache is None else width - 1
+                self.model, (), width - 1, left_padding=pads, start_position=0 if cache is None else width - 1,
+                row_spans=row_spans,
             ) as state:
                 output = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs
@@ -361,7 +355,8 @@ class ModelRunner:
             # a row that ended early is filled with padding up to the batch's end
             answer, finish = self._answer(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True)
             rows = len(answer.token_ids)
-            runs.append(CapturedRun(prompt, answer, features[row, :rows, columns[row]].clone(), finish))
+            own = features[row, :rows, : len(row_spans[row])]
+            runs.append(CapturedRun(prompt, answer, own.clone(), finish))
         return runs
 
     def forward_batch(self, prompts: Sequence[RenderedPrompt], answers: Sequence[str]) -> list[CapturedRun]:
@@ -378,7 +373,7 @@ class ModelRunner:
             self.check_fits(prompt, answer_tokens=len(encoded.token_ids))
             tokens.append(encoded)
         ids, mask, pads = self._left_padded([p.input_ids + t.token_ids for p, t in zip(prompts, tokens)])
-        spans, columns = self._batch_spans(prompts, pads)
+        row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
         # row i predicts its answer from position pad_i + prompt_i - 1 to the end: capture from the earliest
         starts = [pad + p.num_tokens - 1 for pad, p in zip(pads, prompts)]
@@ -389,7 +384,7 @@ class ModelRunner:
             cache = self._prefill_rows(sequences, pads, first) if first > 0 else None
             begin = 0 if cache is None else first
             with capture_attention(
-                self.model, spans, first, width - 1, left_padding=pads, start_position=begin
+                self.model, (), first, width - 1, left_padding=pads, start_position=begin, row_spans=row_spans
             ) as state:
                 cached = {} if cache is None else {self._cache_arg: cache, "use_cache": True}
                 self.model(
@@ -400,7 +395,7 @@ class ModelRunner:
         runs = []
         for row, (prompt, encoded) in enumerate(zip(prompts, tokens)):
             lo = starts[row] - first
-            rows = features[row, lo : lo + len(encoded.token_ids), columns[row]].clone()
+            rows = features[row, lo : lo + len(encoded.token_ids), : len(row_spans[row])].clone()
             runs.append(CapturedRun(prompt, encoded, rows, None))
         return runs
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from at2_rag import Attributor, ScoreEstimator
-from at2_rag.evaluation.report import evaluate, merge_reports, write_report
+from at2_rag.evaluation.report import BUDGETS, evaluate, merge_reports, write_report
 
 EXAMPLES = [
     {"id": "e1", "query": "What colour is the Zorvan flag?",
@@ -36,7 +36,8 @@ def test_evaluate_reports_every_method_with_costs(smollm, tmp_path):
     write_report(report, tmp_path / "eval.json", tmp_path / "eval.png")
     assert report["num_examples"] == 2
     summary = report["summary"]
-    assert set(summary) == {"at2", "average_attention", "leave_one_out", "contextcite_32", "contextcite_64"}
+    budget = {f"{m}+{k}" for m in ("at2", "average_attention") for k in BUDGETS} | {f"contextcite_{k}" for k in BUDGETS}
+    assert set(summary) == {"at2", "average_attention", "leave_one_out", "contextcite_32", "contextcite_64"} | budget
     for row in summary.values():
         assert math.isnan(row["lds"]) or -1.0 <= row["lds"] <= 1.0
         assert math.isfinite(row["top1_drop"]) and math.isfinite(row["top3_drop"])
@@ -53,6 +54,9 @@ def test_evaluate_reports_every_method_with_costs(smollm, tmp_path):
     assert by_id["e2"]["methods"]["leave_one_out"]["cost"]["forward_passes"] == 3
     assert summary["at2"]["extra_forward_passes"] == 0
     assert summary["contextcite_64"]["extra_forward_passes"] == 64
+    # e2 has 2 documents: 4 distinct masks, so every budget above is capped there, as ablations=k is
+    assert by_id["e2"]["methods"]["at2+8"]["cost"]["forward_passes"] == 4
+    assert by_id["e1"]["methods"]["at2+4"]["cost"]["forward_passes"] == 4
     assert json.loads((tmp_path / "eval.json").read_text())["num_examples"] == 2
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -246,3 +250,50 @@ def test_evaluate_cli_refuses_an_unknown_metric_before_loading_the_model(tmp_pat
     examples.write_text(json.dumps(EXAMPLES[0]) + "\n")
     assert main(["evaluate", str(examples), "--metrics", "lds", "nope"]) == 2
     assert "unknown metric(s) 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smollm, tmp_path):
+    """At budget k every method observes the k most informative distinct masks of the example's random pool (the
+    run-time design): recomputing AT2+k and ContextCite-k from the cached ablations gives the reported LDS; the
+    curve is drawn from the summary."""
+    from at2_rag.ablation import target_log_odds
+    from at2_rag.evaluation.baselines import surrogate_scores
+    from at2_rag.evaluation.metrics import lds
+    from at2_rag.evaluation.report import ExampleAblations, _cache_path, budget_curves
+    from at2_rag.refine import RefinementPrior, most_informative, refine_scores
+
+    model, tokenizer = smollm
+    attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
+    heads = ScoreEstimator.single_head(20, 3, 30, 9)
+    cache = tmp_path / "cache"
+    report = evaluate(EXAMPLES[:1], attributor, {"at2": heads}, max_new_tokens=12, cache_dir=cache, budgets=[2, 4],
+                      curve=tmp_path / "curve.png")
+    assert report["budgets"] == [2, 4]
+    assert {"at2+2", "at2+4", "contextcite_2", "contextcite_4"} <= set(report["summary"])
+    data = ExampleAblations.load(_cache_path(cache, "e1"))
+    seen, distinct = set(), []
+    for i, m in enumerate(data.surrogate_masks.tolist()):
+        if tuple(m) not in seen:
+            seen.add(tuple(m))
+            distinct.append(i)
+    pool, pool_lp = data.surrogate_masks[distinct], data.surrogate_lp[distinct]
+    row = report["examples"][0]["methods"]
+    for k in (2, 4):
+        chosen = most_informative(pool, k)
+        masks, lps = pool[chosen], pool_lp[chosen]
+        truths = [target_log_odds(data.lds_lp, rows) for rows in data.target_rows[:-1]]
+        refined = [refine_scores(heads(f), masks, target_log_odds(lps, rows), RefinementPrior.from_metadata({}))
+                   for f, rows in zip(data.features, data.target_rows)]
+        fitted = [surrogate_scores(masks, target_log_odds(lps, rows)) for rows in data.target_rows]
+        for name, scores in ((f"at2+{k}", refined), (f"contextcite_{k}", fitted)):
+            values = [lds(s.float(), data.lds_masks, y.float()) for s, y in zip(scores, truths)]
+            values = [v for v in values if v == v]
+            expected = sum(values) / len(values) if values else float("nan")
+            assert row[name]["lds"] == pytest.approx(expected, abs=1e-6, nan_ok=True), name
+            assert row[name]["cost"]["forward_passes"] == k
+    curves = budget_curves(report["summary"], "lds")
+    assert [p[0] for p in curves["at2"]] == [0, 2, 4]
+    assert [p[0] for p in curves["contextcite"]] == [2, 4, 32, 64]
+    assert [p[0] for p in curves["leave_one_out"]] == [4]
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -147,4 +147,16 @@ def test_a_request_queued_during_a_batch_waits_for_that_batchs_callers(att, alon
         results = [queued.result(timeout=300), follow_up.result(timeout=300)]
         sizes = list(batcher.stats.batch_sizes)
     assert sizes == [1, 2], sizes
+    assert batcher.stats.closed_by == ["window", "expected"], batcher.stats.closed_by
     assert [r.answer for r in results] == [a.answer for a in alone[1:3]]
+
+
+def test_a_lone_caller_does_not_wait_for_itself(att, alone):
+    """A request sent right after its caller's previous answer, with nothing queued, closes its batch at once
+    ("expected": the last batch's callers are all back) instead of waiting out the window; the window applies
+    to the first request and again after a quiet spell."""
+    with MicroBatcher(att, max_batch_size=8, max_wait_ms=1500) as batcher:
+        answers = [batcher.generate(r, max_new_tokens=NEW).answer for r in REQUESTS[:3]]
+        reasons = list(batcher.stats.closed_by)
+    assert reasons == ["window", "expected", "expected"], reasons
+    assert answers == [a.answer for a in alone[:3]]

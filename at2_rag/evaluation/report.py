@@ -1,7 +1,9 @@
 """Evaluate attribution methods on held-out examples: LDS, top-k log-probability drop and cost.
 
-Methods: the trained estimator (AT2), average attention (uniform weights), leave-one-out (n + 1 passes) and
-ContextCite-style lasso surrogates fitted on N random ablations. LDS uses answer sentences as targets and
+Methods: the trained estimator (AT2), average attention (uniform weights), leave-one-out (n + 1 passes),
+ContextCite-style lasso surrogates fitted on N random ablations, and at every budget k the pair that the budget
+curve compares: AT2 refined with k ablations (`at2+k`, exactly as `ablations=k` does it at run time) and
+ContextCite fitted on the same k masks (`contextcite_k`). LDS uses answer sentences as targets and
 fresh random masks (also reported over the document-dependent sentences alone: those whose log-odds the masks
 move by at least a nat, since a sentence the documents barely affect, such as a fragment cut off by the token
 limit, has a near-constant label whose ranking is noise); top-k drop uses the whole answer as target.
@@ -39,6 +41,7 @@ from ..examples import example_seed, read_examples
 from ..features import answer_targets, target_features
 from ..files import atomic_path, read_user_text
 from ..layout import source_layout
+from ..refine import RefinementPrior, most_informative, refine_scores
 from . import metrics as _builtin_metrics  # noqa: F401 - registers the built-in metrics (LDS, top-k drop)
 from .baselines import leave_one_out_scores, surrogate_scores
 from .registry import COST_COLUMNS, MethodScores, Metric, MetricColumn, columns, metrics
@@ -48,6 +51,12 @@ logger = logging.getLogger(__name__)
 LDS_MASKS = 32
 DEPENDENT_STD = 1.0  # nats: a target counts as document-dependent when its log-odds vary this much across masks
 SURROGATE_SIZES = (32, 64)
+BUDGETS = (2, 4, 8, 16)  # ablation passes of the budget curve (AT2+k against ContextCite-k on the same masks)
+
+
+def budget_method(name: str, k: int) -> str:
+    """The name of `name` refined with k ablations in a report (`at2+4`)."""
+    return f"{name}+{k}"
 
 
 def _labels(
@@ -187,8 +196,14 @@ def evaluate_example(
     surrogate_sizes: Sequence[int] = SURROGATE_SIZES,
     cache_dir: str | os.PathLike[str] | None = None,
     metric_names: Sequence[str] | None = None,
+    budgets: Sequence[int] = BUDGETS,
 ) -> dict[str, Any] | None:
     """Every registered metric (or those named) and the cost, per method, for one example.
+
+    Budget k: the k most informative of the example's distinct random surrogate masks (the label-free design
+    `ablations=k` uses at run time, capped alike) are the observed ablations of every estimator refined by them
+    (`at2+k`, `average_attention+k`, each with its own refinement prior) and of `contextcite_k` (a surrogate
+    fitted on them alone).
 
     With `cache_dir`, the example's ablations are read from there when an earlier run with the same model,
     seed and settings measured them, and written there otherwise (with any mask a metric measured since).
@@ -218,7 +233,7 @@ def evaluate_example(
     cost: dict[str, dict[str, float]] = {}
     for name, est in estimators.items():
         t = time.perf_counter()
-        scores[name] = torch.stack([est(f) for f in data.features])
+        scores[name] = torch.stack([est(f) for f in data.features]).detach()
         cost[name] = {"forward_passes": 0, "seconds": time.perf_counter() - t,
                       "generation_seconds": data.seconds["generation"]}
     scores["leave_one_out"] = torch.stack([
@@ -234,6 +249,33 @@ def evaluate_example(
         )
         cost[f"contextcite_{size}"] = {
             "forward_passes": size, "seconds": data.seconds["surrogate_pass"] * size + time.perf_counter() - t
+        }
+
+    # the run-time design picks from distinct masks, and caps k at their number
+    distinct = sorted({tuple(m): i for i, m in reversed(list(enumerate(data.surrogate_masks.tolist())))}.values())
+    pool, pool_lp = data.surrogate_masks[distinct], data.surrogate_lp[distinct]
+    for k in budgets:
+        if k in surrogate_sizes:
+            continue  # contextcite_k is the surrogate on k random masks above
+        t = time.perf_counter()
+        chosen = most_informative(pool, k)
+        masks, lps = pool[chosen], pool_lp[chosen]
+        observed = [target_log_odds(lps, rows) for rows in data.target_rows]
+        design_seconds = time.perf_counter() - t
+        pass_seconds = data.seconds["surrogate_pass"] * len(chosen)
+        for name, est in estimators.items():
+            t = time.perf_counter()
+            prior = RefinementPrior.from_metadata(est.metadata)
+            scores[budget_method(name, k)] = torch.stack(
+                [refine_scores(s, masks, y, prior) for s, y in zip(scores[name], observed, strict=True)]
+            )
+            cost[budget_method(name, k)] = {
+                "forward_passes": len(chosen), "seconds": pass_seconds + design_seconds + time.perf_counter() - t
+            }
+        t = time.perf_counter()
+        scores[f"contextcite_{k}"] = torch.stack([surrogate_scores(masks, y) for y in observed])
+        cost[f"contextcite_{k}"] = {
+            "forward_passes": len(chosen), "seconds": pass_seconds + design_seconds + time.perf_counter() - t
         }
 
     truths = [target_log_odds(data.lds_lp, rows) for rows in targets]
@@ -320,7 +362,7 @@ def plot_summary(
     from ..plotting import pyplot, save_figure
 
     plt = pyplot()
-    names = list(summary)
+    names = [n for n in summary if not _is_budget_method(n)]  # those are drawn by plot_budget_curve
     panels = [c for c in (report_columns or columns()) if c.plot and any(c.key in summary[n] for n in names)]
     if not panels:
         raise ValueError("nothing to plot: the summary has none of the metric columns")
@@ -337,6 +379,57 @@ def plot_summary(
     return save_figure(fig, path)
 
 
+def _is_budget_method(name: str) -> bool:
+    return "+" in name or (name.startswith("contextcite_") and int(name.rsplit("_", 1)[1]) not in SURROGATE_SIZES)
+
+
+def budget_curves(summary: dict[str, Any], key: str) -> dict[str, list[tuple[float, float, float]]]:
+    """Per method family, `(extra forward passes, mean, standard error)` of column `key`, by passes: AT2 from 0
+    passes through AT2+k, ContextCite-k, and the single points (leave-one-out, average attention)."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for name, values in summary.items():
+        if key not in values:
+            continue
+        family = name.split("+", 1)[0] if "+" in name else "contextcite" if name.startswith("contextcite_") else name
+        sem = values.get(key + "_sem", float("nan"))
+        point = (float(values.get("extra_forward_passes", float("nan"))), float(values[key]),
+                 0.0 if sem is None or math.isnan(sem) else float(sem))
+        curves.setdefault(family, []).append(point)
+    return {family: sorted(points) for family, points in curves.items()}
+
+
+CURVE_LABELS = {"at2": "AT2 + k ablations", "contextcite": "ContextCite-k (same masks)",
+                "leave_one_out": "leave-one-out", "average_attention": "average attention"}
+
+
+def plot_budget_curve(
+    summary: dict[str, Any], path: str | os.PathLike[str], title: str = "", keys: Sequence[str] = ("lds", "top1_drop")
+) -> Path:
+    """Fidelity at a budget: each of `keys` (LDS, top-1 drop) against the extra forward passes a method pays."""
+    from ..plotting import pyplot, save_figure
+
+    plt = pyplot()
+    labels = {c.key: c.label for c in columns()}
+    panels = [k for k in keys if any(k in v for v in summary.values())]
+    if not panels:
+        raise ValueError(f"nothing to plot: the summary has none of {list(keys)}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        for family, points in budget_curves(summary, key).items():
+            xs, ys, errs = zip(*points, strict=True)
+            style = "o-" if len(points) > 1 else "D"
+            color = {"at2": "#d62728", "contextcite": "#1f77b4"}.get(family)
+            ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, ms=5, color=color,
+                        label=CURVE_LABELS.get(family, family))
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("extra forward passes per answer")
+        ax.set_title(labels.get(key, key), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or "Fidelity at a budget on held-out examples", fontsize=10)
+    return save_figure(fig, path)
+
+
 def evaluate(
     examples: str | os.PathLike[str] | Iterable[Any],
     attributor: Attributor,
@@ -350,6 +443,8 @@ def evaluate(
     part: tuple[int, int] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     metric_names: Sequence[str] | None = None,
+    budgets: Sequence[int] = BUDGETS,
+    curve: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every method on the examples (or on part K of N of them, to run N processes side by side) with
     every registered metric (or those named); write the JSON report (atomically) and the plot if asked."""
@@ -363,7 +458,7 @@ def evaluate(
     rows = []
     for example in tqdm(todo, desc="evaluate", unit="ex", disable=None):
         row = evaluate_example(attributor, estimators, example, seed, max_new_tokens, batch_size, cache_dir=cache_dir,
-                               metric_names=[m.name for m in selected])
+                               metric_names=[m.name for m in selected], budgets=budgets)
         if row is not None:
             rows.append(row)
     report = {
@@ -371,12 +466,13 @@ def evaluate(
         "estimator": attributor.estimator.config_dict(),
         "num_examples": len(rows),
         "lds_masks": LDS_MASKS,
+        "budgets": list(budgets),
         "metrics": [m.name for m in selected],
         "columns": [c.to_dict() for c in report_columns],
         "summary": summarize(rows, report_columns),
         "examples": rows,
     }
-    write_report(report, output, plot)
+    write_report(report, output, plot, curve)
     return report
 
 
@@ -392,7 +488,8 @@ def report_columns_of(report: dict[str, Any]) -> list[MetricColumn]:
 
 
 def write_report(
-    report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None
+    report: dict[str, Any], output: str | os.PathLike[str] | None, plot: str | os.PathLike[str] | None,
+    curve: str | os.PathLike[str] | None = None,
 ) -> None:
     if output is not None:
         with atomic_path(output) as tmp:
@@ -400,6 +497,9 @@ def write_report(
     if plot is not None:
         plot_summary(report["summary"], plot, f"{report['model_id']}: {report['num_examples']} held-out examples",
                      report_columns_of(report))
+    if curve is not None:
+        plot_budget_curve(report["summary"], curve,
+                          f"{report['model_id']}: fidelity at a budget, {report['num_examples']} held-out examples")
 
 
 def _read_part(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from ..evaluation.report import BUDGETS
 
 
 def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
@@ -29,6 +30,17 @@ def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
         layers, heads = model_shape(model)
         estimator = ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path)
     return Attributor(model, tokenizer, estimator=estimator)
+
+
+def _budget(text: str) -> int:
+    """An ablation budget of the curve: a positive integer."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a budget is a positive integer of ablation passes, got {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"a budget is a positive integer of ablation passes, got {k}")
+    return k
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -103,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
     if args.merge:
         report = merge_reports(args.merge)
-        write_report(report, args.output, args.plot)
+        write_report(report, args.output, args.plot, args.curve)
         if args.record:
             record_evaluation(Path(args.estimator), report, args.examples or "merged parts")
         print(json.dumps(report["summary"], indent=2))
@@ -142,6 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         part=part,
         cache_dir=args.cache,
         metric_names=args.metrics,
+        budgets=args.budgets,
+        curve=args.curve,
     )
     if args.record:
         record_evaluation(Path(args.estimator), report, str(args.examples))
@@ -195,6 +209,10 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
     e.add_argument("--plot", type=Path, default=Path("evaluation.png"))
+    e.add_argument("--curve", type=Path, default=Path("evaluation-budget.png"), help="plot of LDS and top-1 drop vs "
+                   "extra forward passes: AT2 + k ablations, ContextCite-k, leave-one-out, average attention")
+    e.add_argument("--budgets", type=_budget, nargs="+", default=list(BUDGETS), metavar="K",
+                   help=f"ablation budgets of the curve (default: {' '.join(map(str, BUDGETS))})")
     e.add_argument("--limit", type=int)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--max-new-tokens", type=int, default=64)
