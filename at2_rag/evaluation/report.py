@@ -399,7 +399,8 @@ def budget_curves(summary: dict[str, Any], key: str) -> dict[str, list[tuple[flo
 
 
 CURVE_LABELS = {"at2": "AT2 + k ablations", "contextcite": "ContextCite-k (same masks)",
-                "leave_one_out": "leave-one-out", "average_attention": "average attention"}
+                "leave_one_out": "leave-one-out", "average_attention": "average attention + k ablations"}
+CURVE_COLORS = {"at2": "#d62728", "contextcite": "#1f77b4", "leave_one_out": "#ff7f0e", "average_attention": "#7f7f7f"}
 
 
 def plot_budget_curve(
@@ -418,7 +419,7 @@ def plot_budget_curve(
         for family, points in budget_curves(summary, key).items():
             xs, ys, errs = zip(*points, strict=True)
             style = "o-" if len(points) > 1 else "D"
-            color = {"at2": "#d62728", "contextcite": "#1f77b4"}.get(family)
+            color = CURVE_COLORS.get(family)
             ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, ms=5, color=color,
                         label=CURVE_LABELS.get(family, family))
         ax.set_xscale("symlog", linthresh=1)
