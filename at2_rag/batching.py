@@ -49,7 +49,7 @@ class _Pending:
 class BatchStats:
     """What the batcher has run, in order (for benchmarks and tests): the size of every batch, and why each
     batch stopped collecting: "full", "window" (its wait ended), "expected" (the callers of the batch before
-    came back) or "closed"."""
+    came back), "busy" (requests queued while the model was busy joined it) or "closed"."""
 
     batch_sizes: list[int] = field(default_factory=list)
     closed_by: list[str] = field(default_factory=list)
@@ -193,7 +193,9 @@ class MicroBatcher:
             # batch) joins it instead of waiting for the next turn
             with self.attributor.runner.lock:
                 if not stopping:
+                    collected = len(batch)
                     stopping, _ = self._collect(batch, held, None, self.max_batch_size)
+                    reason = "busy" if len(batch) > collected else reason
                 self._run(batch, reason)
             self._last_batch_end = time.perf_counter()
             self._expected = min(self.max_batch_size, len(batch) + self._queue.qsize() + len(held))

@@ -128,6 +128,7 @@ def test_requests_queued_behind_a_busy_model_share_the_next_batch(att, alone):
         results = [f.result() for f in futures]
         sizes = list(batcher.stats.batch_sizes)
     assert sizes[-1] >= 2 and sum(sizes) == 3, sizes
+    assert batcher.stats.closed_by[-1] == "busy", batcher.stats.closed_by
     assert [r.answer for r in results] == [a.answer for a in alone[:3]]
 
 
