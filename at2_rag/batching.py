@@ -45,6 +45,9 @@ class _Pending:
     arrived: float = field(default_factory=time.perf_counter)
 
 
+_Outcome = tuple[_Pending, Any, BaseException | None]  # a request, its result, or its own error
+
+
 @dataclass
 class BatchStats:
     """What the batcher has run, in order (for benchmarks and tests): the size of every batch, and why each
@@ -196,9 +199,7 @@ class MicroBatcher:
                     collected = len(batch)
                     stopping, _ = self._collect(batch, held, None, self.max_batch_size)
                     reason = "busy" if len(batch) > collected else reason
-                self._run(batch, reason)
-            self._last_batch_end = time.perf_counter()
-            self._expected = min(self.max_batch_size, len(batch) + self._queue.qsize() + len(held))
+                self._run(batch, reason, len(held))
 
     def _collect(
         self, batch: list[_Pending], held: list[_Pending], deadline: float | None, enough: int
@@ -230,13 +231,22 @@ class MicroBatcher:
         self.stats.batch_sizes.extend(sizes)
         self.stats.closed_by.extend([reason] * len(sizes))
 
-    def _run(self, batch: list[_Pending], reason: str) -> None:
+    def _finish(self, batch: list[_Pending], held: int, outcomes: list[_Outcome]) -> None:
+        """Mark the batch's end, then hand each caller its result: a caller that sends its next request at once
+        must find the batch already ended (else its request would wait out a fresh window)."""
+        self._last_batch_end = time.perf_counter()
+        self._expected = min(self.max_batch_size, len(batch) + self._queue.qsize() + held)
+        for pending, result, error in outcomes:
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.future.set_result(result)
+
+    def _run(self, batch: list[_Pending], reason: str, held: int) -> None:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        if not live:
-            return
-        if len(live) == 1:  # alone in its window: exactly the single-request path
-            self._record([1], reason)  # before the caller can see its result
-            self._run_one(live[0])
+        if len(live) <= 1:  # alone in its window: exactly the single-request path
+            self._record([1] * len(live), reason)
+            self._finish(batch, held, [self._run_one(p) for p in live])
             return
         head = live[0]
         runner, prompts = self.attributor.runner, [p.prompt for p in live]
@@ -250,23 +260,19 @@ class MicroBatcher:
             if not isinstance(exc, AT2Error):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
             self._record([1] * len(live), reason)
-            for pending in live:
-                self._run_one(pending)
+            self._finish(batch, held, [self._run_one(p) for p in live])
             return
         self._record([len(live)], reason)
-        for pending, result in zip(live, results):
-            pending.future.set_result(result)
+        self._finish(batch, held, [(p, r, None) for p, r in zip(live, results)])
 
-    def _run_one(self, pending: _Pending) -> None:
+    def _run_one(self, pending: _Pending) -> _Outcome:
+        """One request on the single path: (request, result, None) or (request, None, its own error)."""
         runner = self.attributor.runner
         try:
             if pending.answer is not None:
                 run = runner.forward(pending.prompt, pending.answer)
             else:
                 run = runner.generate(pending.prompt, pending.max_new_tokens, **pending.generate_kwargs)
-            result = self.attributor.build_attribution(run, pending.query, pending.ablations)
+            return pending, self.attributor.build_attribution(run, pending.query, pending.ablations), None
         except Exception as exc:  # noqa: BLE001 - handed to its own caller
-            pending.future.set_exception(exc)
-        else:
-            pending.future.set_result(result)
-
+            return pending, None, exc
