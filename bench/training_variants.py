@@ -4,7 +4,10 @@
 
 - all 510 training examples, against the same minus the examples whose answers degenerate (the 48-token limit
   reached while repeating itself: at least 20 % of the answer's word trigrams are repeats);
-- learning curve: random subsets of 64, 128 and 256 examples.
+- learning curve: random subsets of 64, 128 and 256 examples;
+- with `--sentences DIR` (shards of `collect --sources sentences` on training-split examples): the estimator
+  trained on sentence-level ablations (each sentence of every document its own source, 32 masks) against one
+  trained on the document-level ablations of the same examples, and document-level + sentence-level mixed.
 
 Each variant is trained with two seeds (the seed draws the early-stopping split and the subset). Held-out LDS is
 reported over all targets and over the targets of non-degenerate answers. Writes docs/bench/training_variants.json.
@@ -60,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--sentences", help="shards collected with --sources sentences (training-split examples)")
     parser.add_argument("--out", default="docs/bench/training_variants.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -76,6 +80,19 @@ def main() -> None:
         "degenerate dropped": [lambda seed: [ex for ex in train if not degenerate(ex)]],
         **{f"{n} examples": [lambda seed, n=n: random.Random(seed).sample(train, n)] for n in (64, 128, 256)},
     }
+    if args.sentences:
+        sentences = load_collected(args.sentences)
+        held_ids = {ex.id for ex in held}
+        if any(ex.id in held_ids for ex in sentences):
+            raise SystemExit("the sentence-level shards hold held-out examples: collect training-split ones only")
+        ids = {ex.id for ex in sentences}
+        same_documents = [ex for ex in train if ex.id in ids]
+        print(f"sentence-level: {len(sentences)} examples ({len(same_documents)} with document-level data)")
+        variants = {
+            f"sentence-level, {len(sentences)} examples": [lambda seed: sentences],
+            f"document-level, the same {len(same_documents)} examples": [lambda seed: same_documents],
+            f"document-level 510 + sentence-level {len(sentences)}": [lambda seed: train + sentences],
+        }
     rows = {"shipped": evaluate(ScoreEstimator.shipped(MODEL).weights.detach()),
             "average attention": evaluate(torch.full((270,), 1 / 270))}
     for name, (pick,) in variants.items():
@@ -91,9 +108,12 @@ def main() -> None:
             print(f"{name} seed {seed}: {len(chosen)} examples, held-out LDS {result['all'][0]:.3f}"
                   f"±{result['all'][1]:.3f} (non-degenerate {result['non_degenerate'][0]:.3f})", flush=True)
         rows[name] = runs
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"train_examples": len(train), "heldout_examples": len(held),
-                                          "repeated_trigrams": REPEATED_TRIGRAMS, "results": rows}, indent=2))
+    out = Path(args.out)
+    record = json.loads(out.read_text()) if out.exists() else {}
+    record.update({"train_examples": len(train), "heldout_examples": len(held), "repeated_trigrams": REPEATED_TRIGRAMS})
+    record.setdefault("results", {}).update(rows)  # a --sentences run adds its rows to the earlier ones
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -252,6 +252,18 @@ def test_evaluate_cli_refuses_an_unknown_metric_before_loading_the_model(tmp_pat
     assert "unknown metric(s) 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("budget", ["0", "-2", "four", "1.5"])
+def test_evaluate_cli_refuses_a_bad_budget(tmp_path, capsys, budget):
+    from at2_rag.cli import main
+
+    examples = tmp_path / "x.jsonl"
+    examples.write_text(json.dumps(EXAMPLES[0]) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(examples), "--budgets", "2", budget])
+    assert exit_info.value.code == 2
+    assert "a budget is a positive integer of ablation passes" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smollm, tmp_path):
     """At budget k every method observes the k most informative distinct masks of the example's random pool (the

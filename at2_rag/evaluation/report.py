@@ -380,7 +380,9 @@ def plot_summary(
 
 
 def _is_budget_method(name: str) -> bool:
-    return "+" in name or (name.startswith("contextcite_") and int(name.rsplit("_", 1)[1]) not in SURROGATE_SIZES)
+    """`at2+4`, or ContextCite on a budget's chosen masks (not one of the random-mask surrogate sizes)."""
+    fitted = re.fullmatch(r"contextcite_(\d+)", name)
+    return "+" in name or (fitted is not None and int(fitted.group(1)) not in SURROGATE_SIZES)
 
 
 def budget_curves(summary: dict[str, Any], key: str) -> dict[str, list[tuple[float, float, float]]]:
