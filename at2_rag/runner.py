@@ -314,7 +314,6 @@ class ModelRunner:
         return cache
 
     @staticmethod
-    @staticmethod
     def _batch_spans(prompts: Sequence[RenderedPrompt], pads: Sequence[int]) -> list[list[tuple[int, int]]]:
         """Every row's own source spans, shifted by its padding (each row reduces against its own sources)."""
         return [[(a + pad, b + pad) for a, b in source_spans(prompt)] for prompt, pad in zip(prompts, pads)]
