@@ -57,6 +57,14 @@ def _context_sources(prompt: RenderedPrompt, scores: list[float]) -> list[Contex
     ]
 
 
+def _sentences_by_doc(prompt: RenderedPrompt) -> dict[int, list[tuple[int, Any]]]:
+    """Each document's sentence sources with their column among the sentence scores."""
+    grouped: dict[int, list[tuple[int, Any]]] = {}
+    for j, src in enumerate(prompt.sentence_sources):
+        grouped.setdefault(src.doc_index, []).append((j, src))
+    return grouped
+
+
 class Scorer:
     """Turns a CapturedRun into an Attribution with one estimator and one citation policy."""
 
@@ -108,9 +116,7 @@ class Scorer:
         whole, per_sentence = scores[0], scores[1:]
         grounding = self.groundedness(refined=passes > 0)
 
-        sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
-        for j, src in enumerate(prompt.sentence_sources):
-            sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
+        sentences_by_doc = _sentences_by_doc(prompt)
         doc_scores, sent_scores = columns.documents(whole), columns.sentences(whole)
         documents = []
         for i, doc in enumerate(prompt.documents):
@@ -174,9 +180,7 @@ class Scorer:
         span, rows = targets[sentence_index]
         columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
         scores = self.estimator(target_features(run.token_features, rows)).tolist()
-        sentences_by_doc: dict[int, list[tuple[int, Any]]] = {}
-        for j, src in enumerate(prompt.sentence_sources):
-            sentences_by_doc.setdefault(src.doc_index, []).append((j, src))
+        sentences_by_doc = _sentences_by_doc(prompt)
         grounding = self.groundedness(refined=False)
         return self._citation(run.answer.text, span, scores, prompt, columns, sentences_by_doc, grounding)
 
