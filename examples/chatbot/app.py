@@ -89,9 +89,8 @@ SAMPLE_QUESTIONS = [
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024  # per uploaded file
 DEFAULT_MAX_UPLOAD_FILES = 10  # per request
 DEFAULT_MAX_UPLOADED_DOCUMENTS = 100  # kept at once
-DEFAULT_UPLOAD_DIR = Path(
-    "~/.cache/at2-rag/chatbot-uploads"
-)  # the command line's; create_app's default is a temp folder
+# the command line's; create_app's default is a temp folder
+DEFAULT_UPLOAD_DIR = Path("~/.cache/at2-rag/chatbot-uploads")
 
 
 def load_attributor(model: str | None = None, estimator: str | None = None) -> Attributor:
@@ -419,8 +418,7 @@ class ChatService:
     def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
         """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit."""
         att = self.attributor
-        check = att.runner.check_fits
-        check(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
+        att.runner.check_fits(att.render(question, documents, history, **self.prompt_kwargs), self.max_new_tokens)
 
     def context_too_long_message(
         self, exc: ContextTooLongError, question: str, documents: list[Any], history: list[dict[str, str]]
