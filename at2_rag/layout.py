@@ -26,3 +26,16 @@ def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[i
         return spans, columns, doc_ids + [p.key for p in prompt.context_parts]
     ids = [f"{prompt.documents[s.doc_index].id}#{s.span.start}-{s.span.end}" for s in prompt.sentence_sources]
     return prompt.sentence_token_spans, list(range(n_docs, n_docs + n_sents)), ids
+
+
+def refinement_units(prompt: Any) -> tuple[list[tuple[int, int]], list[int]]:
+    """Token spans and feature columns of what `ablations=k` ablates: the documents, then the earlier turns.
+
+    The system prompt and the question stay in every pass: each answer depends on its instructions and its
+    question, so their effect is the surrogate's intercept (they keep their AT2 scores) and a pass spent on
+    them would say nothing about citations. With no earlier turns this is exactly the documents, the layout
+    `at2-rag evaluate` measures."""
+    n_docs, first = len(prompt.doc_sources), len(prompt.doc_sources) + len(prompt.sentence_sources)
+    turns = [i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
+    spans = list(prompt.doc_token_spans) + [prompt.context_token_spans[i] for i in turns]
+    return spans, list(range(n_docs)) + [first + i for i in turns]

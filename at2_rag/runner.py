@@ -205,9 +205,11 @@ class ModelRunner:
         self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
         ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
         start = prompt.num_tokens - 1
-        with self.lock, torch.no_grad(), capture_attention(
-            self.model, source_spans(prompt), start, start + len(tokens.token_ids)
-        ) as state:
+        with (
+            self.lock,
+            torch.no_grad(),
+            capture_attention(self.model, source_spans(prompt), start, start + len(tokens.token_ids)) as state,
+        ):
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
         return CapturedRun(prompt, tokens, state.features()[0], None)
 
@@ -241,7 +243,11 @@ class ModelRunner:
         def work() -> None:
             try:
                 outcome["run"] = self.generate(
-                    prompt, max_new_tokens, capture=capture, streamer=streamer, on_state=live.attach,
+                    prompt,
+                    max_new_tokens,
+                    capture=capture,
+                    streamer=streamer,
+                    on_state=live.attach,
                     **generate_kwargs,
                 )
             except BaseException as exc:  # surfaced in the consuming thread
@@ -258,13 +264,21 @@ class ModelRunner:
             raise outcome["error"]
         yield outcome["run"]
 
-    def ablated_logit_probs(self, run: CapturedRun, masks: torch.Tensor) -> torch.Tensor:
-        """`[masks, answer tokens]` teacher-forced logit-probs of the run's answer with the documents where a mask
-        is False attention-masked (prefix-shared, batched): the refinement's ablation passes."""
+    def ablated_logit_probs(
+        self, run: CapturedRun, masks: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """`[masks, answer tokens]` teacher-forced logit-probs of the run's answer with the sources where a mask
+        is False attention-masked (prefix-shared, batched): the refinement's ablation passes. `spans` are the
+        sources' token spans (default: the documents')."""
         ids = run.prompt.input_ids + run.answer.token_ids
+        spans = run.prompt.doc_token_spans if spans is None else spans
         with self.lock:
             return ablated_answer_logit_probs(
-                self.model, ids, len(run.answer.token_ids), run.prompt.doc_token_spans, masks,
+                self.model,
+                ids,
+                len(run.answer.token_ids),
+                spans,
+                masks,
                 batch_size=ABLATION_BATCH_SIZE,
             )
 
@@ -342,7 +356,11 @@ class ModelRunner:
             if cache is not None:
                 kwargs[self._cache_arg] = cache
             with capture_attention(
-                self.model, (), width - 1, left_padding=pads, start_position=0 if cache is None else width - 1,
+                self.model,
+                (),
+                width - 1,
+                left_padding=pads,
+                start_position=0 if cache is None else width - 1,
                 row_spans=row_spans,
             ) as state:
                 output = self.model.generate(
@@ -387,8 +405,11 @@ class ModelRunner:
             ) as state:
                 cached = {} if cache is None else {self._cache_arg: cache, "use_cache": True}
                 self.model(
-                    input_ids=ids[:, begin:], attention_mask=mask, position_ids=positions[:, begin:],
-                    logits_to_keep=1, **({"use_cache": False} | cached),
+                    input_ids=ids[:, begin:],
+                    attention_mask=mask,
+                    position_ids=positions[:, begin:],
+                    logits_to_keep=1,
+                    **({"use_cache": False} | cached),
                 )
         features = state.features()
         runs = []

@@ -16,6 +16,7 @@ from .ablation import target_log_odds
 from .estimator import ScoreEstimator
 from .features import answer_targets, target_features
 from .grounding import GroundednessCalibration
+from .layout import refinement_units
 from .prompt import RenderedPrompt
 from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore
@@ -29,8 +30,9 @@ RELATIVE_CITATION_CUTOFF = 0.5
 #: ... and at least this score (unless the estimator's metadata sets `support_threshold`)
 DEFAULT_SUPPORT_THRESHOLD = 0.05
 
-#: runs the ablation passes of a refinement: (run, keep-masks `[k, documents]`) -> answer logit-probs `[k, tokens]`
-AblationPasses = Callable[[CapturedRun, torch.Tensor], torch.Tensor]
+#: runs the ablation passes of a refinement: (run, keep-masks `[k, units]`, the units' token spans) -> answer
+#: logit-probs `[k, tokens]`
+AblationPasses = Callable[[CapturedRun, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +93,8 @@ class Scorer:
     ) -> Attribution:
         """Scores, citations and groundedness of a run: documents, their sentences and the context parts
         (earlier turns, system prompt, question) scored by the same estimator. With `ablations=k`, k ablation
-        passes (`ablation_passes`) refine the document scores (whole answer and each answer sentence) with the
-        AT2 scores as the prior; document sentences and context parts keep their AT2 scores."""
+        passes (`ablation_passes`) over the documents and earlier turns (`refinement_units`) refine the scores of
+        the whole answer and of each answer sentence, with the AT2 scores as the prior (`_refined`)."""
         prompt, answer = run.prompt, run.answer
         columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
         rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
@@ -100,18 +102,16 @@ class Scorer:
         target_rows = [rows_all] + [rows for _, rows in targets]
         scores = [self.estimator(target_features(run.token_features, rows)).tolist() for rows in target_rows]
         passes = 0
-        if check_ablations(ablations) > 0 and columns.docs and answer.token_ids:
+        spans, units = refinement_units(prompt)
+        if check_ablations(ablations) > 0 and units and answer.token_ids:
             if ablation_passes is None:
                 raise ValueError("ablations > 0 needs the runner's ablation passes")
-            masks = choose_masks(columns.docs, ablations, prompt.text + "\x00" + answer.text)
-            logit_probs = ablation_passes(run, masks)
-            refined = [
-                refine_scores(
-                    torch.tensor(columns.documents(s)), masks, target_log_odds(logit_probs, rows), self.refinement
-                ).tolist()
+            masks = choose_masks(len(units), ablations, prompt.text + "\x00" + answer.text)
+            logit_probs = ablation_passes(run, masks, spans)
+            scores = [
+                self._refined(s, masks, target_log_odds(logit_probs, rows), units, prompt)
                 for rows, s in zip(target_rows, scores)
             ]
-            scores = [r + s[columns.docs :] for r, s in zip(refined, scores)]
             passes = int(masks.shape[0])
         whole, per_sentence = scores[0], scores[1:]
         grounding = self.groundedness(refined=passes > 0)
@@ -185,14 +185,39 @@ class Scorer:
         return self._citation(run.answer.text, span, scores, prompt, columns, sentences_by_doc, grounding)
 
     def groundedness(self, refined: bool) -> GroundednessCalibration:
-        """Refined scores are the ablation surrogate's effects (in prior units): their sum in nats is the
-        surrogate's own prediction; AT2 scores go through the estimator's calibration."""
+        """Refined scores are the ablation surrogate's effects (in prior units): the sum of the documents' in
+        nats is the surrogate's own prediction of removing them all, with the earlier turns' effects fitted
+        apart (they were ablated too), so no history term; AT2 scores go through the estimator's calibration."""
         calibration = self._calibration
         if self.grounded_threshold is not None:
             calibration = dataclasses.replace(calibration, threshold=float(self.grounded_threshold))
-        if refined:  # the surrogate's own sum is in nats; earlier turns were not ablated, so they keep their weight
-            return dataclasses.replace(calibration, scale=self.refinement.scale, offset=0.0, calibrated=True)
+        if refined:
+            return dataclasses.replace(
+                calibration, scale=self.refinement.scale, offset=0.0, history_scale=0.0, calibrated=True
+            )
         return calibration
+
+    def _refined(
+        self, scores: list[float], masks: torch.Tensor, labels: torch.Tensor, units: list[int], prompt: RenderedPrompt
+    ) -> list[float]:
+        """One target's scores after the passes: the ablated units (documents, earlier turns) refined on their
+        masks, and the document sentences refined in the same model, each sentence's column carrying its
+        document's keep bit (the passes cannot tell a document's sentences apart, so the prior splits what they
+        share); the system prompt and question keep their AT2 scores."""
+        n_docs = len(prompt.doc_sources)
+        out = list(scores)
+        prior = torch.tensor([scores[c] for c in units])
+        for c, value in zip(units, refine_scores(prior, masks, labels, self.refinement).tolist()):
+            out[c] = value
+        if prompt.sentence_sources:
+            sentence_columns = [n_docs + j for j in range(len(prompt.sentence_sources))]
+            doc_of = torch.tensor([src.doc_index for src in prompt.sentence_sources])
+            expanded = torch.cat([masks[:, doc_of], masks[:, n_docs:]], dim=1)
+            joint = torch.tensor([scores[c] for c in sentence_columns + units[n_docs:]])
+            refined = refine_scores(joint, expanded, labels, self.refinement).tolist()
+            for c, value in zip(sentence_columns, refined):
+                out[c] = value
+        return out
 
     def _citation(
         self,

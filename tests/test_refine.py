@@ -104,3 +104,56 @@ def test_every_entry_point_takes_ablations(att):
     messages = [{"role": "user", "content": "Context:\n" + "\n".join(DOCS) + "\n" + QUERY}]
     rendered = att.attribute_rendered(messages, DOCS, answer=ANSWER, ablations=3)
     assert rendered.extra_forward_passes == 3 and len(rendered.documents) == 3
+
+
+VACATION = [
+    "Employees get 25 vacation days per year. Vacation days are approved by your manager.",
+    "Unused vacation days cannot be carried over to the next year.",
+]
+EARLIER = "You get 25 vacation days per year, approved by your manager."
+TURNS = [
+    {"role": "user", "content": "How many vacation days do I get per year?"},
+    {"role": "assistant", "content": EARLIER},
+]
+FOLLOW_UP = "Can unused vacation days be carried over?"
+
+
+def test_earlier_turns_and_document_sentences_refine_in_the_same_model(att):
+    """2 documents + 2 earlier turns: 16 distinct masks. Every one observed, the refined scores of documents and
+    turns are the ablation surrogate over all four; each document's sentences share its bit, so their refined
+    scores add up to its effect; the system prompt and the question keep their AT2 scores."""
+    refined = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS, ablations=50)
+    assert refined.extra_forward_passes == 16
+    plain = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS)
+
+    run = att.capture({"query": FOLLOW_UP, "documents": VACATION, "answer": EARLIER, "history": TURNS})
+    prompt, answer = run.prompt, run.answer
+    turns = [i for i, p in enumerate(prompt.context_parts) if p.kind == "history"]
+    spans = prompt.doc_token_spans + [prompt.context_token_spans[i] for i in turns]
+    masks = choose_masks(4, 16, prompt.text + "\x00" + answer.text)
+    logit_probs = ablated_answer_logit_probs(
+        att.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), spans, masks, share_prefixes=False
+    )
+    rows = [i for i, (a, b) in enumerate(answer.char_spans) if b > a]
+    surrogate = least_squares(masks, target_log_odds(logit_probs, rows))
+    scale = RefinementPrior.from_metadata(att.estimator.metadata).scale
+
+    def unit_scores(result):
+        context = result.context_scores()
+        values = list(result.document_scores().values()) + [context["history:0"], context["history:1"]]
+        return torch.tensor(values, dtype=torch.double) * scale
+
+    got, at2 = unit_scores(refined), unit_scores(plain)
+    assert (got - surrogate).norm() < 0.25 * (at2 - surrogate).norm(), (got, surrogate, at2)
+    assert int(got.argmax()) == int(surrogate.argmax()) == 3  # the repeated answer, ahead of both documents
+    for doc in refined.documents:
+        sentence_sum = sum(s.score for s in doc.sentences) * scale
+        assert abs(sentence_sum - doc.score * scale) < 0.1 * abs(doc.score * scale) + 0.05, doc
+    assert [s.score for d in refined.documents for s in d.sentences] != [
+        s.score for d in plain.documents for s in d.sentences
+    ]
+    for key in ("system", "query"):
+        assert refined.context_scores()[key] == plain.context_scores()[key]
+    # groundedness under refinement is the surrogate's sum over the documents alone, in nats
+    (citation,) = refined.citations
+    assert citation.grounded == pytest.approx(sum(d.score for d in citation.documents) * scale, rel=1e-4)
