@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .errors import EstimatorFormatError, EstimatorMismatchError
 from .features import FEATURE_DEFINITION, FEATURE_VERSION
+from .grounding import GroundednessCalibration
 from .reference_format import PUBLISHED_ESTIMATORS, ReferenceEstimator, read_reference_estimator
 from .validation import describe_validation_error, describe_value
 
@@ -395,6 +396,8 @@ class ScoreEstimator(torch.nn.Module):
             raise EstimatorFormatError(f"{folder} has no {CONFIG_NAME} + {WEIGHTS_NAME} (nor a {REFERENCE_NAME})")
         config, metadata = read_config(config_path)
         weights = read_weights(weights_path, config.num_layers, config.num_heads)
+        # a groundedness head must match the heads (checked here, so a bad file fails when it is loaded)
+        GroundednessCalibration.from_metadata(metadata, 1.0, num_features=weights.numel())
         return cls(
             weights,
             config.num_layers,
@@ -487,7 +490,10 @@ def _settings_lines(meta: dict[str, Any]) -> list[str]:
     groundedness = meta.get("groundedness")
     if isinstance(groundedness, dict):
         lines += ["", "## Groundedness (`Citation.grounded`, nats)", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in groundedness.items()]
+        lines += [
+            f"- {k.replace('_', ' ')}: " + (f"{len(v)} per-head weights" if isinstance(v, list) else str(v))
+            for k, v in groundedness.items()
+        ]
     conversations = meta.get("conversations")
     if isinstance(conversations, dict):
         lines += ["", "## Conversations (multi-turn held-out examples)", ""]

@@ -84,7 +84,7 @@ class Scorer:
         self.grounded_threshold = grounded_threshold
         self.refinement = RefinementPrior.from_metadata(estimator.metadata)
         self._calibration = GroundednessCalibration.from_metadata(
-            estimator.metadata, fallback_scale=self.refinement.scale
+            estimator.metadata, fallback_scale=self.refinement.scale, num_features=estimator.weights.numel()
         )
 
     @torch.no_grad()
@@ -100,7 +100,8 @@ class Scorer:
         rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
         targets = answer_targets(answer)
         target_rows = [rows_all] + [rows for _, rows in targets]
-        scores = [self.estimator(target_features(run.token_features, rows)).tolist() for rows in target_rows]
+        features = [target_features(run.token_features, rows) for rows in target_rows]
+        scores = [self.estimator(f).tolist() for f in features]
         passes = 0
         spans, units = refinement_units(prompt)
         if check_ablations(ablations) > 0 and units and answer.token_ids:
@@ -139,13 +140,14 @@ class Scorer:
             )
 
         citations = [
-            self._citation(answer.text, span, target, prompt, columns, sentences_by_doc, grounding)
-            for (span, _), target in zip(targets, per_sentence)
+            self._citation(answer.text, span, target, f, prompt, columns, sentences_by_doc, grounding)
+            for (span, _), target, f in zip(targets, per_sentence, features[1:])
         ]
         if citations:
             supported = any(c.supported for c in citations)
         else:
-            supported = bool(grounding.grounded(doc_scores) >= grounding.threshold) if doc_scores else False
+            grounded = self._grounded(grounding, whole, features[0], prompt) if columns.docs else float("-inf")
+            supported = bool(grounded >= grounding.threshold)
         return Attribution(
             query=query,
             answer=answer.text,
@@ -179,23 +181,42 @@ class Scorer:
         prompt = run.prompt
         span, rows = targets[sentence_index]
         columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
-        scores = self.estimator(target_features(run.token_features, rows)).tolist()
+        features = target_features(run.token_features, rows)
+        scores = self.estimator(features).tolist()
         sentences_by_doc = _sentences_by_doc(prompt)
         grounding = self.groundedness(refined=False)
-        return self._citation(run.answer.text, span, scores, prompt, columns, sentences_by_doc, grounding)
+        return self._citation(run.answer.text, span, scores, features, prompt, columns, sentences_by_doc, grounding)
 
     def groundedness(self, refined: bool) -> GroundednessCalibration:
         """Refined scores are the ablation surrogate's effects (in prior units): the sum of the documents' in
         nats is the surrogate's own prediction of removing them all, with the earlier turns' effects fitted
-        apart (they were ablated too), so no history term; AT2 scores go through the estimator's calibration."""
+        apart (they were ablated too), so no history term and no head; AT2 runs use the estimator's calibration
+        (its learned head when it has one)."""
         calibration = self._calibration
         if self.grounded_threshold is not None:
             calibration = dataclasses.replace(calibration, threshold=float(self.grounded_threshold))
         if refined:
             return dataclasses.replace(
-                calibration, scale=self.refinement.scale, offset=0.0, history_scale=0.0, calibrated=True
+                calibration,
+                scale=self.refinement.scale,
+                offset=0.0,
+                history_scale=0.0,
+                calibrated=True,
+                document_weights=None,
+                history_weights=None,
             )
         return calibration
+
+    @staticmethod
+    def _grounded(
+        grounding: GroundednessCalibration, scores: list[float], features: torch.Tensor, prompt: RenderedPrompt
+    ) -> float:
+        """One target's groundedness (nats) from its scores and features `[columns, L*H]` (see `at2_rag.grounding`)."""
+        n_docs, first = len(prompt.doc_sources), len(prompt.doc_sources) + len(prompt.sentence_sources)
+        turns = [first + i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
+        return grounding.grounded(
+            scores[:n_docs], [scores[c] for c in turns], features[:n_docs].sum(0), features[turns].sum(0)
+        )
 
     def _refined(
         self, scores: list[float], masks: torch.Tensor, labels: torch.Tensor, units: list[int], prompt: RenderedPrompt
@@ -224,6 +245,7 @@ class Scorer:
         answer_text: str,
         span: CharSpan,
         scores: list[float],
+        features: torch.Tensor,
         prompt: RenderedPrompt,
         columns: _Columns,
         sentences_by_doc: dict[int, list[tuple[int, Any]]],
@@ -244,8 +266,7 @@ class Scorer:
             )[:3]
             cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
         context_scores = columns.context(scores)
-        history = [score for part, score in zip(prompt.context_parts, context_scores) if part.kind == "history"]
-        grounded = grounding.grounded(doc_scores, history)
+        grounded = self._grounded(grounding, scores, features, prompt)
         supported = bool(grounded >= grounding.threshold)
         best = doc_scores[ranked[0]] if ranked else 0.0
         cited = [

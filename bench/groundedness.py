@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from at2_rag.estimator import ScoreEstimator
-from at2_rag.grounding import DEFAULT_THRESHOLD, auroc, fit_groundedness
+from at2_rag.grounding import (
+    DEFAULT_THRESHOLD,
+    HEAD_RIDGE,
+    HEAD_TARGET_CAP,
+    auroc,
+    fit_groundedness,
+    fit_groundedness_head,
+)
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
 
@@ -32,10 +39,12 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def removed_all(examples, weights):
-    """(document score sum, earlier turns' score sum, log-odds drop, log-prob drop, max document score) of every
-    target whose masks include one removing every document. Single-turn shards (documents only) have no
-    earlier turns; `--sources context` shards name their sources and record the all-documents-removed mask."""
-    rows = []
+    """Every target whose masks include one removing every document: `[N, 5]` rows of (document score sum,
+    earlier turns' score sum, log-odds drop, log-prob drop, max document score), and the target's attention
+    features summed over the documents and over the earlier turns (`[N, L*H]` each, for the learned head).
+    Single-turn shards (documents only) have no earlier turns; `--sources context` shards name their sources
+    and record the all-documents-removed mask."""
+    rows, doc_features, history_features = [], [], []
     for ex in examples:
         ids = ex.meta.get("source_ids") or []
         if ex.meta.get("sources") == "context":
@@ -49,7 +58,8 @@ def removed_all(examples, weights):
             continue
         m = int(gone[0])
         for t in range(ex.features.shape[0]):
-            scores = ex.features[t] @ weights
+            features = ex.features[t].double()
+            scores = features @ weights.double()
             full, removed = float(ex.full[t]), float(ex.labels[t, m])
             log_p = torch.nn.functional.logsigmoid(torch.tensor([full, removed], dtype=torch.double))
             rows.append(
@@ -61,7 +71,43 @@ def removed_all(examples, weights):
                     float(scores[:n_docs].max()),
                 )
             )
-    return torch.tensor(rows, dtype=torch.double).reshape(-1, 5)
+            doc_features.append(features[:n_docs].sum(0))
+            history_features.append(features[history].sum(0))
+    width = weights.numel()
+    stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, width, dtype=torch.double)  # noqa: E731
+    return torch.tensor(rows, dtype=torch.double).reshape(-1, 5), stack(doc_features), stack(history_features)
+
+
+def example_folds(examples, folds: int = 5, seed: int = 0) -> list[int]:
+    """A fold per example (targets of one example stay together)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold = [0] * len(examples)
+    for rank, i in enumerate(order):
+        fold[i] = rank % folds
+    return fold
+
+
+def cross_validate_head(examples, weights, ridges, caps, folds: int = 5) -> dict[str, float]:
+    """Grouped k-fold AUROC of the learned head for each (ridge, cap) on the fitting examples alone: how
+    HEAD_RIDGE and HEAD_TARGET_CAP were chosen, never on held-out data."""
+    fold_of = example_folds(examples, folds)
+    parts = [(removed_all([ex], weights), fold_of[i]) for i, ex in enumerate(examples)]
+    parts = [(p, f) for p, f in parts if len(p[0])]
+    rows = torch.cat([p[0] for p, _ in parts])
+    docs = torch.cat([p[1] for p, _ in parts])
+    hist = torch.cat([p[2] for p, _ in parts])
+    fold = torch.cat([torch.full((len(p[0]),), f) for p, f in parts])
+    positive = rows[:, 3] >= 1.0
+    out = {}
+    for ridge in ridges:
+        for cap in caps:
+            predicted = torch.zeros(len(rows), dtype=torch.double)
+            for k in range(folds):
+                train, test = fold != k, fold == k
+                doc_w, hist_w, offset = fit_groundedness_head(docs[train], hist[train], rows[train, 3], ridge, cap)
+                predicted[test] = docs[test] @ doc_w + hist[test] @ hist_w + offset
+            out[f"ridge={ridge:g},cap={cap:g}"] = auroc(predicted, positive)
+    return out
 
 
 def conversation_rows(path: Path) -> torch.Tensor:
@@ -90,6 +136,25 @@ def bootstrap(fn, n: int, reps: int = 500, seed: int = 0) -> float:
     return float(values.std())
 
 
+def measure(name: str, grounded: torch.Tensor, log_prob_drops: torch.Tensor) -> dict[str, float]:
+    """AUROC of `grounded` against "depends on the documents" (drop >= 1 nat), precision and recall of
+    supported, with bootstrap standard errors, and the correlation with the capped drop."""
+    positive = log_prob_drops >= 1.0
+    supported = grounded >= DEFAULT_THRESHOLD
+    n = len(grounded)
+    p, r = precision_recall(supported, positive)
+    capped = log_prob_drops.clamp(-HEAD_TARGET_CAP, HEAD_TARGET_CAP)
+    return {
+        f"auroc_{name}": auroc(grounded, positive),
+        f"auroc_{name}_se": bootstrap(lambda i: auroc(grounded[i], positive[i]), n),
+        f"supported_precision_{name}": p,
+        f"supported_precision_{name}_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[0], n),
+        f"supported_recall_{name}": r,
+        f"supported_recall_{name}_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[1], n),
+        f"correlation_{name}_vs_capped_drop": float(torch.corrcoef(torch.stack([grounded, capped]))[0, 1]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
@@ -105,62 +170,64 @@ def main() -> None:
     weights = estimator.weights.detach()
     uniform = torch.full_like(weights, 1.0 / weights.numel())
     train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
+    multi_ex = load_collected(args.conversations) if Path(args.conversations).is_dir() else []
     train, held = removed_all(train_ex, weights), removed_all(held_ex, weights)
-    held_uniform = removed_all(held_ex, uniform)
-    multi = removed_all(load_collected(args.conversations), weights) if Path(args.conversations).is_dir() else train[:0]
-    fit = torch.cat([train, multi])
-    scale, offset, history_scale = fit_groundedness(fit[:, 0], fit[:, 2], fit[:, 1] if len(multi) else None)
+    held_uniform = removed_all(held_ex, uniform)[0]
+    multi = removed_all(multi_ex, weights)
+    fit_rows, fit_docs, fit_hist = (torch.cat([a, b]) for a, b in zip(train, multi))
+    scale, offset, history_scale = fit_groundedness(
+        fit_rows[:, 0], fit_rows[:, 2], fit_rows[:, 1] if len(multi[0]) else None
+    )
     threshold = DEFAULT_THRESHOLD  # nats: the definition itself, not a number tuned to the data
+    cv = cross_validate_head(list(train_ex) + list(multi_ex), weights, (100, 300, 1000, 3000), (3, 5, 8))
+    doc_w, hist_w, head_offset = fit_groundedness_head(fit_docs, fit_hist, fit_rows[:, 3])
 
-    def grounded_of(rows: torch.Tensor) -> torch.Tensor:
-        return scale * rows[:, 0] + history_scale * rows[:, 1] + offset
-
-    grounded = grounded_of(held)
-    positive = held[:, 3] >= 1.0
-    supported = grounded >= threshold
-    old_rule = held[:, 4] >= float(estimator.metadata.get("support_threshold", 0.05))
-    n = len(held)
-    p, r = precision_recall(supported, positive)
-    p_old, r_old = precision_recall(old_rule, positive)
+    held_rows, held_docs, held_hist = held
+    positive = held_rows[:, 3] >= 1.0
+    n = len(held_rows)
+    predictions = {
+        "head": held_docs @ doc_w + held_hist @ hist_w + head_offset,
+        "sum": scale * held_rows[:, 0] + history_scale * held_rows[:, 1] + offset,
+    }
     report = {
-        "fit_targets_single_turn": len(train),
-        "fit_targets_multi_turn": len(multi),
+        "fit_targets_single_turn": len(train[0]),
+        "fit_targets_multi_turn": len(multi[0]),
         "heldout_targets": n,
         "heldout_positive_rate": float(positive.double().mean()),
         "scale": scale,
         "offset": offset,
         "history_scale": history_scale,
         "threshold": threshold,
-        "auroc_at2": auroc(grounded, positive),
-        "auroc_at2_se": bootstrap(lambda i: auroc(grounded[i], positive[i]), n),
-        "auroc_average_attention": auroc(held_uniform[:, 0], positive),
-        "auroc_average_attention_se": bootstrap(lambda i: auroc(held_uniform[i, 0], positive[i]), n),
-        "auroc_max_document_score": auroc(held[:, 4], positive),
-        "supported_precision": p,
-        "supported_precision_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[0], n),
-        "supported_recall": r,
-        "supported_recall_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[1], n),
-        "old_rule_precision": p_old,
-        "old_rule_recall": r_old,
-        "correlation_grounded_vs_drop": float(torch.corrcoef(torch.stack([grounded, held[:, 2]]))[0, 1]),
+        "head_ridge": HEAD_RIDGE,
+        "head_target_cap": HEAD_TARGET_CAP,
+        "head_cross_validated_auroc": cv,
     }
+    for name, grounded in predictions.items():
+        report.update(measure(name, grounded, held_rows[:, 3]))
+    old_rule = held_rows[:, 4] >= float(estimator.metadata.get("support_threshold", 0.05))
+    p_old, r_old = precision_recall(old_rule, positive)
+    report.update(
+        {
+            "auroc_average_attention": auroc(held_uniform[:, 0], positive),
+            "auroc_average_attention_se": bootstrap(lambda i: auroc(held_uniform[i, 0], positive[i]), n),
+            "auroc_max_document_score": auroc(held_rows[:, 4], positive),
+            "old_rule_precision": p_old,
+            "old_rule_recall": r_old,
+        }
+    )
     conversations = Path(args.conversation_rows)
     if conversations.exists() and len(conversation_rows(conversations)):
-        rows = conversation_rows(conversations)
+        rows = conversation_rows(conversations)  # score sums: the sum calibration (the head's own rows: below)
         c_grounded = scale * rows[:, 0] + history_scale * rows[:, 1] + offset
         c_positive = rows[:, 2] >= 1.0
-        c_supported = c_grounded >= threshold
-        cp, cr = precision_recall(c_supported, c_positive)
         m = len(rows)
         report.update(
             {
                 "conversation_targets": m,
                 "conversation_positive_rate": float(c_positive.double().mean()),
-                "conversation_auroc": auroc(c_grounded, c_positive),
-                "conversation_auroc_se": bootstrap(lambda i: auroc(c_grounded[i], c_positive[i]), m),
+                "conversation_auroc_sum": auroc(c_grounded, c_positive),
+                "conversation_auroc_sum_se": bootstrap(lambda i: auroc(c_grounded[i], c_positive[i]), m),
                 "conversation_auroc_documents_only": auroc(rows[:, 0], c_positive),
-                "conversation_supported_precision": cp,
-                "conversation_supported_recall": cr,
             }
         )
     for key, value in report.items():
@@ -177,9 +244,13 @@ def main() -> None:
                 "offset": offset,
                 "history_scale": history_scale,
                 "threshold": threshold,
+                "document_weights": doc_w.tolist(),
+                "history_weights": hist_w.tolist(),
+                "head_offset": head_offset,
                 "fitted_on": (
-                    f"{len(train)} single-turn (training split) and {len(multi)} multi-turn training targets with "
-                    "every document removed (bench/groundedness.py)"
+                    f"{len(train[0])} single-turn (training split) and {len(multi[0])} multi-turn training targets "
+                    f"with every document removed (bench/groundedness.py); head: ridge {HEAD_RIDGE:g} on "
+                    f"standardized features, log-prob drops capped at {HEAD_TARGET_CAP:g} nats"
                 ),
             },
         )

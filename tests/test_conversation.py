@@ -3,6 +3,8 @@ each answer sentence says how much it depends on the documents at all (`grounded
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from at2_rag import Attributor
 
 DOCS = [
@@ -124,3 +126,134 @@ def test_groundedness_fit_and_auroc_on_known_data():
     assert calibration.calibrated and abs(calibration.grounded([0.02, 0.02], [0.01]) - (300 * 0.04 - 1 + 0.5)) < 1e-9
     assert GroundednessCalibration.from_metadata({}, fallback_scale=7.0).scale == 7.0
     assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True])) == 0.75
+
+
+def test_groundedness_head_recovers_a_per_head_rule_and_refuses_bad_weights():
+    """The learned head: ridge on summed per-head features recovers which heads say "reads the documents",
+    and an estimator file whose head is malformed fails to load with a clear error."""
+    import json
+
+    import pytest
+    import torch
+
+    from at2_rag.errors import EstimatorFormatError
+    from at2_rag.estimator import ScoreEstimator
+    from at2_rag.grounding import GroundednessCalibration, auroc, fit_groundedness_head
+
+    generator = torch.Generator().manual_seed(0)
+    docs = torch.rand(400, 6, generator=generator, dtype=torch.double)
+    hist = torch.rand(400, 6, generator=generator, dtype=torch.double)
+    drops = 4 * docs[:, 2] - 3 * hist[:, 4] + 0.05 * torch.randn(400, generator=generator, dtype=torch.double)
+    doc_w, hist_w, offset = fit_groundedness_head(docs, hist, drops, ridge=1e-3, cap=100.0)
+    assert int(doc_w.abs().argmax()) == 2 and int(hist_w.abs().argmax()) == 4
+    assert doc_w[2] == pytest.approx(4, rel=0.05) and hist_w[4] == pytest.approx(-3, rel=0.05)
+    # capped targets: a few huge drops no longer decide the fit
+    wild = drops.clone()
+    wild[:5] = 80.0
+    capped = fit_groundedness_head(docs, hist, wild, ridge=1e-3, cap=5.0)[0]
+    assert (capped - doc_w).norm() < (fit_groundedness_head(docs, hist, wild, ridge=1e-3, cap=100.0)[0] - doc_w).norm()
+
+    head = {"scale": 1.0, "document_weights": doc_w.tolist(), "history_weights": hist_w.tolist(), "head_offset": offset}
+    calibration = GroundednessCalibration.from_metadata({"groundedness": head}, fallback_scale=1.0, num_features=6)
+    predicted = torch.tensor([calibration.grounded([], [], d, h) for d, h in zip(docs, hist)], dtype=torch.double)
+    assert auroc(predicted, drops >= 1.0) > 0.99
+    # without features the head falls back to the scores' calibration (refined runs)
+    assert calibration.grounded([0.5], [0.0]) == 0.5
+
+    for bad, message in [
+        (doc_w.tolist()[:5], "has 5 weights, the estimator has 6 heads"),
+        (["x"] * 6, "list of finite numbers"),
+        ([float("nan")] * 6, "list of finite numbers"),
+        ("0.1", "list of finite numbers"),
+    ]:
+        with pytest.raises(EstimatorFormatError, match=message):
+            GroundednessCalibration.from_metadata({"groundedness": dict(head, document_weights=bad)}, 1.0, 6)
+    estimator = ScoreEstimator.uniform(2, 3)
+    estimator.metadata["groundedness"] = dict(head, history_weights=hist_w.tolist()[:4])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        estimator.save_pretrained(tmp + "/est")
+        with pytest.raises(EstimatorFormatError, match="history_weights has 4 weights"):
+            ScoreEstimator.from_folder(tmp + "/est")
+        config = json.loads((Path(tmp) / "est" / "config.json").read_text())
+        assert len(config["metadata"]["groundedness"]["document_weights"]) == 6
+
+
+def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
+    """The shipped estimator has a head: a citation's `grounded` is that head applied to the sentence's
+    features summed over the documents and the earlier turns, and refined runs use the surrogate instead."""
+    from at2_rag.features import answer_targets, target_features
+
+    calibration = att.scorer.groundedness(refined=False)
+    assert calibration.document_weights is not None and calibration.history_weights is not None
+    result = att.attribute("Can unused vacation days be carried over?", DOCS, answer=EARLIER_ANSWER, history=history())
+    run = att.capture(
+        {
+            "query": "Can unused vacation days be carried over?",
+            "documents": DOCS,
+            "answer": EARLIER_ANSWER,
+            "history": history(),
+        }
+    )
+    prompt = run.prompt
+    ((_, rows),) = answer_targets(run.answer)
+    features = target_features(run.token_features, rows).double()
+    first = len(prompt.doc_sources) + len(prompt.sentence_sources)
+    turns = [first + i for i, p in enumerate(prompt.context_parts) if p.kind == "history"]
+    expected = (
+        float(features[: len(DOCS)].sum(0) @ calibration.document_weights)
+        + float(features[turns].sum(0) @ calibration.history_weights)
+        + calibration.head_offset
+    )
+    assert abs(result.citations[0].grounded - expected) < 1e-6
+    assert att.scorer.groundedness(refined=True).document_weights is None
+
+
+def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys):
+    """`at2-rag evaluate EXAMPLES --conversations`: every example becomes a conversation on the real model; the
+    summary has standard errors, the rows file makes a rerun measure nothing new, `--record` updates the card."""
+    import json
+    import shutil
+
+    from at2_rag.cli import main
+    from at2_rag.estimator import ScoreEstimator
+
+    examples = tmp_path / "heldout.jsonl"
+    lines = [
+        {"id": "vacation", "query": FIRST_QUESTION, "documents": DOCS},
+        {"id": "office", "query": "When is the office open?", "documents": DOCS},
+    ]
+    examples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    estimator = tmp_path / "estimator"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / "smollm2-135m-instruct", estimator)
+    output = tmp_path / "conversations.json"
+    args = [
+        "evaluate",
+        str(examples),
+        "--conversations",
+        "--output",
+        str(output),
+        "--max-new-tokens",
+        "16",
+        "--estimator",
+        str(estimator),
+        "--record",
+    ]
+    assert main(args) == 0
+    summary = json.loads(output.read_text())
+    assert summary["examples"] == 2 and summary["targets"] >= 2
+    for key in ("top1_agreement_at2", "top1_agreement_average", "top1_agreement_documents_only"):
+        assert 0.0 <= summary[key]["mean"] <= 1.0 and "se" in summary[key]
+    assert {"groundedness_auroc_at2", "groundedness_auroc_at2_score_sum", "supported_precision"} <= set(summary)
+    rows = output.with_suffix(".jsonl").read_text().splitlines()
+    assert [json.loads(r)["example"] for r in rows] == ["vacation", "office"]
+    recorded = ScoreEstimator.from_folder(estimator).metadata["conversations"]
+    assert (
+        recorded["heldout"].startswith("2 multi-turn conversations") and "top1_agreement_with_leave_one_out" in recorded
+    )
+    assert "## Conversations" in (estimator / "README.md").read_text()
+    capsys.readouterr()
+    assert main(args[:-3]) == 0  # resumed: nothing measured again, the same summary
+    assert output.with_suffix(".jsonl").read_text().splitlines() == rows
+    assert json.loads(output.read_text()) == summary

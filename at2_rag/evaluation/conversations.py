@@ -14,19 +14,22 @@ document, which can never point at an earlier turn). Standard errors: over targe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..attributor import Attributor
 from ..examples import Example
 from ..features import answer_targets, target_features
-from ..grounding import GroundednessCalibration, auroc
-from ..refine import RefinementPrior
+from ..grounding import auroc
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +80,7 @@ def evaluate_conversation(
         logit_probs = ablated_answer_logit_probs(
             attributor.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), spans, masks, batch_size
         )
-    prior = RefinementPrior.from_metadata(attributor.estimator.metadata)
-    grounding = GroundednessCalibration.from_metadata(attributor.estimator.metadata, fallback_scale=prior.scale)
+    grounding = attributor.scorer.groundedness(refined=False)
     uniform = torch.full_like(attributor.estimator.weights.detach(), 1.0 / attributor.estimator.weights.numel())
     keys = [f"doc:{d.id}" for d in prompt.documents] + [p.key for p in prompt.context_parts]
     history_columns = [n_docs + j for j, p in enumerate(prompt.context_parts) if p.kind == "history"]
@@ -92,6 +94,10 @@ def evaluate_conversation(
         log_p = target_log_prob(logit_probs, token_rows)
         loo = log_odds[0] - log_odds[1 : n + 1]
         drop = float(log_p[0] - log_p[-1])
+        history_features = features[[n_sents + c for c in history_columns]].sum(0)  # columns of `features`
+        grounded = grounding.grounded(
+            at2[:n_docs].tolist(), at2[history_columns].tolist(), features[:n_docs].sum(0), history_features
+        )
         rows.append(
             {
                 "id": example["id"],
@@ -101,14 +107,14 @@ def evaluate_conversation(
                 "at2_top": keys[int(at2.argmax())],
                 "average_top": keys[int(average.argmax())],
                 "documents_only_top": keys[int(at2[:n_docs].argmax())],
-                "grounded": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()),
+                "grounded": grounded,
+                "sum_grounded": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()),
                 "document_score_sum": float(at2[:n_docs].sum()),
                 "history_score_sum": float(at2[history_columns].sum()),
                 "average_grounded": float(average[:n_docs].sum()),
                 "no_documents_log_prob_drop": drop,
                 "depends_on_documents": drop >= 1.0,
-                "supported": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist())
-                >= grounding.threshold,
+                "supported": grounded >= grounding.threshold,
             }
         )
     return rows
@@ -140,7 +146,13 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         summary[f"top1_agreement_{method}"] = {"mean": mean, "se": se}
     summary["loo_top_is_query"] = _mean_se([r["loo_top"] == "query" for r in rows])[0]
     labels = torch.tensor([r["depends_on_documents"] for r in rows])
-    for method, key in (("at2", "grounded"), ("average", "average_grounded")):
+    methods = (
+        ("at2", "grounded"),  # the estimator's calibration: its learned head when it has one
+        ("at2_score_sum", "sum_grounded"),  # the estimator's scores through the sum calibration
+        ("documents_only", "document_score_sum"),  # the document scores' sum alone
+        ("average", "average_grounded"),
+    )
+    for method, key in methods:
         scores = torch.tensor([r[key] for r in rows], dtype=torch.double)
         summary[f"groundedness_auroc_{method}"] = {
             "mean": auroc(scores, labels), "se": _bootstrap_auroc(scores, labels)
@@ -163,3 +175,64 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for kind in KINDS
     }
     return summary
+
+
+def evaluate_conversations(
+    attributor: Attributor,
+    examples: Sequence[Example],
+    rows_path: str | os.PathLike[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Every example as a conversation (`conversation_example`), evaluated (`evaluate_conversation`) and
+    summarized (`summarize_conversations`). Resumable: each example's rows are appended to `rows_path` (JSONL)
+    as soon as they are measured, and examples already there are skipped."""
+    path = Path(rows_path)
+    done = set()
+    if path.exists():
+        done = {json.loads(line)["example"] for line in path.read_text().splitlines() if line.strip()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, e in enumerate(examples) if e.id not in done]
+    with path.open("a") as out:
+        for i in tqdm(todo, desc="conversations", unit="example"):
+            conversation = conversation_example(attributor, examples, i, first_turn_tokens=max_new_tokens)
+            rows = evaluate_conversation(attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            out.write(json.dumps({"example": examples[i].id, "rows": rows}) + "\n")
+            out.flush()
+    wanted = {e.id for e in examples}
+    rows = [
+        r
+        for line in path.read_text().splitlines()
+        if line.strip() and (entry := json.loads(line))["example"] in wanted
+        for r in entry["rows"]
+    ]
+    return summarize_conversations(rows)
+
+
+def conversation_record(summary: dict[str, Any], examples: str) -> dict[str, Any]:
+    """The summary as the estimator's `metadata["conversations"]` keeps it (the model card shows it)."""
+    return {
+        "heldout": f"{summary['examples']} multi-turn conversations from {examples}, {summary['targets']} answer "
+        "sentences (at2-rag evaluate --conversations)",
+        "top1_agreement_with_leave_one_out": summary["top1_agreement_at2"],
+        "top1_agreement_average_attention": summary["top1_agreement_average"],
+        "top1_agreement_documents_only": summary["top1_agreement_documents_only"],
+        "groundedness_auroc": summary["groundedness_auroc_at2"],
+        "groundedness_auroc_score_sum": summary["groundedness_auroc_at2_score_sum"],
+        "groundedness_auroc_average_attention": summary["groundedness_auroc_average"],
+        "supported_precision": summary["supported_precision"],
+        "supported_recall": summary["supported_recall"],
+    }
+
+
+def record_conversations(folder: str | os.PathLike[str], summary: dict[str, Any], examples: str) -> None:
+    """Keep a conversation evaluation in the estimator's config and model card (other metadata untouched)."""
+    from ..estimator import ScoreEstimator
+
+    estimator = ScoreEstimator.from_folder(folder)
+    previous = estimator.metadata.get("conversations")
+    record = conversation_record(summary, examples)
+    if isinstance(previous, dict):  # keys other benches recorded (e.g. the single-turn groundedness AUROC) stay
+        record = {**previous, **record}
+    estimator.metadata["conversations"] = record
+    estimator.update_card(folder)

@@ -122,6 +122,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     if not args.examples:
         raise SystemExit("evaluate needs a JSONL of examples (or --merge PART.json ...)")
+    if args.conversations:
+        return _evaluate_conversations(args)
     part = None
     if args.part:
         try:
@@ -160,6 +162,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.record:
         record_evaluation(Path(args.estimator), report, str(args.examples))
     print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
+def _evaluate_conversations(args: argparse.Namespace) -> int:
+    """`evaluate --conversations`: each example becomes a conversation; rows go to OUTPUT.jsonl (resumable),
+    the summary to OUTPUT."""
+    from ..estimator import ScoreEstimator
+    from ..evaluation.conversations import evaluate_conversations, record_conversations
+    from ..examples import read_examples
+    from ..files import atomic_path
+
+    examples = read_examples(args.examples, limit=args.limit or None)
+    estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
+    attributor = _attributor(args, estimator)
+    rows = args.output.with_suffix(".jsonl")
+    summary = evaluate_conversations(attributor, examples, rows, max_new_tokens=args.max_new_tokens)
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    if args.record:
+        record_conversations(Path(args.estimator), summary, str(args.examples))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -222,6 +245,11 @@ def add_training_commands(sub: Any) -> None:
                    "estimator measures only its new top-k masks (resumable)")
     e.add_argument("--metrics", nargs="+", metavar="NAME", help="evaluate with these registered metrics only "
                    "(default: all of them; built in: lds, top_k_drop; see at2_rag.evaluation.registry)")
+    e.add_argument("--conversations", action="store_true", help="evaluate attribution in conversations instead: "
+                   "each example becomes a multi-turn one (the model's own first answer as history, then a follow-up "
+                   "that repeats, builds on or doubts it, or that the documents cannot answer); reports top-1 "
+                   "agreement with leave-one-out over documents and context sources, groundedness AUROC and "
+                   "supported precision/recall, with standard errors (rows in OUTPUT.jsonl, resumable)")
     e.add_argument("--record", action="store_true", help="write the summary into the --estimator folder's "
                    "config.json and model card")
     e.set_defaults(func=cmd_evaluate)
