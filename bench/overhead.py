@@ -30,6 +30,17 @@ from at2_rag.capture import attention_implementation, install_capture
 ROOT = Path(__file__).resolve().parents[1]
 PHASES: list[dict[str, float]] = []  # where the capture path's time goes, per run
 DATA = ROOT / "data" / "rag_python_docs" / "train.jsonl"
+#: `--conversation`: earlier turns before the question, so the capture also reduces against the history, the
+#: system prompt and the question (every context source a conversation has)
+HISTORY: list[dict[str, str]] = []
+
+
+def conversation_history() -> list[dict[str, str]]:
+    """An earlier exchange from the data set: another example's question and, as the answer, its first passage's
+    opening sentences (about 60 tokens in all)."""
+    row = json.loads(DATA.read_text().splitlines()[1])
+    answer = " ".join(row["documents"][0]["text"].split(". ")[:2]).strip()
+    return [{"role": "user", "content": row["query"]}, {"role": "assistant", "content": answer}]
 
 
 def documents_for(tokenizer, target_tokens: int) -> tuple[str, list[dict]]:
@@ -70,7 +81,7 @@ def run_once(model, tokenizer, attributor, query, docs, new_tokens, implementati
         from at2_rag.sources import normalize_documents
 
         model.set_attn_implementation(implementation)  # stock sdpa: nothing of at2-rag in the forward pass
-        prompt = render_prompt(tokenizer, query, normalize_documents(docs), PromptTemplate())
+        prompt = render_prompt(tokenizer, query, normalize_documents(docs), PromptTemplate(), history=HISTORY)
         t = time.perf_counter()  # a plain pipeline tokenizes its prompt text too: that much of rendering is not extra
         ids = tokenizer(prompt.text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         assert ids[0].tolist() == prompt.input_ids, "plain tokenization differs from the rendered prompt's tokens"
@@ -83,7 +94,7 @@ def run_once(model, tokenizer, attributor, query, docs, new_tokens, implementati
         return time.perf_counter() - t, out[0, ids.shape[1]:].tolist(), ids.shape[1]
     install_capture(model)  # what Attributor.generate does on its first call (outside the timer: a toggle)
     t0 = time.perf_counter()
-    prompt = attributor.render(query, docs)  # chat template, tokenization, sentence splitting
+    prompt = attributor.render(query, docs, history=HISTORY)  # chat template, tokenization, sentence splitting
     t1 = time.perf_counter()
     run = attributor.runner.generate(prompt, new_tokens, min_new_tokens=new_tokens)  # with capture
     t2 = time.perf_counter()
@@ -233,8 +244,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--conversation", action="store_true", help="two earlier turns before the question (writes "
+                        "overhead-conversation.json / .png)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SIZE", "NEW"))
     args = parser.parse_args()
+    if args.conversation:
+        HISTORY.extend(conversation_history())
     if args.mem_reps < 1 or args.default_malloc_reps < 0:
         parser.error("--mem-reps must be at least 1 and --default-malloc-reps at least 0")
     if args.threads:
@@ -267,7 +282,7 @@ def main() -> None:
         assert impls == {"at2_capture_sdpa"}, f"capture ran with {impls}"
         impl = impls.pop()
         work = capture_work(cap_model, tokenizer, attributor, query, docs, args.new_tokens)
-        text = attributor.render(query, docs).text
+        text = attributor.render(query, docs, history=HISTORY).text
         def plain_tokenize(text: str = text) -> None:
             tokenizer(text, add_special_tokens=False)
 
@@ -326,9 +341,12 @@ def main() -> None:
         "python": platform.python_version(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-    plot(results, args.out / "overhead.png")
-    print(f"wrote {args.out / 'overhead.json'} and overhead.png\n")
+    name = "overhead-conversation" if HISTORY else "overhead"
+    sources = "system, earlier turns, question" if HISTORY else "system, question"
+    setup = {"history": HISTORY, "context_sources": sources}
+    (args.out / f"{name}.json").write_text(json.dumps({"machine": machine, **setup, "results": results}, indent=2))
+    plot(results, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json and {name}.png\n")
     print(markdown_table(results))
     print()
     print(memory_table(results))
@@ -348,7 +366,7 @@ def peak_memory(size: int, new_tokens: int, reps: int, env: dict[str, str]) -> d
         for mode in runs:
             out = subprocess.run(
                 [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", mode, str(size),
-                 str(new_tokens)],
+                 str(new_tokens)] + (["--conversation"] if HISTORY else []),
                 capture_output=True, text=True, check=True, cwd=ROOT, env={**os.environ, **env},
             )
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
