@@ -1,14 +1,15 @@
 """Groundedness: how much an answer sentence depends on the documents at all, in nats.
 
-Ranking documents answers "which one?"; groundedness answers "any of them?". Two calibrations, both fitted on
-ablations where every document was removed (collected data, single- and multi-turn; bench/groundedness.py):
+Ranking documents answers "which one?"; groundedness answers "any of them?". `grounded` predicts how much the
+sentence's log-odds would drop if every document were removed. Two calibrations, both fitted on ablations where
+every document was removed (collected data, single- and multi-turn; bench/groundedness.py):
 
-- a learned head (`document_weights`, `history_weights`, `head_offset`): one weight per attention head on the sentence's
-  attention features summed over the documents, and one on those summed over the earlier turns, fitted by ridge
-  regression to the log-prob drop of removing every document, capped at `HEAD_TARGET_CAP` nats (the question is
-  whether a sentence crosses 1 nat, and a few 30-nat drops would otherwise decide the fit). Which heads carry
-  "reads the documents" differs from which heads say "this document, not that one", so this head is not the
-  score estimator's.
+- a learned head (`document_weights`, `history_weights`, `head_offset`): one weight per attention head on the
+  sentence's attention features summed over the documents, and one on those summed over the earlier turns,
+  fitted by ridge regression to the log-odds drop, capped at `HEAD_TARGET_CAP` nats (the question is whether a
+  sentence crosses 1 nat, and a few 30-nat drops would otherwise decide the fit). Which heads carry "reads the
+  documents" differs from which heads say "this document, not that one", so this head is not the score
+  estimator's.
 - without a head, the estimator's scores: `scale * sum(document scores) + history_scale * sum(earlier turns'
   scores) + offset` (the scores are linear effects, so removing every document moves the log-odds by their sum;
   what an earlier turn already says does not need the documents).
@@ -130,7 +131,7 @@ def fit_groundedness_head(
     ridge: float = HEAD_RIDGE,
     cap: float = HEAD_TARGET_CAP,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Ridge regression of the capped log-prob drops `[N]` on the summed document and earlier-turn features
+    """Ridge regression of the capped log-odds drops `[N]` on the summed document and earlier-turn features
     `[N, L*H]` (both standardized by the document features' spread, the intercept free). Returns
     `(document_weights, history_weights, offset)` on the raw features."""
     x = document_features.double()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-SourceKind = Literal["documents", "sentences", "context"]
-SOURCE_KINDS: tuple[str, ...] = ("documents", "sentences", "context")
+SourceKind = Literal["documents", "sentences", "context", "tokens"]
+SOURCE_KINDS: tuple[str, ...] = ("documents", "sentences", "context", "tokens")
 
 
 def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[int], list[str]]:
@@ -14,6 +14,8 @@ def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[i
     ("context") documents plus the context parts, as conversations need."""
     if sources not in SOURCE_KINDS:
         raise ValueError(f"sources must be one of {', '.join(SOURCE_KINDS)}, got {sources!r}")
+    if sources == "tokens":
+        raise ValueError("token sources are not columns of a run's features: see `document_token_sources`")
     prompt = run.prompt
     n_docs, n_sents = len(prompt.doc_sources), len(prompt.sentence_sources)
     doc_ids = [d.id for d in prompt.documents]
@@ -39,3 +41,14 @@ def refinement_units(prompt: Any) -> tuple[list[tuple[int, int]], list[int]]:
     turns = [i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
     spans = list(prompt.doc_token_spans) + [prompt.context_token_spans[i] for i in turns]
     return spans, list(range(n_docs)) + [first + i for i in turns]
+
+
+def document_token_sources(prompt: Any) -> tuple[list[tuple[int, int]], list[str]]:
+    """Every document token its own source (token-level collection, as the reference AT2 trains): one-token
+    spans and ids `doc_id@t` (t counts the document's tokens from 0)."""
+    spans: list[tuple[int, int]] = []
+    ids: list[str] = []
+    for doc, (a, b) in zip(prompt.documents, prompt.doc_token_spans):
+        spans += [(t, t + 1) for t in range(a, b)]
+        ids += [f"{doc.id}@{t - a}" for t in range(a, b)]
+    return spans, ids

@@ -133,7 +133,7 @@ def refine_scores(
     """
     if masks.shape[0] == 0:
         return prior_scores.clone()
-    s = prior_scores.double()
+    s = prior_scores.detach().double()
     x = masks.double()
     y = labels.double()
     k, n = x.shape

@@ -264,6 +264,20 @@ class ModelRunner:
             raise outcome["error"]
         yield outcome["run"]
 
+    def span_features(self, run: CapturedRun, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """`[answer tokens, spans, L*H]`: the run's answer rows' attention features to arbitrary prompt spans
+        (token-level collection: every document token its own source), one teacher-forced pass over the run's
+        own tokens, so the rows are exactly those the run's labels are measured on."""
+        ids = torch.tensor([run.prompt.input_ids + run.answer.token_ids], device=self.device)
+        start = run.prompt.num_tokens - 1
+        with (
+            self.lock,
+            torch.no_grad(),
+            capture_attention(self.model, list(spans), start, start + len(run.answer.token_ids)) as state,
+        ):
+            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+        return state.features()[0][: len(run.answer.token_ids)]
+
     def ablated_logit_probs(
         self, run: CapturedRun, masks: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None
     ) -> torch.Tensor:

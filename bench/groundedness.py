@@ -104,7 +104,7 @@ def cross_validate_head(examples, weights, ridges, caps, folds: int = 5) -> dict
             predicted = torch.zeros(len(rows), dtype=torch.double)
             for k in range(folds):
                 train, test = fold != k, fold == k
-                doc_w, hist_w, offset = fit_groundedness_head(docs[train], hist[train], rows[train, 3], ridge, cap)
+                doc_w, hist_w, offset = fit_groundedness_head(docs[train], hist[train], rows[train, 2], ridge, cap)
                 predicted[test] = docs[test] @ doc_w + hist[test] @ hist_w + offset
             out[f"ridge={ridge:g},cap={cap:g}"] = auroc(predicted, positive)
     return out
@@ -180,7 +180,7 @@ def main() -> None:
     )
     threshold = DEFAULT_THRESHOLD  # nats: the definition itself, not a number tuned to the data
     cv = cross_validate_head(list(train_ex) + list(multi_ex), weights, (100, 300, 1000, 3000), (3, 5, 8))
-    doc_w, hist_w, head_offset = fit_groundedness_head(fit_docs, fit_hist, fit_rows[:, 3])
+    doc_w, hist_w, head_offset = fit_groundedness_head(fit_docs, fit_hist, fit_rows[:, 2])
 
     held_rows, held_docs, held_hist = held
     positive = held_rows[:, 3] >= 1.0
@@ -250,7 +250,7 @@ def main() -> None:
                 "fitted_on": (
                     f"{len(train[0])} single-turn (training split) and {len(multi[0])} multi-turn training targets "
                     f"with every document removed (bench/groundedness.py); head: ridge {HEAD_RIDGE:g} on "
-                    f"standardized features, log-prob drops capped at {HEAD_TARGET_CAP:g} nats"
+                    f"standardized features, log-odds drops capped at {HEAD_TARGET_CAP:g} nats"
                 ),
             },
         )

@@ -387,3 +387,35 @@ def test_collect_splits_examples_over_launched_processes(tmp_path):
     assert ranks == {"r00", "r01"}
     assert sorted(e.id for e in load_collected(out)) == ["q0", "q1", "q2"]
     assert sum(s["collected"] + s["skipped"] for s in summaries) == 3
+
+
+def test_token_level_collection_features_add_up_to_the_documents(smollm):
+    """`sources="tokens"`: every document token is its own source. Its features come from one more pass over
+    the run's own tokens, and summed over a document's tokens they equal the document's own feature (the
+    capture is exact, so an estimator trained on tokens applies to documents unchanged); labels are measured
+    under masks over the tokens."""
+    from at2_rag import Attributor
+    from at2_rag.features import answer_targets, target_features
+    from at2_rag.layout import document_token_sources
+    from at2_rag.training.collect import collect_example
+    from at2_rag.training.data import Example
+
+    model, tokenizer = smollm
+    att = Attributor(model, tokenizer)
+    docs = ["The Eiffel Tower was built in 1889.", "Honey bees live in colonies of thousands."]
+    example = Example(id="tok-1", query="When was the Eiffel Tower built?", documents=att.render("x", docs).documents)
+    item = collect_example(att, example, num_masks=3, sources="tokens", max_new_tokens=10)
+    assert item is not None and item.meta["sources"] == "tokens"
+    run = att.capture({"query": example.query, "documents": docs}, max_new_tokens=10)
+    spans, ids = document_token_sources(run.prompt)
+    assert item.meta["source_ids"] == ids and ids[0] == "doc0@0"
+    assert spans == [(t, t + 1) for a, b in run.prompt.doc_token_spans for t in range(a, b)]
+    assert item.features.shape[1:] == (len(spans), att.num_layers * att.num_heads)
+    assert item.masks.shape == (3, len(spans)) and item.labels.shape == (item.features.shape[0], 3)
+    for t, (_, rows) in enumerate(answer_targets(run.answer)):
+        doc_level = target_features(run.token_features, rows)[:2]
+        start = 0
+        for d, (a, b) in enumerate(run.prompt.doc_token_spans):
+            summed = item.features[t, start : start + b - a].sum(0)
+            assert torch.allclose(summed, doc_level[d], rtol=1e-4, atol=1e-6)
+            start += b - a

@@ -195,9 +195,10 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--keep-prob", type=float, default=0.5)
     c.add_argument(
         "--sources",
-        choices=["documents", "sentences", "context"],
+        choices=["documents", "sentences", "context", "tokens"],
         default="documents",
-        help="what to ablate: documents, their sentences, or documents + earlier turns, system prompt and question",
+        help="what to ablate: documents, their sentences, documents + earlier turns, system prompt and question, "
+        "or every document token on its own (as the reference AT2 trains; one more pass per example)",
     )
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)

@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..examples import example_seed
 from ..features import answer_targets, target_features
-from ..layout import SourceKind, source_layout
+from ..layout import SourceKind, document_token_sources, source_layout
 from .data import (
     CollectedExample,
     Example,
@@ -63,15 +63,22 @@ def collect_example(
     """Features and ablation labels for one example, or None when the answer has no usable target.
 
     With `sources="context"` the last mask removes every document and keeps every context part, so each
-    target also records the all-documents-removed label that groundedness is calibrated on."""
+    target also records the all-documents-removed label that groundedness is calibrated on. With
+    `sources="tokens"` every document token is its own source (`document_token_sources`), as the reference AT2
+    trains; an estimator trained on them is applied to documents and sentences unchanged (features add up)."""
     request = {"query": example.query, "documents": example.documents, "history": example.history}
     run = attributor.capture(request, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
-    spans, columns, source_ids = source_layout(run, sources)
+    if sources == "tokens":  # features to every document token: one more pass over the run's own tokens
+        spans, source_ids = document_token_sources(run.prompt)
+        token_features = attributor.runner.span_features(run, spans) if spans and targets else run.token_features
+    else:
+        spans, columns, source_ids = source_layout(run, sources)
+        token_features = run.token_features[:, columns]
     if not targets or not spans:
         logger.info("example %s: no target sentence or no source, skipped", example.id)
         return None
-    features = torch.stack([target_features(run.token_features[:, columns], rows) for _, rows in targets])
+    features = torch.stack([target_features(token_features, rows) for _, rows in targets])
     generator = torch.Generator().manual_seed(example_seed(seed, example.id))
     masks = random_masks(len(spans), num_masks, keep_prob, generator)
     if sources == "context":
@@ -81,8 +88,9 @@ def collect_example(
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
     with attributor.runner.lock:
-        logit_probs = ablated_answer_logit_probs(
-            attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size
+        logit_probs = ablated_answer_logit_probs(  # one-token sources leave no prefix worth sharing
+            attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size,
+            share_prefixes=sources != "tokens",
         )
     labels = torch.stack([target_log_odds(logit_probs, rows) for _, rows in targets])  # [targets, 1 + masks]
     meta = {
