@@ -7,7 +7,9 @@
 - learning curve: random subsets of 64, 128 and 256 examples;
 - with `--sentences DIR` (shards of `collect --sources sentences` on training-split examples): the estimator
   trained on sentence-level ablations (each sentence of every document its own source, 32 masks) against one
-  trained on the document-level ablations of the same examples, and document-level + sentence-level mixed.
+  trained on the document-level ablations of the same examples, and document-level + sentence-level mixed;
+- with `--tokens DIR` (`collect --sources tokens`: every document token its own source, as the reference AT2
+  trains), the same three comparisons at token level.
 
 Each variant is trained with two seeds (the seed draws the early-stopping split and the subset). Held-out LDS is
 reported over all targets and over the targets of non-degenerate answers. Writes docs/bench/training_variants.json.
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--collected", default="data/collected/smollm2-train")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sentences", help="shards collected with --sources sentences (training-split examples)")
+    parser.add_argument("--tokens", help="shards collected with --sources tokens (training-split examples)")
     parser.add_argument("--out", default="docs/bench/training_variants.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -80,19 +83,26 @@ def main() -> None:
         "degenerate dropped": [lambda seed: [ex for ex in train if not degenerate(ex)]],
         **{f"{n} examples": [lambda seed, n=n: random.Random(seed).sample(train, n)] for n in (64, 128, 256)},
     }
-    if args.sentences:
-        sentences = load_collected(args.sentences)
-        held_ids = {ex.id for ex in held}
-        if any(ex.id in held_ids for ex in sentences):
-            raise SystemExit("the sentence-level shards hold held-out examples: collect training-split ones only")
-        ids = {ex.id for ex in sentences}
+    finer = {"sentence": args.sentences, "token": args.tokens}
+    if any(finer.values()):
+        variants = {}
+    held_ids = {ex.id for ex in held}
+    for level, folder in finer.items():
+        if not folder:
+            continue
+        shards = load_collected(folder)
+        if any(ex.id in held_ids for ex in shards):
+            raise SystemExit(f"the {level}-level shards hold held-out examples: collect training-split ones only")
+        ids = {ex.id for ex in shards}
         same_documents = [ex for ex in train if ex.id in ids]
-        print(f"sentence-level: {len(sentences)} examples ({len(same_documents)} with document-level data)")
-        variants = {
-            f"sentence-level, {len(sentences)} examples": [lambda seed: sentences],
-            f"document-level, the same {len(same_documents)} examples": [lambda seed: same_documents],
-            f"document-level 510 + sentence-level {len(sentences)}": [lambda seed: train + sentences],
-        }
+        print(f"{level}-level: {len(shards)} examples ({len(same_documents)} with document-level data)")
+        variants.update(
+            {
+                f"{level}-level, {len(shards)} examples": [lambda seed, shards=shards: shards],
+                f"document-level, the same {len(same_documents)} examples": [lambda seed, same=same_documents: same],
+                f"document-level 510 + {level}-level {len(shards)}": [lambda seed, shards=shards: train + shards],
+            }
+        )
     rows = {"shipped": evaluate(ScoreEstimator.shipped(MODEL).weights.detach()),
             "average attention": evaluate(torch.full((270,), 1 / 270))}
     for name, (pick,) in variants.items():
@@ -111,7 +121,7 @@ def main() -> None:
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {}
     record.update({"train_examples": len(train), "heldout_examples": len(held), "repeated_trigrams": REPEATED_TRIGRAMS})
-    record.setdefault("results", {}).update(rows)  # a --sentences run adds its rows to the earlier ones
+    record.setdefault("results", {}).update(rows)  # a --sentences / --tokens run adds its rows to the earlier ones
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")

@@ -419,3 +419,26 @@ def test_token_level_collection_features_add_up_to_the_documents(smollm):
             summed = item.features[t, start : start + b - a].sum(0)
             assert torch.allclose(summed, doc_level[d], rtol=1e-4, atol=1e-6)
             start += b - a
+
+
+def test_whole_answer_targets(smollm):
+    """`targets_of="answer"`: one target per example, the whole answer, its features and labels taken over
+    every answer token that has text (what the Attributor scores as `result.documents`)."""
+    from at2_rag import Attributor
+    from at2_rag.ablation import target_log_odds
+    from at2_rag.features import target_features
+    from at2_rag.training.collect import collect_example
+    from at2_rag.training.data import Example
+
+    model, tokenizer = smollm
+    att = Attributor(model, tokenizer)
+    docs = ["The Eiffel Tower was built in 1889. It is in Paris.", "Honey bees live in colonies."]
+    example = Example(id="ans-1", query="Tell me about the Eiffel Tower.", documents=att.render("x", docs).documents)
+    item = collect_example(att, example, num_masks=4, max_new_tokens=24, targets_of="answer")
+    assert item is not None and item.features.shape[0] == 1 and item.labels.shape == (1, 4)
+    assert item.meta["targets"] == [[0, len(item.meta["answer"])]] and item.meta["targets_of"] == "answer"
+    run = att.capture({"query": example.query, "documents": docs}, max_new_tokens=24)
+    rows = [i for i, (a, b) in enumerate(run.answer.char_spans) if b > a]
+    assert torch.allclose(item.features[0], target_features(run.token_features[:, :2], rows))
+    full = att.runner.ablated_logit_probs(run, torch.ones(1, 2, dtype=torch.bool))
+    assert torch.allclose(item.full[0], target_log_odds(full, rows)[0], atol=1e-4)

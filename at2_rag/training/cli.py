@@ -63,6 +63,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         shard_size=args.shard_size,
+        targets_of=args.targets,
         batch_size=args.batch_size,
         limit=args.limit,
         skip_invalid=args.skip_invalid,
@@ -200,6 +201,8 @@ def add_training_commands(sub: Any) -> None:
         help="what to ablate: documents, their sentences, documents + earlier turns, system prompt and question, "
         "or every document token on its own (as the reference AT2 trains; one more pass per example)",
     )
+    c.add_argument("--targets", choices=["sentences", "answer"], default="sentences", help="what a training target "
+                   "is: each answer sentence (default), or the whole answer")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-size", type=int, default=16)

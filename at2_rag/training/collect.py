@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +33,7 @@ from ..errors import (
 from ..examples import example_seed
 from ..features import answer_targets, target_features
 from ..layout import SourceKind, document_token_sources, source_layout
+from ..sources import CharSpan
 from .data import (
     CollectedExample,
     Example,
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 NUM_MASKS = 32
 KEEP_PROB = 0.5
+#: what a target is: each answer sentence (what citations score), or the whole answer
+TargetKind = Literal["sentences", "answer"]
 
 
 def collect_example(
@@ -59,16 +62,22 @@ def collect_example(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = NUM_MASKS + 1,
+    targets_of: TargetKind = "sentences",
 ) -> CollectedExample | None:
     """Features and ablation labels for one example, or None when the answer has no usable target.
 
     With `sources="context"` the last mask removes every document and keeps every context part, so each
     target also records the all-documents-removed label that groundedness is calibrated on. With
     `sources="tokens"` every document token is its own source (`document_token_sources`), as the reference AT2
-    trains; an estimator trained on them is applied to documents and sentences unchanged (features add up)."""
+    trains; an estimator trained on them is applied to documents and sentences unchanged (features add up).
+    `targets_of="answer"` makes the whole answer the one target instead of each of its sentences."""
     request = {"query": example.query, "documents": example.documents, "history": example.history}
     run = attributor.capture(request, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
+    if targets_of == "answer" and targets:
+        answer = run.answer
+        rows = [i for i, (a, b) in enumerate(answer.char_spans) if b > a]
+        targets = [(CharSpan(start=0, end=len(answer.text)), rows)]
     if sources == "tokens":  # features to every document token: one more pass over the run's own tokens
         spans, source_ids = document_token_sources(run.prompt)
         token_features = attributor.runner.span_features(run, spans) if spans and targets else run.token_features
@@ -101,6 +110,7 @@ def collect_example(
         "targets": [[span.start, span.end] for span, _ in targets],
         "source_ids": source_ids,
         "sources": sources,
+        "targets_of": targets_of,
         "num_prompt_tokens": run.prompt.num_tokens,
         "num_answer_tokens": len(run.answer.token_ids),
         "num_documents": len(run.prompt.doc_sources),
@@ -169,6 +179,7 @@ def collect(
     max_new_tokens: int = 64,
     seed: int = 0,
     shard_size: int = 16,
+    targets_of: TargetKind = "sentences",
     batch_size: int = NUM_MASKS + 1,
     limit: int | None = None,
     rank: int | None = None,
@@ -214,7 +225,7 @@ def collect(
         for example in bar:
             try:
                 item = collect_example(
-                    attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size
+                    attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size, targets_of
                 )
             except EXAMPLE_ERRORS as exc:  # the example itself is at fault (validation could not foresee it)
                 problem = InvalidExample(example.line, example.position or 0, example.id, str(exc))
