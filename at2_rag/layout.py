@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 SourceKind = Literal["documents", "sentences", "context", "tokens"]
 SOURCE_KINDS: tuple[str, ...] = ("documents", "sentences", "context", "tokens")
+#: what a collected target is: each answer sentence (what citations score), or the whole answer
+TargetKind = Literal["sentences", "answer"]
+TARGET_KINDS: tuple[str, ...] = ("sentences", "answer")
 
 
 def source_layout(run: Any, sources: str) -> tuple[list[tuple[int, int]], list[int], list[str]]:

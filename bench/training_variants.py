@@ -9,7 +9,9 @@
   trained on sentence-level ablations (each sentence of every document its own source, 32 masks) against one
   trained on the document-level ablations of the same examples, and document-level + sentence-level mixed;
 - with `--tokens DIR` (`collect --sources tokens`: every document token its own source, as the reference AT2
-  trains), the same three comparisons at token level.
+  trains), the same three comparisons at token level;
+- with `--answers DIR` (`collect --targets answer`: the whole answer as the one target, document-level sources),
+  the same three comparisons for whole-answer targets against per-sentence ones.
 
 Each variant is trained with two seeds (the seed draws the early-stopping split and the subset). Held-out LDS is
 reported over all targets and over the targets of non-degenerate answers. Writes docs/bench/training_variants.json.
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sentences", help="shards collected with --sources sentences (training-split examples)")
     parser.add_argument("--tokens", help="shards collected with --sources tokens (training-split examples)")
+    parser.add_argument("--answers", help="shards collected with --targets answer (training-split examples)")
     parser.add_argument("--out", default="docs/bench/training_variants.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -83,7 +86,7 @@ def main() -> None:
         "degenerate dropped": [lambda seed: [ex for ex in train if not degenerate(ex)]],
         **{f"{n} examples": [lambda seed, n=n: random.Random(seed).sample(train, n)] for n in (64, 128, 256)},
     }
-    finer = {"sentence": args.sentences, "token": args.tokens}
+    finer = {"sentence-level": args.sentences, "token-level": args.tokens, "whole-answer": args.answers}
     if any(finer.values()):
         variants = {}
     held_ids = {ex.id for ex in held}
@@ -92,15 +95,15 @@ def main() -> None:
             continue
         shards = load_collected(folder)
         if any(ex.id in held_ids for ex in shards):
-            raise SystemExit(f"the {level}-level shards hold held-out examples: collect training-split ones only")
+            raise SystemExit(f"the {level} shards hold held-out examples: collect training-split ones only")
         ids = {ex.id for ex in shards}
         same_documents = [ex for ex in train if ex.id in ids]
-        print(f"{level}-level: {len(shards)} examples ({len(same_documents)} with document-level data)")
+        print(f"{level}: {len(shards)} examples ({len(same_documents)} with document-level data)")
         variants.update(
             {
-                f"{level}-level, {len(shards)} examples": [lambda seed, shards=shards: shards],
+                f"{level}, {len(shards)} examples": [lambda seed, shards=shards: shards],
                 f"document-level, the same {len(same_documents)} examples": [lambda seed, same=same_documents: same],
-                f"document-level 510 + {level}-level {len(shards)}": [lambda seed, shards=shards: train + shards],
+                f"document-level 510 + {level} {len(shards)}": [lambda seed, shards=shards: train + shards],
             }
         )
     rows = {"shipped": evaluate(ScoreEstimator.shipped(MODEL).weights.detach()),

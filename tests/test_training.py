@@ -442,3 +442,13 @@ def test_whole_answer_targets(smollm):
     assert torch.allclose(item.features[0], target_features(run.token_features[:, :2], rows))
     full = att.runner.ablated_logit_probs(run, torch.ones(1, 2, dtype=torch.bool))
     assert torch.allclose(item.full[0], target_log_odds(full, rows)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"sources": "words"}, {"targets_of": "paragraphs"}])
+def test_collect_refuses_unknown_sources_or_targets_before_any_work(tmp_path, kwargs):
+    from at2_rag import InvalidInputError
+    from at2_rag.training.collect import collect
+
+    with pytest.raises(InvalidInputError, match="sources must be one of .*tokens.* targets_of one of sentences"):
+        collect([], tmp_path / "out", attributor=None, **kwargs)
+    assert not (tmp_path / "out").exists()

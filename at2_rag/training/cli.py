@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
+from ..layout import SOURCE_KINDS, TARGET_KINDS
 
 
 def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
@@ -196,12 +197,12 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--keep-prob", type=float, default=0.5)
     c.add_argument(
         "--sources",
-        choices=["documents", "sentences", "context", "tokens"],
+        choices=list(SOURCE_KINDS),
         default="documents",
         help="what to ablate: documents, their sentences, documents + earlier turns, system prompt and question, "
         "or every document token on its own (as the reference AT2 trains; one more pass per example)",
     )
-    c.add_argument("--targets", choices=["sentences", "answer"], default="sentences", help="what a training target "
+    c.add_argument("--targets", choices=list(TARGET_KINDS), default="sentences", help="what a training target "
                    "is: each answer sentence (default), or the whole answer")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..examples import example_seed
 from ..features import answer_targets, target_features
-from ..layout import SourceKind, document_token_sources, source_layout
+from ..layout import SOURCE_KINDS, TARGET_KINDS, SourceKind, TargetKind, document_token_sources, source_layout
 from ..sources import CharSpan
 from .data import (
     CollectedExample,
@@ -49,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 NUM_MASKS = 32
 KEEP_PROB = 0.5
-#: what a target is: each answer sentence (what citations score), or the whole answer
-TargetKind = Literal["sentences", "answer"]
 
 
 def collect_example(
@@ -191,6 +189,11 @@ def collect(
     Bad examples raise `InvalidExamplesError` (naming every one, by line and id) before any model work, or with
     `skip_invalid` are logged and listed under `"invalid"` in the returned summary. An example that fails mid-run
     is treated the same way (after the finished examples are written); any other error is raised after they are."""
+    if sources not in SOURCE_KINDS or targets_of not in TARGET_KINDS:  # before any file or model work
+        raise InvalidInputError(
+            f"sources must be one of {', '.join(SOURCE_KINDS)} and targets_of one of {', '.join(TARGET_KINDS)}, "
+            f"got {sources!r} and {targets_of!r}"
+        )
     if rank is None or world_size is None:
         rank, world_size, _ = process_split()
     scanned = scan_examples(examples, limit)
