@@ -257,3 +257,23 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     assert main(args[:-3]) == 0  # resumed: nothing measured again, the same summary
     assert output.with_suffix(".jsonl").read_text().splitlines() == rows
     assert json.loads(output.read_text()) == summary
+
+
+def test_conversation_rows_file_survives_a_killed_run_and_names_a_bad_line(tmp_path):
+    """A last line cut short (a run killed mid-write) is dropped so its example is measured again; a damaged
+    line elsewhere is an error naming the file and line, not a silent skip."""
+    import json
+
+    import pytest
+
+    from at2_rag.errors import InputFileError
+    from at2_rag.evaluation.conversations import _read_rows
+
+    rows = tmp_path / "rows.jsonl"
+    good = json.dumps({"example": "a", "rows": []})
+    rows.write_text(good + "\n" + '{"example": "b", "ro')
+    assert [e["example"] for e in _read_rows(rows)] == ["a"]
+    assert rows.read_text() == good + "\n"
+    rows.write_text("not json\n" + good + "\n")
+    with pytest.raises(InputFileError, match="rows.jsonl line 1 is not a conversation row entry"):
+        _read_rows(rows)

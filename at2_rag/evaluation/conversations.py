@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 
 from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..attributor import Attributor
+from ..errors import InputFileError
 from ..examples import Example
 from ..features import answer_targets, target_features
+from ..files import atomic_path
 from ..grounding import auroc
 
 logger = logging.getLogger(__name__)
@@ -177,6 +179,33 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows file's finished entries. A last line cut short by a killed run is dropped from the file (its
+    example is measured again); any other unreadable line is an error naming it, never silently skipped."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        logger.warning("%s: dropping an unfinished last line (a killed run); that example is measured again", path)
+        text = text[:cut]
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list) or "example" not in entry:
+                raise ValueError("not an {example, rows} object")
+        except ValueError as exc:
+            raise InputFileError(f"{path} line {number} is not a conversation row entry ({exc}); delete the line "
+                                 "or the file to measure its example again") from exc
+        entries.append(entry)
+    return entries
+
+
 def evaluate_conversations(
     attributor: Attributor,
     examples: Sequence[Example],
@@ -188,24 +217,20 @@ def evaluate_conversations(
     summarized (`summarize_conversations`). Resumable: each example's rows are appended to `rows_path` (JSONL)
     as soon as they are measured, and examples already there are skipped."""
     path = Path(rows_path)
-    done = set()
-    if path.exists():
-        done = {json.loads(line)["example"] for line in path.read_text().splitlines() if line.strip()}
+    entries = _read_rows(path)
+    done = {entry["example"] for entry in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [i for i, e in enumerate(examples) if e.id not in done]
     with path.open("a") as out:
         for i in tqdm(todo, desc="conversations", unit="example"):
             conversation = conversation_example(attributor, examples, i, first_turn_tokens=max_new_tokens)
             rows = evaluate_conversation(attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            out.write(json.dumps({"example": examples[i].id, "rows": rows}) + "\n")
+            entry = {"example": examples[i].id, "rows": rows}
+            out.write(json.dumps(entry) + "\n")
             out.flush()
+            entries.append(entry)
     wanted = {e.id for e in examples}
-    rows = [
-        r
-        for line in path.read_text().splitlines()
-        if line.strip() and (entry := json.loads(line))["example"] in wanted
-        for r in entry["rows"]
-    ]
+    rows = [r for entry in entries if entry["example"] in wanted for r in entry["rows"]]
     return summarize_conversations(rows)
 
 
