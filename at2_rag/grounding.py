@@ -88,10 +88,6 @@ class GroundednessCalibration:
             )
         return cls(scale=fallback_scale)
 
-    @property
-    def has_head(self) -> bool:
-        return self.document_weights is not None
-
     def grounded(
         self,
         document_scores: Sequence[float],

@@ -40,10 +40,16 @@ def refinement_units(prompt: Any) -> tuple[list[tuple[int, int]], list[int]]:
     question, so their effect is the surrogate's intercept (they keep their AT2 scores) and a pass spent on
     them would say nothing about citations. With no earlier turns this is exactly the documents, the layout
     `at2-rag evaluate` measures."""
-    n_docs, first = len(prompt.doc_sources), len(prompt.doc_sources) + len(prompt.sentence_sources)
-    turns = [i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
-    spans = list(prompt.doc_token_spans) + [prompt.context_token_spans[i] for i in turns]
-    return spans, list(range(n_docs)) + [first + i for i in turns]
+    first = len(prompt.doc_sources) + len(prompt.sentence_sources)
+    turns = history_columns(prompt)
+    spans = list(prompt.doc_token_spans) + [prompt.context_token_spans[c - first] for c in turns]
+    return spans, list(range(len(prompt.doc_sources))) + turns
+
+
+def history_columns(prompt: Any) -> list[int]:
+    """Feature columns of the earlier turns (after the documents and their sentences, among the context parts)."""
+    first = len(prompt.doc_sources) + len(prompt.sentence_sources)
+    return [first + i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
 
 
 def document_token_sources(prompt: Any) -> tuple[list[tuple[int, int]], list[str]]:

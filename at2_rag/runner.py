@@ -203,15 +203,23 @@ class ModelRunner:
         check_answer(answer)
         tokens = encode_with_offsets(self.tokenizer, answer)
         self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
-        ids = torch.tensor([prompt.input_ids + tokens.token_ids], device=self.device)
+        features = self._teacher_forced_features(prompt, tokens.token_ids, source_spans(prompt))
+        return CapturedRun(prompt, tokens, features, None)
+
+    def _teacher_forced_features(
+        self, prompt: RenderedPrompt, token_ids: Sequence[int], spans: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """`[answer tokens, spans, L*H]`: one pass over prompt + `token_ids`, capturing the answer rows'
+        attention to `spans`."""
+        ids = torch.tensor([prompt.input_ids + list(token_ids)], device=self.device)
         start = prompt.num_tokens - 1
         with (
             self.lock,
             torch.no_grad(),
-            capture_attention(self.model, source_spans(prompt), start, start + len(tokens.token_ids)) as state,
+            capture_attention(self.model, list(spans), start, start + len(token_ids)) as state,
         ):
             self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
-        return CapturedRun(prompt, tokens, state.features()[0], None)
+        return state.features()[0]
 
     def stream(
         self,
@@ -268,15 +276,7 @@ class ModelRunner:
         """`[answer tokens, spans, L*H]`: the run's answer rows' attention features to arbitrary prompt spans
         (token-level collection: every document token its own source), one teacher-forced pass over the run's
         own tokens, so the rows are exactly those the run's labels are measured on."""
-        ids = torch.tensor([run.prompt.input_ids + run.answer.token_ids], device=self.device)
-        start = run.prompt.num_tokens - 1
-        with (
-            self.lock,
-            torch.no_grad(),
-            capture_attention(self.model, list(spans), start, start + len(run.answer.token_ids)) as state,
-        ):
-            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
-        return state.features()[0][: len(run.answer.token_ids)]
+        return self._teacher_forced_features(run.prompt, run.answer.token_ids, spans)
 
     def ablated_logit_probs(
         self, run: CapturedRun, masks: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None

@@ -16,7 +16,7 @@ from .ablation import target_log_odds
 from .estimator import ScoreEstimator
 from .features import answer_targets, target_features
 from .grounding import GroundednessCalibration
-from .layout import refinement_units
+from .layout import history_columns, refinement_units
 from .prompt import RenderedPrompt
 from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore
@@ -212,8 +212,7 @@ class Scorer:
         grounding: GroundednessCalibration, scores: list[float], features: torch.Tensor, prompt: RenderedPrompt
     ) -> float:
         """One target's groundedness (nats) from its scores and features `[columns, L*H]` (see `at2_rag.grounding`)."""
-        n_docs, first = len(prompt.doc_sources), len(prompt.doc_sources) + len(prompt.sentence_sources)
-        turns = [first + i for i, part in enumerate(prompt.context_parts) if part.kind == "history"]
+        n_docs, turns = len(prompt.doc_sources), history_columns(prompt)
         return grounding.grounded(
             scores[:n_docs], [scores[c] for c in turns], features[:n_docs].sum(0), features[turns].sum(0)
         )

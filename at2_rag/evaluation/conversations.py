@@ -32,6 +32,7 @@ from ..examples import Example
 from ..features import answer_targets, target_features
 from ..files import atomic_path
 from ..grounding import auroc
+from ..layout import history_columns
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def evaluate_conversation(
     grounding = attributor.scorer.groundedness(refined=False)
     uniform = torch.full_like(attributor.estimator.weights.detach(), 1.0 / attributor.estimator.weights.numel())
     keys = [f"doc:{d.id}" for d in prompt.documents] + [p.key for p in prompt.context_parts]
-    history_columns = [n_docs + j for j, p in enumerate(prompt.context_parts) if p.kind == "history"]
+    chosen_turns = [n_docs + j for j, p in enumerate(prompt.context_parts) if p.kind == "history"]  # of `chosen`
+    turn_columns = history_columns(prompt)  # the same turns among all of `features`' columns
     rows = []
     for span, token_rows in targets:
         features = target_features(run.token_features, token_rows)  # [docs + sentences + context, LH]
@@ -96,9 +98,9 @@ def evaluate_conversation(
         log_p = target_log_prob(logit_probs, token_rows)
         loo = log_odds[0] - log_odds[1 : n + 1]
         drop = float(log_p[0] - log_p[-1])
-        history_features = features[[n_sents + c for c in history_columns]].sum(0)  # columns of `features`
+        history_features = features[turn_columns].sum(0)
         grounded = grounding.grounded(
-            at2[:n_docs].tolist(), at2[history_columns].tolist(), features[:n_docs].sum(0), history_features
+            at2[:n_docs].tolist(), at2[chosen_turns].tolist(), features[:n_docs].sum(0), history_features
         )
         rows.append(
             {
@@ -110,9 +112,9 @@ def evaluate_conversation(
                 "average_top": keys[int(average.argmax())],
                 "documents_only_top": keys[int(at2[:n_docs].argmax())],
                 "grounded": grounded,
-                "sum_grounded": grounding.grounded(at2[:n_docs].tolist(), at2[history_columns].tolist()),
+                "sum_grounded": grounding.grounded(at2[:n_docs].tolist(), at2[chosen_turns].tolist()),
                 "document_score_sum": float(at2[:n_docs].sum()),
-                "history_score_sum": float(at2[history_columns].sum()),
+                "history_score_sum": float(at2[chosen_turns].sum()),
                 "average_grounded": float(average[:n_docs].sum()),
                 "no_documents_log_prob_drop": drop,
                 "depends_on_documents": drop >= 1.0,
