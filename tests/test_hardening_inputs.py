@@ -301,6 +301,11 @@ def test_train_and_merge_name_the_unreadable_file(tmp_path, capsys):
     assert code == 2 and "latin1.jsonl is not a folder of collected shards" in err
     code, _, err = run_main(capsys, "train", str(tmp_path / "empty"), str(tmp_path / "est"))
     assert code == 2 and "is not a folder of collected shards" in err
+    # a second data folder is checked like the first, and nothing is written
+    conversations = Path(__file__).resolve().parents[1] / "data" / "collected" / "smollm2-conversations"
+    code, _, err = run_main(capsys, "train", str(conversations), str(shards), str(tmp_path / "est"))
+    assert code == 2 and "shard-r00-1-a.safetensors is not a readable at2-rag shard" in err and "Traceback" not in err
+    assert not (tmp_path / "est").exists()
     part = tmp_path / "part.json"
     part.write_text("{not json")
     code, _, err = run_main(capsys, "evaluate", "--merge", str(part))

@@ -78,11 +78,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import SHARD_GLOB, load_collected
     from .train import train_estimator
 
-    if not args.data.is_dir():
-        raise InvalidInputError(f"{args.data} is not a folder of collected shards (the output of `collect`)")
-    examples = load_collected(args.data)
-    if not examples:
-        raise InvalidInputError(f"no collected shards ({SHARD_GLOB}) in {args.data}")
+    groups = []
+    for folder in args.data:
+        if not folder.is_dir():
+            raise InvalidInputError(f"{folder} is not a folder of collected shards (the output of `collect`)")
+        group = load_collected(folder)
+        if not group:
+            raise InvalidInputError(f"no collected shards ({SHARD_GLOB}) in {folder}")
+        groups.append(group)
+    examples = groups[0]
     num_layers, num_heads = args.num_layers, args.num_heads
     if num_layers is None or num_heads is None:
         d = examples[0].features.shape[-1]
@@ -101,8 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         heldout_fraction=args.heldout_fraction,
         patience=args.patience,
         seed=args.seed,
+        more_examples=groups[1:],
     )
-    estimator.metadata["training_data"] = args.training_data or str(args.data)
+    estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)
     (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
@@ -215,7 +220,8 @@ def add_training_commands(sub: Any) -> None:
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train", help="fit the linear estimator on collected shards")
-    t.add_argument("data", type=Path, help="folder of shards from `collect`")
+    t.add_argument("data", type=Path, nargs="+", help="folder(s) of shards from `collect` (e.g. single-turn and "
+                   "multi-turn); each is split into training and held-out examples on its own")
     t.add_argument("output", type=Path, help="estimator folder to write")
     t.add_argument("--model", help="model id the data was collected with (default: embedded SmolLM2-135M)")
     t.add_argument("--num-layers", type=int)

@@ -113,10 +113,18 @@ def train_estimator(
     grad_clip: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    more_examples: Sequence[Sequence[CollectedExample]] = (),
 ) -> tuple[ScoreEstimator, dict[str, Any]]:
-    """Train and return the estimator with its training report (held-out correlation per epoch)."""
+    """Train and return the estimator with its training report (held-out correlation per epoch).
+
+    `more_examples`: further sets (e.g. multi-turn conversations beside single-turn examples), each split into
+    training and held-out examples on its own with the same fraction and seed, so adding a set never moves
+    another set's examples between the splits (held-out numbers measured on one set's split stay honest)."""
     torch.manual_seed(seed)
     train_ex, held_ex = split_examples(examples, heldout_fraction, seed)
+    for group in more_examples:
+        group_train, group_held = split_examples(group, heldout_fraction, seed)
+        train_ex, held_ex = train_ex + group_train, held_ex + group_held
     train = to_targets(train_ex)
     keep = informative(train)
     train = TargetBatch(train.features[keep], train.signs[keep], train.labels[keep])
@@ -165,7 +173,7 @@ def train_estimator(
     estimator.l1_normalize_()
     calibration = calibrate(estimator.weights.detach(), train)
     report = {
-        "num_examples": len(examples),
+        "num_examples": len(train_ex) + len(held_ex),
         "num_train_examples": len(train_ex),
         "num_heldout_examples": len(held_ex),
         "num_train_targets": len(train),
@@ -177,7 +185,8 @@ def train_estimator(
         "lr": lr,
         "batch_size": batch_size,
         **calibration,
+        "heldout_example_ids": [ex.id for ex in held_ex],
         "history": history,
     }
-    estimator.metadata.update({k: v for k, v in report.items() if k != "history"})
+    estimator.metadata.update({k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")})
     return estimator, report
