@@ -119,6 +119,10 @@ def evaluate_conversation(
                 "no_documents_log_prob_drop": drop,
                 "depends_on_documents": drop >= 1.0,
                 "supported": grounded >= grounding.threshold,
+                # per source, for analyses that need more than the tops
+                "sources": keys,
+                "at2_scores": at2.tolist(),
+                "leave_one_out": loo.tolist(),
             }
         )
     return rows
