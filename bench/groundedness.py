@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from at2_rag.estimator import ScoreEstimator
+from at2_rag.evaluation.metrics import bootstrap_se
 from at2_rag.grounding import (
     DEFAULT_THRESHOLD,
     HEAD_RIDGE,
@@ -129,13 +130,6 @@ def precision_recall(predicted: torch.Tensor, positive: torch.Tensor) -> tuple[f
     return tp / max(1.0, float(predicted.sum())), tp / max(1.0, float(positive.sum()))
 
 
-def bootstrap(fn, n: int, reps: int = 500, seed: int = 0) -> float:
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.tensor([fn(torch.randint(0, n, (n,), generator=generator)) for _ in range(reps)])
-    values = values[~values.isnan()]
-    return float(values.std())
-
-
 def measure(name: str, grounded: torch.Tensor, log_prob_drops: torch.Tensor) -> dict[str, float]:
     """AUROC of `grounded` against "depends on the documents" (drop >= 1 nat), precision and recall of
     supported, with bootstrap standard errors, and the correlation with the capped drop."""
@@ -146,11 +140,11 @@ def measure(name: str, grounded: torch.Tensor, log_prob_drops: torch.Tensor) -> 
     capped = log_prob_drops.clamp(-HEAD_TARGET_CAP, HEAD_TARGET_CAP)
     return {
         f"auroc_{name}": auroc(grounded, positive),
-        f"auroc_{name}_se": bootstrap(lambda i: auroc(grounded[i], positive[i]), n),
+        f"auroc_{name}_se": bootstrap_se(lambda i: auroc(grounded[i], positive[i]), n),
         f"supported_precision_{name}": p,
-        f"supported_precision_{name}_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[0], n),
+        f"supported_precision_{name}_se": bootstrap_se(lambda i: precision_recall(supported[i], positive[i])[0], n),
         f"supported_recall_{name}": r,
-        f"supported_recall_{name}_se": bootstrap(lambda i: precision_recall(supported[i], positive[i])[1], n),
+        f"supported_recall_{name}_se": bootstrap_se(lambda i: precision_recall(supported[i], positive[i])[1], n),
         f"correlation_{name}_vs_capped_drop": float(torch.corrcoef(torch.stack([grounded, capped]))[0, 1]),
     }
 
@@ -209,7 +203,7 @@ def main() -> None:
     report.update(
         {
             "auroc_average_attention": auroc(held_uniform[:, 0], positive),
-            "auroc_average_attention_se": bootstrap(lambda i: auroc(held_uniform[i, 0], positive[i]), n),
+            "auroc_average_attention_se": bootstrap_se(lambda i: auroc(held_uniform[i, 0], positive[i]), n),
             "auroc_max_document_score": auroc(held_rows[:, 4], positive),
             "old_rule_precision": p_old,
             "old_rule_recall": r_old,
@@ -226,7 +220,7 @@ def main() -> None:
                 "conversation_targets": m,
                 "conversation_positive_rate": float(c_positive.double().mean()),
                 "conversation_auroc_sum": auroc(c_grounded, c_positive),
-                "conversation_auroc_sum_se": bootstrap(lambda i: auroc(c_grounded[i], c_positive[i]), m),
+                "conversation_auroc_sum_se": bootstrap_se(lambda i: auroc(c_grounded[i], c_positive[i]), m),
                 "conversation_auroc_documents_only": auroc(rows[:, 0], c_positive),
             }
         )

@@ -33,6 +33,7 @@ from ..features import answer_targets, target_features
 from ..files import atomic_path
 from ..grounding import auroc
 from ..layout import history_columns
+from .metrics import bootstrap_se
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +136,6 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
-def _bootstrap_auroc(scores: torch.Tensor, labels: torch.Tensor, reps: int = 500) -> float:
-    generator = torch.Generator().manual_seed(0)
-    values = []
-    for _ in range(reps):
-        i = torch.randint(0, len(scores), (len(scores),), generator=generator)
-        value = auroc(scores[i], labels[i])
-        if not math.isnan(value):
-            values.append(value)
-    return float(torch.tensor(values).std()) if values else float("nan")
-
-
 def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics with standard errors over targets (AUROC: bootstrap)."""
     summary: dict[str, Any] = {"targets": len(rows), "examples": len({r["id"] for r in rows})}
@@ -163,7 +153,7 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for method, key in methods:
         scores = torch.tensor([r[key] for r in rows], dtype=torch.double)
         summary[f"groundedness_auroc_{method}"] = {
-            "mean": auroc(scores, labels), "se": _bootstrap_auroc(scores, labels)
+            "mean": auroc(scores, labels), "se": bootstrap_se(lambda i, s=scores: auroc(s[i], labels[i]), len(scores))
         }
     supported = torch.tensor([r["supported"] for r in rows])
 

@@ -4,7 +4,7 @@ registration as the evaluation's built-in metrics (`registry.register_metric`)."
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -60,6 +60,15 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k > 0:
         keep[torch.argsort(-scores.double(), stable=True)[:k]] = False
     return keep
+
+
+def bootstrap_se(statistic: Callable[[torch.Tensor], float], n: int, reps: int = 500, seed: int = 0) -> float:
+    """Standard error of `statistic(indices)` over `reps` resamples of n items with replacement (seeded, so
+    reports are reproducible); resamples where it is undefined (NaN: one class missing) are left out."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.tensor([statistic(torch.randint(0, n, (n,), generator=generator)) for _ in range(reps)])
+    values = values[~values.isnan()]
+    return float(values.std()) if len(values) else float("nan")
 
 
 def nanmean(values: Sequence[float]) -> float:
