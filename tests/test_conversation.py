@@ -228,6 +228,10 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     estimator = tmp_path / "estimator"
     shutil.copytree(Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / "smollm2-135m-instruct", estimator)
     output = tmp_path / "conversations.json"
+    # baselines on the same runs: the same estimator must agree exactly as often, uniform weights as average
+    # attention does
+    shutil.copytree(estimator, tmp_path / "same")
+    ScoreEstimator.uniform(30, 9).save_pretrained(tmp_path / "uniform")
     args = [
         "evaluate",
         str(examples),
@@ -236,6 +240,10 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
         str(output),
         "--max-new-tokens",
         "16",
+        "--baseline",
+        str(tmp_path / "same"),
+        "--baseline",
+        str(tmp_path / "uniform"),
         "--estimator",
         str(estimator),
         "--record",
@@ -246,12 +254,15 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     for key in ("top1_agreement_at2", "top1_agreement_average", "top1_agreement_documents_only"):
         assert 0.0 <= summary[key]["mean"] <= 1.0 and "se" in summary[key]
     assert {"groundedness_auroc_at2", "groundedness_auroc_at2_score_sum", "supported_precision"} <= set(summary)
+    assert summary["top1_agreement_baselines"]["same"] == summary["top1_agreement_at2"]
+    assert summary["top1_agreement_baselines"]["uniform"] == summary["top1_agreement_average"]
     rows = output.with_suffix(".jsonl").read_text().splitlines()
     assert [json.loads(r)["example"] for r in rows] == ["vacation", "office"]
     recorded = ScoreEstimator.from_folder(estimator).metadata["conversations"]
     assert (
         recorded["heldout"].startswith("2 multi-turn conversations") and "top1_agreement_with_leave_one_out" in recorded
     )
+    assert recorded["top1_agreement_same"] == summary["top1_agreement_at2"]
     assert "## Conversations" in (estimator / "README.md").read_text()
     capsys.readouterr()
     assert main(args[:-3]) == 0  # resumed: nothing measured again, the same summary

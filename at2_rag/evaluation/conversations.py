@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..attributor import Attributor
 from ..errors import InputFileError
+from ..estimator import ScoreEstimator
 from ..examples import Example
 from ..features import answer_targets, target_features
 from ..files import atomic_path
@@ -64,9 +65,14 @@ def conversation_example(
 
 
 def evaluate_conversation(
-    attributor: Attributor, example: dict[str, Any], max_new_tokens: int = 48, batch_size: int = 8
+    attributor: Attributor,
+    example: dict[str, Any],
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    baselines: Mapping[str, ScoreEstimator] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per sentence of the follow-up answer (see the module docstring)."""
+    """One row per sentence of the follow-up answer (see the module docstring). `baselines`: other estimators
+    (an earlier one, say) whose best source is recorded too, on the same run and the same passes."""
     request = {"query": example["query"], "documents": example["documents"], "history": example["history"]}
     run = attributor.capture(request, max_new_tokens=max_new_tokens)
     prompt, answer = run.prompt, run.answer
@@ -111,6 +117,9 @@ def evaluate_conversation(
                 "loo_top": keys[int(loo.argmax())],
                 "at2_top": keys[int(at2.argmax())],
                 "average_top": keys[int(average.argmax())],
+                "baseline_tops": {
+                    name: keys[int((chosen @ est.weights.detach()).argmax())] for name, est in (baselines or {}).items()
+                },
                 "documents_only_top": keys[int(at2[:n_docs].argmax())],
                 "grounded": grounded,
                 "sum_grounded": grounding.grounded(at2[:n_docs].tolist(), at2[chosen_turns].tolist()),
@@ -142,6 +151,10 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for method in ("at2", "average", "documents_only"):
         mean, se = _mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
         summary[f"top1_agreement_{method}"] = {"mean": mean, "se": se}
+    names = set.intersection(*(set(r.get("baseline_tops", {})) for r in rows)) if rows else set()
+    for name in sorted(names):
+        mean, se = _mean_se([r["baseline_tops"][name] == r["loo_top"] for r in rows])
+        summary.setdefault("top1_agreement_baselines", {})[name] = {"mean": mean, "se": se}
     summary["loo_top_is_query"] = _mean_se([r["loo_top"] == "query" for r in rows])[0]
     labels = torch.tensor([r["depends_on_documents"] for r in rows])
     methods = (
@@ -150,11 +163,14 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ("documents_only", "document_score_sum"),  # the document scores' sum alone
         ("average", "average_grounded"),
     )
+
+    def auroc_with_se(scores: torch.Tensor) -> dict[str, float]:
+        return {"mean": auroc(scores, labels), "se": bootstrap_se(lambda i: auroc(scores[i], labels[i]), len(scores))}
+
     for method, key in methods:
-        scores = torch.tensor([r[key] for r in rows], dtype=torch.double)
-        summary[f"groundedness_auroc_{method}"] = {
-            "mean": auroc(scores, labels), "se": bootstrap_se(lambda i, s=scores: auroc(s[i], labels[i]), len(scores))
-        }
+        summary[f"groundedness_auroc_{method}"] = auroc_with_se(
+            torch.tensor([r[key] for r in rows], dtype=torch.double)
+        )
     supported = torch.tensor([r["supported"] for r in rows])
 
     def share(values: Sequence[bool]) -> dict[str, float]:
@@ -208,10 +224,14 @@ def evaluate_conversations(
     rows_path: str | os.PathLike[str],
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    baselines: Mapping[str, ScoreEstimator] | None = None,
 ) -> dict[str, Any]:
     """Every example as a conversation (`conversation_example`), evaluated (`evaluate_conversation`) and
     summarized (`summarize_conversations`). Resumable: each example's rows are appended to `rows_path` (JSONL)
-    as soon as they are measured, and examples already there are skipped."""
+    as soon as they are measured, and examples already there are skipped. `baselines` must fit the model's
+    heads (checked before any work)."""
+    for est in (baselines or {}).values():
+        est.check_compatible(attributor.num_layers, attributor.num_heads)
     path = Path(rows_path)
     entries = _read_rows(path)
     done = {entry["example"] for entry in entries}
@@ -220,7 +240,9 @@ def evaluate_conversations(
     with path.open("a") as out:
         for i in tqdm(todo, desc="conversations", unit="example"):
             conversation = conversation_example(attributor, examples, i, first_turn_tokens=max_new_tokens)
-            rows = evaluate_conversation(attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            rows = evaluate_conversation(
+                attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size, baselines=baselines
+            )
             entry = {"example": examples[i].id, "rows": rows}
             out.write(json.dumps(entry) + "\n")
             out.flush()
@@ -238,6 +260,7 @@ def conversation_record(summary: dict[str, Any], examples: str) -> dict[str, Any
         "top1_agreement_with_leave_one_out": summary["top1_agreement_at2"],
         "top1_agreement_average_attention": summary["top1_agreement_average"],
         "top1_agreement_documents_only": summary["top1_agreement_documents_only"],
+        **{f"top1_agreement_{name}": v for name, v in summary.get("top1_agreement_baselines", {}).items()},
         "groundedness_auroc": summary["groundedness_auroc_at2"],
         "groundedness_auroc_score_sum": summary["groundedness_auroc_at2_score_sum"],
         "groundedness_auroc_average_attention": summary["groundedness_auroc_average"],
@@ -248,8 +271,6 @@ def conversation_record(summary: dict[str, Any], examples: str) -> dict[str, Any
 
 def record_conversations(folder: str | os.PathLike[str], summary: dict[str, Any], examples: str) -> None:
     """Keep a conversation evaluation in the estimator's config and model card (other metadata untouched)."""
-    from ..estimator import ScoreEstimator
-
     estimator = ScoreEstimator.from_folder(folder)
     previous = estimator.metadata.get("conversations")
     record = conversation_record(summary, examples)

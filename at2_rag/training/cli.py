@@ -183,8 +183,11 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     examples = read_examples(args.examples, limit=args.limit or None)
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
+    baselines = {Path(b).name: ScoreEstimator.from_pretrained(b) for b in args.baseline or []}
     rows = args.output.with_suffix(".jsonl")
-    summary = evaluate_conversations(attributor, examples, rows, max_new_tokens=args.max_new_tokens)
+    summary = evaluate_conversations(
+        attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines
+    )
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     if args.record:
@@ -256,6 +259,8 @@ def add_training_commands(sub: Any) -> None:
                    "estimator measures only its new top-k masks (resumable)")
     e.add_argument("--metrics", nargs="+", metavar="NAME", help="evaluate with these registered metrics only "
                    "(default: all of them; built in: lds, top_k_drop; see at2_rag.evaluation.registry)")
+    e.add_argument("--baseline", action="append", metavar="ESTIMATOR", help="with --conversations: also the "
+                   "top-1 agreement of this estimator (e.g. an earlier one) on the same runs; repeatable")
     e.add_argument("--conversations", action="store_true", help="evaluate attribution in conversations instead: "
                    "each example becomes a multi-turn one (the model's own first answer as history, then a follow-up "
                    "that repeats, builds on or doubts it, or that the documents cannot answer); reports top-1 "
