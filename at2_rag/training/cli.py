@@ -191,7 +191,8 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     if args.record:
-        record_conversations(Path(args.estimator), summary, str(args.examples))
+        described = f"examples 0-{len(examples) - 1} of {args.examples}" if args.limit else str(args.examples)
+        record_conversations(Path(args.estimator), summary, described)
     print(json.dumps(summary, indent=2))
     return 0
 
