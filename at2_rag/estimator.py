@@ -490,21 +490,27 @@ def _settings_lines(meta: dict[str, Any]) -> list[str]:
     groundedness = meta.get("groundedness")
     if isinstance(groundedness, dict):
         lines += ["", "## Groundedness (`Citation.grounded`, nats)", ""]
-        lines += [
-            f"- {k.replace('_', ' ')}: " + (f"{len(v)} per-head weights" if isinstance(v, list) else str(v))
-            for k, v in groundedness.items()
-        ]
+        lines += [f"- {k.replace('_', ' ')}: {_card_value(v)}" for k, v in groundedness.items()]
     conversations = meta.get("conversations")
     if isinstance(conversations, dict):
         lines += ["", "## Conversations (multi-turn held-out examples)", ""]
-        for key, value in conversations.items():
-            if isinstance(value, dict) and "mean" in value:
-                se = value.get("se")
-                se_text = f" ± {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
-                lines.append(f"- {key.replace('_', ' ')}: {value['mean']:.3f}{se_text}")
-            elif not isinstance(value, dict):
-                lines.append(f"- {key.replace('_', ' ')}: {value}")
+        lines += [
+            f"- {k.replace('_', ' ')}: {_card_value(v)}"
+            for k, v in conversations.items()
+            if not isinstance(v, dict) or "mean" in v
+        ]
     return lines
+
+
+def _card_value(value: Any) -> str:
+    """A metadata value as the model card shows it: a measurement as mean ± se, a weight list by its length."""
+    if isinstance(value, list):
+        return f"{len(value)} per-head weights"
+    if isinstance(value, dict) and isinstance(value.get("mean"), (int, float)):
+        se = value.get("se")
+        se_text = f" ± {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
+        return f"{value['mean']:.3f}{se_text}"
+    return str(value)
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> list[str]:

@@ -5,12 +5,12 @@ The estimator's head weights are learned mostly from document ablations, and the
 parts, whose attention may not read the same way.
 
 Each collected conversation target (`collect --sources context`) has 32 random masks over the documents, the
-system prompt, the earlier turns and the question; the least-squares surrogate on them says which source the
+system prompt, the earlier turns and the question; the lasso (ContextCite) surrogate on them says which source the
 sentence stands on most. The multipliers (one per context kind, from a grid) are chosen so that the estimator's
 best source is the surrogate's best as often as possible; grouped 5-fold cross-validation over conversations says
 what the choice is worth on conversations it did not see.
 
-    python bench/context_scales.py   # writes docs/bench/context_scales.json
+    python bench/context_scales.py [--estimator FOLDER]   # writes docs/bench/context_scales.json
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", default="data/collected/smollm2-conversations")
     parser.add_argument("--out", default="docs/bench/context_scales.json")
+    parser.add_argument("--estimator", help="estimator folder whose scores are scaled (default: the shipped one)")
     args = parser.parse_args()
-    estimator = ScoreEstimator.shipped(MODEL)
+    estimator = ScoreEstimator.from_folder(args.estimator) if args.estimator else ScoreEstimator.shipped(MODEL)
     examples = load_collected(args.conversations)
     grouped = conversation_rows(examples, estimator.weights.detach())
     rows = [r for g in grouped for r in g]
@@ -108,7 +109,8 @@ def main() -> None:
         "cross_validated_top1_unscaled": mean_se(hits_plain),
         "cross_validated_gain": mean_se(paired),
         "scales_per_fold": chosen_per_fold,
-        "reference": "least-squares (lasso) surrogate on each target's 32 random masks",
+        "reference": "lasso (ContextCite) surrogate on each target's 32 random masks",
+        "estimator": args.estimator or "the shipped estimator",
     }
     print(json.dumps(report, indent=2))
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -241,10 +241,7 @@ def main() -> None:
                 "document_weights": doc_w.tolist(),
                 "history_weights": hist_w.tolist(),
                 "head_offset": head_offset,
-                "heldout_auroc_single_turn": (
-                    f"{report['auroc_head']:.3f} ± {report['auroc_head_se']:.3f} ({n} targets of the training run's "
-                    "held-out split)"
-                ),
+                "heldout_auroc_single_turn": {"mean": report["auroc_head"], "se": report["auroc_head_se"], "n": n},
                 "fitted_on": (
                     f"{len(train[0])} single-turn (training split) and {len(multi[0])} multi-turn training targets "
                     f"with every document removed (bench/groundedness.py); head: ridge {HEAD_RIDGE:g} on "

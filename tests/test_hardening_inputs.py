@@ -306,6 +306,23 @@ def test_train_and_merge_name_the_unreadable_file(tmp_path, capsys):
     code, _, err = run_main(capsys, "train", str(conversations), str(shards), str(tmp_path / "est"))
     assert code == 2 and "shard-r00-1-a.safetensors is not a readable at2-rag shard" in err and "Traceback" not in err
     assert not (tmp_path / "est").exists()
+    # shards of two models (different head counts) cannot train one estimator: named, before any training
+    from at2_rag.training.data import CollectedExample, write_shard
+
+    for name, width in (("a", 12), ("b", 20)):
+        (tmp_path / name).mkdir()
+        ex = CollectedExample(name, torch.rand(1, 3, width), torch.rand(32, 3) < 0.5, torch.rand(1, 32), torch.rand(1),
+                              {"id": name})
+        write_shard(tmp_path / name / "shard-r00-1-a.safetensors", [ex])
+    code, _, err = run_main(capsys, "train", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "est"))
+    assert code == 2 and "has 20 features per source" in err and "different models" in err, err
+    assert not (tmp_path / "est").exists()
+    # --baseline belongs to the conversation evaluation, and its folders name the results
+    code, _, err = run_main(capsys, "evaluate", str(shards), "--baseline", str(shards))
+    assert code == 2 and "--baseline needs --conversations" in err, err
+    twins = ["--baseline", str(tmp_path / "x" / "est"), "--baseline", str(tmp_path / "y" / "est")]
+    code, _, err = run_main(capsys, "evaluate", str(shards), "--conversations", *twins)
+    assert code == 2 and "must have different names" in err, err
     part = tmp_path / "part.json"
     part.write_text("{not json")
     code, _, err = run_main(capsys, "evaluate", "--merge", str(part))

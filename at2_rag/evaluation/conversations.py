@@ -8,8 +8,9 @@ earlier answer, or asks something the documents cannot answer. For every sentenc
 - `grounded` against the label "removing every document lowers the sentence's log-probability by >= 1 nat"
   (one pass with every document removed): AUROC, and precision / recall of `supported`.
 
-Baselines: average attention (uniform head weights) on the same sources, and the document-only view (the best
-document, which can never point at an earlier turn). Standard errors: over targets (bootstrap for AUROC).
+Baselines: average attention (uniform head weights) on the same sources, the document-only view (the best
+document, which can never point at an earlier turn), and any other estimators passed as `baselines` (top-1
+agreement on the same runs and passes). Standard errors: over targets (bootstrap for AUROC).
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mean, se = _mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
         summary[f"top1_agreement_{method}"] = {"mean": mean, "se": se}
     names = set.intersection(*(set(r.get("baseline_tops", {})) for r in rows)) if rows else set()
+    partial = {name for r in rows for name in r.get("baseline_tops", {})} - names
+    if partial:  # rows measured before a baseline was added: comparing on part of the rows would mislead
+        logger.warning("baselines %s are missing from some rows (measured before them): not summarized; delete "
+                       "the rows file to measure every example with them", sorted(partial))
     for name in sorted(names):
         mean, se = _mean_se([r["baseline_tops"][name] == r["loo_top"] for r in rows])
         summary.setdefault("top1_agreement_baselines", {})[name] = {"mean": mean, "se": se}

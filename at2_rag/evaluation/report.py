@@ -433,6 +433,15 @@ def plot_budget_curve(
     return save_figure(fig, path)
 
 
+def _described(estimator: ScoreEstimator) -> dict[str, Any]:
+    """The estimator as a report names it: its config without the evaluation recorded in it earlier (this report
+    is the evaluation; an older copy inside it would only disagree with it)."""
+    config = estimator.config_dict()
+    metadata = dict(config.get("metadata") or {})
+    metadata.pop("evaluation", None)
+    return {**config, "metadata": metadata}
+
+
 def evaluate(
     examples: str | os.PathLike[str] | Iterable[Any],
     attributor: Attributor,
@@ -466,7 +475,7 @@ def evaluate(
             rows.append(row)
     report = {
         "model_id": attributor.model_id,
-        "estimator": attributor.estimator.config_dict(),
+        "estimator": _described(attributor.estimator),
         "num_examples": len(rows),
         "lds_masks": LDS_MASKS,
         "budgets": list(budgets),

@@ -87,9 +87,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"no collected shards ({SHARD_GLOB}) in {folder}")
         groups.append(group)
     examples = groups[0]
+    d = examples[0].features.shape[-1]
+    for folder, group in zip(args.data, groups):
+        if group[0].features.shape[-1] != d:
+            raise InvalidInputError(
+                f"{folder} has {group[0].features.shape[-1]} features per source, {args.data[0]} has {d}: "
+                "shards collected with different models cannot train one estimator"
+            )
     num_layers, num_heads = args.num_layers, args.num_heads
     if num_layers is None or num_heads is None:
-        d = examples[0].features.shape[-1]
         if args.model is None and d == 30 * 9:
             num_layers, num_heads = 30, 9
         else:
@@ -110,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)
     (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")}, indent=2))
     return 0
 
 
@@ -131,6 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("evaluate needs a JSONL of examples (or --merge PART.json ...)")
     if args.conversations:
         return _evaluate_conversations(args)
+    if args.baseline:
+        raise InvalidInputError("--baseline needs --conversations (the single-turn evaluation compares estimators "
+                                "through its own methods)")
     part = None
     if args.part:
         try:
@@ -180,10 +189,13 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     from ..examples import read_examples
     from ..files import atomic_path
 
+    names = [Path(b).name for b in args.baseline or []]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"--baseline folders must have different names (they name the results): {names}")
     examples = read_examples(args.examples, limit=args.limit or None)
+    baselines = {name: ScoreEstimator.from_pretrained(b) for name, b in zip(names, args.baseline or [])}
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
-    baselines = {Path(b).name: ScoreEstimator.from_pretrained(b) for b in args.baseline or []}
     rows = args.output.with_suffix(".jsonl")
     summary = evaluate_conversations(
         attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines

@@ -1,0 +1,130 @@
+"""Variants of the groundedness head, cross-validated on the multi-turn training conversations.
+
+Grouped 5-fold cross-validation over conversations (the single-turn training targets are always in the fit), AUROC
+of the out-of-fold prediction against "removing every document lowers the log-probability by >= 1 nat"; and the
+single-turn held-out AUROC of each variant fitted on everything. Variants: the shipped head
+(`fit_groundedness_head`: document and earlier-turn sums, ridge 1000, drops capped at 5 nats), the same with the
+multi-turn targets weighted 3x, with the question's and system prompt's feature sums as further inputs, and with
+square-root or log feature sums. Writes docs/bench/groundedness_variants.json.
+
+    python bench/groundedness_variants.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from groundedness import example_folds, removed_all
+
+from at2_rag.estimator import ScoreEstimator
+from at2_rag.grounding import HEAD_RIDGE, HEAD_TARGET_CAP, auroc
+from at2_rag.training.data import CollectedExample, load_collected
+from at2_rag.training.train import split_examples
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FOLDS = 5
+
+
+def context_sums(ex: CollectedExample, kind: str) -> torch.Tensor:
+    """Per target, the features summed over the context parts of one kind ("query", "system"); zeros without."""
+    n_docs = int(ex.meta.get("num_documents", ex.features.shape[1]))
+    ids = ex.meta.get("source_ids") or []
+    columns = [j for j, key in enumerate(ids) if j >= n_docs and key == kind]
+    return ex.features[:, columns].double().sum(1)
+
+
+def blocks(ex: CollectedExample, weights: torch.Tensor, extra: bool):
+    """(feature blocks `[N, L*H]` each, capped-drop target, positive label) of an example's removed-all targets."""
+    rows, docs, hist = removed_all([ex], weights)
+    if not len(rows):
+        return None
+    parts = [docs, hist]
+    if extra:  # removed_all keeps every target of a context shard, in order
+        parts += [context_sums(ex, "query"), context_sums(ex, "system")]
+    return parts, rows[:, 2], rows[:, 3] >= 1.0
+
+
+def fit(parts_list, targets, weights_of_rows, transform, shared_spread: bool):
+    """Ridge on standardized blocks (by the document block's spread when `shared_spread`, as the shipped head)."""
+    x = [torch.cat([transform(p[b]) for p in parts_list]) for b in range(len(parts_list[0]))]
+    means = [block.mean(0) for block in x]
+    spreads = [block.std(0).clamp_min(1e-9) for block in x]
+    if shared_spread:
+        means, spreads = [means[0]] * len(x), [spreads[0]] * len(x)
+
+    def design(blocks_: list[torch.Tensor]) -> torch.Tensor:
+        cols = [(transform(b) - m) / s for b, m, s in zip(blocks_, means, spreads, strict=True)]
+        return torch.cat(cols + [torch.ones(len(blocks_[0]), 1, dtype=torch.double)], 1)
+
+    d = design([torch.cat([p[b] for p in parts_list]) for b in range(len(parts_list[0]))])
+    w = weights_of_rows.unsqueeze(1)
+    penalty = torch.eye(d.shape[1], dtype=torch.double) * HEAD_RIDGE
+    penalty[-1, -1] = 0.0
+    solution = torch.linalg.solve(d.T @ (w * d) + penalty, d.T @ (w.squeeze(1) * targets.clamp(-HEAD_TARGET_CAP,
+                                                                                                    HEAD_TARGET_CAP)))
+    return lambda blocks_: design(blocks_) @ solution
+
+
+def evaluate(single, multi, held, transform: Callable, shared_spread: bool, multi_weight: float = 1.0):
+    folds = example_folds(multi, FOLDS)
+    predictions, labels = [], []
+    for k in range(FOLDS):
+        train = single + [m for m, f in zip(multi, folds, strict=True) if f != k]
+        weights = torch.cat([torch.full((len(t[1]),), multi_weight if i >= len(single) else 1.0, dtype=torch.double)
+                             for i, t in enumerate(train)])
+        head = fit([t[0] for t in train], torch.cat([t[1] for t in train]), weights, transform, shared_spread)
+        for m, f in zip(multi, folds, strict=True):
+            if f == k:
+                predictions.append(head(m[0]))
+                labels.append(m[2])
+    everything = single + multi
+    head = fit([t[0] for t in everything], torch.cat([t[1] for t in everything]),
+               torch.ones(sum(len(t[1]) for t in everything), dtype=torch.double), transform, shared_spread)
+    return {
+        "multi_turn_cross_validated_auroc": auroc(torch.cat(predictions), torch.cat(labels)),
+        "single_turn_heldout_auroc": auroc(torch.cat([head(h[0]) for h in held]), torch.cat([h[2] for h in held])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collected", default="data/collected/smollm2-train")
+    parser.add_argument("--conversations", default="data/collected/smollm2-conversations")
+    parser.add_argument("--out", default="docs/bench/groundedness_variants.json")
+    args = parser.parse_args()
+    weights = ScoreEstimator.shipped(MODEL).weights.detach()
+    train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
+    conversations = load_collected(args.conversations)
+    identity = lambda x: x  # noqa: E731
+    report = {}
+    for extra in (False, True):
+        single = [b for ex in train_ex if (b := blocks(ex, weights, extra))]
+        held = [b for ex in held_ex if (b := blocks(ex, weights, extra))]
+        multi = [b for ex in conversations if (b := blocks(ex, weights, extra))]
+        if not extra:
+            report["shipped head"] = evaluate(single, multi, held, identity, shared_spread=True)
+            report["multi-turn targets weighted 3x"] = evaluate(single, multi, held, identity, True, 3.0)
+            report["each block standardized on its own"] = evaluate(single, multi, held, identity, False)
+            report["square-root sums (own standardization)"] = evaluate(
+                single, multi, held, lambda x: x.clamp_min(0).sqrt(), False
+            )
+            report["log sums (own standardization)"] = evaluate(
+                single, multi, held, lambda x: torch.log(x.clamp_min(0) + 1e-4), False
+            )
+        else:
+            report["+ question and system prompt sums (own standardization)"] = evaluate(
+                single, multi, held, identity, False
+            )
+        for name, value in report.items():
+            print(name, {k: round(v, 4) for k, v in value.items()}, flush=True)
+    report["conversations"] = len(conversations)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
