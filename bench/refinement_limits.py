@@ -7,7 +7,7 @@ example, LDS on 32 fresh masks).
 - pooled: one residual shared by all sentences of an answer (they see the same masks) plus each sentence's own;
 - power: the prior is `sign(s) |s|^p` instead of the scores themselves;
 - designs: leave-one-out of the top-scored sources, alone or with the rest D-optimal, against D-optimal;
-- oracle: the prior direction mixed with the least-squares surrogate of all 32 masks (in-sample, unattainable),
+- oracle: the prior direction mixed with the lasso surrogate of all 32 masks (in-sample, unattainable),
   which says how good a zero-pass prior must be for LDS(AT2+4) >= 0.80.
 
     python bench/refinement_limits.py   # writes docs/bench/refinement_limits.json
