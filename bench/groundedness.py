@@ -153,8 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
     parser.add_argument("--out", default="docs/bench/groundedness.json")
-    parser.add_argument("--conversations", default="data/collected/smollm2-conversations",
-                        help="multi-turn shards collected with --sources context (fitted too, when present)")
+    parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"],
+                        help="folder(s) of multi-turn shards collected with --sources context (fitted too, when "
+                        "present)")
     parser.add_argument("--conversation-rows", default="docs/bench/conversations.jsonl",
                         help="rows of bench/conversations.py: the multi-turn held-out evaluation")
     parser.add_argument("--record", action="store_true")
@@ -164,7 +165,7 @@ def main() -> None:
     weights = estimator.weights.detach()
     uniform = torch.full_like(weights, 1.0 / weights.numel())
     train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
-    multi_ex = load_collected(args.conversations) if Path(args.conversations).is_dir() else []
+    multi_ex = [ex for folder in args.conversations if Path(folder).is_dir() for ex in load_collected(folder)]
     train, held = removed_all(train_ex, weights), removed_all(held_ex, weights)
     held_uniform = removed_all(held_ex, uniform)[0]
     multi = removed_all(multi_ex, weights)
