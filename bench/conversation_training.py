@@ -22,12 +22,12 @@ from context_scales import conversation_rows, top1_agreement
 from at2_rag.estimator import ScoreEstimator
 from at2_rag.evaluation.metrics import lds
 from at2_rag.training.data import load_collected
-from at2_rag.training.train import split_examples, train_estimator
+from at2_rag.training.train import report_summary, train_estimator
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-HELDOUT_FRACTION, SEED = 0.15, 0  # train_estimator's defaults: the same split as `at2-rag train`
+HELDOUT_FRACTION, SEED = 0.15, 0  # `at2-rag train`'s defaults
 
 
 def heldout_lds(examples: list, weights: torch.Tensor) -> tuple[float, float]:
@@ -69,8 +69,9 @@ def main() -> None:
     )
     estimator.save_pretrained(args.out)
     Path(args.out, "training_report.json").write_text(json.dumps(report, indent=2))
-    held_single = split_examples(single, HELDOUT_FRACTION, SEED)[1]
-    held_multi = split_examples(multi, HELDOUT_FRACTION, SEED)[1]
+    held_ids = set(report["heldout_example_ids"])  # the training run's own split, not a recomputed one
+    held_single = [ex for ex in single if ex.id in held_ids]
+    held_multi = [ex for ex in multi if ex.id in held_ids]
     baseline = ScoreEstimator.from_folder(args.baseline) if args.baseline else ScoreEstimator.shipped(MODEL)
     result = {
         "baseline": args.baseline or "the shipped estimator",
@@ -78,7 +79,7 @@ def main() -> None:
         "single_turn_heldout_lds_mixed": heldout_lds(held_single, estimator.weights.detach()),
         "conversation_heldout_top1_vs_surrogate_baseline": top1_vs_surrogate(held_multi, baseline.weights.detach()),
         "conversation_heldout_top1_vs_surrogate_mixed": top1_vs_surrogate(held_multi, estimator.weights.detach()),
-        "mixed_training_report": {k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")},
+        "mixed_training_report": report_summary(report),
     }
     Path(args.out, "comparison.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

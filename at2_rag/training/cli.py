@@ -76,7 +76,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..models import DEFAULT_MODEL_ID
     from .data import SHARD_GLOB, load_collected
-    from .train import train_estimator
+    from .train import report_summary, train_estimator
 
     groups = []
     for folder in args.data:
@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)
     (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")}, indent=2))
+    print(json.dumps(report_summary(report), indent=2))
     return 0
 
 

@@ -188,5 +188,11 @@ def train_estimator(
         "heldout_example_ids": [ex.id for ex in held_ex],
         "history": history,
     }
-    estimator.metadata.update({k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")})
+    estimator.metadata.update(report_summary(report))
     return estimator, report
+
+
+def report_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """A training report without its long lists (per-epoch history, held-out example ids): what the estimator's
+    config keeps and the console shows; training_report.json keeps everything."""
+    return {k: v for k, v in report.items() if k not in ("history", "heldout_example_ids")}
