@@ -52,20 +52,25 @@ def top1_vs_surrogate(examples: list, weights: torch.Tensor) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--single", default="data/collected/smollm2-train")
-    parser.add_argument("--conversations", default="data/collected/smollm2-conversations")
+    parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"],
+                        help="multi-turn shard folder(s); each is split on its own, as `at2-rag train` does")
     parser.add_argument("--out", default="runs/estimator-conversations")
     parser.add_argument("--baseline", help="estimator folder to compare with (default: the shipped one)")
     args = parser.parse_args()
-    single, multi = load_collected(args.single), load_collected(args.conversations)
+    single = load_collected(args.single)
+    multi_sets = [load_collected(folder) for folder in args.conversations]
+    multi = [ex for examples in multi_sets for ex in examples]
     # as `at2-rag train SINGLE CONVERSATIONS`: each set split on its own, so the single-turn held-out split is
     # the shipped estimator's
     estimator, report = train_estimator(
-        single, 30, 9, model_id=MODEL, epochs=300, patience=30, progress=False, more_examples=[multi],
+        single, 30, 9, model_id=MODEL, epochs=300, patience=30, progress=False, more_examples=multi_sets,
         heldout_fraction=HELDOUT_FRACTION, seed=SEED,
     )
     estimator.metadata["training_data"] = (
-        f"{args.single} ({len(single)} single-turn examples) + {args.conversations} ({len(multi)} multi-turn "
-        "examples: scripts/build_conversations.py, collect --sources context), each split 85/15 on its own"
+        f"{args.single} ({len(single)} single-turn examples) + "
+        + " + ".join(f"{folder} ({len(examples)} multi-turn examples)" for folder, examples in
+                     zip(args.conversations, multi_sets, strict=True))
+        + " (scripts/build_conversations.py, collect --sources context), each split 85/15 on its own"
     )
     estimator.save_pretrained(args.out)
     Path(args.out, "training_report.json").write_text(json.dumps(report, indent=2))

@@ -4,10 +4,12 @@ Grouped 5-fold cross-validation over conversations (the single-turn training tar
 of the out-of-fold prediction against "removing every document lowers the log-probability by >= 1 nat"; and the
 single-turn held-out AUROC of each variant fitted on everything. Variants: the shipped head
 (`fit_groundedness_head`: document and earlier-turn sums, ridge 1000, drops capped at 5 nats), the same with the
-multi-turn targets weighted 3x, with the question's and system prompt's feature sums as further inputs, and with
-square-root or log feature sums. Writes docs/bench/groundedness_variants.json.
+multi-turn targets weighted 3x, with the question's and system prompt's feature sums, the top-scored document's
+features or the log of the sentence's length as further inputs, with square-root or log feature sums, and fitted to
+the log-probability drop (what the label thresholds) instead of the log-odds drop. Writes
+docs/bench/groundedness_variants.json.
 
-    python bench/groundedness_variants.py
+    python bench/groundedness_variants.py --conversations FOLDER [FOLDER ...]
 """
 
 from __future__ import annotations
@@ -37,15 +39,31 @@ def context_sums(ex: CollectedExample, kind: str) -> torch.Tensor:
     return ex.features[:, columns].double().sum(1)
 
 
-def blocks(ex: CollectedExample, weights: torch.Tensor, extra: bool):
-    """(feature blocks `[N, L*H]` each, capped-drop target, positive label) of an example's removed-all targets."""
+def top_document(ex: CollectedExample, weights: torch.Tensor) -> torch.Tensor:
+    """Per target, the features of the document the estimator scores highest."""
+    n_docs = int(ex.meta.get("num_documents", ex.features.shape[1]))
+    features = ex.features[:, :n_docs].double()
+    best = (features @ weights.double()).argmax(1)
+    return features[torch.arange(len(best)), best]
+
+
+def blocks(ex: CollectedExample, weights: torch.Tensor, extra: str = "", target: str = "log_odds"):
+    """(feature blocks `[N, L*H]` each, capped-drop target, positive label) of an example's removed-all targets.
+    `extra`: "context" adds the question's and system prompt's sums, "top" the top-scored document's features,
+    "length" the log of the sentence's length in characters (the drop is a sum over its tokens);
+    `target`: the log-odds drop (shipped) or the log-probability drop (what the label thresholds)."""
     rows, docs, hist = removed_all([ex], weights)
     if not len(rows):
         return None
     parts = [docs, hist]
-    if extra:  # removed_all keeps every target of a context shard, in order
+    if extra == "context":  # removed_all keeps every target of an example, in order
         parts += [context_sums(ex, "query"), context_sums(ex, "system")]
-    return parts, rows[:, 2], rows[:, 3] >= 1.0
+    elif extra == "top":
+        parts.append(top_document(ex, weights))
+    elif extra == "length":
+        chars = torch.tensor([float(max(1, end - start)) for start, end in ex.meta["targets"]], dtype=torch.double)
+        parts.append(chars.log().unsqueeze(1))
+    return parts, rows[:, 2 if target == "log_odds" else 3], rows[:, 3] >= 1.0
 
 
 def fit(parts_list, targets, weights_of_rows, transform, shared_spread: bool):
@@ -53,8 +71,9 @@ def fit(parts_list, targets, weights_of_rows, transform, shared_spread: bool):
     x = [torch.cat([transform(p[b]) for p in parts_list]) for b in range(len(parts_list[0]))]
     means = [block.mean(0) for block in x]
     spreads = [block.std(0).clamp_min(1e-9) for block in x]
-    if shared_spread:
-        means, spreads = [means[0]] * len(x), [spreads[0]] * len(x)
+    if shared_spread:  # blocks as wide as the document block share its standardization
+        means = [means[0] if m.shape == means[0].shape else m for m in means]
+        spreads = [spreads[0] if v.shape == spreads[0].shape else v for v in spreads]
 
     def design(blocks_: list[torch.Tensor]) -> torch.Tensor:
         cols = [(transform(b) - m) / s for b, m, s in zip(blocks_, means, spreads, strict=True)]
@@ -93,19 +112,27 @@ def evaluate(single, multi, held, transform: Callable, shared_spread: bool, mult
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
-    parser.add_argument("--conversations", default="data/collected/smollm2-conversations")
+    parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"])
     parser.add_argument("--out", default="docs/bench/groundedness_variants.json")
     args = parser.parse_args()
     weights = ScoreEstimator.shipped(MODEL).weights.detach()
     train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
-    conversations = load_collected(args.conversations)
+    conversations = [ex for folder in args.conversations for ex in load_collected(folder)]
     identity = lambda x: x  # noqa: E731
     report = {}
-    for extra in (False, True):
-        single = [b for ex in train_ex if (b := blocks(ex, weights, extra))]
-        held = [b for ex in held_ex if (b := blocks(ex, weights, extra))]
-        multi = [b for ex in conversations if (b := blocks(ex, weights, extra))]
-        if not extra:
+    for extra, target in (
+        ("", "log_odds"), ("context", "log_odds"), ("top", "log_odds"), ("length", "log_odds"), ("", "log_prob")
+    ):
+        single = [b for ex in train_ex if (b := blocks(ex, weights, extra, target))]
+        held = [b for ex in held_ex if (b := blocks(ex, weights, extra, target))]
+        multi = [b for ex in conversations if (b := blocks(ex, weights, extra, target))]
+        if target == "log_prob":
+            report["log-probability drop as the target"] = evaluate(single, multi, held, identity, True)
+        elif extra == "top":
+            report["+ top-scored document's features"] = evaluate(single, multi, held, identity, True)
+        elif extra == "length":
+            report["+ log sentence length"] = evaluate(single, multi, held, identity, True)
+        elif not extra:
             report["shipped head"] = evaluate(single, multi, held, identity, shared_spread=True)
             report["multi-turn targets weighted 3x"] = evaluate(single, multi, held, identity, True, 3.0)
             report["each block standardized on its own"] = evaluate(single, multi, held, identity, False)
@@ -122,6 +149,7 @@ def main() -> None:
         for name, value in report.items():
             print(name, {k: round(v, 4) for k, v in value.items()}, flush=True)
     report["conversations"] = len(conversations)
+    report["conversation_folders"] = args.conversations
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
