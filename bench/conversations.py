@@ -26,9 +26,10 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_default_model()
     attributor = Attributor(model, tokenizer, estimator=args.estimator)
-    examples = read_examples(args.heldout)[: args.examples]
     out = Path(args.out)
-    summary = evaluate_conversations(attributor, examples, out.with_suffix(".jsonl"), args.max_new_tokens)
+    summary = evaluate_conversations(
+        attributor, read_examples(args.heldout), out.with_suffix(".jsonl"), args.max_new_tokens, limit=args.examples
+    )
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

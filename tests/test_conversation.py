@@ -210,7 +210,7 @@ def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
     assert att.scorer.groundedness(refined=True).document_weights is None
 
 
-def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys):
+def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys, caplog):
     """`at2-rag evaluate EXAMPLES --conversations`: every example becomes a conversation on the real model; the
     summary has standard errors, the rows file makes a rerun measure nothing new, `--record` updates the card."""
     import json
@@ -268,6 +268,33 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     assert main(args[:-3]) == 0  # resumed: nothing measured again, the same summary
     assert output.with_suffix(".jsonl").read_text().splitlines() == rows
     assert json.loads(output.read_text()) == summary
+    assert main([*args[:-3], "--limit", "1"]) == 0  # the full run's first conversation: nothing measured
+    assert output.with_suffix(".jsonl").read_text().splitlines() == rows
+    assert json.loads(output.read_text())["examples"] == 1
+    # an entry measured with another follow-up (an older file, another pick) is measured again, not reused
+    office = json.loads(rows[1])
+    assert office["query"] == "Can you explain that in more detail?"
+    output.with_suffix(".jsonl").write_text(rows[0] + "\n" + json.dumps({**office, "query": "Something else?"}) + "\n")
+    with caplog.at_level("WARNING", logger="at2_rag.evaluation.conversations"):
+        assert main(args[:-3]) == 0
+    assert "measured with another follow-up question" in caplog.text
+    again = output.with_suffix(".jsonl").read_text().splitlines()
+    assert [json.loads(r)["example"] for r in again] == ["vacation", "office"] and again[0] == rows[0]
+    assert json.loads(again[1])["query"] == office["query"]
+    assert json.loads(output.read_text())["examples"] == 2
+
+
+def test_follow_ups_come_from_the_whole_list():
+    """Conversation i's follow-up depends on the whole held-out list, not on how many are evaluated: the
+    unanswerable one (every fourth) asks the question of the example half the list away."""
+    from at2_rag.evaluation.conversations import FOLLOW_UPS, KINDS, follow_up
+    from at2_rag.examples import read_examples
+
+    examples = read_examples([{"id": f"e{i}", "query": f"Question {i}?", "documents": ["Text."]} for i in range(8)])
+    assert [follow_up(examples, i)[0] for i in range(8)] == list(KINDS) * 2
+    assert follow_up(examples, 3) == ("unanswerable", "Question 7?")
+    assert follow_up(examples, 7) == ("unanswerable", "Question 3?")
+    assert follow_up(examples, 0) == ("repeat", FOLLOW_UPS["repeat"])
 
 
 def test_conversation_rows_file_survives_a_killed_run_and_names_a_bad_line(tmp_path):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..attributor import Attributor
-from ..errors import InputFileError
+from ..errors import InputFileError, InvalidInputError
 from ..estimator import ScoreEstimator
 from ..examples import Example
 from ..features import answer_targets, target_features
@@ -47,19 +47,25 @@ FOLLOW_UPS = {
 KINDS = ("repeat", "build_on", "doubt", "unanswerable")
 
 
+def follow_up(examples: Sequence[Example], i: int) -> tuple[str, str]:
+    """Conversation i's follow-up: its kind, `KINDS[i % 4]`, and its question (the unanswerable one is the question
+    of the example half the list away, whose documents are not given). Depends on the whole list, so evaluate
+    the whole held-out file and limit the examples evaluated, not the list."""
+    kind = KINDS[i % len(KINDS)]
+    return kind, FOLLOW_UPS.get(kind) or examples[(i + len(examples) // 2) % len(examples)].query
+
+
 def conversation_example(
     attributor: Attributor, examples: Sequence[Example], i: int, first_turn_tokens: int = 48
 ) -> dict[str, Any]:
-    """Multi-turn example i: the model's own answer to `examples[i]` as history, then a follow-up of kind
-    `KINDS[i % 4]` (the unanswerable one is another example's question, whose documents are not given)."""
+    """Multi-turn example i: the model's own answer to `examples[i]` as history, then `follow_up(examples, i)`."""
     example = examples[i]
     first = attributor.generate(example.query, example.documents, max_new_tokens=first_turn_tokens)
-    kind = KINDS[i % len(KINDS)]
-    follow_up = FOLLOW_UPS.get(kind) or examples[(i + len(examples) // 2) % len(examples)].query
+    kind, follow_up_question = follow_up(examples, i)
     return {
         "id": f"{example.id}-{kind}",
         "kind": kind,
-        "query": follow_up,
+        "query": follow_up_question,
         "documents": example.documents,
         "history": [{"role": "user", "content": example.query}, {"role": "assistant", "content": first.answer}],
     }
@@ -230,31 +236,54 @@ def evaluate_conversations(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     baselines: Mapping[str, ScoreEstimator] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Every example as a conversation (`conversation_example`), evaluated (`evaluate_conversation`) and
-    summarized (`summarize_conversations`). Resumable: each example's rows are appended to `rows_path` (JSONL)
-    as soon as they are measured, and examples already there are skipped. `baselines` must fit the model's
-    heads (checked before any work)."""
+    """The first `limit` examples (default: all) as conversations (`conversation_example`, follow-ups picked from
+    the whole list, so a limited run evaluates the full run's first conversations), evaluated
+    (`evaluate_conversation`) and summarized (`summarize_conversations`). Resumable: each example's rows are
+    appended to `rows_path` (JSONL) with its follow-up question as soon as they are measured, and examples
+    already there with the same follow-up are skipped (an entry with another follow-up, or none recorded, is
+    measured again). `baselines` must fit the model's heads (checked before any work)."""
     for est in (baselines or {}).values():
         est.check_compatible(attributor.num_layers, attributor.num_heads)
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"limit must be at least 1 example, got {limit}")
+    chosen = list(examples[:limit] if limit else examples)
+    questions = {e.id: follow_up(examples, i)[1] for i, e in enumerate(chosen)}
     path = Path(rows_path)
-    entries = _read_rows(path)
+    entries = _current_entries(path, _read_rows(path), questions)
     done = {entry["example"] for entry in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, e in enumerate(examples) if e.id not in done]
+    todo = [i for i, e in enumerate(chosen) if e.id not in done]
     with path.open("a") as out:
         for i in tqdm(todo, desc="conversations", unit="example"):
             conversation = conversation_example(attributor, examples, i, first_turn_tokens=max_new_tokens)
             rows = evaluate_conversation(
                 attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size, baselines=baselines
             )
-            entry = {"example": examples[i].id, "rows": rows}
+            entry = {"example": chosen[i].id, "query": conversation["query"], "rows": rows}
             out.write(json.dumps(entry) + "\n")
             out.flush()
             entries.append(entry)
-    wanted = {e.id for e in examples}
-    rows = [r for entry in entries if entry["example"] in wanted for r in entry["rows"]]
+    rows = [r for entry in entries if entry["example"] in questions for r in entry["rows"]]
     return summarize_conversations(rows)
+
+
+def _current_entries(path: Path, entries: list[dict[str, Any]], questions: dict[str, str]) -> list[dict[str, Any]]:
+    """The entries still valid for these conversations: an entry of one of them whose follow-up question differs
+    from its current one (or was not recorded) is dropped from the file, logged, and measured again; entries of
+    other examples stay in the file."""
+    stale = [e for e in entries if e["example"] in questions and e.get("query") != questions[e["example"]]]
+    if not stale:
+        return entries
+    logger.warning(
+        "%s: %d entries were measured with another follow-up question (or none recorded), e.g. %s: measuring "
+        "them again", path, len(stale), stale[0]["example"],
+    )
+    kept = [e for e in entries if not any(e is s for s in stale)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    return kept
 
 
 def conversation_record(summary: dict[str, Any], examples: str) -> dict[str, Any]:

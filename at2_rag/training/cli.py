@@ -192,18 +192,21 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     names = [Path(b).name for b in args.baseline or []]
     if len(set(names)) != len(names):
         raise InvalidInputError(f"--baseline folders must have different names (they name the results): {names}")
-    examples = read_examples(args.examples, limit=args.limit or None)
+    examples = read_examples(args.examples)  # all: follow-ups are picked from the whole file, --limit or not
     baselines = {name: ScoreEstimator.from_pretrained(b) for name, b in zip(names, args.baseline or [])}
     estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
     attributor = _attributor(args, estimator)
     rows = args.output.with_suffix(".jsonl")
     summary = evaluate_conversations(
-        attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines
+        attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines, limit=args.limit or None
     )
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     if args.record:
-        described = f"examples 0-{len(examples) - 1} of {args.examples}" if args.limit else str(args.examples)
+        evaluated = min(args.limit or len(examples), len(examples))
+        described = str(args.examples)
+        if evaluated < len(examples):
+            described = f"examples 0-{evaluated - 1} of {described}"
         record_conversations(Path(args.estimator), summary, described)
     print(json.dumps(summary, indent=2))
     return 0
