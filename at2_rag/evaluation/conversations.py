@@ -273,14 +273,17 @@ def _current_entries(path: Path, entries: list[dict[str, Any]], questions: dict[
     """The entries still valid for these conversations: an entry of one of them whose follow-up question differs
     from its current one (or was not recorded) is dropped from the file, logged, and measured again; entries of
     other examples stay in the file."""
-    stale = [e for e in entries if e["example"] in questions and e.get("query") != questions[e["example"]]]
+    kept: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    for entry in entries:
+        current = entry["example"] not in questions or entry.get("query") == questions[entry["example"]]
+        (kept if current else stale).append(entry)
     if not stale:
         return entries
     logger.warning(
         "%s: %d entries were measured with another follow-up question (or none recorded), e.g. %s: measuring "
         "them again", path, len(stale), stale[0]["example"],
     )
-    kept = [e for e in entries if not any(e is s for s in stale)]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
     return kept
