@@ -25,7 +25,7 @@ import torch
 
 from at2_rag.estimator import ScoreEstimator
 from at2_rag.evaluation.baselines import surrogate_scores
-from at2_rag.training.data import load_collected
+from at2_rag.training.data import load_collected, mask_kinds
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FOLDS = 5
@@ -62,8 +62,7 @@ def conversation_rows(examples, weights) -> list[list[tuple[torch.Tensor, torch.
     out = []
     for ex in examples:
         kinds = source_kinds(ex.meta)
-        no_documents = ex.meta.get("no_documents_mask")
-        random = [i for i in range(ex.masks.shape[0]) if i != no_documents]
+        random = [i for i, kind in enumerate(mask_kinds(ex)) if kind == "random"]
         rows = []
         for t in range(ex.labels.shape[0]):
             labels = ex.labels[t, random]

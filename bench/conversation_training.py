@@ -21,7 +21,7 @@ from context_scales import conversation_rows, top1_agreement
 
 from at2_rag.estimator import ScoreEstimator
 from at2_rag.evaluation.metrics import lds
-from at2_rag.training.data import load_collected
+from at2_rag.training.data import load_collected, mask_kinds, merge_collected
 from at2_rag.training.train import report_summary, train_estimator
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -49,28 +49,55 @@ def top1_vs_surrogate(examples: list, weights: torch.Tensor) -> dict[str, float]
     return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
 
 
+def top1_vs_leave_one_out(examples: list, weights: torch.Tensor) -> dict[str, float] | None:
+    """Share of conversation targets whose best-scored source is the one whose removal alone lowers the target's
+    log-odds most (the examples' leave-one-out masks, `collect --leave-one-out`): the evaluation's metric, on
+    the training conversations' held-out split."""
+    hits = []
+    for ex in examples:
+        kinds = mask_kinds(ex)
+        rows = [i for i, kind in enumerate(kinds) if kind == "leave_one_out"]
+        if not rows:
+            continue
+        removed = (~ex.masks[rows]).float().argmax(dim=1)  # the source each leave-one-out mask removes
+        for t in range(ex.labels.shape[0]):
+            effect = torch.full((ex.masks.shape[1],), -math.inf)
+            effect[removed] = ex.full[t] - ex.labels[t, rows]
+            hits.append(float(int((ex.features[t] @ weights).argmax()) == int(effect.argmax())))
+    if not hits:
+        return None
+    v = torch.tensor(hits, dtype=torch.double)
+    return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--single", default="data/collected/smollm2-train")
     parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"],
                         help="multi-turn shard folder(s); each is split on its own, as `at2-rag train` does")
+    parser.add_argument("--leave-one-out", nargs="*", default=[], help="shard folder(s) of `collect --num-masks 0 "
+                        "--leave-one-out` over the same conversations: their masks are added to those examples")
+    parser.add_argument("--loo-weight", type=float, default=1.0, help="weight of the leave-one-out correlation")
     parser.add_argument("--out", default="runs/estimator-conversations")
     parser.add_argument("--baseline", help="estimator folder to compare with (default: the shipped one)")
     args = parser.parse_args()
     single = load_collected(args.single)
-    multi_sets = [load_collected(folder) for folder in args.conversations]
+    folders = [args.single, *args.conversations, *args.leave_one_out]
+    single, *multi_sets = merge_collected([single] + [load_collected(f) for f in folders[1:]], folders)
     multi = [ex for examples in multi_sets for ex in examples]
     # as `at2-rag train SINGLE CONVERSATIONS`: each set split on its own, so the single-turn held-out split is
     # the shipped estimator's
     estimator, report = train_estimator(
         single, 30, 9, model_id=MODEL, epochs=300, patience=30, progress=False, more_examples=multi_sets,
-        heldout_fraction=HELDOUT_FRACTION, seed=SEED,
+        heldout_fraction=HELDOUT_FRACTION, seed=SEED, loo_weight=args.loo_weight,
     )
     estimator.metadata["training_data"] = (
         f"{args.single} ({len(single)} single-turn examples) + "
         + " + ".join(f"{folder} ({len(examples)} multi-turn examples)" for folder, examples in
                      zip(args.conversations, multi_sets, strict=True))
         + " (scripts/build_conversations.py, collect --sources context), each split 85/15 on its own"
+        + (f"; leave-one-out masks from {', '.join(args.leave_one_out)} (weight {args.loo_weight})"
+           if args.leave_one_out else "")
     )
     estimator.save_pretrained(args.out)
     Path(args.out, "training_report.json").write_text(json.dumps(report, indent=2))
@@ -84,6 +111,10 @@ def main() -> None:
         "single_turn_heldout_lds_mixed": heldout_lds(held_single, estimator.weights.detach()),
         "conversation_heldout_top1_vs_surrogate_baseline": top1_vs_surrogate(held_multi, baseline.weights.detach()),
         "conversation_heldout_top1_vs_surrogate_mixed": top1_vs_surrogate(held_multi, estimator.weights.detach()),
+        "conversation_heldout_top1_vs_leave_one_out_baseline": top1_vs_leave_one_out(held_multi,
+                                                                                     baseline.weights.detach()),
+        "conversation_heldout_top1_vs_leave_one_out_mixed": top1_vs_leave_one_out(held_multi,
+                                                                                  estimator.weights.detach()),
         "mixed_training_report": report_summary(report),
     }
     Path(args.out, "comparison.json").write_text(json.dumps(result, indent=2))

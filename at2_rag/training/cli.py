@@ -68,6 +68,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         skip_invalid=args.skip_invalid,
+        leave_one_out=args.leave_one_out,
     )
     print(json.dumps(summary))
     return 0
@@ -75,7 +76,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..models import DEFAULT_MODEL_ID
-    from .data import SHARD_GLOB, load_collected
+    from .data import SHARD_GLOB, load_collected, merge_collected
     from .train import report_summary, train_estimator
 
     groups = []
@@ -86,14 +87,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not group:
             raise InvalidInputError(f"no collected shards ({SHARD_GLOB}) in {folder}")
         groups.append(group)
-    examples = groups[0]
-    d = examples[0].features.shape[-1]
+    d = groups[0][0].features.shape[-1]
     for folder, group in zip(args.data, groups):
         if group[0].features.shape[-1] != d:
             raise InvalidInputError(
                 f"{folder} has {group[0].features.shape[-1]} features per source, {args.data[0]} has {d}: "
                 "shards collected with different models cannot train one estimator"
             )
+    # a folder of leave-one-out masks for examples of an earlier folder adds them to those examples
+    groups = merge_collected(groups, [str(folder) for folder in args.data])
+    examples = groups[0]
     num_layers, num_heads = args.num_layers, args.num_heads
     if num_layers is None or num_heads is None:
         if args.model is None and d == 30 * 9:
@@ -112,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         seed=args.seed,
         more_examples=groups[1:],
+        **({} if args.leave_one_out_weight is None else {"loo_weight": args.leave_one_out_weight}),
     )
     estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)
@@ -219,6 +223,9 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
     c.add_argument("--num-masks", type=int, default=32)
     c.add_argument("--keep-prob", type=float, default=0.5)
+    c.add_argument("--leave-one-out", action="store_true", help="also one mask per source removing it alone (what "
+                   "leave-one-out top-1 agreement measures; with --num-masks 0, only these: `train` adds them to the "
+                   "same examples collected with random masks in an earlier folder)")
     c.add_argument(
         "--sources",
         choices=list(SOURCE_KINDS),
@@ -240,7 +247,8 @@ def add_training_commands(sub: Any) -> None:
 
     t = sub.add_parser("train", help="fit the linear estimator on collected shards")
     t.add_argument("data", type=Path, nargs="+", help="folder(s) of shards from `collect` (e.g. single-turn and "
-                   "multi-turn); each is split into training and held-out examples on its own")
+                   "multi-turn); each is split into training and held-out examples on its own; a folder holding "
+                   "examples of an earlier one (e.g. their leave-one-out masks) adds its masks to them")
     t.add_argument("output", type=Path, help="estimator folder to write")
     t.add_argument("--model", help="model id the data was collected with (default: embedded SmolLM2-135M)")
     t.add_argument("--num-layers", type=int)
@@ -251,6 +259,8 @@ def add_training_commands(sub: Any) -> None:
     t.add_argument("--heldout-fraction", type=float, default=0.15)
     t.add_argument("--patience", type=int, default=30)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--leave-one-out-weight", type=float, help="weight of the correlation over leave-one-out masks "
+                   "(`collect --leave-one-out`, in a later data folder) beside the random masks' (default: 1)")
     t.add_argument("--training-data", help="description of the training data for the model card")
     t.set_defaults(func=cmd_train)
 

@@ -61,6 +61,7 @@ def collect_example(
     seed: int = 0,
     batch_size: int = NUM_MASKS + 1,
     targets_of: TargetKind = "sentences",
+    leave_one_out: bool = False,
 ) -> CollectedExample | None:
     """Features and ablation labels for one example, or None when the answer has no usable target.
 
@@ -68,7 +69,11 @@ def collect_example(
     target also records the all-documents-removed label that groundedness is calibrated on. With
     `sources="tokens"` every document token is its own source (`document_token_sources`), as the reference AT2
     trains; an estimator trained on them is applied to documents and sentences unchanged (features add up).
-    `targets_of="answer"` makes the whole answer the one target instead of each of its sentences."""
+    `targets_of="answer"` makes the whole answer the one target instead of each of its sentences.
+    `leave_one_out` adds one mask per source that removes it alone (after the random ones): what top-1 agreement
+    with leave-one-out is measured on, and what the random masks, which remove half the sources at once, do not
+    show when two sources say the same thing (an earlier answer and the document it copied). Each mask's kind is
+    recorded in `meta["mask_kinds"]` ("random", "leave_one_out", "no_documents")."""
     request = {"query": example.query, "documents": example.documents, "history": example.history}
     run = attributor.capture(request, max_new_tokens=max_new_tokens)
     targets = answer_targets(run.answer)
@@ -88,10 +93,15 @@ def collect_example(
     features = torch.stack([target_features(token_features, rows) for _, rows in targets])
     generator = torch.Generator().manual_seed(example_seed(seed, example.id))
     masks = random_masks(len(spans), num_masks, keep_prob, generator)
+    kinds = ["random"] * num_masks
+    if leave_one_out:
+        masks = torch.cat([masks, ~torch.eye(len(spans), dtype=torch.bool)])
+        kinds += ["leave_one_out"] * len(spans)
     if sources == "context":
         no_documents = torch.ones(1, len(spans), dtype=torch.bool)
         no_documents[0, : len(run.prompt.doc_sources)] = False
         masks = torch.cat([masks, no_documents])
+        kinds.append("no_documents")
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
     with attributor.runner.lock:
@@ -113,6 +123,7 @@ def collect_example(
         "num_answer_tokens": len(run.answer.token_ids),
         "num_documents": len(run.prompt.doc_sources),
         "no_documents_mask": masks.shape[0] - 1 if sources == "context" else None,
+        "mask_kinds": kinds,
     }
     return CollectedExample(example.id, features, masks, labels[:, 1:], labels[:, 0], meta)
 
@@ -183,6 +194,7 @@ def collect(
     rank: int | None = None,
     world_size: int | None = None,
     skip_invalid: bool = False,
+    leave_one_out: bool = False,
 ) -> dict[str, Any]:
     """Collect every example not already in `output_dir`; safe to kill and rerun at any point.
 
@@ -193,6 +205,10 @@ def collect(
         raise InvalidInputError(
             f"sources must be one of {', '.join(SOURCE_KINDS)} and targets_of one of {', '.join(TARGET_KINDS)}, "
             f"got {sources!r} and {targets_of!r}"
+        )
+    if num_masks < 0 or (num_masks == 0 and not leave_one_out):
+        raise InvalidInputError(
+            f"num_masks must be positive (or 0 with leave_one_out, for leave-one-out masks only), got {num_masks}"
         )
     if rank is None or world_size is None:
         rank, world_size, _ = process_split()
@@ -228,7 +244,8 @@ def collect(
         for example in bar:
             try:
                 item = collect_example(
-                    attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size, targets_of
+                    attributor, example, num_masks, keep_prob, sources, max_new_tokens, seed, batch_size, targets_of,
+                    leave_one_out,
                 )
             except EXAMPLE_ERRORS as exc:  # the example itself is at fault (validation could not foresee it)
                 problem = InvalidExample(example.line, example.position or 0, example.id, str(exc))

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import InputFileError
+from ..errors import InputFileError, InvalidInputError
 from ..examples import Example, InvalidExample, ScannedExamples, read_examples, scan_examples
 from ..files import atomic_path
 
@@ -48,6 +48,62 @@ class CollectedExample:
     labels: torch.Tensor  # [targets, masks]
     full: torch.Tensor  # [targets]
     meta: dict[str, Any]
+
+
+MASK_KINDS = ("random", "leave_one_out", "no_documents")
+
+
+def mask_kinds(example: CollectedExample) -> list[str]:
+    """What each of the example's masks is: `random` (trained on with the correlation objective),
+    `leave_one_out` (one source removed alone) or `no_documents` (every document removed, for groundedness).
+    Shards written before kinds were recorded hold random masks and, from `--sources context`, a last
+    no-documents mask named by `meta["no_documents_mask"]`."""
+    kinds = example.meta.get("mask_kinds")
+    if kinds is not None:
+        return list(kinds)
+    no_documents = example.meta.get("no_documents_mask")
+    return ["no_documents" if i == no_documents else "random" for i in range(example.masks.shape[0])]
+
+
+def merge_collected(
+    sets: Sequence[Sequence[CollectedExample]], names: Sequence[str] | None = None
+) -> list[list[CollectedExample]]:
+    """Add to each example the masks that later sets hold for the same example id (e.g. `collect --num-masks 0
+    --leave-one-out` run over examples collected with random masks before): the merged example stays in the
+    first set that has it, so the sets and their splits are unchanged, and a set left empty is dropped.
+    The copies must be of the same answer over the same sources, else the labels would not describe the
+    features: an `InvalidInputError` names the set and the example."""
+    names = list(names) if names is not None else [f"set {i}" for i in range(len(sets))]
+    first: dict[str, tuple[int, int]] = {}
+    merged: list[list[CollectedExample]] = []
+    for s, group in enumerate(sets):
+        kept: list[CollectedExample] = []
+        for ex in group:
+            if ex.id not in first:
+                first[ex.id] = (s, len(kept))
+                kept.append(ex)
+                continue
+            i, j = first[ex.id]
+            if i == s:
+                continue  # a duplicate within one set: the first is kept, as load_collected does
+            base = merged[i][j]
+            for key in ("answer", "source_ids", "targets"):
+                if base.meta.get(key) != ex.meta.get(key):
+                    raise InvalidInputError(
+                        f"example {ex.id!r} in {names[s]} has another {key} than in {names[i]}: masks can only be "
+                        "added to the same answer over the same sources (collect both with the same model, "
+                        "--sources and --max-new-tokens)"
+                    )
+            merged[i][j] = CollectedExample(
+                id=base.id,
+                features=base.features,
+                masks=torch.cat([base.masks, ex.masks]),
+                labels=torch.cat([base.labels, ex.labels], dim=1),
+                full=base.full,
+                meta={**base.meta, "mask_kinds": mask_kinds(base) + mask_kinds(ex)},
+            )
+        merged.append(kept)
+    return [group for group in merged if group]
 
 
 def write_shard(path: Path, examples: list[CollectedExample]) -> None:
