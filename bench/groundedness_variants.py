@@ -5,17 +5,19 @@ of the out-of-fold prediction against "removing every document lowers the log-pr
 single-turn held-out AUROC of each variant fitted on everything. Variants: the shipped head
 (`fit_groundedness_head`: document and earlier-turn sums, ridge 1000, drops capped at 5 nats), the same with the
 multi-turn targets weighted 3x, with the question's and system prompt's feature sums, the top-scored document's
-features or the log of the sentence's length as further inputs, with square-root or log feature sums, and fitted to
-the log-probability drop (what the label thresholds) instead of the log-odds drop. Writes
-docs/bench/groundedness_variants.json.
+features, the log of the sentence's length, the sentence's own log-odds with every source kept (free at inference:
+the answer's logits) or its word-bigram overlap with the documents and with the earlier answers (text, no attention)
+as further inputs, with square-root or log feature sums, and fitted to the log-probability drop (what the label
+thresholds) instead of the log-odds drop. Writes docs/bench/groundedness_variants.json.
 
-    python bench/groundedness_variants.py --conversations FOLDER [FOLDER ...]
+    python bench/groundedness_variants.py --conversations FOLDER [FOLDER ...] [--examples JSONL ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,10 +49,31 @@ def top_document(ex: CollectedExample, weights: torch.Tensor) -> torch.Tensor:
     return features[torch.arange(len(best)), best]
 
 
-def blocks(ex: CollectedExample, weights: torch.Tensor, extra: str = "", target: str = "log_odds"):
+def bigrams(text: str) -> set[tuple[str, str]]:
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return set(zip(words, words[1:], strict=False))
+
+
+def text_overlap(ex: CollectedExample, raw: dict[str, dict]) -> torch.Tensor:
+    """Per target `[N, 2]`: the share of the sentence's word bigrams found in the documents but not in the earlier
+    answers, and the share found in the earlier answers (the example's texts from its JSONL record)."""
+    record = raw[ex.meta["id"]]
+    documents = bigrams("\n".join(d["text"] for d in record["documents"]))
+    earlier = bigrams("\n".join(m["content"] for m in record.get("history", []) if m["role"] == "assistant"))
+    rows = []
+    for start, end in ex.meta["targets"]:
+        grams = bigrams(ex.meta["answer"][start:end])
+        n = max(1, len(grams))
+        rows.append([len((grams & documents) - earlier) / n, len(grams & earlier) / n])
+    return torch.tensor(rows, dtype=torch.double)
+
+
+def blocks(ex: CollectedExample, weights: torch.Tensor, extra: str = "", target: str = "log_odds",
+           raw: dict[str, dict] | None = None):
     """(feature blocks `[N, L*H]` each, capped-drop target, positive label) of an example's removed-all targets.
     `extra`: "context" adds the question's and system prompt's sums, "top" the top-scored document's features,
-    "length" the log of the sentence's length in characters (the drop is a sum over its tokens);
+    "length" the log of the sentence's length in characters (the drop is a sum over its tokens), "full" the
+    sentence's log-odds with every source kept (clipped to +-30), "text" its bigram overlap (`text_overlap`);
     `target`: the log-odds drop (shipped) or the log-probability drop (what the label thresholds)."""
     rows, docs, hist = removed_all([ex], weights)
     if not len(rows):
@@ -63,6 +86,10 @@ def blocks(ex: CollectedExample, weights: torch.Tensor, extra: str = "", target:
     elif extra == "length":
         chars = torch.tensor([float(max(1, end - start)) for start, end in ex.meta["targets"]], dtype=torch.double)
         parts.append(chars.log().unsqueeze(1))
+    elif extra == "full":
+        parts.append(ex.full.double().clamp(-30, 30).unsqueeze(1))
+    elif extra == "text" and raw is not None:
+        parts.append(text_overlap(ex, raw))
     return parts, rows[:, 2 if target == "log_odds" else 3], rows[:, 3] >= 1.0
 
 
@@ -113,25 +140,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
     parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"])
+    parser.add_argument("--examples", nargs="+", default=[
+        "data/rag_python_docs/train.jsonl", "data/rag_python_docs/train_conversations.jsonl",
+        "data/rag_python_docs/train_conversations_more.jsonl"], help="the collected examples' JSONL files (texts for "
+        "the bigram-overlap variant)")
     parser.add_argument("--out", default="docs/bench/groundedness_variants.json")
     args = parser.parse_args()
+    raw = {(r := json.loads(line))["id"]: r for path in args.examples for line in Path(path).read_text().splitlines()
+           if line.strip()}
     weights = ScoreEstimator.shipped(MODEL).weights.detach()
     train_ex, held_ex = split_examples(load_collected(args.collected), 0.15, 0)
     conversations = [ex for folder in args.conversations for ex in load_collected(folder)]
     identity = lambda x: x  # noqa: E731
     report = {}
     for extra, target in (
-        ("", "log_odds"), ("context", "log_odds"), ("top", "log_odds"), ("length", "log_odds"), ("", "log_prob")
+        ("", "log_odds"), ("context", "log_odds"), ("top", "log_odds"), ("length", "log_odds"), ("", "log_prob"),
+        ("full", "log_odds"), ("text", "log_odds"),
     ):
-        single = [b for ex in train_ex if (b := blocks(ex, weights, extra, target))]
-        held = [b for ex in held_ex if (b := blocks(ex, weights, extra, target))]
-        multi = [b for ex in conversations if (b := blocks(ex, weights, extra, target))]
+        single = [b for ex in train_ex if (b := blocks(ex, weights, extra, target, raw))]
+        held = [b for ex in held_ex if (b := blocks(ex, weights, extra, target, raw))]
+        multi = [b for ex in conversations if (b := blocks(ex, weights, extra, target, raw))]
         if target == "log_prob":
             report["log-probability drop as the target"] = evaluate(single, multi, held, identity, True)
         elif extra == "top":
             report["+ top-scored document's features"] = evaluate(single, multi, held, identity, True)
         elif extra == "length":
             report["+ log sentence length"] = evaluate(single, multi, held, identity, True)
+        elif extra == "full":
+            report["+ the sentence's log-odds with every source kept"] = evaluate(single, multi, held, identity, True)
+        elif extra == "text":
+            report["+ bigram overlap with the documents and the earlier answers"] = evaluate(
+                single, multi, held, identity, True
+            )
         elif not extra:
             report["shipped head"] = evaluate(single, multi, held, identity, shared_spread=True)
             report["multi-turn targets weighted 3x"] = evaluate(single, multi, held, identity, True, 3.0)
