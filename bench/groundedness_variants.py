@@ -31,6 +31,13 @@ from at2_rag.training.train import split_examples
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FOLDS = 5
+# `blocks(extra=...)` variants measured as one further input beside the shipped head's blocks
+FURTHER_INPUTS = {
+    "top": "+ top-scored document's features",
+    "length": "+ log sentence length",
+    "full": "+ the sentence's log-odds with every source kept",
+    "text": "+ bigram overlap with the documents and the earlier answers",
+}
 
 
 def context_sums(ex: CollectedExample, kind: str) -> torch.Tensor:
@@ -57,7 +64,9 @@ def bigrams(text: str) -> set[tuple[str, str]]:
 def text_overlap(ex: CollectedExample, raw: dict[str, dict]) -> torch.Tensor:
     """Per target `[N, 2]`: the share of the sentence's word bigrams found in the documents but not in the earlier
     answers, and the share found in the earlier answers (the example's texts from its JSONL record)."""
-    record = raw[ex.meta["id"]]
+    record = raw.get(ex.meta["id"])
+    if record is None:
+        raise SystemExit(f"example {ex.meta['id']!r} is in none of the --examples files (its texts are needed)")
     documents = bigrams("\n".join(d["text"] for d in record["documents"]))
     earlier = bigrams("\n".join(m["content"] for m in record.get("history", []) if m["role"] == "assistant"))
     rows = []
@@ -88,8 +97,8 @@ def blocks(ex: CollectedExample, weights: torch.Tensor, extra: str = "", target:
         parts.append(chars.log().unsqueeze(1))
     elif extra == "full":
         parts.append(ex.full.double().clamp(-30, 30).unsqueeze(1))
-    elif extra == "text" and raw is not None:
-        parts.append(text_overlap(ex, raw))
+    elif extra == "text":
+        parts.append(text_overlap(ex, raw or {}))
     return parts, rows[:, 2 if target == "log_odds" else 3], rows[:, 3] >= 1.0
 
 
@@ -160,18 +169,11 @@ def main() -> None:
         single = [b for ex in train_ex if (b := blocks(ex, weights, extra, target, raw))]
         held = [b for ex in held_ex if (b := blocks(ex, weights, extra, target, raw))]
         multi = [b for ex in conversations if (b := blocks(ex, weights, extra, target, raw))]
+        measured_before = len(report)
         if target == "log_prob":
             report["log-probability drop as the target"] = evaluate(single, multi, held, identity, True)
-        elif extra == "top":
-            report["+ top-scored document's features"] = evaluate(single, multi, held, identity, True)
-        elif extra == "length":
-            report["+ log sentence length"] = evaluate(single, multi, held, identity, True)
-        elif extra == "full":
-            report["+ the sentence's log-odds with every source kept"] = evaluate(single, multi, held, identity, True)
-        elif extra == "text":
-            report["+ bigram overlap with the documents and the earlier answers"] = evaluate(
-                single, multi, held, identity, True
-            )
+        elif extra in FURTHER_INPUTS:
+            report[FURTHER_INPUTS[extra]] = evaluate(single, multi, held, identity, True)
         elif not extra:
             report["shipped head"] = evaluate(single, multi, held, identity, shared_spread=True)
             report["multi-turn targets weighted 3x"] = evaluate(single, multi, held, identity, True, 3.0)
@@ -186,8 +188,8 @@ def main() -> None:
             report["+ question and system prompt sums (own standardization)"] = evaluate(
                 single, multi, held, identity, False
             )
-        for name, value in report.items():
-            print(name, {k: round(v, 4) for k, v in value.items()}, flush=True)
+        for name in list(report)[measured_before:]:
+            print(name, {k: round(v, 4) for k, v in report[name].items()}, flush=True)
     report["conversations"] = len(conversations)
     report["conversation_folders"] = args.conversations
     Path(args.out).write_text(json.dumps(report, indent=2))
