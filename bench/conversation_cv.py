@@ -15,7 +15,7 @@ the single-turn training examples) their leave-one-out masks added to training. 
 
     python bench/conversation_cv.py [--variants recipe loo3 ...] [--single-leave-one-out FOLDER]
 
-Run from the repository root.
+Run from the repository root (it imports bench/conversation_training.py beside it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from collections import defaultdict
@@ -31,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conversation_training import leave_one_out_hits, mean_se
 
-from at2_rag.training.data import CollectedExample, load_collected, mask_kinds, merge_collected
+from at2_rag.training.data import CollectedExample, load_collected, merge_collected
 from at2_rag.training.train import train_estimator
 
 FOLDS = 5
-NUM_LAYERS, NUM_HEADS = 30, 9
+NUM_HEADS = 9
 KIND_BLOCKS = ("document", "user turn", "assistant turn", "system", "question")
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -74,27 +74,6 @@ def with_kind_blocks(ex: CollectedExample) -> CollectedExample:
         features[:, j, d * (1 + k) : d * (2 + k)] = ex.features[:, j]
     out.features = features
     return out
-
-
-def leave_one_out_hits(examples: list[CollectedExample], weights: torch.Tensor) -> tuple[list[float], list[str]]:
-    """Per target with leave-one-out masks: 1 when the best-scored source is leave-one-out's best; and its kind."""
-    hits, kinds = [], []
-    for ex in examples:
-        rows = [i for i, kind in enumerate(mask_kinds(ex)) if kind == "leave_one_out"]
-        if not rows:
-            continue
-        removed = (~ex.masks[rows]).float().argmax(dim=1)
-        for t in range(ex.labels.shape[0]):
-            effect = torch.full((ex.masks.shape[1],), -math.inf)
-            effect[removed] = ex.full[t] - ex.labels[t, rows]
-            hits.append(float(int((ex.features[t] @ weights).argmax()) == int(effect.argmax())))
-            kinds.append(ex.id.rsplit("-", 1)[-1])
-    return hits, kinds
-
-
-def mean_se(values: list[float]) -> dict[str, float]:
-    v = torch.tensor(values, dtype=torch.double)
-    return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
 
 
 def cross_validate(single: list[CollectedExample], conversations: list[CollectedExample],

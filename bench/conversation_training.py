@@ -44,19 +44,20 @@ def heldout_lds(examples: list, weights: torch.Tensor) -> tuple[float, float]:
 
 def top1_vs_surrogate(examples: list, weights: torch.Tensor) -> dict[str, float]:
     """Share of conversation targets whose best-scored source is the random-mask surrogate's best."""
-    hits = [top1_agreement([row], {}) for group in conversation_rows(examples, weights) for row in group]
-    v = torch.tensor(hits, dtype=torch.double)
+    return mean_se([top1_agreement([row], {}) for group in conversation_rows(examples, weights) for row in group])
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    v = torch.tensor(values, dtype=torch.double)
     return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
 
 
-def top1_vs_leave_one_out(examples: list, weights: torch.Tensor) -> dict[str, float] | None:
-    """Share of conversation targets whose best-scored source is the one whose removal alone lowers the target's
-    log-odds most (the examples' leave-one-out masks, `collect --leave-one-out`): the evaluation's metric, on
-    the training conversations' held-out split."""
-    hits = []
+def leave_one_out_hits(examples: list, weights: torch.Tensor) -> tuple[list[float], list[str]]:
+    """Per target with leave-one-out masks (`collect --leave-one-out`): 1 when its best-scored source is the one
+    whose removal alone lowers the target's log-odds most, else 0; and the example's kind (its id's last part)."""
+    hits, kinds = [], []
     for ex in examples:
-        kinds = mask_kinds(ex)
-        rows = [i for i, kind in enumerate(kinds) if kind == "leave_one_out"]
+        rows = [i for i, kind in enumerate(mask_kinds(ex)) if kind == "leave_one_out"]
         if not rows:
             continue
         removed = (~ex.masks[rows]).float().argmax(dim=1)  # the source each leave-one-out mask removes
@@ -64,10 +65,14 @@ def top1_vs_leave_one_out(examples: list, weights: torch.Tensor) -> dict[str, fl
             effect = torch.full((ex.masks.shape[1],), -math.inf)
             effect[removed] = ex.full[t] - ex.labels[t, rows]
             hits.append(float(int((ex.features[t] @ weights).argmax()) == int(effect.argmax())))
-    if not hits:
-        return None
-    v = torch.tensor(hits, dtype=torch.double)
-    return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
+            kinds.append(ex.id.rsplit("-", 1)[-1])
+    return hits, kinds
+
+
+def top1_vs_leave_one_out(examples: list, weights: torch.Tensor) -> dict[str, float] | None:
+    """The evaluation's metric (`leave_one_out_hits`) on the training conversations' held-out split."""
+    hits, _ = leave_one_out_hits(examples, weights)
+    return mean_se(hits) if hits else None
 
 
 def main() -> None:
