@@ -282,6 +282,18 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     assert [json.loads(r)["example"] for r in again] == ["vacation", "office"] and again[0] == rows[0]
     assert json.loads(again[1])["query"] == office["query"]
     assert json.loads(output.read_text())["examples"] == 2
+    # rows scored by another estimator are never mixed into this one's summary: a run with the uniform estimator
+    # measures both conversations again (its tops are average attention's), and says why
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="at2_rag.evaluation.conversations"):
+        assert main([*args[:-3], "--estimator", str(tmp_path / "uniform")]) == 0
+    assert "2 entries were measured with another model, answer length, estimator" in caplog.text
+    uniform_entries = [json.loads(r) for r in output.with_suffix(".jsonl").read_text().splitlines()]
+    assert [e["example"] for e in uniform_entries] == ["vacation", "office"]
+    assert all(e["measured_with"]["estimator"] != json.loads(again[0])["measured_with"]["estimator"]
+               for e in uniform_entries)
+    assert all(r["at2_top"] == r["average_top"] for e in uniform_entries for r in e["rows"])
+    assert json.loads(output.read_text())["top1_agreement_at2"] == summary["top1_agreement_average"]
 
 
 def test_follow_ups_come_from_the_whole_list():

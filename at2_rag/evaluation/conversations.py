@@ -15,6 +15,8 @@ agreement on the same runs and passes). Standard errors: over targets (bootstrap
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +35,7 @@ from ..estimator import ScoreEstimator
 from ..examples import Example
 from ..features import answer_targets, target_features
 from ..files import atomic_path
-from ..grounding import auroc
+from ..grounding import GroundednessCalibration, auroc
 from ..layout import history_columns
 from .metrics import bootstrap_se
 
@@ -243,7 +245,9 @@ def evaluate_conversations(
     (`evaluate_conversation`) and summarized (`summarize_conversations`). Resumable: each example's rows are
     appended to `rows_path` (JSONL) with its follow-up question as soon as they are measured, and examples
     already there with the same follow-up are skipped (an entry with another follow-up, or none recorded, is
-    measured again). `baselines` must fit the model's heads (checked before any work)."""
+    measured again, as is one measured with another model, answer length, estimator, groundedness calibration or
+    baselines: its rows hold their scores, see `measurement_key`). `baselines` must fit the model's heads
+    (checked before any work)."""
     for est in (baselines or {}).values():
         est.check_compatible(attributor.num_layers, attributor.num_heads)
     if limit is not None and limit < 1:
@@ -251,7 +255,8 @@ def evaluate_conversations(
     chosen = list(examples[:limit] if limit else examples)
     questions = {e.id: follow_up(examples, i)[1] for i, e in enumerate(chosen)}
     path = Path(rows_path)
-    entries = _current_entries(path, _read_rows(path), questions)
+    key = measurement_key(attributor, max_new_tokens, baselines or {})
+    entries = _current_entries(path, _read_rows(path), questions, key)
     done = {entry["example"] for entry in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [i for i, e in enumerate(chosen) if e.id not in done]
@@ -261,7 +266,7 @@ def evaluate_conversations(
             rows = evaluate_conversation(
                 attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size, baselines=baselines
             )
-            entry = {"example": chosen[i].id, "query": conversation["query"], "rows": rows}
+            entry = {"example": chosen[i].id, "query": conversation["query"], "measured_with": key, "rows": rows}
             out.write(json.dumps(entry) + "\n")
             out.flush()
             entries.append(entry)
@@ -269,21 +274,56 @@ def evaluate_conversations(
     return summarize_conversations(rows)
 
 
-def _current_entries(path: Path, entries: list[dict[str, Any]], questions: dict[str, str]) -> list[dict[str, Any]]:
+def _digest(estimator: ScoreEstimator, grounding: GroundednessCalibration | None = None) -> str:
+    """Of an estimator's weights (and a groundedness calibration, head included): equal only for equal values."""
+    h = hashlib.sha256(estimator.weights.detach().to(torch.float32).contiguous().numpy().tobytes())
+    if grounding is not None:
+        fields = {f.name: getattr(grounding, f.name) for f in dataclasses.fields(grounding)}
+        h.update(json.dumps({k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in fields.items()},
+                            sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def measurement_key(
+    attributor: Attributor, max_new_tokens: int, baselines: Mapping[str, ScoreEstimator]
+) -> dict[str, Any]:
+    """What a conversation's rows depend on besides the conversation: the model and answer length (the runs), the
+    estimator and its groundedness calibration (the scores, `grounded`, `supported`) and the baselines (their
+    tops). Recorded with every entry, so a resumed run never mixes rows scored by another estimator."""
+    return {
+        "model": str(getattr(attributor.model.config, "_name_or_path", "")),
+        "max_new_tokens": max_new_tokens,
+        "estimator": _digest(attributor.estimator, attributor.scorer.groundedness(refined=False)),
+        "baselines": {name: _digest(est) for name, est in sorted(baselines.items())},
+    }
+
+
+def _current_entries(
+    path: Path, entries: list[dict[str, Any]], questions: dict[str, str], key: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The entries still valid for these conversations: an entry of one of them whose follow-up question differs
-    from its current one (or was not recorded) is dropped from the file, logged, and measured again; entries of
-    other examples stay in the file."""
+    from its current one, or that was measured with another `measurement_key` (or recorded neither), is dropped
+    from the file, logged, and measured again; entries of other examples stay in the file."""
     kept: list[dict[str, Any]] = []
-    stale: list[dict[str, Any]] = []
+    other_question, other_key = [], []
     for entry in entries:
-        current = entry["example"] not in questions or entry.get("query") == questions[entry["example"]]
-        (kept if current else stale).append(entry)
-    if not stale:
+        if entry["example"] not in questions:
+            kept.append(entry)
+        elif entry.get("query") != questions[entry["example"]]:
+            other_question.append(entry["example"])
+        elif entry.get("measured_with") != key:
+            other_key.append(entry["example"])
+        else:
+            kept.append(entry)
+    if not other_question and not other_key:
         return entries
-    logger.warning(
-        "%s: %d entries were measured with another follow-up question (or none recorded), e.g. %s: measuring "
-        "them again", path, len(stale), stale[0]["example"],
-    )
+    if other_question:
+        logger.warning("%s: %d entries were measured with another follow-up question (or none recorded), e.g. %s: "
+                       "measuring them again", path, len(other_question), other_question[0])
+    if other_key:
+        logger.warning("%s: %d entries were measured with another model, answer length, estimator, calibration or "
+                       "baselines (or before that was recorded), e.g. %s: measuring them again", path, len(other_key),
+                       other_key[0])
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
     return kept

@@ -12,7 +12,9 @@ from ..evaluation.report import BUDGETS
 from ..layout import SOURCE_KINDS, TARGET_KINDS
 
 
-def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
+def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool = True) -> Any:
+    """The model of `--model` (default: the embedded one) with `estimator`, else its shipped estimator (what
+    `evaluate` measures), or with `shipped=False` uniform weights (collection needs no trained estimator)."""
     from ..attributor import Attributor
     from ..capture import model_shape
     from ..estimator import ScoreEstimator
@@ -27,7 +29,7 @@ def _attributor(args: argparse.Namespace, estimator: Any = None) -> Any:
     _, _, device = process_split()
     if device is not None:
         model.to(device)
-    if estimator is None:  # collection does not need a trained estimator
+    if estimator is None and not shipped:
         layers, heads = model_shape(model)
         estimator = ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path)
     return Attributor(model, tokenizer, estimator=estimator)
@@ -57,7 +59,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     summary = collect(
         args.examples,
         args.output,
-        _attributor(args),
+        _attributor(args, shipped=False),
         num_masks=args.num_masks,
         keep_prob=args.keep_prob,
         sources=args.sources,
