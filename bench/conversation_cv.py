@@ -13,7 +13,11 @@ one weight vector per source kind (documents, user turns, assistant turns, syste
 shared one; with `--single-leave-one-out FOLDER` (`collect --sources documents --num-masks 0 --leave-one-out` over
 the single-turn training examples) their leave-one-out masks added to training. Writes docs/bench/conversation_cv.json.
 
-    python bench/conversation_cv.py [--variants recipe loo3 ...] [--single-leave-one-out FOLDER]
+`--seeds N` trains every fold with seeds 0..N-1 and pools the hits over them: a single training run is noisy at the
+level of the differences measured here (the seed draws the early-stopping split and the batches), which the
+standard errors over targets leave out. It also reports the spread between seeds and the weights averaged over them.
+
+    python bench/conversation_cv.py [--variants recipe loo3 ...] [--single-leave-one-out FOLDER] [--seeds N]
 
 Run from the repository root (it imports bench/conversation_training.py beside it).
 """
@@ -77,7 +81,11 @@ def with_kind_blocks(ex: CollectedExample) -> CollectedExample:
 
 
 def cross_validate(single: list[CollectedExample], conversations: list[CollectedExample],
-                   single_loo: list[CollectedExample] | None, options: dict[str, Any]) -> tuple[list[float], list[str]]:
+                   single_loo: list[CollectedExample] | None, options: dict[str, Any],
+                   seeds: int = 1) -> tuple[list[list[float]], list[float], list[str]]:
+    """Per training seed (0..seeds-1: it draws the early-stopping split and the batches), every target's hit;
+    the hits of the weights averaged over the seeds (each scaled to unit norm, one linear estimator at the same
+    cost); the targets' follow-up kinds."""
     options = dict(options)
     kind_blocks = options.pop("kind_blocks", False)
     if options.pop("single_loo", False):
@@ -88,17 +96,24 @@ def cross_validate(single: list[CollectedExample], conversations: list[Collected
         single, conversations = [with_kind_blocks(e) for e in single], [with_kind_blocks(e) for e in conversations]
     order = list(range(len(conversations)))
     random.Random(123).shuffle(order)
-    hits, kinds = [], []
+    hits: list[list[float]] = [[] for _ in range(seeds)]
+    averaged, kinds = [], []
     for fold in range(FOLDS):
         test = set(order[fold::FOLDS])
-        estimator, _ = train_estimator(
-            single, conversations[0].features.shape[-1] // NUM_HEADS, NUM_HEADS, epochs=300, patience=30,
-            progress=False, more_examples=[[c for i, c in enumerate(conversations) if i not in test]], **options,
-        )
-        fold_hits, fold_kinds = leave_one_out_hits([conversations[i] for i in sorted(test)],
-                                                   estimator.weights.detach())
-        hits, kinds = hits + fold_hits, kinds + fold_kinds
-    return hits, kinds
+        held = [conversations[i] for i in sorted(test)]
+        weights = []
+        for seed in range(seeds):
+            estimator, _ = train_estimator(
+                single, conversations[0].features.shape[-1] // NUM_HEADS, NUM_HEADS, epochs=300, patience=30,
+                progress=False, more_examples=[[c for i, c in enumerate(conversations) if i not in test]],
+                seed=seed, **options,
+            )
+            weights.append(estimator.weights.detach())
+            fold_hits, fold_kinds = leave_one_out_hits(held, weights[-1])
+            hits[seed] += fold_hits
+        averaged += leave_one_out_hits(held, torch.stack([w / w.norm() for w in weights]).mean(0))[0]
+        kinds += fold_kinds
+    return hits, averaged, kinds
 
 
 def main() -> None:
@@ -112,6 +127,9 @@ def main() -> None:
     parser.add_argument("--single-leave-one-out", help="leave-one-out masks of the single-turn examples")
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "single_loo"],
                         choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=1, help="train every fold with seeds 0..N-1: the spread "
+                        "between seeds (training noise, which the standard errors over targets leave out), and the "
+                        "weights averaged over the seeds")
     parser.add_argument("--out", default="docs/bench/conversation_cv.json")
     args = parser.parse_args()
     folders = [args.single, *args.conversations, *args.leave_one_out]
@@ -120,25 +138,37 @@ def main() -> None:
     single_loo = load_collected(args.single_leave_one_out) if args.single_leave_one_out else None
     variants = ["recipe"] + [v for v in args.variants if v != "recipe"]
     report: dict[str, Any] = {"conversations": len(conversations), "folders": folders,
-                              "single_leave_one_out": args.single_leave_one_out, "variants": {}}
-    recipe_hits: list[float] = []
+                              "single_leave_one_out": args.single_leave_one_out, "seeds": args.seeds,
+                              "variants": {}}
+    recipe_hits: list[list[float]] = []
     for name in variants:
         start = time.time()
-        hits, kinds = cross_validate(single, conversations, single_loo, VARIANTS[name])
+        hits, averaged, kinds = cross_validate(single, conversations, single_loo, VARIANTS[name], args.seeds)
         recipe_hits = recipe_hits or hits
+        pooled = [h for seed_hits in hits for h in seed_hits]  # every (seed, target): paired with the recipe's
         by_kind = defaultdict(list)
-        for kind, hit in zip(kinds, hits, strict=True):
+        for kind, hit in zip(kinds * args.seeds, pooled, strict=True):
             by_kind[kind].append(hit)
         report["variants"][name] = {
-            "top1_vs_leave_one_out": mean_se(hits),
-            "minus_recipe": mean_se([a - b for a, b in zip(hits, recipe_hits, strict=True)]),
+            "top1_vs_leave_one_out": mean_se(pooled),
+            "minus_recipe": mean_se([a - b for a, b in zip(pooled, sum(recipe_hits, []), strict=True)]),
             "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
             "seconds": round(time.time() - start, 1),
         }
         row = report["variants"][name]
-        print(f"{name:14s} top-1 {row['top1_vs_leave_one_out']['mean']:.3f} ± {row['top1_vs_leave_one_out']['se']:.3f}"
-              f"  vs recipe {row['minus_recipe']['mean']:+.3f} ± {row['minus_recipe']['se']:.3f}  {row['by_kind']}",
-              flush=True)
+        top1 = row["top1_vs_leave_one_out"]
+        line = (f"{name:14s} top-1 {top1['mean']:.3f} ± {top1['se']:.3f}"
+                f"  vs recipe {row['minus_recipe']['mean']:+.3f} ± {row['minus_recipe']['se']:.3f}  {row['by_kind']}")
+        if args.seeds > 1:
+            per_seed = [sum(h) / len(h) for h in hits]
+            row["top1_per_seed"] = [round(v, 4) for v in per_seed]
+            row["top1_seed_sd"] = round(float(torch.tensor(per_seed).std()), 4)
+            row["top1_averaged_weights"] = mean_se(averaged)
+            row["averaged_minus_seed_0"] = mean_se([a - b for a, b in zip(averaged, hits[0], strict=True)])
+            line += (f"\n{'':14s} per seed {row['top1_per_seed']} (sd {row['top1_seed_sd']:.3f}); weights averaged "
+                     f"over the seeds {row['top1_averaged_weights']['mean']:.3f}, minus seed 0 "
+                     f"{row['averaged_minus_seed_0']['mean']:+.3f} ± {row['averaged_minus_seed_0']['se']:.3f}")
+        print(line, flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

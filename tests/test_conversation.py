@@ -327,3 +327,37 @@ def test_conversation_rows_file_survives_a_killed_run_and_names_a_bad_line(tmp_p
     rows.write_text("not json\n" + good + "\n")
     with pytest.raises(InputFileError, match="rows.jsonl line 1 is not a conversation row entry"):
         _read_rows(rows)
+
+
+def test_recording_a_conversation_run_replaces_the_earlier_runs_baselines(tmp_path):
+    """The card shows the baselines of the run recorded last: an earlier run's baseline names (measured on other
+    runs) are dropped, while keys other benches wrote into the same record stay."""
+    import json
+    import shutil
+
+    from at2_rag.estimator import ScoreEstimator
+    from at2_rag.evaluation.conversations import record_conversations, summarize_conversations
+
+    folder = tmp_path / "estimator"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / "smollm2-135m-instruct", folder)
+    row = {
+        "id": "a-repeat", "kind": "repeat", "loo_top": "history:1", "at2_top": "history:1", "average_top": "doc:x",
+        "documents_only_top": "doc:x", "grounded": 0.5, "sum_grounded": 0.4, "average_grounded": 0.1,
+        "document_score_sum": 0.3,
+        "depends_on_documents": False, "supported": False,
+    }
+    rows = [{**row, "baseline_tops": {"old-one": "doc:x"}},
+            {**row, "id": "b-repeat", "baseline_tops": {"old-one": "doc:x"}, "depends_on_documents": True,
+             "grounded": 2.0}]
+    record_conversations(folder, summarize_conversations(rows), "first.jsonl")
+    config = json.loads((folder / "config.json").read_text())
+    config["metadata"]["conversations"]["heldout_auroc_single_turn"] = {"mean": 0.9, "se": 0.1}  # another bench's
+    (folder / "config.json").write_text(json.dumps(config))
+    new_rows = [{**r, "baseline_tops": {"new-one": "history:1"}} for r in rows]
+    record_conversations(folder, summarize_conversations(new_rows), "second.jsonl")
+    recorded = ScoreEstimator.from_folder(folder).metadata["conversations"]
+    assert "top1_agreement_old-one" not in recorded and recorded["top1_agreement_new-one"]["mean"] == 1.0
+    assert recorded["heldout_auroc_single_turn"] == {"mean": 0.9, "se": 0.1}
+    assert recorded["heldout"].endswith("(at2-rag evaluate --conversations)") and "second.jsonl" in recorded["heldout"]
+    card = (folder / "README.md").read_text()
+    assert "new-one" in card and "old-one" not in card

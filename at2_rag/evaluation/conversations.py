@@ -351,7 +351,9 @@ def record_conversations(folder: str | os.PathLike[str], summary: dict[str, Any]
     estimator = ScoreEstimator.from_folder(folder)
     previous = estimator.metadata.get("conversations")
     record = conversation_record(summary, examples)
-    if isinstance(previous, dict):  # keys other benches recorded (e.g. the single-turn groundedness AUROC) stay
-        record = {**previous, **record}
+    if isinstance(previous, dict):  # keys other benches recorded (e.g. the single-turn groundedness AUROC) stay;
+        # an earlier run's baselines do not (they were measured on other runs, or are gone)
+        kept = {k: v for k, v in previous.items() if not k.startswith("top1_agreement_")}
+        record = {**kept, **record}
     estimator.metadata["conversations"] = record
     estimator.update_card(folder)
