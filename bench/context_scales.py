@@ -25,6 +25,7 @@ import torch
 
 from at2_rag.estimator import ScoreEstimator
 from at2_rag.evaluation.baselines import surrogate_scores
+from at2_rag.evaluation.metrics import mean_se
 from at2_rag.training.data import load_collected, mask_kinds
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -91,10 +92,6 @@ def main() -> None:
         chosen_per_fold.append(scales)
         hits_scaled += [top1_agreement([r], scales) for r in test]
         hits_plain += [top1_agreement([r], {}) for r in test]
-
-    def mean_se(values):
-        v = torch.tensor(values, dtype=torch.double)
-        return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v)))}
 
     scales = fit_context_scales(rows)
     paired = [a - b for a, b in zip(hits_scaled, hits_plain, strict=True)]

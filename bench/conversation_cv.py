@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conversation_training import leave_one_out_hits, mean_se
+from conversation_training import leave_one_out_hits
 
+from at2_rag.evaluation.metrics import mean_se
 from at2_rag.training.data import CollectedExample, load_collected, merge_collected
 from at2_rag.training.train import train_estimator
 

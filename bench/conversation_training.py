@@ -20,7 +20,7 @@ import torch
 from context_scales import conversation_rows, top1_agreement
 
 from at2_rag.estimator import ScoreEstimator
-from at2_rag.evaluation.metrics import lds
+from at2_rag.evaluation.metrics import lds, mean_se
 from at2_rag.training.data import load_collected, mask_kinds, merge_collected
 from at2_rag.training.train import report_summary, train_estimator
 
@@ -45,11 +45,6 @@ def heldout_lds(examples: list, weights: torch.Tensor) -> tuple[float, float]:
 def top1_vs_surrogate(examples: list, weights: torch.Tensor) -> dict[str, float]:
     """Share of conversation targets whose best-scored source is the random-mask surrogate's best."""
     return mean_se([top1_agreement([row], {}) for group in conversation_rows(examples, weights) for row in group])
-
-
-def mean_se(values: list[float]) -> dict[str, float]:
-    v = torch.tensor(values, dtype=torch.double)
-    return {"mean": float(v.mean()), "se": float(v.std() / math.sqrt(len(v))), "n": len(v)}
 
 
 def leave_one_out_hits(examples: list, weights: torch.Tensor) -> tuple[list[float], list[str]]:

@@ -212,7 +212,8 @@ def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
 
 def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys, caplog):
     """`at2-rag evaluate EXAMPLES --conversations`: every example becomes a conversation on the real model; the
-    summary has standard errors, the rows file makes a rerun measure nothing new, `--record` updates the card."""
+    summary has standard errors, the rows file makes a rerun measure nothing new (and never reuses a row of another
+    follow-up, estimator or example content), `--record` updates the card."""
     import json
     import shutil
 
@@ -294,6 +295,18 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
                for e in uniform_entries)
     assert all(r["at2_top"] == r["average_top"] for e in uniform_entries for r in e["rows"])
     assert json.loads(output.read_text())["top1_agreement_at2"] == summary["top1_agreement_average"]
+    # the same example id with other content (a regenerated file) is measured again; the unchanged one is reused
+    lines[1] = {**lines[1], "documents": [*DOCS[1:], DOCS[0]]}
+    examples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="at2_rag.evaluation.conversations"):
+        assert main([*args[:-3], "--estimator", str(tmp_path / "uniform")]) == 0
+    assert "1 entries were measured with another question, documents or history under the same example id" in (
+        caplog.text
+    )
+    changed = output.with_suffix(".jsonl").read_text().splitlines()
+    assert changed[0] == json.dumps(uniform_entries[0]) and json.loads(changed[1])["example"] == "office"
+    assert json.loads(changed[1])["example_digest"] != uniform_entries[1]["example_digest"]
 
 
 def test_follow_ups_come_from_the_whole_list():

@@ -323,6 +323,12 @@ def test_train_and_merge_name_the_unreadable_file(tmp_path, capsys):
     twins = ["--baseline", str(tmp_path / "x" / "est"), "--baseline", str(tmp_path / "y" / "est")]
     code, _, err = run_main(capsys, "evaluate", str(shards), "--conversations", *twins)
     assert code == 2 and "must have different names" in err, err
+    # options the conversation evaluation would ignore are refused, not silently dropped (--part would make
+    # every process evaluate everything), before the model loads
+    code, _, err = run_main(capsys, "evaluate", str(shards), "--conversations", "--part", "0/2", "--seed", "3")
+    assert code == 2 and "--part, --seed: single-turn evaluation options, not used by --conversations" in err, err
+    code, _, err = run_main(capsys, "evaluate", "--merge", str(shards), "--conversations")
+    assert code == 2 and "--merge: single-turn evaluation options" in err, err
     part = tmp_path / "part.json"
     part.write_text("{not json")
     code, _, err = run_main(capsys, "evaluate", "--merge", str(part))

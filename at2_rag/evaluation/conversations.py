@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..features import answer_targets, target_features
 from ..files import atomic_path
 from ..grounding import GroundednessCalibration, auroc
 from ..layout import history_columns
-from .metrics import bootstrap_se
+from .metrics import bootstrap_se, mean_se
 
 logger = logging.getLogger(__name__)
 
@@ -147,28 +146,21 @@ def evaluate_conversation(
     return rows
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    v = torch.tensor([float(x) for x in values], dtype=torch.double)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
 def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics with standard errors over targets (AUROC: bootstrap)."""
     summary: dict[str, Any] = {"targets": len(rows), "examples": len({r["id"] for r in rows})}
     for method in ("at2", "average", "documents_only"):
-        mean, se = _mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
-        summary[f"top1_agreement_{method}"] = {"mean": mean, "se": se}
+        summary[f"top1_agreement_{method}"] = mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
     names = set.intersection(*(set(r.get("baseline_tops", {})) for r in rows)) if rows else set()
     partial = {name for r in rows for name in r.get("baseline_tops", {})} - names
     if partial:  # rows measured before a baseline was added: comparing on part of the rows would mislead
         logger.warning("baselines %s are missing from some rows (measured before them): not summarized; delete "
                        "the rows file to measure every example with them", sorted(partial))
     for name in sorted(names):
-        mean, se = _mean_se([r["baseline_tops"][name] == r["loo_top"] for r in rows])
-        summary.setdefault("top1_agreement_baselines", {})[name] = {"mean": mean, "se": se}
-    summary["loo_top_is_query"] = _mean_se([r["loo_top"] == "query" for r in rows])[0]
+        summary.setdefault("top1_agreement_baselines", {})[name] = mean_se(
+            [r["baseline_tops"][name] == r["loo_top"] for r in rows]
+        )
+    summary["loo_top_is_query"] = mean_se([r["loo_top"] == "query" for r in rows])["mean"]
     labels = torch.tensor([r["depends_on_documents"] for r in rows])
     methods = (
         ("at2", "grounded"),  # the estimator's calibration: its learned head when it has one
@@ -185,19 +177,14 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             torch.tensor([r[key] for r in rows], dtype=torch.double)
         )
     supported = torch.tensor([r["supported"] for r in rows])
-
-    def share(values: Sequence[bool]) -> dict[str, float]:
-        mean, se = _mean_se(values)
-        return {"mean": mean, "se": se, "n": len(values)}
-
-    summary["supported_precision"] = share([bool(x) for x in labels[supported].tolist()])
-    summary["supported_recall"] = share([bool(x) for x in supported[labels].tolist()])
-    summary["depends_on_documents"] = share([bool(x) for x in labels.tolist()])
-    summary["loo_top_is_context"] = share([not r["loo_top"].startswith("doc:") for r in rows])
+    summary["supported_precision"] = mean_se([bool(x) for x in labels[supported].tolist()])
+    summary["supported_recall"] = mean_se([bool(x) for x in supported[labels].tolist()])
+    summary["depends_on_documents"] = mean_se([bool(x) for x in labels.tolist()])
+    summary["loo_top_is_context"] = mean_se([not r["loo_top"].startswith("doc:") for r in rows])
     summary["by_kind"] = {
         kind: {
             "targets": sum(r["kind"] == kind for r in rows),
-            "top1_agreement_at2": _mean_se([r["at2_top"] == r["loo_top"] for r in rows if r["kind"] == kind])[0],
+            "top1_agreement_at2": mean_se([r["at2_top"] == r["loo_top"] for r in rows if r["kind"] == kind])["mean"],
         }
         for kind in KINDS
     }
@@ -245,18 +232,20 @@ def evaluate_conversations(
     (`evaluate_conversation`) and summarized (`summarize_conversations`). Resumable: each example's rows are
     appended to `rows_path` (JSONL) with its follow-up question as soon as they are measured, and examples
     already there with the same follow-up are skipped (an entry with another follow-up, or none recorded, is
-    measured again, as is one measured with another model, answer length, estimator, groundedness calibration or
-    baselines: its rows hold their scores, see `measurement_key`). `baselines` must fit the model's heads
+    measured again, as is one of an example whose content changed under the same id, or one measured with another
+    model, answer length, estimator, groundedness calibration or baselines: its rows hold their scores, see
+    `measurement_key`). `baselines` must fit the model's heads
     (checked before any work)."""
     for est in (baselines or {}).values():
         est.check_compatible(attributor.num_layers, attributor.num_heads)
     if limit is not None and limit < 1:
         raise InvalidInputError(f"limit must be at least 1 example, got {limit}")
     chosen = list(examples[:limit] if limit else examples)
-    questions = {e.id: follow_up(examples, i)[1] for i, e in enumerate(chosen)}
+    expected = {e.id: {"query": follow_up(examples, i)[1], "example_digest": example_digest(e)}
+                for i, e in enumerate(chosen)}
     path = Path(rows_path)
     key = measurement_key(attributor, max_new_tokens, baselines or {})
-    entries = _current_entries(path, _read_rows(path), questions, key)
+    entries = _current_entries(path, _read_rows(path), expected, key)
     done = {entry["example"] for entry in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [i for i, e in enumerate(chosen) if e.id not in done]
@@ -266,12 +255,19 @@ def evaluate_conversations(
             rows = evaluate_conversation(
                 attributor, conversation, max_new_tokens=max_new_tokens, batch_size=batch_size, baselines=baselines
             )
-            entry = {"example": chosen[i].id, "query": conversation["query"], "measured_with": key, "rows": rows}
+            entry = {"example": chosen[i].id, **expected[chosen[i].id], "measured_with": key, "rows": rows}
             out.write(json.dumps(entry) + "\n")
             out.flush()
             entries.append(entry)
-    rows = [r for entry in entries if entry["example"] in questions for r in entry["rows"]]
+    rows = [r for entry in entries if entry["example"] in expected for r in entry["rows"]]
     return summarize_conversations(rows)
+
+
+def example_digest(example: Example) -> str:
+    """Of an example's question, documents and history: a rows entry is reused only for the same content, not
+    just the same id (a regenerated file, or ids that are line numbers)."""
+    content = json.dumps([example.query, example.documents, example.history], sort_keys=True, default=str)
+    return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _digest(estimator: ScoreEstimator, grounding: GroundednessCalibration | None = None) -> str:
@@ -299,31 +295,37 @@ def measurement_key(
 
 
 def _current_entries(
-    path: Path, entries: list[dict[str, Any]], questions: dict[str, str], key: dict[str, Any]
+    path: Path, entries: list[dict[str, Any]], expected: dict[str, dict[str, str]], key: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """The entries still valid for these conversations: an entry of one of them whose follow-up question differs
-    from its current one, or that was measured with another `measurement_key` (or recorded neither), is dropped
-    from the file, logged, and measured again; entries of other examples stay in the file."""
+    """The entries still valid for these conversations: an entry of one of them whose follow-up question or
+    example content (`expected`) differs from the current one, or that was measured with another
+    `measurement_key` (or recorded none of these), is dropped from the file, logged, and measured again; entries
+    of other examples stay in the file."""
     kept: list[dict[str, Any]] = []
-    other_question, other_key = [], []
+    stale: dict[str, list[str]] = {"question": [], "content": [], "key": []}
     for entry in entries:
-        if entry["example"] not in questions:
+        current = expected.get(entry["example"])
+        if current is None:
             kept.append(entry)
-        elif entry.get("query") != questions[entry["example"]]:
-            other_question.append(entry["example"])
+        elif entry.get("query") != current["query"]:
+            stale["question"].append(entry["example"])
+        elif entry.get("example_digest") != current["example_digest"]:
+            stale["content"].append(entry["example"])
         elif entry.get("measured_with") != key:
-            other_key.append(entry["example"])
+            stale["key"].append(entry["example"])
         else:
             kept.append(entry)
-    if not other_question and not other_key:
+    reasons = {
+        "question": "another follow-up question",
+        "content": "another question, documents or history under the same example id",
+        "key": "another model, answer length, estimator, calibration or baselines",
+    }
+    for reason, ids in stale.items():
+        if ids:
+            logger.warning("%s: %d entries were measured with %s (or before that was recorded), e.g. %s: measuring "
+                           "them again", path, len(ids), reasons[reason], ids[0])
+    if len(kept) == len(entries):
         return entries
-    if other_question:
-        logger.warning("%s: %d entries were measured with another follow-up question (or none recorded), e.g. %s: "
-                       "measuring them again", path, len(other_question), other_question[0])
-    if other_key:
-        logger.warning("%s: %d entries were measured with another model, answer length, estimator, calibration or "
-                       "baselines (or before that was recorded), e.g. %s: measuring them again", path, len(other_key),
-                       other_key[0])
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
     return kept

@@ -71,6 +71,15 @@ def bootstrap_se(statistic: Callable[[torch.Tensor], float], n: int, reps: int =
     return float(values.std()) if len(values) else float("nan")
 
 
+def mean_se(values: Sequence[float]) -> dict[str, float]:
+    """Mean, its standard error and the count, as reports record them (NaN mean with no values, NaN error with
+    one)."""
+    v = torch.tensor([float(x) for x in values], dtype=torch.double)
+    mean = float(v.mean()) if len(v) else float("nan")
+    se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": mean, "se": se, "n": len(v)}
+
+
 def nanmean(values: Sequence[float]) -> float:
     """Mean of the non-NaN values (NaN when there are none)."""
     kept = [v for v in values if not math.isnan(v)]

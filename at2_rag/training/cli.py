@@ -11,6 +11,12 @@ from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
 from ..layout import SOURCE_KINDS, TARGET_KINDS
 
+# `evaluate` options of the single-turn evaluation alone (None unless given), and their defaults there
+SINGLE_TURN_ONLY = ("merge", "part", "cache", "metrics", "plot", "curve", "budgets", "seed")
+SINGLE_TURN_DEFAULTS: dict[str, Any] = {
+    "plot": Path("evaluation.png"), "curve": Path("evaluation-budget.png"), "budgets": list(BUDGETS), "seed": 1,
+}
+
 
 def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool = True) -> Any:
     """The model of `--model` (default: the embedded one) with `estimator`, else its shipped estimator (what
@@ -132,6 +138,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
         raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
+    if args.conversations:  # an option it would ignore is an error, not a run that silently did something else
+        given = [f"--{name.replace('_', '-')}" for name in SINGLE_TURN_ONLY if getattr(args, name) is not None]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)}: single-turn evaluation options, not used by --conversations")
+    for name, default in SINGLE_TURN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.merge:
         report = merge_reports(args.merge)
         write_report(report, args.output, args.plot, args.curve)
@@ -174,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
+        batch_size=64 if args.batch_size is None else args.batch_size,
         part=part,
         cache_dir=args.cache,
         metric_names=args.metrics,
@@ -204,7 +217,8 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     attributor = _attributor(args, estimator)
     rows = args.output.with_suffix(".jsonl")
     summary = evaluate_conversations(
-        attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines, limit=args.limit or None
+        attributor, examples, rows, max_new_tokens=args.max_new_tokens, baselines=baselines, limit=args.limit or None,
+        batch_size=8 if args.batch_size is None else args.batch_size,
     )
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
@@ -273,16 +287,16 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--model")
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
-    e.add_argument("--plot", type=Path, default=Path("evaluation.png"))
-    e.add_argument("--curve", type=Path, default=Path("evaluation-budget.png"), help="plot of LDS and top-1 drop vs "
-                   "extra forward passes: AT2 + k ablations, ContextCite-k, leave-one-out, average attention")
-    e.add_argument("--budgets", type=_budget, nargs="+", default=list(BUDGETS), metavar="K",
+    e.add_argument("--plot", type=Path, help="plot of the metrics (default: evaluation.png)")
+    e.add_argument("--curve", type=Path, help="plot of LDS and top-1 drop vs extra forward passes: AT2 + k "
+                   "ablations, ContextCite-k, leave-one-out, average attention (default: evaluation-budget.png)")
+    e.add_argument("--budgets", type=_budget, nargs="+", metavar="K",
                    help=f"ablation budgets of the curve (default: {' '.join(map(str, BUDGETS))})")
     e.add_argument("--limit", type=int)
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--seed", type=int, help="seed of the ablation masks (default: 1)")
     e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=64, help="ablation masks per forward pass (lower it if memory "
-                   "is short: the prefix cache holds this many rows)")
+    e.add_argument("--batch-size", type=int, help="ablation masks per forward pass (default: 64, with "
+                   "--conversations 8; lower it if memory is short: the prefix cache holds this many rows)")
     e.add_argument("--cache", type=Path, help="folder keeping each example's ablations: rerun with another "
                    "estimator measures only its new top-k masks (resumable)")
     e.add_argument("--metrics", nargs="+", metavar="NAME", help="evaluate with these registered metrics only "
