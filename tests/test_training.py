@@ -308,6 +308,28 @@ def test_training_recovers_a_planted_estimator():
     assert est.metadata["support_threshold"] > 0
 
 
+def test_training_refuses_data_with_nothing_to_learn_or_to_stop_on():
+    """Held-out targets whose labels never vary would make the early-stopping objective NaN, and the starting
+    (uniform) weights would be saved as a trained estimator: an error naming the problem instead."""
+    from at2_rag.errors import InvalidInputError
+    from at2_rag.training.train import split_examples
+
+    layers, heads = 3, 4
+    true_w = torch.zeros(layers * heads)
+    true_w[1] = 1.0
+    examples = planted_examples(20, 4, true_w, "e", 3)
+    held_ids = {ex.id for ex in split_examples(examples, 0.15, 0)[1]}  # the same order: the same split
+    assert len(held_ids) == 3
+    flat = [CollectedExample(ex.id, ex.features, ex.masks, torch.zeros_like(ex.labels), ex.full, ex.meta)
+            if ex.id in held_ids else ex for ex in examples]
+    with pytest.raises(InvalidInputError, match="none of the 3 held-out examples has a target whose labels vary"):
+        train_estimator(flat, layers, heads, epochs=5, progress=False)
+    constant = [CollectedExample(ex.id, ex.features, ex.masks, torch.zeros_like(ex.labels), ex.full, ex.meta)
+                for ex in examples]
+    with pytest.raises(InvalidInputError, match="no training target has labels that vary"):
+        train_estimator(constant, layers, heads, epochs=5, progress=False)
+
+
 def test_training_on_several_sets_splits_each_on_its_own():
     """Adding a second set (multi-turn conversations, say) leaves the first set's held-out examples as they were,
     so held-out numbers measured on that split stay honest; the sets may differ in their number of sources."""

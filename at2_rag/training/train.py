@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InvalidInputError
 from ..estimator import ScoreEstimator
 from .data import CollectedExample, mask_kinds
 
@@ -184,6 +185,13 @@ def train_estimator(
     train = train.select(keep)
     held = to_targets(held_ex) if held_ex else train
     held = held.select(informative(held))
+    if len(train) == 0:
+        raise InvalidInputError("no training target has labels that vary across its random masks: there is nothing "
+                                "to learn (collect more examples)")
+    if len(held) == 0:  # the held-out objective would be NaN, and the starting weights saved as trained
+        raise InvalidInputError(f"none of the {len(held_ex)} held-out examples has a target whose labels vary across "
+                                "its random masks, so early stopping has nothing to follow: collect more examples or "
+                                "raise heldout_fraction")
     d = num_layers * num_heads
     if train.features.shape[-1] != d:
         raise ValueError(f"features have {train.features.shape[-1]} heads, expected {num_layers} x {num_heads}")
