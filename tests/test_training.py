@@ -578,3 +578,34 @@ def test_collect_records_leave_one_out_masks_on_the_real_model(att, tmp_path):
     torch.testing.assert_close(only.labels, item.labels[:, 2:], atol=1e-3, rtol=1e-4)  # the same passes
     with pytest.raises(InvalidInputError, match="num_masks must be positive"):
         collect([], tmp_path / "out", att, num_masks=0)
+
+
+def test_collect_refuses_to_resume_a_folder_with_other_settings(att, tmp_path, caplog):
+    """Resuming into a folder collected with other settings would skip its examples and mix two kinds of shards:
+    an error naming each difference, before any model work; the same settings resume as before."""
+    import json
+
+    from at2_rag import InvalidInputError
+    from at2_rag.training.collect import SETTINGS_FILE, collect
+    from at2_rag.training.data import load_collected
+
+    examples = [{"id": "cat", "query": "What does the cat eat?", "documents": [
+        "The cat eats fish every morning.", "The dog sleeps in the garden."]}]
+    out = tmp_path / "out"
+    summary = collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)
+    assert summary["collected"] == 1
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    assert settings["num_masks"] == 2 and settings["leave_one_out"] is False and settings["model"] == att.model_id
+    with pytest.raises(InvalidInputError, match=r"num_masks: 2 there, 0 now; .*leave_one_out: False there, True now"):
+        collect(examples, out, att, num_masks=0, leave_one_out=True, max_new_tokens=8, rank=0, world_size=1)
+    assert collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)["collected"] == 0
+    assert [ex.id for ex in load_collected(out)] == ["cat"]  # the settings file is not read as a shard
+    # a folder from before settings were recorded resumes, with a warning, and is not stamped with these settings
+    (out / SETTINGS_FILE).unlink()
+    with caplog.at_level("WARNING", logger="at2_rag.training.collect"):
+        assert collect(examples, out, att, num_masks=0, leave_one_out=True, max_new_tokens=8, rank=0,
+                       world_size=1)["collected"] == 0
+    assert "collected before settings were recorded" in caplog.text and not (out / SETTINGS_FILE).exists()
+    (out / SETTINGS_FILE).write_text("[1, 2]")
+    with pytest.raises(InvalidInputError, match="is not a collection settings file"):
+        collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)

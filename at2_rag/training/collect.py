@@ -11,6 +11,7 @@ Whatever happens mid-run, the examples finished so far are written to a shard be
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from ..errors import (
 )
 from ..examples import example_seed
 from ..features import answer_targets, target_features
+from ..files import atomic_path
 from ..layout import SOURCE_KINDS, TARGET_KINDS, SourceKind, TargetKind, document_token_sources, source_layout
 from ..sources import CharSpan
 from .data import (
@@ -178,6 +180,38 @@ def prepare_output_dir(output_dir: str | os.PathLike[str], rank: int = 0, world_
     return output_dir
 
 
+SETTINGS_FILE = "collect.json"
+
+
+def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool) -> None:
+    """A folder holds one collection: resuming it with other settings (another model, mask count, answer length,
+    `leave_one_out`...) would skip the examples already there and mix two kinds of shards that `train` then fits
+    together, so it is an error naming each difference. The settings are written on the folder's first run; a
+    folder collected before they were recorded is resumed with a warning."""
+    path = output_dir / SETTINGS_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInputError(f"{path} is not a collection settings file ({exc}): restore or delete it") from exc
+        if not isinstance(recorded, dict):
+            raise InvalidInputError(f"{path} is not a collection settings file (not a JSON object)")
+        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+        if differ:
+            raise InvalidInputError(
+                f"{output_dir} was collected with other settings ({'; '.join(differ)}): resuming would skip its "
+                "examples and mix two kinds of shards. Collect into another folder (train and merge_collected take "
+                "several)"
+            )
+        return
+    if has_shards:
+        logger.warning("%s has shards but no %s (collected before settings were recorded): resuming it with %s",
+                       output_dir, SETTINGS_FILE, settings)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
 def collect(
     examples: str | os.PathLike[str] | Iterable[Any],
     output_dir: str | os.PathLike[str],
@@ -215,6 +249,10 @@ def collect(
     scanned = scan_examples(examples, limit)
     output_dir = prepare_output_dir(output_dir, rank, world_size)
     done = completed_ids(output_dir)
+    check_settings(output_dir, {
+        "model": attributor.model_id, "num_masks": num_masks, "keep_prob": keep_prob, "sources": sources,
+        "targets_of": targets_of, "max_new_tokens": max_new_tokens, "seed": seed, "leave_one_out": leave_one_out,
+    }, has_shards=bool(done))
     mine = [ex for ex in scanned.examples if (ex.position or 0) % world_size == rank and ex.id not in done]
     check_examples(scanned, attributor, mine, max_new_tokens)
     if scanned.invalid and not skip_invalid:
