@@ -609,3 +609,10 @@ def test_collect_refuses_to_resume_a_folder_with_other_settings(att, tmp_path, c
     (out / SETTINGS_FILE).write_text("[1, 2]")
     with pytest.raises(InvalidInputError, match="is not a collection settings file"):
         collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)
+    # a folder whose first run stopped before any shard (a bad example) takes the next run's settings
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / SETTINGS_FILE).write_text(json.dumps({**settings, "num_masks": 32}))
+    assert collect(examples, empty, att, num_masks=0, leave_one_out=True, max_new_tokens=8, rank=0,
+                   world_size=1)["collected"] == 1
+    assert json.loads((empty / SETTINGS_FILE).read_text())["leave_one_out"] is True

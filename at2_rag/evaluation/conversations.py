@@ -234,8 +234,7 @@ def evaluate_conversations(
     already there with the same follow-up are skipped (an entry with another follow-up, or none recorded, is
     measured again, as is one of an example whose content changed under the same id, or one measured with another
     model, answer length, estimator, groundedness calibration or baselines: its rows hold their scores, see
-    `measurement_key`). `baselines` must fit the model's heads
-    (checked before any work)."""
+    `measurement_key`). `baselines` must fit the model's heads (checked before any work)."""
     for est in (baselines or {}).values():
         est.check_compatible(attributor.num_layers, attributor.num_heads)
     if limit is not None and limit < 1:
@@ -287,7 +286,7 @@ def measurement_key(
     estimator and its groundedness calibration (the scores, `grounded`, `supported`) and the baselines (their
     tops). Recorded with every entry, so a resumed run never mixes rows scored by another estimator."""
     return {
-        "model": str(getattr(attributor.model.config, "_name_or_path", "")),
+        "model": str(attributor.model_id or ""),
         "max_new_tokens": max_new_tokens,
         "estimator": _digest(attributor.estimator, attributor.scorer.groundedness(refined=False)),
         "baselines": {name: _digest(est) for name, est in sorted(baselines.items())},

@@ -187,9 +187,10 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool)
     """A folder holds one collection: resuming it with other settings (another model, mask count, answer length,
     `leave_one_out`...) would skip the examples already there and mix two kinds of shards that `train` then fits
     together, so it is an error naming each difference. The settings are written on the folder's first run; a
-    folder collected before they were recorded is resumed with a warning."""
+    folder collected before they were recorded is resumed with a warning, and a folder without shards yet (a
+    first run that stopped before any) takes the new settings."""
     path = output_dir / SETTINGS_FILE
-    if path.exists():
+    if path.exists() and has_shards:
         try:
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
