@@ -312,3 +312,26 @@ def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smol
     assert [p[0] for p in curves["contextcite"]] == [2, 4, 32, 64]
     assert [p[0] for p in curves["leave_one_out"]] == [4]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_refuses_parts_of_different_evaluations_or_the_same_part_twice(tmp_path):
+    """`--merge` joins the parts of one evaluation: parts with another model, estimator, seed, answer length or
+    budgets, or an example in two parts (a part passed twice), are errors naming the difference, never one
+    summary averaged over both."""
+    from pathlib import Path
+
+    from at2_rag.errors import InputFileError
+
+    def part(name: str, ids: list[str], **fields) -> Path:
+        path = tmp_path / f"{name}.json"
+        base = {"model_id": "m", "estimator": "e", "seed": 1, "max_new_tokens": 64, "lds_masks": 32, "budgets": [2]}
+        path.write_text(json.dumps({**base, **fields, "examples": [{"id": i} for i in ids]}))
+        return path
+
+    first = part("first", ["a", "b"])
+    for field, value in (("estimator", "other"), ("model_id", "m2"), ("seed", 2), ("max_new_tokens", 32),
+                         ("budgets", [2, 4])):
+        with pytest.raises(InputFileError, match=f"different {field}"):
+            merge_reports([first, part("second", ["c"], **{field: value})])
+    with pytest.raises(InputFileError, match=r"example a is in two parts \(.*first.json and .*first.json\)"):
+        merge_reports([first, first])

@@ -477,6 +477,8 @@ def evaluate(
         "model_id": attributor.model_id,
         "estimator": _described(attributor.estimator),
         "num_examples": len(rows),
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
         "lds_masks": LDS_MASKS,
         "budgets": list(budgets),
         "metrics": [m.name for m in selected],
@@ -528,12 +530,28 @@ def _read_part(path: Path) -> dict[str, Any]:
     return part
 
 
+# what every part of one evaluation shares (a part without a field, written before it was recorded, reads None)
+MERGE_MUST_AGREE = ("model_id", "estimator", "seed", "max_new_tokens", "lds_masks", "budgets")
+
+
 def merge_reports(paths: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """One report from the parts written by several evaluation processes."""
     parts = [_read_part(Path(p)) for p in paths]
     names = {tuple(part.get("metrics") or ()) for part in parts}
     if len(names) > 1:
         raise InputFileError(f"the parts were evaluated with different metrics: {sorted(names)}")
+    for key in MERGE_MUST_AGREE:  # parts of one evaluation, not two evaluations averaged into one summary
+        values = {json.dumps(part.get(key), sort_keys=True) for part in parts}
+        if len(values) > 1:
+            raise InputFileError(f"the parts were evaluated with different {key}: {', '.join(sorted(values))}")
+    seen: dict[str, str] = {}
+    for path, part in zip(paths, parts, strict=True):
+        for row in part["examples"]:
+            example = str(row.get("id")) if isinstance(row, dict) else repr(row)
+            if example in seen:
+                raise InputFileError(f"example {example} is in two parts ({seen[example]} and {path}): a part given "
+                                     "twice, or parts of different splits")
+            seen[example] = str(path)
     rows = [row for part in parts for row in part["examples"]]
     summary = summarize(rows, report_columns_of(parts[0]))
     return {**parts[0], "num_examples": len(rows), "summary": summary, "examples": rows}
