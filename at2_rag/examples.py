@@ -4,6 +4,7 @@ data-preparation scripts share, checked line by line so every message names the 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -22,6 +23,13 @@ def example_seed(seed: int, example_id: str) -> int:
     """A per-example seed that does not depend on order or process count (collection and evaluation draw their
     ablation masks from it)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def example_digest(example: Example) -> str:
+    """Of an example's question, documents and history: what a cached measurement of it is checked against, so
+    one is reused only for the same content, not just the same id (a regenerated file, ids that are line numbers)."""
+    content = json.dumps([example.query, example.documents, example.history], sort_keys=True, default=str)
+    return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 @dataclass

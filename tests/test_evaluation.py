@@ -95,6 +95,11 @@ def test_evaluation_cache_reuses_ablations_and_measures_only_new_top_k_masks(smo
     try:
         again = evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=12, cache_dir=cache)
         assert calls["calls"] == 0  # nothing generated, nothing ablated
+        legacy = ExampleAblations.load(path)  # a file written before the example's content was in the key
+        del legacy.key["example_digest"]
+        legacy.save(path)
+        evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=12, cache_dir=cache)
+        assert calls["calls"] == 0  # matched on the rest of its key
         single_head = {"at2": ScoreEstimator.single_head(20, 3, 30, 9), **uniform}
         evaluate(EXAMPLES[:1], attributor, single_head, max_new_tokens=12, cache_dir=cache)
         measured = ExampleAblations.load(path)
@@ -111,6 +116,12 @@ def test_evaluation_cache_reuses_ablations_and_measures_only_new_top_k_masks(smo
     other = evaluate(EXAMPLES[:1], attributor, uniform, max_new_tokens=8, cache_dir=cache)
     assert ExampleAblations.load(path).key["max_new_tokens"] == 8
     assert other["num_examples"] == 1
+    # so does the same id with other content (a regenerated examples file)
+    digest = ExampleAblations.load(path).key["example_digest"]
+    bread = {"id": "bread", "text": "Rye bread keeps for a month."}
+    evaluate([{**EXAMPLES[0], "documents": [*EXAMPLES[0]["documents"][:2], bread]}], attributor, uniform,
+             max_new_tokens=8, cache_dir=cache)
+    assert ExampleAblations.load(path).key["example_digest"] != digest
 
 
 def test_evaluation_cache_refuses_foreign_files(tmp_path):

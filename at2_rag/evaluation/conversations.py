@@ -31,7 +31,7 @@ from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_p
 from ..attributor import Attributor
 from ..errors import InputFileError, InvalidInputError
 from ..estimator import ScoreEstimator
-from ..examples import Example
+from ..examples import Example, example_digest
 from ..features import answer_targets, target_features
 from ..files import atomic_path
 from ..grounding import GroundednessCalibration, auroc
@@ -260,13 +260,6 @@ def evaluate_conversations(
             entries.append(entry)
     rows = [r for entry in entries if entry["example"] in expected for r in entry["rows"]]
     return summarize_conversations(rows)
-
-
-def example_digest(example: Example) -> str:
-    """Of an example's question, documents and history: a rows entry is reused only for the same content, not
-    just the same id (a regenerated file, or ids that are line numbers)."""
-    content = json.dumps([example.query, example.documents, example.history], sort_keys=True, default=str)
-    return hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _digest(estimator: ScoreEstimator, grounding: GroundednessCalibration | None = None) -> str:

@@ -37,7 +37,7 @@ from ..ablation import (
 from ..attributor import Attributor
 from ..errors import InputFileError
 from ..estimator import ScoreEstimator
-from ..examples import example_seed, read_examples
+from ..examples import example_digest, example_seed, read_examples
 from ..features import answer_targets, target_features
 from ..files import atomic_path, read_user_text
 from ..layout import source_layout
@@ -210,12 +210,15 @@ def evaluate_example(
     """
     selected: list[Metric] = metrics(metric_names)
     key = {"model_id": attributor.model_id, "seed": seed, "max_new_tokens": max_new_tokens,
-           "lds_masks": LDS_MASKS, "surrogate_size": max(surrogate_sizes)}
+           "lds_masks": LDS_MASKS, "surrogate_size": max(surrogate_sizes), "example_digest": example_digest(example)}
     path = _cache_path(Path(cache_dir), example.id) if cache_dir is not None else None
     data = None
     if path is not None and path.exists():
         cached = ExampleAblations.load(path)
-        if cached.key == key and cached.id == example.id:
+        # files written before the example's content was recorded in the key are matched on the rest of it
+        legacy = "example_digest" not in cached.key and cached.key == {k: v for k, v in key.items()
+                                                                       if k != "example_digest"}
+        if (cached.key == key or legacy) and cached.id == example.id:
             data = cached
         else:
             logger.info("cache for %s was measured with %s, not %s: measuring again", example.id, cached.key, key)
