@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -329,8 +330,6 @@ def test_merge_refuses_parts_of_different_evaluations_or_the_same_part_twice(tmp
     """`--merge` joins the parts of one evaluation: parts with another model, estimator, seed, answer length or
     budgets, or an example in two parts (a part passed twice), are errors naming the difference, never one
     summary averaged over both."""
-    from pathlib import Path
-
     from at2_rag.errors import InputFileError
 
     def part(name: str, ids: list[str], **fields) -> Path:
@@ -346,3 +345,25 @@ def test_merge_refuses_parts_of_different_evaluations_or_the_same_part_twice(tmp
             merge_reports([first, part("second", ["c"], **{field: value})])
     with pytest.raises(InputFileError, match=r"example a is in two parts \(.*first.json and .*first.json\)"):
         merge_reports([first, first])
+
+
+def test_evaluate_cli_measures_the_shipped_estimator_by_default_and_records_what_it_measured(tmp_path):
+    """`at2-rag evaluate FILE` without --estimator evaluates the model's shipped estimator (not uniform weights),
+    and --record with --limit describes the examples it measured, not the whole file."""
+    import shutil
+
+    from at2_rag.cli import main
+
+    examples = tmp_path / "heldout.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    shipped = Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / "smollm2-135m-instruct"
+    folder = tmp_path / "estimator"
+    shutil.copytree(shipped, folder)
+    common = [str(examples), "--limit", "1", "--max-new-tokens", "8", "--metrics", "lds", "--budgets", "2", "--cache",
+              str(tmp_path / "cache"), "--plot", str(tmp_path / "p.png"), "--curve", str(tmp_path / "c.png")]
+    assert main(["evaluate", *common, "--output", str(tmp_path / "a.json"), "--estimator", str(folder), "--record"]) == 0
+    recorded = ScoreEstimator.from_folder(folder).metadata["evaluation"]
+    assert recorded["examples"] == f"examples 0-0 of {examples}" and recorded["num_examples"] == 1
+    assert main(["evaluate", *common, "--output", str(tmp_path / "b.json")]) == 0  # the cache: no new passes
+    with_folder, default = (json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in "ab")
+    assert default["at2"] == with_folder["at2"] != default["average_attention"]

@@ -194,8 +194,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         budgets=args.budgets,
         curve=args.curve,
     )
-    if args.record:
-        record_evaluation(Path(args.estimator), report, str(args.examples))
+    if args.record:  # a limited or partial run is recorded as what it measured, not as the whole file
+        described = str(args.examples)
+        if args.limit:
+            described = f"examples 0-{len(examples) - 1} of {described}"
+        if part:
+            described = f"part {part[0]}/{part[1]} (every {part[1]}th example from {part[0]}) of {described}"
+        record_evaluation(Path(args.estimator), report, described)
     print(json.dumps(report["summary"], indent=2))
     return 0
 
