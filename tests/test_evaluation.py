@@ -361,7 +361,8 @@ def test_evaluate_cli_measures_the_shipped_estimator_by_default_and_records_what
     shutil.copytree(shipped, folder)
     common = [str(examples), "--limit", "1", "--max-new-tokens", "8", "--metrics", "lds", "--budgets", "2", "--cache",
               str(tmp_path / "cache"), "--plot", str(tmp_path / "p.png"), "--curve", str(tmp_path / "c.png")]
-    assert main(["evaluate", *common, "--output", str(tmp_path / "a.json"), "--estimator", str(folder), "--record"]) == 0
+    first = ["--output", str(tmp_path / "a.json"), "--estimator", str(folder), "--record"]
+    assert main(["evaluate", *common, *first]) == 0
     recorded = ScoreEstimator.from_folder(folder).metadata["evaluation"]
     assert recorded["examples"] == f"examples 0-0 of {examples}" and recorded["num_examples"] == 1
     assert main(["evaluate", *common, "--output", str(tmp_path / "b.json")]) == 0  # the cache: no new passes
