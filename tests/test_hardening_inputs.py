@@ -317,6 +317,23 @@ def test_train_and_merge_name_the_unreadable_file(tmp_path, capsys):
     code, _, err = run_main(capsys, "train", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "est"))
     assert code == 2 and "has 20 features per source" in err and "different models" in err, err
     assert not (tmp_path / "est").exists()
+    # the model a folder was collected with (its collect.json) names the estimator; two models are refused
+    gen = torch.Generator().manual_seed(0)
+    for name, model in (("m1", "org/tuned-135m"), ("m2", "org/other-135m")):
+        (tmp_path / name).mkdir()
+        exs = [CollectedExample(f"{name}-{i}", torch.rand(1, 3, 270, generator=gen), torch.rand(32, 3, generator=gen)
+                                < 0.5, torch.randn(1, 32, generator=gen), torch.rand(1), {"id": f"{name}-{i}"})
+               for i in range(8)]
+        write_shard(tmp_path / name / "shard-r00-1-a.safetensors", exs)
+        (tmp_path / name / "collect.json").write_text(json.dumps({"model": model}))
+    code, _, err = run_main(capsys, "train", str(tmp_path / "m1"), str(tmp_path / "m2"), str(tmp_path / "est"))
+    assert code == 2 and "collected with other models" in err and "org/other-135m" in err, err
+    code, _, err = run_main(capsys, "train", str(tmp_path / "m1"), str(tmp_path / "est"), "--model", "org/x")
+    assert code == 2 and "(--model org/x)" in err, err
+    assert not (tmp_path / "est").exists()
+    code, _, err = run_main(capsys, "train", str(tmp_path / "m1"), str(tmp_path / "est"), "--epochs", "2")
+    assert code == 0, err
+    assert json.loads((tmp_path / "est" / "config.json").read_text())["model_id"] == "org/tuned-135m"
     # --baseline belongs to the conversation evaluation, and its folders name the results
     code, _, err = run_main(capsys, "evaluate", str(shards), "--baseline", str(shards))
     assert code == 2 and "--baseline needs --conversations" in err, err

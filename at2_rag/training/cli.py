@@ -84,6 +84,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..models import DEFAULT_MODEL_ID
+    from .collect import recorded_settings
     from .data import SHARD_GLOB, load_collected, merge_collected
     from .train import report_summary, train_estimator
 
@@ -102,6 +103,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{folder} has {group[0].features.shape[-1]} features per source, {args.data[0]} has {d}: "
                 "shards collected with different models cannot train one estimator"
             )
+    # the model the shards were collected with (collect.json) names the estimator; two models cannot train one
+    models = {str(folder): settings["model"] for folder in args.data
+              if (settings := recorded_settings(folder)) is not None and settings.get("model")}
+    if len(set(models.values())) > 1 or (args.model and models and set(models.values()) != {args.model}):
+        raise InvalidInputError(f"the shards were collected with other models than one estimator can serve: {models}"
+                                + (f" (--model {args.model})" if args.model else ""))
+    model_id = args.model or next(iter(models.values()), None) or DEFAULT_MODEL_ID
     # a folder of leave-one-out masks for examples of an earlier folder adds them to those examples
     groups = merge_collected(groups, [str(folder) for folder in args.data])
     examples = groups[0]
@@ -115,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         examples,
         num_layers,
         num_heads,
-        model_id=args.model or DEFAULT_MODEL_ID,
+        model_id=model_id,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,

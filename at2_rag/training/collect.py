@@ -183,6 +183,20 @@ def prepare_output_dir(output_dir: str | os.PathLike[str], rank: int = 0, world_
 SETTINGS_FILE = "collect.json"
 
 
+def recorded_settings(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings a folder's collection recorded (`collect.json`), or None for a folder from before they were."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInputError(f"{path} is not a collection settings file ({exc}): restore or delete it") from exc
+    if not isinstance(recorded, dict):
+        raise InvalidInputError(f"{path} is not a collection settings file (not a JSON object)")
+    return recorded
+
+
 def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool) -> None:
     """A folder holds one collection: resuming it with other settings (another model, mask count, answer length,
     `leave_one_out`...) would skip the examples already there and mix two kinds of shards that `train` then fits
@@ -190,13 +204,8 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool)
     folder collected before they were recorded is resumed with a warning, and a folder without shards yet (a
     first run that stopped before any) takes the new settings."""
     path = output_dir / SETTINGS_FILE
-    if path.exists() and has_shards:
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InvalidInputError(f"{path} is not a collection settings file ({exc}): restore or delete it") from exc
-        if not isinstance(recorded, dict):
-            raise InvalidInputError(f"{path} is not a collection settings file (not a JSON object)")
+    recorded = recorded_settings(output_dir) if has_shards else None
+    if recorded is not None:
         differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
         if differ:
             raise InvalidInputError(
