@@ -347,7 +347,6 @@ def record_conversations(folder: str | os.PathLike[str], summary: dict[str, Any]
     record = conversation_record(summary, examples)
     if isinstance(previous, dict):  # keys other benches recorded (e.g. the single-turn groundedness AUROC) stay;
         # an earlier run's baselines do not (they were measured on other runs, or are gone)
-        kept = {k: v for k, v in previous.items() if not k.startswith("top1_agreement_")}
-        record = {**kept, **record}
+        record = {**record, **{k: v for k, v in previous.items() if k not in record and not k.startswith("top1_")}}
     estimator.metadata["conversations"] = record
     estimator.update_card(folder)
