@@ -13,9 +13,10 @@ one weight vector per source kind (documents, user turns, assistant turns, syste
 shared one; with `--single-leave-one-out FOLDER` (`collect --sources documents --num-masks 0 --leave-one-out` over
 the single-turn training examples) their leave-one-out masks added to training. Writes docs/bench/conversation_cv.json.
 
-`--seeds N` trains every fold with seeds 0..N-1 and pools the hits over them: a single training run is noisy at the
-level of the differences measured here (the seed draws the early-stopping split and the batches), which the
-standard errors over targets leave out. It also reports the spread between seeds and the weights averaged over them.
+`--seeds N` trains every fold with seeds 0..N-1 and averages each target's hit over them: a single training run is
+noisy at the level of the differences measured here (the seed draws the early-stopping split and the batches), which
+the standard errors over targets leave out. It also reports the spread between seeds and the weights averaged over
+them.
 
     python bench/conversation_cv.py [--variants recipe loo3 ...] [--single-leave-one-out FOLDER] [--seeds N]
 
@@ -146,13 +147,15 @@ def main() -> None:
         start = time.time()
         hits, averaged, kinds = cross_validate(single, conversations, single_loo, VARIANTS[name], args.seeds)
         recipe_hits = recipe_hits or hits
-        pooled = [h for seed_hits in hits for h in seed_hits]  # every (seed, target): paired with the recipe's
+        # each target's hit averaged over the seeds: the standard errors stay over the 621 targets
+        per_target = [sum(column) / len(column) for column in zip(*hits, strict=True)]
+        recipe_per_target = [sum(column) / len(column) for column in zip(*recipe_hits, strict=True)]
         by_kind = defaultdict(list)
-        for kind, hit in zip(kinds * args.seeds, pooled, strict=True):
+        for kind, hit in zip(kinds, per_target, strict=True):
             by_kind[kind].append(hit)
         report["variants"][name] = {
-            "top1_vs_leave_one_out": mean_se(pooled),
-            "minus_recipe": mean_se([a - b for a, b in zip(pooled, sum(recipe_hits, []), strict=True)]),
+            "top1_vs_leave_one_out": mean_se(per_target),
+            "minus_recipe": mean_se([a - b for a, b in zip(per_target, recipe_per_target, strict=True)]),
             "by_kind": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_kind.items())},
             "seconds": round(time.time() - start, 1),
         }
