@@ -367,4 +367,4 @@ def test_evaluate_cli_measures_the_shipped_estimator_by_default_and_records_what
     assert recorded["examples"] == f"examples 0-0 of {examples}" and recorded["num_examples"] == 1
     assert main(["evaluate", *common, "--output", str(tmp_path / "b.json")]) == 0  # the cache: no new passes
     with_folder, default = (json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in "ab")
-    assert default["at2"] == with_folder["at2"] != default["average_attention"]
+    assert default["at2"]["lds"] == with_folder["at2"]["lds"] != default["average_attention"]["lds"]
