@@ -216,9 +216,7 @@ def evaluate_example(
     if path is not None and path.exists():
         cached = ExampleAblations.load(path)
         # files written before the example's content was recorded in the key are matched on the rest of it
-        legacy = "example_digest" not in cached.key and cached.key == {k: v for k, v in key.items()
-                                                                       if k != "example_digest"}
-        if (cached.key == key or legacy) and cached.id == example.id:
+        if {"example_digest": key["example_digest"], **cached.key} == key and cached.id == example.id:
             data = cached
         else:
             logger.info("cache for %s was measured with %s, not %s: measuring again", example.id, cached.key, key)

@@ -203,23 +203,22 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool)
     together, so it is an error naming each difference. The settings are written on the folder's first run; a
     folder collected before they were recorded is resumed with a warning, and a folder without shards yet (a
     first run that stopped before any) takes the new settings."""
-    path = output_dir / SETTINGS_FILE
-    recorded = recorded_settings(output_dir) if has_shards else None
-    if recorded is not None:
-        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
-        if differ:
-            raise InvalidInputError(
-                f"{output_dir} was collected with other settings ({'; '.join(differ)}): resuming would skip its "
-                "examples and mix two kinds of shards. Collect into another folder (train and merge_collected take "
-                "several)"
-            )
+    if not has_shards:
+        with atomic_path(output_dir / SETTINGS_FILE) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return
-    if has_shards:
+    recorded = recorded_settings(output_dir)
+    if recorded is None:
         logger.warning("%s has shards but no %s (collected before settings were recorded): resuming it with %s",
                        output_dir, SETTINGS_FILE, settings)
         return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    if differ:
+        raise InvalidInputError(
+            f"{output_dir} was collected with other settings ({'; '.join(differ)}): resuming would skip its "
+            "examples and mix two kinds of shards. Collect into another folder (train and merge_collected take "
+            "several)"
+        )
 
 
 def collect(
