@@ -370,7 +370,7 @@ class ScoreEstimator(torch.nn.Module):
             f"- Feature definition (v{FEATURE_VERSION}): {FEATURE_DEFINITION}",
         ]
         for key in ("training_data", "num_examples", "epochs", "heldout_correlation"):
-            if key in meta:
+            if meta.get(key) is not None:  # None: trained without held-out examples
                 lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
         evaluation = meta.get("evaluation")
         if isinstance(evaluation, dict) and isinstance(evaluation.get("summary"), dict):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from at2_rag import Attributor
 
 DOCS = [
@@ -133,7 +135,6 @@ def test_groundedness_head_recovers_a_per_head_rule_and_refuses_bad_weights():
     and an estimator file whose head is malformed fails to load with a clear error."""
     import json
 
-    import pytest
     import torch
 
     from at2_rag.errors import EstimatorFormatError
@@ -327,8 +328,6 @@ def test_conversation_rows_file_survives_a_killed_run_and_names_a_bad_line(tmp_p
     line elsewhere is an error naming the file and line, not a silent skip."""
     import json
 
-    import pytest
-
     from at2_rag.errors import InputFileError
     from at2_rag.evaluation.conversations import _read_rows
 
@@ -374,3 +373,47 @@ def test_recording_a_conversation_run_replaces_the_earlier_runs_baselines(tmp_pa
     assert recorded["heldout"].endswith("(at2-rag evaluate --conversations)") and "second.jsonl" in recorded["heldout"]
     card = (folder / "README.md").read_text()
     assert "new-one" in card and "old-one" not in card
+
+
+def test_near_ties_are_counted_apart_from_clear_disagreements():
+    """Strict top-1 agreement counts a pick 0.1 nat short of the best source as wrong; the summary also says how
+    many targets are leave-one-out near-ties, the agreement on the clear ones, and how often the pick is within a
+    near-tie of the best. Rows without per-source scores (older files) are left out of these, never miscounted."""
+    from at2_rag.evaluation.conversations import NEAR_TIE_NATS, near_tie_agreement, summarize_conversations
+
+    def row(effects: list[float], scores: list[float]) -> dict:
+        keys = ["doc:a", "doc:b", "history:1"]
+        return {"id": "x-repeat", "kind": "repeat", "sources": keys, "leave_one_out": effects, "at2_scores": scores,
+                "loo_top": keys[effects.index(max(effects))], "at2_top": keys[scores.index(max(scores))],
+                "average_top": "doc:a", "documents_only_top": "doc:a", "grounded": 0.1, "sum_grounded": 0.1,
+                "average_grounded": 0.1, "document_score_sum": 0.1, "depends_on_documents": False,
+                "supported": False}
+
+    assert NEAR_TIE_NATS == 0.5
+    rows = [
+        row([3.0, 2.9, 0.0], [0.1, 0.2, 0.0]),  # near-tie, missed by 0.1 nat: within a near-tie
+        row([3.0, 1.0, 0.0], [0.3, 0.2, 0.0]),  # clear, hit
+        row([3.0, 1.0, 0.0], [0.0, 0.2, 0.3]),  # clear, missed by 3 nats
+        row([0.2, 0.0, 5.0], [0.0, 0.0, 0.9]),  # clear, hit
+    ]
+    legacy = {k: v for k, v in rows[0].items() if k not in ("leave_one_out", "at2_scores")}
+    summary = summarize_conversations([*rows, legacy])
+    assert summary["top1_agreement_at2"]["mean"] == pytest.approx(2 / 5)
+    assert summary["leave_one_out_near_ties"] == pytest.approx({"mean": 0.25, "se": 0.25, "n": 4})
+    assert summary["top1_agreement_at2_clear_targets"]["mean"] == pytest.approx(2 / 3)
+    assert summary["top1_agreement_at2_clear_targets"]["n"] == 3
+    assert summary["top1_within_near_tie_of_leave_one_out"]["mean"] == pytest.approx(3 / 4)
+    assert near_tie_agreement([legacy]) == {}
+
+
+def test_recorded_conversation_summary_is_the_summary_of_its_recorded_rows():
+    """docs/bench/conversations.json (and so the model card's conversation numbers) is exactly what the committed
+    rows file summarizes to: a number in the docs can be traced to its rows, and a summary change shows here."""
+    import json
+
+    from at2_rag.evaluation.conversations import summarize_conversations
+
+    bench = Path(__file__).resolve().parents[1] / "docs" / "bench"
+    rows = [r for line in (bench / "conversations.jsonl").read_text().splitlines() for r in json.loads(line)["rows"]]
+    summary = json.loads(json.dumps(summarize_conversations(rows)))  # as written: JSON floats round-trip exactly
+    assert summary == json.loads((bench / "conversations.json").read_text())

@@ -321,7 +321,9 @@ def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smol
     # AT2+32 on an example of 3 sources: the design caps k at the 8 distinct masks, and the curve plots the passes
     assert [p[0] for p in curves["at2"]] == [0, 2, 4, 8]
     assert report["examples"][0]["methods"]["at2+32"]["cost"]["forward_passes"] == 8
-    assert [p[0] for p in curves["contextcite"]] == [2, 4, 32, 64]
+    # ContextCite on the chosen masks is the budget curve; the random-mask sizes are another design, drawn apart
+    assert [p[0] for p in curves["contextcite"]] == [2, 4]
+    assert [p[0] for p in curves["contextcite_random"]] == [32, 64]
     assert [p[0] for p in curves["leave_one_out"]] == [4]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -368,3 +370,19 @@ def test_evaluate_cli_measures_the_shipped_estimator_by_default_and_records_what
     assert main(["evaluate", *common, "--output", str(tmp_path / "b.json")]) == 0  # the cache: no new passes
     with_folder, default = (json.loads((tmp_path / f"{n}.json").read_text())["summary"] for n in "ab")
     assert default["at2"]["lds"] == with_folder["at2"]["lds"] != default["average_attention"]["lds"]
+
+
+def test_budget_curve_of_the_recorded_evaluation_keeps_random_mask_contextcite_apart(tmp_path):
+    """The README's curve: ContextCite-k on the chosen masks stops at the largest budget; ContextCite-32/64 fitted
+    on random masks are their own labelled family, never drawn as the same-masks line's continuation."""
+    from at2_rag.evaluation.report import CURVE_LABELS, budget_curves, plot_budget_curve
+
+    summary = json.loads((Path(__file__).parents[1] / "docs/eval/smollm2-heldout.json").read_text())["summary"]
+    curves = budget_curves(summary, "lds")
+    passes = {name: values["extra_forward_passes"] for name, values in summary.items()}  # k, or fewer distinct masks
+    assert [p[0] for p in curves["contextcite"]] == [passes[f"contextcite_{k}"] for k in BUDGETS]
+    assert [p[0] for p in curves["contextcite_random"]] == [32, 64]
+    assert curves["contextcite_random"][0][1] == pytest.approx(summary["contextcite_32"]["lds"])
+    assert [p[0] for p in curves["at2"]] == [0, *(passes[f"at2+{k}"] for k in BUDGETS)]
+    assert "random" in CURVE_LABELS["contextcite_random"] and "same" in CURVE_LABELS["contextcite"]
+    assert plot_budget_curve(summary, tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

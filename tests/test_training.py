@@ -330,6 +330,41 @@ def test_training_refuses_data_with_nothing_to_learn_or_to_stop_on():
         train_estimator(constant, layers, heads, epochs=5, progress=False)
 
 
+def test_training_without_held_out_examples_runs_every_epoch_and_reports_no_held_out_numbers(tmp_path, caplog):
+    """`heldout_fraction=0` holds out nothing (it used to hold out one example per set), and training data never
+    stands in for held-out data (a one-example set used to early-stop on its own training targets and report their
+    correlation as held-out): every epoch runs, the last weights are kept, and the held-out numbers are None, in
+    the report, the saved config and the model card. A fraction outside [0, 1) is refused."""
+    from at2_rag.errors import InvalidInputError
+    from at2_rag.training.train import split_examples
+
+    layers, heads = 3, 4
+    true_w = torch.zeros(layers * heads)
+    true_w[4] = 1.0
+    examples = planted_examples(12, 4, true_w, "e", 5)
+    trained_on, held = split_examples(examples, 0.0, 0)
+    assert held == [] and sorted(ex.id for ex in trained_on) == sorted(ex.id for ex in examples)
+    assert len(split_examples(examples[:1], 0.15, 0)[1]) == 0  # a one-example set is all training
+    for examples_, fraction in ((examples, 0.0), (examples[:1], 0.15)):
+        with caplog.at_level("WARNING", logger="at2_rag.training.train"):
+            est, report = train_estimator(examples_, layers, heads, epochs=7, lr=1e-2, patience=2,
+                                          heldout_fraction=fraction, progress=False)
+        assert "no held-out examples" in caplog.text
+        assert report["num_heldout_examples"] == report["num_heldout_targets"] == 0
+        assert report["early_stopping"] is False
+        assert report["epochs_run"] == report["best_epoch"] == 7  # patience 2 stops nothing
+        assert report["heldout_correlation"] is None and report["initial_heldout_correlation"] is None
+        assert report["heldout_example_ids"] == []
+    assert int(est.weights.argmax()) == 4
+    est.save_pretrained(tmp_path / "est")
+    loaded = ScoreEstimator.from_folder(tmp_path / "est")
+    assert loaded.metadata["heldout_correlation"] is None
+    assert "Heldout correlation" not in (tmp_path / "est" / "README.md").read_text()
+    for fraction in (-0.1, 1.0, 1.5):
+        with pytest.raises(InvalidInputError, match="heldout_fraction must be at least 0 and below 1"):
+            train_estimator(examples, layers, heads, epochs=1, heldout_fraction=fraction, progress=False)
+
+
 def test_training_on_several_sets_splits_each_on_its_own():
     """Adding a second set (multi-turn conversations, say) leaves the first set's held-out examples as they were,
     so held-out numbers measured on that split stay honest; the sets may differ in their number of sources."""

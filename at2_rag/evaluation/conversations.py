@@ -146,11 +146,35 @@ def evaluate_conversation(
     return rows
 
 
+NEAR_TIE_NATS = 0.5  # leave-one-out effects closer than this are a near-tie: which one is "top" is a coin flip
+
+
+def near_tie_agreement(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How much of the strict top-1 disagreement is near-ties: the share of targets whose two largest
+    leave-one-out effects lie within `NEAR_TIE_NATS`, top-1 agreement on the other (clear) targets, and the share
+    of targets whose best-scored source's effect is within `NEAR_TIE_NATS` of the largest. Rows from before the
+    per-source scores and effects were kept are left out (`n` counts the rest; none left: no entries)."""
+    rows = [r for r in rows if len(r.get("leave_one_out") or ()) >= 2 and r.get("at2_scores")]
+    if not rows:
+        return {}
+    ties, clear, near = [], [], []
+    for r in rows:
+        effects, scores = r["leave_one_out"], r["at2_scores"]
+        first, second = sorted(effects, reverse=True)[:2]
+        ties.append(first - second < NEAR_TIE_NATS)
+        if not ties[-1]:
+            clear.append(r["at2_top"] == r["loo_top"])
+        near.append(first - effects[max(range(len(scores)), key=scores.__getitem__)] < NEAR_TIE_NATS)
+    return {"leave_one_out_near_ties": mean_se(ties), "top1_agreement_at2_clear_targets": mean_se(clear),
+            "top1_within_near_tie_of_leave_one_out": mean_se(near)}
+
+
 def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Metrics with standard errors over targets (AUROC: bootstrap)."""
     summary: dict[str, Any] = {"targets": len(rows), "examples": len({r["id"] for r in rows})}
     for method in ("at2", "average", "documents_only"):
         summary[f"top1_agreement_{method}"] = mean_se([r[f"{method}_top"] == r["loo_top"] for r in rows])
+    summary.update(near_tie_agreement(rows))
     names = set.intersection(*(set(r.get("baseline_tops", {})) for r in rows)) if rows else set()
     partial = {name for r in rows for name in r.get("baseline_tops", {})} - names
     if partial:  # rows measured before a baseline was added: comparing on part of the rows would mislead
@@ -332,6 +356,10 @@ def conversation_record(summary: dict[str, Any], examples: str) -> dict[str, Any
         "top1_agreement_average_attention": summary["top1_agreement_average"],
         "top1_agreement_documents_only": summary["top1_agreement_documents_only"],
         **{f"top1_agreement_{name}": v for name, v in summary.get("top1_agreement_baselines", {}).items()},
+        **({"leave_one_out_near_ties": summary["leave_one_out_near_ties"],
+            "top1_agreement_on_clear_targets": summary["top1_agreement_at2_clear_targets"],
+            "top1_within_near_tie_of_leave_one_out": summary["top1_within_near_tie_of_leave_one_out"]}
+           if "leave_one_out_near_ties" in summary else {}),
         "groundedness_auroc": summary["groundedness_auroc_at2"],
         "groundedness_auroc_score_sum": summary["groundedness_auroc_at2_score_sum"],
         "groundedness_auroc_average_attention": summary["groundedness_auroc_average"],

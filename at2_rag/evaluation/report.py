@@ -388,12 +388,15 @@ def _is_budget_method(name: str) -> bool:
 
 def budget_curves(summary: dict[str, Any], key: str) -> dict[str, list[tuple[float, float, float]]]:
     """Per method family, `(extra forward passes, mean, standard error)` of column `key`, by passes: AT2 from 0
-    passes through AT2+k, ContextCite-k, and the single points (leave-one-out, average attention)."""
+    passes through AT2+k, ContextCite-k on the same chosen masks, ContextCite on random masks (the surrogate
+    sizes, a family of its own: another design, not more of the same curve), and the single points."""
     curves: dict[str, list[tuple[float, float, float]]] = {}
     for name, values in summary.items():
         if key not in values:
             continue
-        family = name.split("+", 1)[0] if "+" in name else "contextcite" if name.startswith("contextcite_") else name
+        family = name.split("+", 1)[0] if "+" in name else name
+        if name.startswith("contextcite_"):  # chosen masks at a budget, or a surrogate size's random masks
+            family = "contextcite" if _is_budget_method(name) else "contextcite_random"
         sem = values.get(key + "_sem", float("nan"))
         point = (float(values.get("extra_forward_passes", float("nan"))), float(values[key]),
                  0.0 if sem is None or math.isnan(sem) else float(sem))
@@ -402,8 +405,11 @@ def budget_curves(summary: dict[str, Any], key: str) -> dict[str, list[tuple[flo
 
 
 CURVE_LABELS = {"at2": "AT2 + k ablations", "contextcite": "ContextCite-k (same masks)",
-                "leave_one_out": "leave-one-out", "average_attention": "average attention + k ablations"}
-CURVE_COLORS = {"at2": "#d62728", "contextcite": "#1f77b4", "leave_one_out": "#ff7f0e", "average_attention": "#7f7f7f"}
+                "contextcite_random": "ContextCite-k (random masks)", "leave_one_out": "leave-one-out",
+                "average_attention": "average attention + k ablations"}
+CURVE_COLORS = {"at2": "#d62728", "contextcite": "#1f77b4", "contextcite_random": "#17becf",
+                "leave_one_out": "#ff7f0e", "average_attention": "#7f7f7f"}
+CURVE_STYLES = {"contextcite_random": "s--"}
 
 
 def plot_budget_curve(
@@ -421,7 +427,7 @@ def plot_budget_curve(
     for ax, key in zip(axes[0], panels, strict=True):
         for family, points in budget_curves(summary, key).items():
             xs, ys, errs = zip(*points, strict=True)
-            style = "o-" if len(points) > 1 else "D"
+            style = CURVE_STYLES.get(family, "o-") if len(points) > 1 else "D"
             color = CURVE_COLORS.get(family)
             ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, ms=5, color=color,
                         label=CURVE_LABELS.get(family, family))

@@ -132,9 +132,13 @@ def correlation_loss(weights: torch.Tensor, batch: TargetBatch, loo_weight: floa
 def split_examples(
     examples: Sequence[CollectedExample], heldout_fraction: float, seed: int
 ) -> tuple[list[CollectedExample], list[CollectedExample]]:
+    """Shuffled by `seed`: a fraction above 0 holds out at least one example (none of a one-example set, which
+    would leave nothing to train on); a fraction of 0 holds out none."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise InvalidInputError(f"heldout_fraction must be at least 0 and below 1, got {heldout_fraction}")
     order = list(examples)
     random.Random(seed).shuffle(order)
-    n_held = max(1, int(round(len(order) * heldout_fraction))) if len(order) > 1 else 0
+    n_held = max(1, int(round(len(order) * heldout_fraction))) if len(order) > 1 and heldout_fraction > 0 else 0
     return order[n_held:], order[:n_held]
 
 
@@ -174,7 +178,9 @@ def train_estimator(
     training and held-out examples on its own with the same fraction and seed, so adding a set never moves
     another set's examples between the splits (held-out numbers measured on one set's split stay honest).
     Examples with leave-one-out masks (`merge_collected`) add `loo_weight` times their correlation to the
-    objective; early stopping follows the same objective on the held-out split."""
+    objective; early stopping follows the same objective on the held-out split. Without held-out examples
+    (`heldout_fraction=0`, or sets of one example) every epoch runs, the last weights are kept and the report's
+    held-out numbers are None: training data never stands in for held-out data."""
     torch.manual_seed(seed)
     train_ex, held_ex = split_examples(examples, heldout_fraction, seed)
     for group in more_examples:
@@ -183,15 +189,19 @@ def train_estimator(
     train = to_targets(train_ex)
     keep = informative(train)
     train = train.select(keep)
-    held = to_targets(held_ex) if held_ex else train
-    held = held.select(informative(held))
     if len(train) == 0:
         raise InvalidInputError("no training target has labels that vary across its random masks: there is nothing "
                                 "to learn (collect more examples)")
-    if len(held) == 0:  # the held-out objective would be NaN, and the starting weights saved as trained
-        raise InvalidInputError(f"none of the {len(held_ex)} held-out examples has a target whose labels vary across "
-                                "its random masks, so early stopping has nothing to follow: collect more examples or "
-                                "raise heldout_fraction")
+    held = to_targets(held_ex) if held_ex else None
+    if held is None:
+        logger.warning("no held-out examples (heldout_fraction=%s): no early stopping, all %d epochs run and the "
+                       "last weights are kept", heldout_fraction, epochs)
+    else:
+        held = held.select(informative(held))
+        if len(held) == 0:  # the held-out objective would be NaN, and the starting weights saved as trained
+            raise InvalidInputError(f"none of the {len(held_ex)} held-out examples has a target whose labels vary "
+                                    "across its random masks, so early stopping has nothing to follow: collect more "
+                                    "examples or raise heldout_fraction")
     d = num_layers * num_heads
     if train.features.shape[-1] != d:
         raise ValueError(f"features have {train.features.shape[-1]} heads, expected {num_layers} x {num_heads}")
@@ -201,15 +211,21 @@ def train_estimator(
     steps_per_epoch = math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
 
-    def held_corr(w: torch.Tensor) -> float:
+    def held_corr(w: torch.Tensor) -> float | None:
+        if held is None:
+            return None
         with torch.no_grad():
             return float(pearson(predictions(w, held), held.labels, held.random).mean())
 
     def held_objective(w: torch.Tensor) -> float:
+        if held is None:  # nothing to stop on: every epoch is the best so far
+            return math.inf
         with torch.no_grad():
             return -float(correlation_loss(w, held, loo_weight))
 
     def held_loo_corr(w: torch.Tensor) -> float | None:
+        if held is None:
+            return None
         rows = held.leave_one_out.sum(-1) >= 3
         if not bool(rows.any()):
             return None
@@ -234,8 +250,8 @@ def train_estimator(
             total += float(loss.detach()) * len(idx)
         corr, objective = held_corr(weights.detach()), held_objective(weights.detach())
         history.append({"epoch": epoch, "train_loss": total / len(train), "heldout_correlation": corr})
-        bar.set_postfix(loss=f"{total / len(train):.4f}", heldout=f"{corr:.4f}")
-        if objective > best[0] + 1e-5:
+        bar.set_postfix(loss=f"{total / len(train):.4f}", **({} if corr is None else {"heldout": f"{corr:.4f}"}))
+        if held is None or objective > best[0] + 1e-5:
             best = (objective, weights.detach().clone(), epoch)
         elif epoch - best[2] >= patience:
             logger.info("early stop at epoch %d (best %d, held-out objective %.4f)", epoch, best[2], best[0])
@@ -250,7 +266,8 @@ def train_estimator(
         "num_train_examples": len(train_ex),
         "num_heldout_examples": len(held_ex),
         "num_train_targets": len(train),
-        "num_heldout_targets": len(held),
+        "num_heldout_targets": 0 if held is None else len(held),
+        "early_stopping": held is not None,
         "best_epoch": best[2],
         "heldout_correlation": history[best[2]]["heldout_correlation"],
         "initial_heldout_correlation": history[0]["heldout_correlation"],
