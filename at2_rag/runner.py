@@ -329,7 +329,8 @@ class ModelRunner:
                 continue
             ids = torch.tensor([list(seq[:real])], device=self.device)
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            rows.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            # the output names its cache as forward's keyword does (`out.past_key_values` warns on transformers 5.x)
+            rows.append([(layer.keys, layer.values) for layer in getattr(out, self._cache_arg).layers])
         template = next(r for r in rows if r is not None)
         for layer, (k0, v0) in enumerate(template):
             keys, values = [], []
