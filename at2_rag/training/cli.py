@@ -25,16 +25,20 @@ def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool =
     from ..capture import model_shape
     from ..estimator import ScoreEstimator
     from ..models import load_default_model, load_model
-
-    if args.model:
-        model, tokenizer = load_model(args.model)
-    else:
-        model, tokenizer = load_default_model()
     from .collect import process_split
 
-    _, _, device = process_split()
-    if device is not None:
-        model.to(device)
+    _, _, launched_device = process_split()
+    device = getattr(args, "device", None)
+    if device is not None and launched_device is not None:
+        raise InvalidInputError(
+            f"--device {device} conflicts with the accelerate launch, which gives each process its own device "
+            f"({launched_device} here): drop --device"
+        )
+    device = device if device is not None else launched_device
+    if args.model:
+        model, tokenizer = load_model(args.model, device=device)
+    else:
+        model, tokenizer = load_default_model(device=device)
     if estimator is None and not shipped:
         layers, heads = model_shape(model)
         estimator = ScoreEstimator.uniform(layers, heads, model_id=model.config.name_or_path)
@@ -146,10 +150,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
         raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
-    if args.conversations:  # an option it would ignore is an error, not a run that silently did something else
+    if args.conversations and args.groundedness:
+        raise InvalidInputError("--conversations and --groundedness are two evaluations: run one at a time")
+    if args.conversations or args.groundedness:  # an option it would ignore is an error, not a silent other run
+        flag = "--conversations" if args.conversations else "--groundedness"
         given = [f"--{name.replace('_', '-')}" for name in SINGLE_TURN_ONLY if getattr(args, name) is not None]
         if given:
-            raise InvalidInputError(f"{', '.join(given)}: single-turn evaluation options, not used by --conversations")
+            raise InvalidInputError(f"{', '.join(given)}: single-turn evaluation options, not used by {flag}")
     for name, default in SINGLE_TURN_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -164,6 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("evaluate needs a JSONL of examples (or --merge PART.json ...)")
     if args.conversations:
         return _evaluate_conversations(args)
+    if args.groundedness:
+        return _evaluate_groundedness(args)
     if args.baseline:
         raise InvalidInputError("--baseline needs --conversations (the single-turn evaluation compares estimators "
                                 "through its own methods)")
@@ -213,6 +222,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_groundedness(args: argparse.Namespace) -> int:
+    """`evaluate --groundedness`: both groundedness modes against the measured label; rows go to OUTPUT.jsonl
+    (resumable), the summary to OUTPUT."""
+    from ..estimator import ScoreEstimator
+    from ..evaluation.groundedness import evaluate_groundedness, mismatched_ids
+    from ..examples import read_examples
+
+    examples = read_examples(args.examples, limit=args.limit or None)
+    estimator = ScoreEstimator.from_pretrained(args.estimator) if args.estimator else None
+    attributor = _attributor(args, estimator)
+    summary = evaluate_groundedness(
+        attributor, examples, args.output, max_new_tokens=args.max_new_tokens, mismatched=mismatched_ids(args.examples)
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _evaluate_conversations(args: argparse.Namespace) -> int:
     """`evaluate --conversations`: each example becomes a conversation; rows go to OUTPUT.jsonl (resumable),
     the summary to OUTPUT."""
@@ -245,11 +271,27 @@ def _evaluate_conversations(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES_EPILOG = """\
+EXAMPLES JSONL: one example per line, an object with
+  id         the example's id in shards and reports (string or integer; default: its position)
+  query      the question (required, non-empty)
+  documents  the retrieved documents (required, at least one): strings or objects with text (required),
+             id, title, url, metadata
+  history    earlier turns (optional): [{"role": "user" | "assistant", "content": "..."}, ...]
+Other fields (e.g. relevant_ids, answer_hint) are ignored.
+"""
+DEVICE_HELP = "torch device to run the model on, e.g. cpu, cuda, cuda:1 (default: cpu; under an accelerate launch, " \
+    "each process's own device)"
+
+
 def add_training_commands(sub: Any) -> None:
-    c = sub.add_parser("collect", help="collect ablation data for training an estimator (resumable)")
-    c.add_argument("examples", help="JSONL of {id, query, documents}")
+    raw = argparse.RawDescriptionHelpFormatter
+    c = sub.add_parser("collect", help="collect ablation data for training an estimator (resumable)",
+                       epilog=EXAMPLES_EPILOG, formatter_class=raw)
+    c.add_argument("examples", help="JSONL of {id, query, documents, history} (see below)")
     c.add_argument("output", help="folder of shards (rerun to resume)")
     c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
+    c.add_argument("--device", help=DEVICE_HELP)
     c.add_argument("--num-masks", type=int, default=32)
     c.add_argument("--keep-prob", type=float, default=0.5)
     c.add_argument("--leave-one-out", action="store_true", help="also one mask per source removing it alone (what "
@@ -293,11 +335,13 @@ def add_training_commands(sub: Any) -> None:
     t.add_argument("--training-data", help="description of the training data for the model card")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="LDS and top-k drop of AT2 vs baselines on held-out examples")
-    e.add_argument("examples", nargs="?", help="JSONL of held-out {id, query, documents}")
+    e = sub.add_parser("evaluate", help="LDS and top-k drop of AT2 vs baselines on held-out examples",
+                       epilog=EXAMPLES_EPILOG, formatter_class=raw)
+    e.add_argument("examples", nargs="?", help="JSONL of held-out {id, query, documents, history} (see below)")
     e.add_argument("--part", help="K/N: evaluate every N-th example starting at K (run N processes, then --merge)")
     e.add_argument("--merge", nargs="+", help="merge part reports into --output/--plot instead of evaluating")
-    e.add_argument("--model")
+    e.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
+    e.add_argument("--device", help=DEVICE_HELP)
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
     e.add_argument("--plot", type=Path, help="plot of the metrics (default: evaluation.png)")
@@ -316,6 +360,10 @@ def add_training_commands(sub: Any) -> None:
                    "(default: all of them; built in: lds, top_k_drop; see at2_rag.evaluation.registry)")
     e.add_argument("--baseline", action="append", metavar="ESTIMATOR", help="with --conversations: also the "
                    "top-1 agreement of this estimator (e.g. an earlier one) on the same runs; repeatable")
+    e.add_argument("--groundedness", action="store_true", help="evaluate groundedness instead: per answer "
+                   "sentence, measured and estimated `grounded` against the label (log-probability drops by >= 1 nat "
+                   "with every document masked out): AUROC, supported precision/recall, standard errors over "
+                   "examples; examples marked \"mismatched\": true are also reported apart")
     e.add_argument("--conversations", action="store_true", help="evaluate attribution in conversations instead: "
                    "each example becomes a multi-turn one (the model's own first answer as history, then a follow-up "
                    "that repeats, builds on or doubts it, or that the documents cannot answer); reports top-1 "

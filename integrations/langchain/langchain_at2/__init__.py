@@ -6,10 +6,9 @@
 * `AT2Citations` / `with_citations` - a post-processor for `{"answer", "context", "question"}` outputs.
 """
 
-from importlib import metadata
-
 from . import annotations as _annotations  # registers the "at2" content translator
 from ._loading import clear_cache, get_attributor
+from ._version import __version__
 from .annotations import attribution_from_metadata
 from .callbacks import EVENT_NAME, AsyncAT2CallbackHandler, AT2CallbackHandler, ChainAttribution
 from .chat_models import ChatAT2
@@ -23,12 +22,7 @@ from .documents import (
     to_at2_documents,
 )
 
-try:
-    __version__ = metadata.version(__package__ or "langchain_at2")
-except metadata.PackageNotFoundError:  # pragma: no cover - not installed
-    __version__ = "0.0.0"
-
-del metadata, _annotations
+del _annotations
 
 __all__ = [
     "EVENT_NAME",

@@ -22,6 +22,7 @@ from ._common import (
     nodes_to_documents,
     unique_nodes,
 )
+from ._version import __version__
 from .base import AT2NodePostprocessor
 from .documents import load_folder
 from .events import AT2AttributionEndEvent, AT2AttributionStartEvent
@@ -61,4 +62,5 @@ __all__ = [
     "default_attributor",
     "nodes_to_documents",
     "use_local_settings",
+    "__version__",
 ]
