@@ -14,11 +14,12 @@ import shlex
 import subprocess
 import sys
 import time
-import tomllib
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,9 @@ def _commands(block: str) -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _run(command: str | list[str], env: dict[str, str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(
+    command: str | list[str], env: Mapping[str, str], cwd: Path, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
     args = shlex.split(command) if isinstance(command, str) else command
     started = time.monotonic()
     done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -62,7 +65,7 @@ def _run(command: str | list[str], env: dict[str, str], cwd: Path, timeout: int 
     return done
 
 
-def _ok(done: subprocess.CompletedProcess) -> str:
+def _ok(done: subprocess.CompletedProcess[str]) -> str:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     return output
@@ -73,14 +76,16 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sdist and wheel of the three projects, built from this checkout (sdist first, the wheel from the sdist)."""
     out = tmp_path_factory.mktemp("dist")
     for folder, _ in PROJECTS.values():
-        _ok(_run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(folder)], os.environ, ROOT))
+        build = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(folder)]
+        _ok(_run(build, os.environ, ROOT))
     return out
 
 
 def test_dists_pass_twine_check_and_carry_license_and_types(dists: Path) -> None:
     files = sorted(dists.iterdir())
     assert len(files) == 6, files
-    assert "PASSED" in _ok(_run([sys.executable, "-m", "twine", "check", "--strict", *map(str, files)], os.environ, ROOT))
+    twine = [sys.executable, "-m", "twine", "check", "--strict", *map(str, files)]
+    assert "PASSED" in _ok(_run(twine, os.environ, ROOT))
     for name, (_, module) in PROJECTS.items():
         stem = f"{name.replace('-', '_')}-{_version(name)}"
         wheel = dists / f"{stem}-py3-none-any.whl"
