@@ -29,6 +29,16 @@ def _print_attribution(result: Any, as_json: bool) -> None:
         print(result.to_text())
 
 
+def device_argument(text: str) -> str:
+    """argparse type of --device: a device torch has here, checked before any model loads."""
+    from .models import check_device
+
+    try:
+        return str(check_device(text))
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _attributor(args: argparse.Namespace) -> Any:
     from .attributor import Attributor
     from .models import load_default_model
@@ -169,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="local folder or Hub id of a causal LM (default: embedded SmolLM2-135M)")
         p.add_argument("--estimator", help="estimator folder, reference .pt file or Hub id")
-        p.add_argument("--device", help=DEVICE_HELP)
+        p.add_argument("--device", type=device_argument, help=DEVICE_HELP)
         p.add_argument("--max-new-tokens", type=int, default=96)
         p.add_argument("--json", action="store_true", help="print the attribution as JSON")
 

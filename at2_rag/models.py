@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from .errors import ModelNotAvailableError
+from .errors import InvalidInputError, ModelNotAvailableError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [  # ModelNotAvailableError is re-exported: it was defined here before errors.py had it
-    "CACHE_ENV", "DEFAULT_MODEL_ID", "ModelNotAvailableError", "cache_root", "check_default_model",
+    "CACHE_ENV", "DEFAULT_MODEL_ID", "ModelNotAvailableError", "cache_root", "check_default_model", "check_device",
     "default_gguf_path", "default_model_path", "download_default_model", "load_default_model", "load_model",
 ]
 
@@ -269,15 +269,39 @@ def default_model_path() -> Path:
     return target
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or `InvalidInputError` when torch cannot parse it or has no such device here:
+    said before a model loads, instead of torch's error after it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {exc}") from None
+    if parsed.type in ("cpu", "meta"):
+        return parsed
+    backend = getattr(torch, parsed.type, None) if parsed.type != "mps" else torch.backends.mps
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise InvalidInputError(
+            f"device {str(parsed)!r}: torch {torch.__version__} has no {parsed.type} device here (this torch build or "
+            "machine lacks it); use --device cpu, or a torch build for that device"
+        )
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and count is not None and parsed.index >= count():
+        raise InvalidInputError(f"device {str(parsed)!r}: torch sees {count()} {parsed.type} device(s) here")
+    return parsed
+
+
 def load_model(
     name_or_path: str | os.PathLike[str],
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode."""
+    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode, on `device` (default: CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None:
+        device = check_device(device)  # a bad device fails before the weights load
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto", **kwargs)
     if device is not None:

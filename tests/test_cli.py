@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from at2_rag.cli import read_documents
 from at2_rag.errors import InvalidInputError
+from at2_rag.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,13 +49,24 @@ def test_attribute_a_folder_with_a_given_answer(tmp_path):
     (folder / "bread.txt").write_text("Sourdough bread rises thanks to wild yeast and lactic acid bacteria.")
     (folder / "ignored.csv").write_text("a,b")
     done = at2("attribute", "--query", "Where is Mount Etna?", "--documents", str(folder),
-               "--answer", "Mount Etna is on Sicily.", "--json")
+               "--answer", "Mount Etna is on Sicily.", "--json", "--device", "cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["answer"] == "Mount Etna is on Sicily."
     scores = {d["id"]: d["score"] for d in result["documents"]}
     assert set(scores) == {"bread.txt", "volcano.md"}
     assert scores["volcano.md"] > scores["bread.txt"]
+
+
+def test_device_is_checked_before_the_model_loads(tmp_path):
+    """--device names a device torch has here, or the command stops at once (argparse's exit 2), saying why."""
+    done = at2("demo", "--device", "nonsense", timeout=60)
+    assert done.returncode == 2 and "'nonsense' is not a torch device" in done.stderr, done.stderr
+    if not torch.cuda.is_available():
+        done = at2("evaluate", str(tmp_path / "examples.jsonl"), "--device", "cuda:1", timeout=60)
+        assert done.returncode == 2 and "has no cuda device here" in done.stderr, done.stderr
+        with pytest.raises(InvalidInputError, match="has no cuda device"):
+            load_model(tmp_path, device="cuda")  # the API says it too, before reading any file
 
 
 def test_attribute_reports_bad_input_clearly(tmp_path):

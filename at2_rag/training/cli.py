@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..cli import device_argument
 from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
 from ..layout import SOURCE_KINDS, TARGET_KINDS
@@ -291,7 +292,7 @@ def add_training_commands(sub: Any) -> None:
     c.add_argument("examples", help="JSONL of {id, query, documents, history} (see below)")
     c.add_argument("output", help="folder of shards (rerun to resume)")
     c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
-    c.add_argument("--device", help=DEVICE_HELP)
+    c.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     c.add_argument("--num-masks", type=int, default=32)
     c.add_argument("--keep-prob", type=float, default=0.5)
     c.add_argument("--leave-one-out", action="store_true", help="also one mask per source removing it alone (what "
@@ -341,7 +342,7 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("--part", help="K/N: evaluate every N-th example starting at K (run N processes, then --merge)")
     e.add_argument("--merge", nargs="+", help="merge part reports into --output/--plot instead of evaluating")
     e.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
-    e.add_argument("--device", help=DEVICE_HELP)
+    e.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
     e.add_argument("--plot", type=Path, help="plot of the metrics (default: evaluation.png)")
