@@ -71,6 +71,16 @@ def _ok(done: subprocess.CompletedProcess[str]) -> str:
     return output
 
 
+def _configured_find_links() -> str:
+    """pip's own find-links (environment, else configuration): PIP_FIND_LINKS set here replaces them, so they are
+    kept beside the built wheels (on this machine they hold the pinned torch)."""
+    if os.environ.get("PIP_FIND_LINKS"):
+        return os.environ["PIP_FIND_LINKS"]
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.find-links"],
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sdist and wheel of the three projects, built from this checkout (sdist first, the wheel from the sdist)."""
@@ -117,7 +127,7 @@ def test_readme_install_in_a_fresh_venv(dists: Path, tmp_path_factory: pytest.Te
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         VIRTUAL_ENV=str(venv),
-        PIP_FIND_LINKS=" ".join(filter(None, [os.environ.get("PIP_FIND_LINKS", ""), str(dists)])),
+        PIP_FIND_LINKS=" ".join(filter(None, [_configured_find_links(), str(dists)])),
         PIP_CONSTRAINT=str(constraints),
         PIP_DISABLE_PIP_VERSION_CHECK="1",
         AT2_RAG_CACHE=str(work / "at2-rag-cache"),  # a user's empty cache: no GGUF, no converted model yet
