@@ -20,6 +20,7 @@ from typing import Any
 
 from .attributor import Attributor, RequestLike
 from .errors import AT2Error, InvalidInputError
+from .evidence import GroundednessMode, check_groundedness
 from .prompt import RenderedPrompt
 from .refine import check_ablations
 from .request import AttributionRequest
@@ -42,6 +43,7 @@ class _Pending:
     max_new_tokens: int
     ablations: int
     generate_kwargs: dict[str, Any]
+    groundedness: GroundednessMode = "measured"  # scoring only: requests of any mode share a batch
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -93,13 +95,25 @@ class MicroBatcher:
 
     # ---- callers ------------------------------------------------------------------------------------------
     def submit(
-        self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **generate_kwargs: Any
+        self,
+        request: RequestLike,
+        max_new_tokens: int = 256,
+        ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
+        **generate_kwargs: Any,
     ) -> Future:
         """Queue a request; the Future resolves to its Attribution (or raises its own error). The prompt is
-        rendered here, so malformed input raises in the caller's thread."""
+        rendered here, so malformed input raises in the caller's thread. `groundedness` as in
+        `Attributor.generate`."""
         parsed = AttributionRequest.coerce(request)
         return self.submit_prompt(
-            self.attributor.render(parsed), parsed.query, parsed.answer, max_new_tokens, ablations, **generate_kwargs
+            self.attributor.render(parsed),
+            parsed.query,
+            parsed.answer,
+            max_new_tokens,
+            ablations,
+            groundedness=groundedness,
+            **generate_kwargs,
         )
 
     def submit_prompt(
@@ -109,6 +123,7 @@ class MicroBatcher:
         answer: str | None = None,
         max_new_tokens: int = 256,
         ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
         **generate_kwargs: Any,
     ) -> Future:
         """Queue a ready prompt (`Attributor.render`, or `Attributor.locate(...).prompt` for a prompt rendered
@@ -116,6 +131,7 @@ class MicroBatcher:
         if self._closed:
             raise RuntimeError("this MicroBatcher is closed")
         check_ablations(ablations)
+        check_groundedness(groundedness)
         check_max_new_tokens(max_new_tokens)
         if "streamer" in generate_kwargs:
             raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
@@ -130,31 +146,49 @@ class MicroBatcher:
             except TypeError as exc:
                 raise InvalidInputError(f"generate keyword arguments must have string names: {exc}") from exc
             settings = ("generate", max_new_tokens, ablations, frozen)
-        pending = _Pending(prompt, query, answer, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs))
+        pending = _Pending(
+            prompt, query, answer, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs), groundedness
+        )
         self._queue.put(pending)
         return pending.future
 
-    def generate(self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any) -> Attribution:
+    def generate(
+        self,
+        request: RequestLike,
+        max_new_tokens: int = 256,
+        ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
+        **kw: Any,
+    ) -> Attribution:
         """`Attributor.generate` (or `attribute`, for a request with an answer), sharing a batch with whoever
         else is asking."""
-        return self.submit(request, max_new_tokens, ablations, **kw).result()
+        return self.submit(request, max_new_tokens, ablations, groundedness, **kw).result()
 
-    def attribute(self, request: RequestLike, ablations: int = 0) -> Attribution:
+    def attribute(
+        self, request: RequestLike, ablations: int = 0, groundedness: GroundednessMode = "measured"
+    ) -> Attribution:
         parsed = AttributionRequest.coerce(request)
         if parsed.answer is None:
             raise InvalidInputError("attribute needs a request with an answer")
-        return self.submit(parsed, ablations=ablations).result()
+        return self.submit(parsed, ablations=ablations, groundedness=groundedness).result()
 
     async def agenerate(
-        self, request: RequestLike, max_new_tokens: int = 256, ablations: int = 0, **kw: Any
+        self,
+        request: RequestLike,
+        max_new_tokens: int = 256,
+        ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
+        **kw: Any,
     ) -> Attribution:
-        return await asyncio.wrap_future(self.submit(request, max_new_tokens, ablations, **kw))
+        return await asyncio.wrap_future(self.submit(request, max_new_tokens, ablations, groundedness, **kw))
 
-    async def aattribute(self, request: RequestLike, ablations: int = 0) -> Attribution:
+    async def aattribute(
+        self, request: RequestLike, ablations: int = 0, groundedness: GroundednessMode = "measured"
+    ) -> Attribution:
         parsed = AttributionRequest.coerce(request)
         if parsed.answer is None:
             raise InvalidInputError("attribute needs a request with an answer")
-        return await asyncio.wrap_future(self.submit(parsed, ablations=ablations))
+        return await asyncio.wrap_future(self.submit(parsed, ablations=ablations, groundedness=groundedness))
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop the worker."""
@@ -255,7 +289,8 @@ class MicroBatcher:
                 runs = runner.forward_batch(prompts, [p.answer or "" for p in live])
             else:
                 runs = runner.generate_batch(prompts, head.max_new_tokens, **head.generate_kwargs)
-            results = [self.attributor.build_attribution(run, p.query, p.ablations) for run, p in zip(runs, live)]
+            build = self.attributor.build_attribution
+            results = [build(run, p.query, p.ablations, p.groundedness) for run, p in zip(runs, live)]
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
             if not isinstance(exc, AT2Error):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
@@ -273,6 +308,10 @@ class MicroBatcher:
                 run = runner.forward(pending.prompt, pending.answer)
             else:
                 run = runner.generate(pending.prompt, pending.max_new_tokens, **pending.generate_kwargs)
-            return pending, self.attributor.build_attribution(run, pending.query, pending.ablations), None
+            return (
+                pending,
+                self.attributor.build_attribution(run, pending.query, pending.ablations, pending.groundedness),
+                None,
+            )
         except Exception as exc:  # noqa: BLE001 - handed to its own caller
             return pending, None, exc

@@ -726,6 +726,17 @@ def install_capture(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def paused_capture() -> Iterator[None]:
+    """Inside the block no capture records attention calls: a pass of other work run between the decode steps
+    of a captured generation (in its thread) leaves the capture as it was."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
 def capture_attention(
     model: torch.nn.Module,
     spans: Sequence[tuple[int, int]],

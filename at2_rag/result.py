@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .sources import UnlocatedDocument, context_key
 
 ATTRIBUTION_SCHEMA = "at2-rag/attribution"
-ATTRIBUTION_SCHEMA_VERSION = 2  # 2: context sources, grounded, extra_forward_passes
+ATTRIBUTION_SCHEMA_VERSION = 3  # 2: context sources, grounded, extra_forward_passes; 3: groundedness mode
 
 
 class SentenceScore(BaseModel):
@@ -79,15 +79,27 @@ class Citation(BaseModel):
     cited: list[str] = Field(
         default_factory=list, description="ids of documents marked as supporting (none when not `supported`)"
     )
-    supported: bool = Field(default=True, description="`grounded` reaches the estimator's calibrated threshold")
-    grounded: float = Field(
+    supported: bool = Field(
+        default=True, description="`grounded` reaches the threshold (1 nat by default); True when groundedness is off"
+    )
+    grounded: float | None = Field(
         default=0.0,
-        description="estimated drop, in nats, of this sentence's log-odds if every document were removed",
+        description="how much this sentence depends on the documents: the drop, in nats, of its log-odds when every "
+        "document is removed from attention. groundedness='measured' (the default): measured exactly with one "
+        "teacher-forced pass; 'estimated': predicted by the estimator at zero cost (less reliable on documents "
+        "unlike its training data); None with 'off'. Dependence, not truth: a wrong sentence can depend on a "
+        "document that says something else",
     )
     context: list[ContextSource] = Field(
         default_factory=list,
         description="earlier turns and the system prompt this sentence draws on (e.g. the answer it repeats), "
-        "best first",
+        "best first. Measured groundedness lists the earlier turns exactly when `context_grounded` reaches the "
+        "threshold",
+    )
+    context_grounded: float | None = Field(
+        default=None,
+        description="in a conversation with measured groundedness: the drop, in nats, of this sentence's log-odds "
+        "when every earlier turn is removed from attention (None otherwise)",
     )
 
 
@@ -121,7 +133,11 @@ class Attribution(BaseModel):
     )
     extra_forward_passes: int = Field(
         default=0,
-        description="ablation passes paid beyond the generation (or the one forward pass over a given answer)",
+        description="passes paid beyond the generation (or the one forward pass over a given answer): measured "
+        "groundedness (every document removed; every earlier turn removed) and ablations",
+    )
+    groundedness: str = Field(
+        default="estimated", description='how `grounded` was obtained: "measured", "estimated" or "off"'
     )
 
     # ---- accessors -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from .ablation import ablated_answer_logit_probs, cache_argument, full_attention_cache
 from .capture import CaptureState, capture_attention, install_capture, model_shape, text_config
 from .errors import ContextTooLongError, InvalidInputError
+from .evidence import GeneratedLogitProbs, token_logit_probs
 from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
 from .prompt import RenderedPrompt
 
@@ -29,13 +30,15 @@ ABLATION_BATCH_SIZE = 8
 
 @dataclass
 class CapturedRun:
-    """Everything one model run produced: the prompt, the answer and per-token features `[T, S, L*H]`
-    (sources = documents, then their sentences, then the context parts)."""
+    """Everything one model run produced: the prompt, the answer, per-token features `[T, S, L*H]`
+    (sources = documents, then their sentences, then the context parts) and the model's own logit-prob of each
+    answer token in this run (`[T]`, the unmasked side of measured groundedness; None without capture)."""
 
     prompt: RenderedPrompt
     answer: AnswerTokens
     token_features: torch.Tensor
     finish_reason: str | None = None
+    answer_logit_probs: torch.Tensor | None = None
 
     @property
     def num_documents(self) -> int:
@@ -162,6 +165,7 @@ class ModelRunner:
         capture: bool = True,
         streamer: Any = None,
         on_state: Callable[[CaptureState], None] | None = None,
+        recorder: GeneratedLogitProbs | None = None,
         **generate_kwargs: Any,
     ) -> CapturedRun:
         """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
@@ -170,7 +174,8 @@ class ModelRunner:
         and no per-token answer offsets. `streamer` is handed to `generate` (e.g. a `TextIteratorStreamer`).
         `on_state` is called with the live CaptureState before the first forward pass (not at all without
         capture): a streamer may then read `state.features()` in its `put`, which runs in the generation thread
-        between decode steps (see `stream(on_step=...)`); no other thread may touch the state."""
+        between decode steps (see `stream(on_step=...)`); no other thread may touch the state. `recorder` (made
+        here when not given) records the answer's logit-probs during a captured generation."""
         check_max_new_tokens(max_new_tokens)
         self.check_fits(prompt, max_new_tokens)
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
@@ -182,7 +187,10 @@ class ModelRunner:
             if capture
             else contextlib.nullcontext(None)
         )
-        with self.lock, torch.no_grad(), ctx as state:
+        if capture and recorder is None:
+            recorder = GeneratedLogitProbs(self.model)
+        logits_ctx = recorder if capture and recorder is not None else contextlib.nullcontext(None)
+        with self.lock, torch.no_grad(), ctx as state, logits_ctx:
             if state is not None and on_state is not None:
                 on_state(state)
             output = self.model.generate(
@@ -191,26 +199,28 @@ class ModelRunner:
                 max_new_tokens=max_new_tokens,
                 **kwargs,
             )
-        answer, finish = self._answer(output[0, prompt.num_tokens :].tolist(), state is not None)
-        if state is None:
+        generated = output[:, prompt.num_tokens :]
+        answer, finish = self._answer(generated[0].tolist(), state is not None)
+        if state is None or recorder is None:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
-        else:
-            features = state.features()[0][: len(answer.token_ids)]
-        return CapturedRun(prompt, answer, features, finish)
+            return CapturedRun(prompt, answer, features, finish)
+        features = state.features()[0][: len(answer.token_ids)]
+        logit_probs = recorder.finish(generated)[0][: len(answer.token_ids)]
+        return CapturedRun(prompt, answer, features, finish, logit_probs)
 
     def forward(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
         """One forward pass over a ready prompt + `answer`, capturing the answer rows' attention to its sources."""
         check_answer(answer)
         tokens = encode_with_offsets(self.tokenizer, answer)
         self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
-        features = self._teacher_forced_features(prompt, tokens.token_ids, source_spans(prompt))
-        return CapturedRun(prompt, tokens, features, None)
+        features, logit_probs = self._teacher_forced(prompt, tokens.token_ids, source_spans(prompt))
+        return CapturedRun(prompt, tokens, features, None, logit_probs)
 
-    def _teacher_forced_features(
+    def _teacher_forced(
         self, prompt: RenderedPrompt, token_ids: Sequence[int], spans: Sequence[tuple[int, int]]
-    ) -> torch.Tensor:
-        """`[answer tokens, spans, L*H]`: one pass over prompt + `token_ids`, capturing the answer rows'
-        attention to `spans`."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[answer tokens, spans, L*H]` features and `[answer tokens]` logit-probs: one pass over prompt +
+        `token_ids`, capturing the answer rows' attention to `spans`."""
         ids = torch.tensor([prompt.input_ids + list(token_ids)], device=self.device)
         start = prompt.num_tokens - 1
         with (
@@ -218,8 +228,11 @@ class ModelRunner:
             torch.no_grad(),
             capture_attention(self.model, list(spans), start, start + len(token_ids)) as state,
         ):
-            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
-        return state.features()[0]
+            out = self.model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=len(token_ids) + 1
+            )
+        logit_probs = token_logit_probs(out.logits[0, :-1], ids[0, start + 1 :]).cpu()
+        return state.features()[0], logit_probs
 
     def stream(
         self,
@@ -241,6 +254,8 @@ class ModelRunner:
         check_max_new_tokens(max_new_tokens)
         self.check_fits(prompt, max_new_tokens)
         live = LiveGeneration(prompt, self.tokenizer)
+        if capture:
+            live.recorder = GeneratedLogitProbs(self.model)
         streamer = (
             TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             if on_step is None
@@ -256,6 +271,7 @@ class ModelRunner:
                     capture=capture,
                     streamer=streamer,
                     on_state=live.attach,
+                    recorder=live.recorder,
                     **generate_kwargs,
                 )
             except BaseException as exc:  # surfaced in the consuming thread
@@ -276,7 +292,7 @@ class ModelRunner:
         """`[answer tokens, spans, L*H]`: the run's answer rows' attention features to arbitrary prompt spans
         (token-level collection: every document token its own source), one teacher-forced pass over the run's
         own tokens, so the rows are exactly those the run's labels are measured on."""
-        return self._teacher_forced_features(run.prompt, run.answer.token_ids, spans)
+        return self._teacher_forced(run.prompt, run.answer.token_ids, spans)[0]
 
     def ablated_logit_probs(
         self, run: CapturedRun, masks: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None
@@ -377,18 +393,19 @@ class ModelRunner:
                 left_padding=pads,
                 start_position=0 if cache is None else width - 1,
                 row_spans=row_spans,
-            ) as state:
+            ) as state, GeneratedLogitProbs(self.model) as recorder:
                 output = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs
                 )
         features = state.features()
+        logit_probs = recorder.finish(output[:, width:])
         runs = []
         for row, prompt in enumerate(prompts):
             # a row that ended early is filled with padding up to the batch's end
             answer, finish = self._answer(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True)
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
-            runs.append(CapturedRun(prompt, answer, own.clone(), finish))
+            runs.append(CapturedRun(prompt, answer, own.clone(), finish, logit_probs[row, :rows].clone()))
         return runs
 
     def forward_batch(self, prompts: Sequence[RenderedPrompt], answers: Sequence[str]) -> list[CapturedRun]:
@@ -419,19 +436,22 @@ class ModelRunner:
                 self.model, (), first, width - 1, left_padding=pads, start_position=begin, row_spans=row_spans
             ) as state:
                 cached = {} if cache is None else {self._cache_arg: cache, "use_cache": True}
-                self.model(
+                out = self.model(
                     input_ids=ids[:, begin:],
                     attention_mask=mask,
                     position_ids=positions[:, begin:],
-                    logits_to_keep=1,
+                    logits_to_keep=width - first,  # every row's answer predictions, from the earliest
                     **({"use_cache": False} | cached),
                 )
         features = state.features()
         runs = []
         for row, (prompt, encoded) in enumerate(zip(prompts, tokens)):
             lo = starts[row] - first
-            rows = features[row, lo : lo + len(encoded.token_ids), : len(row_spans[row])].clone()
-            runs.append(CapturedRun(prompt, encoded, rows, None))
+            count = len(encoded.token_ids)
+            rows = features[row, lo : lo + count, : len(row_spans[row])].clone()
+            logits = out.logits[row, lo : lo + count]
+            logit_probs = token_logit_probs(logits, ids[row, starts[row] + 1 : starts[row] + 1 + count]).cpu()
+            runs.append(CapturedRun(prompt, encoded, rows, None, logit_probs))
         return runs
 
 
@@ -450,6 +470,7 @@ class LiveGeneration:
         self._text = ""
         self._end = 0  # end of the last complete character
         self._state: CaptureState | None = None
+        self.recorder: GeneratedLogitProbs | None = None  # the generation's logit-probs (set by `stream`)
 
     def attach(self, state: CaptureState) -> None:
         """`ModelRunner.generate`'s `on_state`: the capture state this generation records into."""
@@ -484,7 +505,11 @@ class LiveGeneration:
         count = len(self.token_ids)
         if features.shape[0] < count:
             raise RuntimeError(f"{features.shape[0]} captured rows for {count} generated tokens")
-        return CapturedRun(self.prompt, self.answer, features[:count], None)  # a view: the capture never rewrites it
+        logit_probs = None
+        if self.recorder is not None:
+            logit_probs = self.recorder.finish(torch.tensor([self.token_ids], dtype=torch.long))[0][:count]
+        # features are a view: the capture never rewrites them
+        return CapturedRun(self.prompt, self.answer, features[:count], None, logit_probs)
 
 
 @functools.cache

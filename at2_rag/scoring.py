@@ -14,6 +14,7 @@ import torch
 
 from .ablation import target_log_odds
 from .estimator import ScoreEstimator
+from .evidence import GroundednessEvidence, GroundednessMode
 from .features import answer_targets, target_features
 from .grounding import GroundednessCalibration
 from .layout import history_columns, refinement_units
@@ -89,12 +90,25 @@ class Scorer:
 
     @torch.no_grad()
     def attribution(
-        self, run: CapturedRun, query: str, ablations: int = 0, ablation_passes: AblationPasses | None = None
+        self,
+        run: CapturedRun,
+        query: str,
+        ablations: int = 0,
+        ablation_passes: AblationPasses | None = None,
+        groundedness: GroundednessMode = "estimated",
+        evidence: GroundednessEvidence | None = None,
     ) -> Attribution:
         """Scores, citations and groundedness of a run: documents, their sentences and the context parts
         (earlier turns, system prompt, question) scored by the same estimator. With `ablations=k`, k ablation
         passes (`ablation_passes`) over the documents and earlier turns (`refinement_units`) refine the scores of
-        the whole answer and of each answer sentence, with the AT2 scores as the prior (`_refined`)."""
+        the whole answer and of each answer sentence, with the AT2 scores as the prior (`_refined`); a mask whose
+        answer `evidence` (or the run itself) already measured is not run again.
+
+        `groundedness="measured"` takes each sentence's `grounded` from `evidence` (the measured drop when every
+        document is removed, and `context_grounded` when every earlier turn is); "estimated" from the estimator's
+        calibration (or the refined surrogate); "off" computes none (every sentence counts as supported)."""
+        if groundedness == "measured" and (evidence is None or evidence.documents_removed is None):
+            raise ValueError('groundedness="measured" needs the measured evidence (`GroundednessEvidence`)')
         prompt, answer = run.prompt, run.answer
         columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
         rows_all = [i for i, (a, b) in enumerate(answer.char_spans) if b > a] or list(range(len(answer.token_ids)))
@@ -108,14 +122,17 @@ class Scorer:
             if ablation_passes is None:
                 raise ValueError("ablations > 0 needs the runner's ablation passes")
             masks = choose_masks(len(units), ablations, prompt.text + "\x00" + answer.text)
-            logit_probs = ablation_passes(run, masks, spans)
+            logit_probs, passes = _measured_masks(run, masks, len(prompt.doc_sources), evidence, spans, ablation_passes)
             scores = [
                 self._refined(s, masks, target_log_odds(logit_probs, rows), units, prompt)
                 for rows, s in zip(target_rows, scores)
             ]
-            passes = int(masks.shape[0])
+            refined = True
+        else:
+            refined = False
         whole, per_sentence = scores[0], scores[1:]
-        grounding = self.groundedness(refined=passes > 0)
+        grounding = self.groundedness(refined=refined)
+        measure = _GroundednessSource(groundedness, evidence)
 
         sentences_by_doc = _sentences_by_doc(prompt)
         doc_scores, sent_scores = columns.documents(whole), columns.sentences(whole)
@@ -140,13 +157,17 @@ class Scorer:
             )
 
         citations = [
-            self._citation(answer.text, span, target, f, prompt, columns, sentences_by_doc, grounding)
-            for (span, _), target, f in zip(targets, per_sentence, features[1:])
+            self._citation(answer.text, span, target, f, prompt, columns, sentences_by_doc, grounding, measure, rows)
+            for (span, rows), target, f in zip(targets, per_sentence, features[1:])
         ]
         if citations:
             supported = any(c.supported for c in citations)
+        elif groundedness == "off":
+            supported = True
         else:
-            grounded = self._grounded(grounding, whole, features[0], prompt) if columns.docs else float("-inf")
+            grounded = measure.documents(rows_all)
+            if grounded is None:
+                grounded = self._grounded(grounding, whole, features[0], prompt) if columns.docs else float("-inf")
             supported = bool(grounded >= grounding.threshold)
         return Attribution(
             query=query,
@@ -164,13 +185,21 @@ class Scorer:
             finish_reason=run.finish_reason,
             unlocated_documents=list(prompt.unlocated_documents),
             context_sources=_context_sources(prompt, columns.context(whole)),
-            extra_forward_passes=passes,
+            extra_forward_passes=passes + (evidence.passes if evidence is not None else 0),
+            groundedness=groundedness,
         )
 
     @torch.no_grad()
-    def citation_for(self, run: CapturedRun, sentence_index: int) -> Citation:
+    def citation_for(
+        self,
+        run: CapturedRun,
+        sentence_index: int,
+        groundedness: GroundednessMode = "estimated",
+        evidence: GroundednessEvidence | None = None,
+    ) -> Citation:
         """The AT2 citation of one answer sentence (the `sentence_index`-th of `features.answer_targets`) with the
-        same estimator and citation policy as `attribution` (no refinement).
+        same estimator, citation policy and groundedness as `attribution` (no refinement); `evidence` must cover
+        the sentence's tokens when measured.
 
         `run` may be a partial run of a generation in progress (`LiveGeneration.captured()`): attention is causal,
         so once a sentence's last token is generated its features, and this citation, equal those of the finished
@@ -185,7 +214,10 @@ class Scorer:
         scores = self.estimator(features).tolist()
         sentences_by_doc = _sentences_by_doc(prompt)
         grounding = self.groundedness(refined=False)
-        return self._citation(run.answer.text, span, scores, features, prompt, columns, sentences_by_doc, grounding)
+        measure = _GroundednessSource(groundedness, evidence)
+        return self._citation(
+            run.answer.text, span, scores, features, prompt, columns, sentences_by_doc, grounding, measure, rows
+        )
 
     def groundedness(self, refined: bool) -> GroundednessCalibration:
         """Refined scores are the ablation surrogate's effects (in prior units): the sum of the documents' in
@@ -249,6 +281,8 @@ class Scorer:
         columns: _Columns,
         sentences_by_doc: dict[int, list[tuple[int, Any]]],
         grounding: GroundednessCalibration,
+        measure: _GroundednessSource,
+        rows: list[int],
     ) -> Citation:
         doc_scores, sent_scores = columns.documents(scores), columns.sentences(scores)
         ranked = sorted(range(columns.docs), key=lambda i: doc_scores[i], reverse=True)
@@ -265,8 +299,14 @@ class Scorer:
             )[:3]
             cited_docs.append(CitedDocument(index=i, id=doc.id, title=doc.title, score=doc_scores[i], sentences=sents))
         context_scores = columns.context(scores)
-        grounded = self._grounded(grounding, scores, features, prompt)
-        supported = bool(grounded >= grounding.threshold)
+        grounded: float | None
+        if measure.mode == "off":
+            grounded, supported = None, True
+        else:
+            grounded = measure.documents(rows)
+            if grounded is None:
+                grounded = self._grounded(grounding, scores, features, prompt)
+            supported = bool(grounded >= grounding.threshold)
         best = doc_scores[ranked[0]] if ranked else 0.0
         cited = [
             d.id
@@ -279,6 +319,16 @@ class Scorer:
             key=lambda c: c.score,
             reverse=True,
         )
+        listed = [c for c in context if c.score >= self.support_threshold]
+        context_grounded = measure.turns(rows)
+        if context_grounded is not None:
+            # measured: the earlier turns are listed exactly when removing them all lowers the sentence by the
+            # threshold (then at least the best-scored turn), whatever their scores say
+            turns = [c for c in context if c.kind == "history"]
+            drawn = context_grounded >= grounding.threshold
+            listed = [c for c in listed if c.kind != "history" or drawn]
+            if drawn and turns and not any(c.kind == "history" for c in listed):
+                listed = sorted(listed + turns[:1], key=lambda c: c.score, reverse=True)
         return Citation(
             text=answer_text[span.start : span.end],
             start=span.start,
@@ -287,5 +337,55 @@ class Scorer:
             cited=cited,
             supported=supported,
             grounded=grounded,
-            context=[c for c in context if c.score >= self.support_threshold][:MAX_CITED_PER_SENTENCE],
+            context=listed[:MAX_CITED_PER_SENTENCE],
+            context_grounded=context_grounded,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroundednessSource:
+    """Where a target's measured drops come from: the evidence in measured mode, nothing otherwise (None: the
+    estimate applies)."""
+
+    mode: GroundednessMode
+    evidence: GroundednessEvidence | None
+
+    def documents(self, rows: list[int]) -> float | None:
+        if self.mode != "measured" or self.evidence is None:
+            return None
+        return self.evidence.documents_drop(rows)
+
+    def turns(self, rows: list[int]) -> float | None:
+        if self.mode != "measured" or self.evidence is None:
+            return None
+        return self.evidence.turns_drop(rows)
+
+
+def _measured_masks(
+    run: CapturedRun,
+    masks: torch.Tensor,
+    num_documents: int,
+    evidence: GroundednessEvidence | None,
+    spans: list[tuple[int, int]],
+    ablation_passes: AblationPasses,
+) -> tuple[torch.Tensor, int]:
+    """`[masks, answer tokens]` logit-probs of the refinement's masks (over documents, then earlier turns) and
+    the number of passes run for them: a mask the run itself (everything kept) or the measured groundedness
+    passes (every document removed; every earlier turn removed) already answered is reused, not run twice."""
+    known: dict[tuple[bool, ...], torch.Tensor] = {}
+    units, turns = masks.shape[1], masks.shape[1] - num_documents
+    if run.answer_logit_probs is not None:
+        known[(True,) * units] = run.answer_logit_probs
+    if evidence is not None and evidence.documents_removed is not None:
+        known[(False,) * num_documents + (True,) * turns] = evidence.documents_removed
+    if evidence is not None and evidence.turns_removed is not None and turns:
+        known[(True,) * num_documents + (False,) * turns] = evidence.turns_removed
+    rows = [tuple(bool(b) for b in m) for m in masks.tolist()]
+    todo = [i for i, m in enumerate(rows) if m not in known]
+    out = torch.empty(masks.shape[0], len(run.answer.token_ids))
+    if todo:
+        out[todo] = ablation_passes(run, masks[todo], spans)
+    for i, m in enumerate(rows):
+        if m in known:
+            out[i] = known[m]
+    return out, len(todo)

@@ -188,7 +188,10 @@ def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
 
     calibration = att.scorer.groundedness(refined=False)
     assert calibration.document_weights is not None and calibration.history_weights is not None
-    result = att.attribute("Can unused vacation days be carried over?", DOCS, answer=EARLIER_ANSWER, history=history())
+    result = att.attribute(
+        "Can unused vacation days be carried over?", DOCS, answer=EARLIER_ANSWER, history=history(),
+        groundedness="estimated",
+    )
     run = att.capture(
         {
             "query": "Can unused vacation days be carried over?",

@@ -57,7 +57,8 @@ def test_zero_ablations_is_exactly_at2(att):
     zero = att.attribute(QUERY, DOCS, answer=ANSWER, ablations=0)
     assert zero.document_scores() == plain.document_scores()
     assert [c.model_dump() for c in zero.citations] == [c.model_dump() for c in plain.citations]
-    assert zero.extra_forward_passes == plain.extra_forward_passes == 0
+    assert zero.extra_forward_passes == plain.extra_forward_passes == 1  # the measured groundedness pass
+    assert att.attribute(QUERY, DOCS, answer=ANSWER, groundedness="estimated").extra_forward_passes == 0
 
 
 FIVE = DOCS + ["The Amazon river flows through Brazil.", "Gustave Eiffel's company designed the tower in 1884."]
@@ -70,7 +71,8 @@ def test_all_masks_approach_the_least_squares_surrogate_and_passes_are_counted(a
         refined = att.attribute(QUERY, FIVE, answer=ANSWER, ablations=100)  # 5 documents: 32 distinct masks
     finally:
         hook.remove()
-    assert refined.extra_forward_passes == 32
+    # the documents-free pass, then the 32 masks but the two it and the run itself already measured
+    assert refined.extra_forward_passes == 1 + 30
     assert len(calls) > 1  # the capture pass and the ablation passes really ran
     prior = att.attribute(QUERY, FIVE, answer=ANSWER)
 
@@ -122,8 +124,11 @@ def test_earlier_turns_and_document_sentences_refine_in_the_same_model(att):
     """2 documents + 2 earlier turns: 16 distinct masks. Every one observed, the refined scores of documents and
     turns are the ablation surrogate over all four; each document's sentences share its bit, so their refined
     scores add up to its effect; the system prompt and the question keep their AT2 scores."""
-    refined = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS, ablations=50)
-    assert refined.extra_forward_passes == 16
+    refined = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS, ablations=50, groundedness="estimated")
+    assert refined.extra_forward_passes == 15  # the 16 masks but everything kept, which the run itself measured
+    measured = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS, ablations=50)
+    # the documents-free and turns-free passes, then the 16 masks but the three they and the run already measured
+    assert measured.extra_forward_passes == 2 + 13
     plain = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS)
 
     run = att.capture({"query": FOLLOW_UP, "documents": VACATION, "answer": EARLIER, "history": TURNS})

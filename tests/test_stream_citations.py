@@ -30,6 +30,10 @@ TOL = 1e-6
 # another shape differently (up to 1.5e-6 on a share here with MKL on AMD EPYC): still fp32 rounding, far below
 # anything a read that changed the capture would cause.
 FEATURE_TOL = 1e-5
+# Measured `grounded` is a log-odds difference summed over a sentence's tokens; the streamed one feeds the
+# documents-free pass sentence by sentence over a KV cache, the final one of a plain stream in one go: fp32 rounding
+# of other matrix shapes (7e-6 seen), not a different measurement.
+GROUNDED_TOL = 1e-4
 
 
 def assert_citations_equal(streamed: Citation, final: Citation) -> None:
@@ -37,7 +41,8 @@ def assert_citations_equal(streamed: Citation, final: Citation) -> None:
     assert (streamed.text, streamed.start, streamed.end) == (final.text, final.start, final.end)
     assert streamed.cited == final.cited
     assert streamed.supported == final.supported
-    assert streamed.grounded == pytest.approx(final.grounded, abs=TOL)
+    assert streamed.grounded == pytest.approx(final.grounded, abs=GROUNDED_TOL)
+    assert streamed.context_grounded == pytest.approx(final.context_grounded, abs=GROUNDED_TOL)
     assert [d.id for d in streamed.documents] == [d.id for d in final.documents]
     for s, f in zip(streamed.documents, final.documents):
         assert s.score == pytest.approx(f.score, abs=TOL)
@@ -125,8 +130,12 @@ def test_citation_for_equals_the_attributions_citation(att):
     answer = "The tower is in Paris. It was built in 1889. Bees live in colonies."
     run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer})
     result = att.build_attribution(run, QUERY)
+    evidence = att.measure_groundedness(run)
     assert len(result.citations) == 3
     for k, want in enumerate(result.citations):
+        assert_citations_equal(att.scorer.citation_for(run, k, "measured", evidence), want)
+    estimated = att.build_attribution(run, QUERY, groundedness="estimated")
+    for k, want in enumerate(estimated.citations):
         assert_citations_equal(att.scorer.citation_for(run, k), want)
     with pytest.raises(IndexError):
         att.scorer.citation_for(run, 3)

@@ -1,0 +1,172 @@
+"""Evaluate groundedness: does `grounded` tell which answer sentences depend on the documents?
+
+For every held-out example the model answers (greedy), then every answer sentence gets:
+- its `grounded` in each mode: "measured" (the documents-free pass, exact by construction) and "estimated" (the
+  estimator's zero-pass head, what `groundedness="estimated"` returns);
+- the label, from an independent masked forward pass over the whole sequence (the ablations' convention, not the
+  measured pass's code path): the sentence's log-probability drops by >= 1 nat when every document is masked out.
+
+Reported per mode: AUROC of `grounded` against the label, precision and recall of `supported`, with standard
+errors from a bootstrap over examples (sentences of one answer are not independent). Examples marked
+`"mismatched": true` (a question asked over another question's documents) are also reported apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ablation import ablation_attention_mask, answer_logit_probs, target_log_prob
+from ..attributor import Attributor
+from ..examples import Example
+from ..features import answer_targets
+from ..files import atomic_path
+from ..grounding import auroc
+
+logger = logging.getLogger(__name__)
+
+MODES = ("measured", "estimated")
+LABEL_NATS = 1.0  # the project's definition of "depends on the documents"
+BOOTSTRAP_REPS = 1000
+
+
+def example_rows(
+    attributor: Attributor, example: Example, max_new_tokens: int, mismatched: bool = False
+) -> list[dict[str, Any]]:
+    """One row per answer sentence of the example: both modes' `grounded` and `supported`, and the label."""
+    request = {"query": example.query, "documents": example.documents, "history": example.history or None}
+    run = attributor.capture(request, max_new_tokens=max_new_tokens)
+    results = {mode: attributor.build_attribution(run, example.query, 0, mode) for mode in MODES}  # type: ignore[arg-type]
+    ids = run.prompt.input_ids + run.answer.token_ids
+    spans = run.prompt.doc_token_spans
+    keep = torch.tensor([[True] * len(spans), [False] * len(spans)])
+    with attributor.runner.lock:
+        logit_probs = answer_logit_probs(
+            attributor.model, ids, len(run.answer.token_ids), ablation_attention_mask(len(ids), spans, keep)
+        )
+    rows = []
+    for k, (span, token_rows) in enumerate(answer_targets(run.answer)):
+        log_p = target_log_prob(logit_probs, token_rows)
+        drop = float(log_p[0] - log_p[1])
+        row: dict[str, Any] = {
+            "id": example.id,
+            "mismatched": mismatched,
+            "sentence": run.answer.text[span.start : span.end],
+            "log_prob_drop": drop,
+            "depends_on_documents": drop >= LABEL_NATS,
+        }
+        for mode, result in results.items():
+            citation = result.citations[k]
+            row[f"{mode}_grounded"] = citation.grounded
+            row[f"{mode}_supported"] = citation.supported
+        rows.append(row)
+    return rows
+
+
+def _bootstrap(statistic: Any, groups: list[list[int]], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> float:
+    """Standard error of `statistic(row indices)` over resamples of whole examples (`groups`: each example's row
+    indices); resamples where it is undefined (NaN) are left out."""
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(reps):
+        picked = torch.randint(0, len(groups), (len(groups),), generator=generator).tolist()
+        values.append(statistic([i for g in picked for i in groups[g]]))
+    tensor = torch.tensor(values, dtype=torch.double)
+    tensor = tensor[~tensor.isnan()]
+    return float(tensor.std()) if len(tensor) > 1 else float("nan")
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """AUROC and `supported` precision / recall per mode, with bootstrap-over-examples standard errors."""
+    if not rows:
+        return {"sentences": 0}
+    order: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        order.setdefault(row["id"], []).append(i)
+    groups = list(order.values())
+    labels = torch.tensor([bool(r["depends_on_documents"]) for r in rows])
+
+    def ratio(numerator: torch.Tensor, denominator: torch.Tensor, idx: list[int]) -> float:
+        d = denominator[idx]
+        return float(numerator[idx][d].double().mean()) if bool(d.any()) else float("nan")
+
+    summary: dict[str, Any] = {
+        "examples": len(groups),
+        "sentences": len(rows),
+        "depends_on_documents": float(labels.double().mean()),
+        "label": f"the sentence's log-probability drops by >= {LABEL_NATS:g} nat with every document masked out "
+        "(an independent full masked pass)",
+    }
+    for mode in MODES:
+        scores = torch.tensor([float(r[f"{mode}_grounded"]) for r in rows], dtype=torch.double)
+        supported = torch.tensor([bool(r[f"{mode}_supported"]) for r in rows])
+        all_rows = list(range(len(rows)))
+        summary[mode] = {
+            "auroc": {
+                "mean": auroc(scores, labels),
+                "se": _bootstrap(lambda idx, s=scores: auroc(s[idx], labels[idx]), groups),
+            },
+            "supported_precision": {
+                "mean": ratio(labels, supported, all_rows),
+                "se": _bootstrap(lambda idx, s=supported: ratio(labels, s, idx), groups),
+            },
+            "supported_recall": {
+                "mean": ratio(supported, labels, all_rows),
+                "se": _bootstrap(lambda idx, s=supported: ratio(s, labels, idx), groups),
+            },
+        }
+    return summary
+
+
+def evaluate_groundedness(
+    attributor: Attributor,
+    examples: Sequence[Example],
+    output: str | os.PathLike[str],
+    max_new_tokens: int = 64,
+    mismatched: Collection[str] = (),
+) -> dict[str, Any]:
+    """Evaluate both modes on `examples`; rows go to OUTPUT.jsonl (resumable: examples already there are not run
+    again), the summary (all examples; matched and mismatched apart when some example ids are `mismatched`) to
+    OUTPUT."""
+    output = Path(output)
+    rows_path = output.with_suffix(".jsonl")
+    rows: list[dict[str, Any]] = []
+    if rows_path.exists():
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    done = {r["id"] for r in rows}
+    with rows_path.open("a") as f:
+        for example in tqdm([e for e in examples if e.id not in done], desc="groundedness"):
+            new = example_rows(attributor, example, max_new_tokens, example.id in mismatched)
+            if not new:
+                logger.warning("example %s: empty answer, no sentence to evaluate", example.id)
+            for row in new:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            rows.extend(new)
+    wanted = {e.id for e in examples}
+    rows = [r for r in rows if r["id"] in wanted]
+    summary: dict[str, Any] = {"all": summarize(rows), "max_new_tokens": max_new_tokens}
+    if any(r["mismatched"] for r in rows):
+        summary["matched"] = summarize([r for r in rows if not r["mismatched"]])
+        summary["mismatched"] = summarize([r for r in rows if r["mismatched"]])
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def mismatched_ids(path: str | os.PathLike[str]) -> set[str]:
+    """Ids of the examples a JSONL file marks `"mismatched": true` (asked over another question's documents)."""
+    ids = set()
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("mismatched") is True:
+                ids.add(str(record.get("id")))
+    return ids

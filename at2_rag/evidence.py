@@ -1,0 +1,228 @@
+"""Measured evidence: the answer's own log-probabilities with sources removed, measured by teacher-forced passes.
+
+"How much does this answer sentence depend on the documents?" need not be estimated: it is one pass of the
+answer with every document masked out of attention (positions unchanged, the ablations' convention), compared
+with the answer's log-probabilities in the run itself. `grounded` is that drop in nats of the sentence's log-odds
+(the quantity collection labels and the estimated head was fitted to).
+
+For a model whose every layer attends to all earlier positions, removing a source's tokens from the sequence while
+keeping every other token's position id is the same computation as masking them out of attention, and skips the
+removed tokens' work: only the prompt outside the removed sources and the answer are run (about a tenth of a RAG
+prompt). Models with sliding-window layers count their window in sequence positions, so they keep every token and
+mask the removed ones (a full-length pass).
+
+`RemovedSourcesPass` runs incrementally over a KV cache: `extend(new answer tokens)` costs only those tokens once
+the prompt is in, so streaming can measure each sentence as it completes and the total is still one pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .ablation import cache_argument, full_attention_cache, target_log_odds, token_logit_probs
+from .errors import InvalidInputError
+
+GroundednessMode = Literal["measured", "estimated", "off"]
+GROUNDEDNESS_MODES: tuple[str, ...] = ("measured", "estimated", "off")
+
+
+def check_groundedness(mode: Any) -> GroundednessMode:
+    """`groundedness` must be "measured" (one documents-free pass, exact), "estimated" (the estimator's zero-pass
+    head) or "off"."""
+    if mode not in GROUNDEDNESS_MODES:
+        raise InvalidInputError(f"groundedness must be one of {', '.join(map(repr, GROUNDEDNESS_MODES))}, got {mode!r}")
+    return mode
+
+
+class RemovedSourcesPass:
+    """Teacher-forced logit-probs of an answer after `prompt_ids` with the tokens of `spans` removed from attention.
+
+    `extend(token_ids)` feeds the next answer tokens and returns their logit-probs `[len(token_ids)]`; the prompt
+    is run on the first call, and every later call runs only its new tokens (KV cache). Calls must not overlap
+    another use of the model (hold its lock; inside a capture, pause it)."""
+
+    def __init__(self, model: Any, prompt_ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._keep = torch.ones(len(prompt_ids), dtype=torch.bool)
+        for a, b in spans:
+            if not 0 <= a <= b <= len(prompt_ids):
+                raise ValueError(f"span {(a, b)} is outside the prompt of {len(prompt_ids)} tokens")
+            self._keep[a:b] = False
+        if not bool(self._keep[-1]):
+            raise ValueError("a removed source reaches the prompt's last token, which predicts the answer")
+        self._prompt_ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+        self._cache = full_attention_cache(model)
+        self._compact = self._cache is not None  # full attention: drop the removed tokens instead of masking them
+        if self._cache is None:
+            from transformers.cache_utils import DynamicCache
+
+            self._cache = DynamicCache(config=model.config)
+        self._cache_arg = cache_argument(model)
+        self._next_position = len(prompt_ids)
+        self._mask = self._keep.long() if not self._compact else None
+        self._pending: torch.Tensor | None = None  # logits predicting the next answer token
+
+    @torch.no_grad()
+    def extend(self, token_ids: Sequence[int]) -> torch.Tensor:
+        new = torch.tensor(list(token_ids), dtype=torch.long)
+        if new.numel() == 0:
+            return torch.zeros(0)
+        positions = torch.arange(self._next_position, self._next_position + len(new))
+        if self._pending is None:  # the first call runs the prompt too
+            if self._compact:
+                ids = torch.cat([self._prompt_ids[self._keep], new])
+                positions = torch.cat([torch.arange(len(self._prompt_ids))[self._keep], positions])
+            else:
+                ids = torch.cat([self._prompt_ids, new])
+                positions = torch.arange(len(ids))
+        else:
+            ids = new
+        if self._mask is not None:
+            self._mask = torch.cat([self._mask, torch.ones(len(new), dtype=torch.long)])
+            attention = self._mask
+        else:
+            attention = torch.ones(self._cache.get_seq_length() + len(ids), dtype=torch.long)  # type: ignore[union-attr]
+        keep_logits = len(new) + (1 if self._pending is None else 0)
+        logits = self.model(
+            input_ids=ids.unsqueeze(0).to(self.device),
+            attention_mask=attention.unsqueeze(0).to(self.device),
+            position_ids=positions.unsqueeze(0).to(self.device),
+            use_cache=True,
+            logits_to_keep=keep_logits,
+            **{self._cache_arg: self._cache},
+        ).logits[0].float()
+        if self._pending is not None:
+            logits = torch.cat([self._pending.unsqueeze(0), logits])
+        self._pending = logits[-1]
+        self._next_position += len(new)
+        return token_logit_probs(logits[:-1], new.to(logits.device)).cpu()
+
+
+def removed_answer_logit_probs(
+    model: Any, prompt_ids: Sequence[int], answer_ids: Sequence[int], spans: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """`[answer tokens]`: the answer's teacher-forced logit-probs with the tokens of `spans` removed (one pass)."""
+    return RemovedSourcesPass(model, prompt_ids, spans).extend(answer_ids)
+
+
+@dataclass
+class GroundednessEvidence:
+    """What the measured passes saw, per answer token: the logit-probs of the run itself (`kept`), with every
+    document removed, and (in a conversation) with every earlier turn removed; `passes` counts the passes paid."""
+
+    kept: torch.Tensor
+    documents_removed: torch.Tensor | None = None
+    turns_removed: torch.Tensor | None = None
+    passes: int = 0
+
+    def documents_drop(self, rows: Sequence[int]) -> float | None:
+        """Nats: how much the target's (answer rows `rows`) log-odds drop when every document is removed."""
+        return self._drop(self.documents_removed, rows)
+
+    def turns_drop(self, rows: Sequence[int]) -> float | None:
+        """Nats: how much the target's log-odds drop when every earlier turn is removed."""
+        return self._drop(self.turns_removed, rows)
+
+    def _drop(self, removed: torch.Tensor | None, rows: Sequence[int]) -> float | None:
+        if removed is None or not rows:
+            return None
+        both = torch.stack([self.kept, removed])
+        log_odds = target_log_odds(both, rows).double()
+        return float(log_odds[0] - log_odds[1])
+
+
+class GeneratedLogitProbs:
+    """Records, while `model.generate` runs inside the block, the model's own logit-prob of every token it
+    generates: the unmasked side of the measured drop, at no extra pass.
+
+    A forward hook reads the raw logits of each step's last position (before any logits processor or sampling
+    warper), and scores them once the next step's input reveals the chosen token; `finish(tokens)` scores the
+    last step. Only one row of logits per batch row is held at a time."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._steps: list[torch.Tensor] = []  # [batch] per generated token but the last
+        self._pending: torch.Tensor | None = None
+        self._handle: Any = None
+        self._paused = False
+
+    def __enter__(self) -> GeneratedLogitProbs:
+        self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside the block are not the generation's steps (a measured pass between them)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if self._paused:
+            return
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if self._pending is not None:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            chosen = ids[:, -1].to(self._pending.device)
+            self._steps.append(token_logit_probs(self._pending, chosen).cpu())
+        self._pending = logits[:, -1].detach().float()
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """`[batch, steps]` logit-probs of `generated` (`[batch, steps]`, the tokens generate returned after the
+        prompt)."""
+        steps = list(self._steps)
+        if self._pending is not None and generated.shape[1] > len(steps):
+            steps.append(token_logit_probs(self._pending, generated[:, len(steps)].to(self._pending.device)).cpu())
+        if not steps:
+            return torch.zeros(generated.shape[0], 0)
+        return torch.stack(steps, dim=1)[:, : generated.shape[1]]
+
+
+class MeasuredGroundedness:
+    """The measured groundedness passes of one run, fed its answer as it grows: every document removed and, in a
+    conversation, every earlier turn removed. `evidence(run)` runs only the answer tokens not fed yet, so a stream
+    that measures each sentence as it completes still pays one pass of each kind in all."""
+
+    def __init__(self, model: Any, prompt: Any) -> None:
+        turns = [span for part, span in zip(prompt.context_parts, prompt.context_token_spans) if part.kind == "history"]
+        self._documents = RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans)
+        self._turns = RemovedSourcesPass(model, prompt.input_ids, turns) if turns else None
+        self._fed = 0
+        self._documents_lp: list[torch.Tensor] = []
+        self._turns_lp: list[torch.Tensor] = []
+
+    def evidence(self, run: Any) -> GroundednessEvidence:
+        """The evidence for `run` (this prompt, an answer that extends what was fed before). Hold the model's
+        lock (inside a captured generation: pause the capture and the logit recorder)."""
+        if run.answer_logit_probs is None:
+            raise ValueError("measured groundedness needs the run's own answer logit-probs (a captured run)")
+        tokens = run.answer.token_ids
+        if len(tokens) < self._fed:
+            raise ValueError(f"the answer has {len(tokens)} tokens, {self._fed} were already measured")
+        new = tokens[self._fed :]
+        if new:
+            self._documents_lp.append(self._documents.extend(new))
+            if self._turns is not None:
+                self._turns_lp.append(self._turns.extend(new))
+            self._fed = len(tokens)
+        return GroundednessEvidence(
+            kept=run.answer_logit_probs,
+            documents_removed=_joined(self._documents_lp),
+            turns_removed=_joined(self._turns_lp) if self._turns is not None else None,
+            passes=1 + (self._turns is not None),
+        )
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
