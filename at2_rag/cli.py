@@ -13,6 +13,7 @@ from typing import Any
 from ._version import __version__
 from .errors import AT2Error, InputFileError, InvalidInputError
 from .files import json_type, read_jsonl, read_user_text
+from .models import device_argument
 
 logger = logging.getLogger("at2_rag")
 
@@ -27,16 +28,6 @@ def _print_attribution(result: Any, as_json: bool) -> None:
         Console().print(result)
     except ImportError:  # rich is a dependency, but stay usable without it
         print(result.to_text())
-
-
-def device_argument(text: str) -> str:
-    """argparse type of --device: a device torch has here, checked before any model loads."""
-    from .models import check_device
-
-    try:
-        return str(check_device(text))
-    except InvalidInputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _attributor(args: argparse.Namespace) -> Any:

@@ -4,6 +4,7 @@ install step `at2-rag download-model` (`download_default_model`)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [  # ModelNotAvailableError is re-exported: it was defined here before errors.py had it
     "CACHE_ENV", "DEFAULT_MODEL_ID", "ModelNotAvailableError", "cache_root", "check_default_model", "check_device",
-    "default_gguf_path", "default_model_path", "download_default_model", "load_default_model", "load_model",
+    "default_gguf_path", "default_model_path", "device_argument", "download_default_model", "load_default_model",
+    "load_model",
 ]
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -289,6 +291,14 @@ def check_device(device: str | torch.device) -> torch.device:
     if parsed.index is not None and count is not None and parsed.index >= count():
         raise InvalidInputError(f"device {str(parsed)!r}: torch sees {count()} {parsed.type} device(s) here")
     return parsed
+
+
+def device_argument(text: str) -> str:
+    """argparse `type=` of every CLI's --device: a device torch has here, checked before any model loads."""
+    try:
+        return str(check_device(text))
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def load_model(

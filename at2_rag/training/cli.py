@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli import device_argument
 from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
 from ..layout import SOURCE_KINDS, TARGET_KINDS
+from ..models import device_argument
 
 # `evaluate` options of the single-turn evaluation alone (None unless given), and their defaults there
 SINGLE_TURN_ONLY = ("merge", "part", "cache", "metrics", "plot", "curve", "budgets", "seed")
