@@ -54,11 +54,11 @@ class RemovedSourcesPass:
             if not 0 <= a <= b <= len(prompt_ids):
                 raise ValueError(f"span {(a, b)} is outside the prompt of {len(prompt_ids)} tokens")
             self._keep[a:b] = False
-        if not bool(self._keep[-1]):
-            raise ValueError("a removed source reaches the prompt's last token, which predicts the answer")
         self._prompt_ids = torch.tensor(list(prompt_ids), dtype=torch.long)
         self._cache = full_attention_cache(model)
-        self._compact = self._cache is not None  # full attention: drop the removed tokens instead of masking them
+        # full attention: drop the removed tokens instead of masking them, unless a removed source holds the
+        # prompt's last token, whose row predicts the answer's first token (it must stay: mask it instead)
+        self._compact = self._cache is not None and bool(self._keep[-1])
         if self._cache is None:
             from transformers.cache_utils import DynamicCache
 
@@ -143,7 +143,9 @@ class GeneratedLogitProbs:
 
     A forward hook reads the raw logits of each step's last position (before any logits processor or sampling
     warper), and scores them once the next step's input reveals the chosen token; `finish(tokens)` scores the
-    last step. Only one row of logits per batch row is held at a time."""
+    last step. Only one row of logits per batch row is held at a time. A generation that is not one token per
+    step and row (beam search, assisted decoding) is not recorded: `finish` returns None and the caller measures
+    the answer with a teacher-forced pass instead."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -151,6 +153,7 @@ class GeneratedLogitProbs:
         self._pending: torch.Tensor | None = None
         self._handle: Any = None
         self._paused = False
+        self._valid = True
 
     def __enter__(self) -> GeneratedLogitProbs:
         self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
@@ -174,13 +177,18 @@ class GeneratedLogitProbs:
         logits = output.logits if hasattr(output, "logits") else output[0]
         if self._pending is not None:
             ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            if ids is None or ids.shape != (self._pending.shape[0], 1):
+                self._valid = False  # not one chosen token per row and step
+                return
             chosen = ids[:, -1].to(self._pending.device)
             self._steps.append(token_logit_probs(self._pending, chosen).cpu())
         self._pending = logits[:, -1].detach().float()
 
-    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+    def finish(self, generated: torch.Tensor) -> torch.Tensor | None:
         """`[batch, steps]` logit-probs of `generated` (`[batch, steps]`, the tokens generate returned after the
-        prompt)."""
+        prompt); None when the generation was not recorded step by step."""
+        if not self._valid or (self._pending is not None and self._pending.shape[0] != generated.shape[0]):
+            return None
         steps = list(self._steps)
         if self._pending is not None and generated.shape[1] > len(steps):
             steps.append(token_logit_probs(self._pending, generated[:, len(steps)].to(self._pending.device)).cpu())
@@ -192,37 +200,40 @@ class GeneratedLogitProbs:
 class MeasuredGroundedness:
     """The measured groundedness passes of one run, fed its answer as it grows: every document removed and, in a
     conversation, every earlier turn removed. `evidence(run)` runs only the answer tokens not fed yet, so a stream
-    that measures each sentence as it completes still pays one pass of each kind in all."""
+    that measures each sentence as it completes still pays one pass of each kind in all. A run without its own
+    answer logit-probs (a generation not recorded step by step) has them measured too, by one more pass."""
 
     def __init__(self, model: Any, prompt: Any) -> None:
         turns = [span for part, span in zip(prompt.context_parts, prompt.context_token_spans) if part.kind == "history"]
-        self._documents = RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans)
-        self._turns = RemovedSourcesPass(model, prompt.input_ids, turns) if turns else None
+        self._passes: dict[str, RemovedSourcesPass] = {
+            "documents": RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans)
+        }
+        if turns:
+            self._passes["turns"] = RemovedSourcesPass(model, prompt.input_ids, turns)
+        self._model, self._prompt_ids = model, prompt.input_ids
         self._fed = 0
-        self._documents_lp: list[torch.Tensor] = []
-        self._turns_lp: list[torch.Tensor] = []
+        self._measured: dict[str, list[torch.Tensor]] = {name: [] for name in self._passes}
 
     def evidence(self, run: Any) -> GroundednessEvidence:
         """The evidence for `run` (this prompt, an answer that extends what was fed before). Hold the model's
         lock (inside a captured generation: pause the capture and the logit recorder)."""
-        if run.answer_logit_probs is None:
-            raise ValueError("measured groundedness needs the run's own answer logit-probs (a captured run)")
         tokens = run.answer.token_ids
         if len(tokens) < self._fed:
             raise ValueError(f"the answer has {len(tokens)} tokens, {self._fed} were already measured")
+        if run.answer_logit_probs is None and "kept" not in self._passes:
+            if self._fed:
+                raise ValueError("the run lost its own answer logit-probs after part of it was measured")
+            self._passes["kept"] = RemovedSourcesPass(self._model, self._prompt_ids, [])
+            self._measured["kept"] = []
         new = tokens[self._fed :]
         if new:
-            self._documents_lp.append(self._documents.extend(new))
-            if self._turns is not None:
-                self._turns_lp.append(self._turns.extend(new))
+            for name, measuring in self._passes.items():
+                self._measured[name].append(measuring.extend(new))
             self._fed = len(tokens)
+        joined = {name: torch.cat(parts) if parts else torch.zeros(0) for name, parts in self._measured.items()}
         return GroundednessEvidence(
-            kept=run.answer_logit_probs,
-            documents_removed=_joined(self._documents_lp),
-            turns_removed=_joined(self._turns_lp) if self._turns is not None else None,
-            passes=1 + (self._turns is not None),
+            kept=joined["kept"] if "kept" in joined else run.answer_logit_probs,
+            documents_removed=joined["documents"],
+            turns_removed=joined.get("turns"),
+            passes=len(self._passes),
         )
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0)

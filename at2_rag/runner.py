@@ -205,7 +205,8 @@ class ModelRunner:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
             return CapturedRun(prompt, answer, features, finish)
         features = state.features()[0][: len(answer.token_ids)]
-        logit_probs = recorder.finish(generated)[0][: len(answer.token_ids)]
+        recorded = recorder.finish(generated)
+        logit_probs = None if recorded is None else recorded[0][: len(answer.token_ids)]
         return CapturedRun(prompt, answer, features, finish, logit_probs)
 
     def forward(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
@@ -405,7 +406,8 @@ class ModelRunner:
             answer, finish = self._answer(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True)
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
-            runs.append(CapturedRun(prompt, answer, own.clone(), finish, logit_probs[row, :rows].clone()))
+            own_logit_probs = None if logit_probs is None else logit_probs[row, :rows].clone()
+            runs.append(CapturedRun(prompt, answer, own.clone(), finish, own_logit_probs))
         return runs
 
     def forward_batch(self, prompts: Sequence[RenderedPrompt], answers: Sequence[str]) -> list[CapturedRun]:
@@ -507,7 +509,8 @@ class LiveGeneration:
             raise RuntimeError(f"{features.shape[0]} captured rows for {count} generated tokens")
         logit_probs = None
         if self.recorder is not None:
-            logit_probs = self.recorder.finish(torch.tensor([self.token_ids], dtype=torch.long))[0][:count]
+            recorded = self.recorder.finish(torch.tensor([self.token_ids], dtype=torch.long))
+            logit_probs = None if recorded is None else recorded[0][:count]
         # features are a view: the capture never rewrites them
         return CapturedRun(self.prompt, self.answer, features[:count], None, logit_probs)
 

@@ -168,10 +168,13 @@ def test_removed_sources_pass_equals_the_masked_pass_on_every_family(case):
     assert torch.allclose(fed, expected, atol=1e-4)
 
 
-def test_a_source_over_the_last_prompt_token_is_refused():
+def test_a_source_over_the_last_prompt_token_is_masked_not_dropped():
     model, _ = _build("llama")
-    with pytest.raises(ValueError, match="last token"):
-        RemovedSourcesPass(model, list(range(3, 13)), [(5, 10)])
+    ids = list(range(3, 16))
+    removed = [(5, 10)]  # the prompt is ids[:10]: the removed source holds its last token
+    mask = ablation_attention_mask(len(ids), removed, torch.tensor([[False]]))
+    expected = answer_logit_probs(model, ids, 3, mask)[0]
+    assert torch.allclose(removed_answer_logit_probs(model, ids[:10], ids[10:], removed), expected, atol=1e-4)
 
 
 def test_attributor_on_a_sliding_window_model_measures_with_the_mask(smollm):
@@ -189,5 +192,32 @@ def test_attributor_on_a_sliding_window_model_measures_with_the_mask(smollm):
     answer = "Sixty four GPUs. Three weeks."
     result = attributor.attribute(QUERY, DOCS, answer=answer)
     run = attributor.capture({"query": QUERY, "documents": DOCS, "answer": answer})
+    expected = _masked_drops(model, run, run.prompt.doc_token_spans)
+    assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)
+
+
+def test_a_run_without_its_own_logit_probs_is_measured_by_one_more_pass(att):
+    """Beam search or assisted decoding is not recorded step by step: the answer's own logit-probs are then
+    measured too (one more pass), with the same result."""
+    import dataclasses
+
+    answer = "The model was trained on 64 A100 GPUs. It took three weeks."
+    run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer})
+    recorded = att.build_attribution(run, QUERY)
+    unrecorded = att.build_attribution(dataclasses.replace(run, answer_logit_probs=None), QUERY)
+    assert unrecorded.extra_forward_passes == recorded.extra_forward_passes + 1 == 2
+    expected = [c.grounded for c in recorded.citations]
+    assert [c.grounded for c in unrecorded.citations] == pytest.approx(expected, abs=TOL)
+
+
+def test_a_document_that_ends_the_prompt_is_measured_with_the_mask(att, smollm):
+    """A prompt rendered elsewhere may end inside a document: the row that predicts the answer then belongs to a
+    removed source, so the pass masks instead of dropping tokens (still exact)."""
+    model, _ = smollm
+    text = DOCS[0]["text"]
+    prompt = f"Question: {QUERY}\nContext: {text}"
+    result = att.attribute_rendered(prompt, [text], answer=" 64 A100 GPUs.")
+    run = att.runner.forward(att.locate(prompt, [text]).prompt, " 64 A100 GPUs.")
+    assert run.prompt.doc_token_spans[0][1] == run.prompt.num_tokens  # the document holds the last prompt token
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)
