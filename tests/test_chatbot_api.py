@@ -20,7 +20,8 @@ from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_at
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from at2_rag import Citation, CitedDocument, ContextSource  # noqa: E402
+from at2_rag import Citation, CitedDocument, ContextSource, InvalidInputError  # noqa: E402
+from at2_rag.result import ATTRIBUTION_SCHEMA_VERSION  # noqa: E402
 
 QUESTION = "How many vacation days do I get per year?"
 RIGHT_DOC = "vacation-policy.md"
@@ -163,8 +164,14 @@ def test_no_history_is_accepted_when_max_history_is_zero():
 THRESHOLD = 0.002
 
 
-def sentence(docs: list[float], context: list[tuple[str, int | None, str, float]], supported: bool = True) -> Citation:
-    """An answer sentence with these document scores and context sources (kind, index, role, score), best first."""
+def sentence(
+    docs: list[float],
+    context: list[tuple[str, int | None, str, float]],
+    supported: bool = True,
+    context_grounded: float | None = None,
+) -> Citation:
+    """An answer sentence with these document scores and context sources (kind, index, role, score), best first;
+    `context_grounded`: the measured drop without the earlier turns (None: not measured)."""
     return Citation(
         text="Employees get 27 days.",
         start=0,
@@ -174,6 +181,7 @@ def sentence(docs: list[float], context: list[tuple[str, int | None, str, float]
         supported=supported,
         grounded=2.0 if supported else -3.0,
         context=[ContextSource(kind=k, index=i, role=r, text="...", score=score) for k, i, r, score in context],
+        context_grounded=context_grounded,
     )
 
 
@@ -208,6 +216,43 @@ def test_a_sentence_repeats_the_earlier_answer_that_scores_above_every_document(
 )
 def test_no_earlier_answer_mark(docs, context, why):
     assert earlier_answer(sentence(docs, context), THRESHOLD) is None, why
+
+
+def test_measured_earlier_answer_stands_on_context_grounded():
+    """With measured groundedness the sentence is from an earlier answer only when removing the earlier turns lowers
+    it by the threshold (1 nat here), and the best earlier turn it lists is an assistant turn; the scores do not
+    decide (a document may score higher, the system prompt may come first)."""
+    drawn = [("system", None, "system", 0.09), ("history", 3, "assistant", 0.001), ("history", 2, "user", 0.0005)]
+    repeat = sentence([0.05], drawn, supported=False, context_grounded=2.5)
+    assert earlier_answer(repeat, THRESHOLD, 1.0) == {
+        "history_index": 3,
+        "score": 0.001,
+        "best_document_score": 0.05,
+        "context_grounded": 2.5,
+    }
+    assert sentence_mark(repeat, earlier_answer(repeat, THRESHOLD, 1.0)) == "earlier_answer"
+    # the same scores, but removing the earlier turns barely changes the sentence: not from them
+    assert earlier_answer(sentence([0.001], drawn, context_grounded=0.4), THRESHOLD, 1.0) is None
+    assert earlier_answer(sentence([0.001], drawn, context_grounded=0.999), THRESHOLD, 1.0) is None
+    assert earlier_answer(sentence([0.001], drawn, context_grounded=1.0), THRESHOLD, 1.0)["history_index"] == 3
+    assert earlier_answer(sentence([0.001], drawn, context_grounded=1.5), THRESHOLD, 2.0) is None  # its threshold
+    # drawn from the earlier turns, but the best of them is the user's: not an earlier answer
+    user_first = [("history", 2, "user", 0.05), ("history", 3, "assistant", 0.01)]
+    assert earlier_answer(sentence([0.001], user_first, context_grounded=3.0), THRESHOLD, 1.0) is None
+    system_only = sentence([0.001], [("system", None, "system", 0.02)], context_grounded=3.0)
+    assert earlier_answer(system_only, THRESHOLD) is None
+    not_from_docs = sentence([0.0], [], supported=False, context_grounded=0.2)
+    assert sentence_mark(not_from_docs, earlier_answer(not_from_docs, THRESHOLD)) == "not_from_documents"
+
+
+def test_a_sentence_not_from_the_documents_never_cites_one():
+    from chatbot.app import citation_payload
+
+    odd = sentence([0.05], [], supported=True).model_copy(update={"supported": False})  # cited, yet unsupported
+    assert odd.cited == ["doc0"]
+    out = citation_payload(odd, THRESHOLD)
+    assert out["mark"] == "not_from_documents" and out["cited"] == []
+    assert {"grounded", "supported", "context_grounded"} <= set(out)
 
 
 def test_sentence_marks():
@@ -288,6 +333,20 @@ def test_cli_refuses_bad_limits(args, complaint, capsys):
     assert exc.value.code == 2 and complaint in capsys.readouterr().err
 
 
+def test_cli_refuses_an_unknown_groundedness(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--groundedness", "exact"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--groundedness: invalid choice: 'exact'" in err and "'measured', 'estimated', 'off'" in err
+
+
+def test_create_app_refuses_an_unknown_groundedness():
+    with pytest.raises(InvalidInputError, match="groundedness must be one of 'measured', 'estimated', 'off'"):
+        create_app(attributor_factory=no_model, groundedness="exact")
+    assert client_for().get("/api/status").json()["groundedness"] == "measured"
+
+
 def test_cli_limits_reach_the_server(monkeypatch):
     import uvicorn
 
@@ -298,6 +357,9 @@ def test_cli_limits_reach_the_server(monkeypatch):
     client = TestClient(served["app"])
     status = client.get("/api/status").json()
     assert (status["max_question_chars"], status["max_history"], status["max_history_chars"]) == (300, 2, 900)
+    assert status["groundedness"] == "measured"  # the default
+    assert main(["--groundedness", "estimated"]) == 0
+    assert TestClient(served["app"]).get("/api/status").json()["groundedness"] == "estimated"
     res = client.post("/api/chat", json={"question": "x" * 301})
     assert res.status_code == 413 and "the limit is 300." in res.json()["message"]
 
@@ -375,9 +437,12 @@ def test_chat_streams_the_answer_then_its_attribution(attributor):
     top = support["sentences"][0]
     assert doc_text[top["start"] : top["end"]] == top["text"] and "27 days" in top["text"]
     assert events[-1][1]["history_messages"] == 0
-    assert att["schema"] == "at2-rag/attribution" and att["schema_version"] == 2
+    assert att["schema"] == "at2-rag/attribution" and att["schema_version"] == ATTRIBUTION_SCHEMA_VERSION
     assert set(att["context_scores"]) == {"system", "query"}  # no history: no earlier turns to score
-    assert first["grounded"] > 1 and first["mark"] is None and first["earlier_answer"] is None
+    # measured groundedness by default: one pass with the documents removed
+    assert att["groundedness"] == "measured" and att["extra_forward_passes"] == 1
+    assert first["grounded"] > att["grounded_threshold"] and first["supported"] and first["context_grounded"] is None
+    assert first["mark"] is None and first["earlier_answer"] is None
 
     # each sentence's `citation` event came as soon as it was complete, equal to its entry in the attribution
     sent = [(i, data) for i, (kind, data) in enumerate(events) if kind == "citation"]
@@ -412,9 +477,15 @@ def chat_attribution(client: TestClient, question: str, history: list[dict[str, 
     return events["attribution"]
 
 
-def expected_earlier_answer(citation: dict, support_threshold: float) -> int | None:
-    """The rule, read off the payload: the sentence's best context source is an assistant turn that reaches the
-    threshold and scores above every document for the sentence."""
+def expected_earlier_answer(citation: dict, support_threshold: float, grounded_threshold: float) -> int | None:
+    """The rule, read off the payload. Measured (`context_grounded` present): removing the earlier turns lowers the
+    sentence by the threshold and the best earlier turn it lists is an assistant turn. Otherwise: the sentence's
+    best context source is an assistant turn that reaches the threshold and scores above every document."""
+    if citation["context_grounded"] is not None:
+        turns = [c for c in citation["context"] if c["kind"] == "history"]
+        if citation["context_grounded"] >= grounded_threshold and turns and turns[0]["role"] == "assistant":
+            return turns[0]["index"]
+        return None
     if not citation["context"]:
         return None
     best = citation["context"][0]
@@ -440,9 +511,11 @@ def test_a_repeated_earlier_answer_is_marked_and_a_sentence_not_from_the_documen
     # ---- turn 1: an answer no retrieved document supports --------------------------------------------------
     first = chat_attribution(client, WEATHER, [])
     assert first["citations"] and first["supported"] is False
+    assert first["groundedness"] == "measured" and first["extra_forward_passes"] == 1
     for c in first["citations"]:
         assert isinstance(c["grounded"], float) and isinstance(c["supported"], bool) and isinstance(c["context"], list)
-        assert c["earlier_answer"] is None  # there is no earlier answer
+        assert c["supported"] == (c["grounded"] >= first["grounded_threshold"])  # the measured drop decides
+        assert c["earlier_answer"] is None and c["context_grounded"] is None  # there is no earlier answer
         if not c["supported"]:
             assert c["mark"] == "not_from_documents" and c["cited"] == []
     assert any(c["mark"] == "not_from_documents" for c in first["citations"])
@@ -457,23 +530,46 @@ def test_a_repeated_earlier_answer_is_marked_and_a_sentence_not_from_the_documen
         and by_key["history:1"]["score"] == second["context_scores"]["history:1"]
     )
     assert all("text" not in c for c in second["context_sources"])  # the page sent those texts: not echoed back
-    threshold = second["support_threshold"]
+    threshold, nats = second["support_threshold"], second["grounded_threshold"]
+    assert second["groundedness"] == "measured" and second["extra_forward_passes"] == 2  # documents; earlier turns
     for c in second["citations"]:
         assert isinstance(c["grounded"], float) and isinstance(c["supported"], bool)
+        assert isinstance(c["context_grounded"], float)
         assert all(set(x) == {"kind", "index", "role", "score", "key"} and x["kind"] != "query" for x in c["context"])
-        index = expected_earlier_answer(c, threshold)
+        index = expected_earlier_answer(c, threshold, nats)
         if index is None:
             assert c["earlier_answer"] is None
             assert c["mark"] == (None if c["supported"] else "not_from_documents")
         else:
             assert c["earlier_answer"]["history_index"] == index and c["mark"] == "earlier_answer"
-            assert c["earlier_answer"]["score"] == c["context"][0]["score"]
+            assert c["earlier_answer"]["context_grounded"] == c["context_grounded"] >= nats
+        assert not (c["mark"] == "not_from_documents" and c["cited"])  # never both
     # the model repeats (greedy decoding: every run the same) and every repeated sentence is marked as such
     repeated = [c for c in second["citations"] if c["text"].strip() in first["answer"]]
     assert repeated, (first["answer"], second["answer"])
     for c in repeated:
         assert c["mark"] == "earlier_answer" and c["earlier_answer"]["history_index"] == 1, c
         assert history[c["earlier_answer"]["history_index"]]["role"] == "assistant"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["estimated", "off"])
+def test_the_groundedness_setting_reaches_the_answers(attributor, mode):
+    client = client_for(attributor=attributor, max_new_tokens=24, groundedness=mode)
+    assert client.get("/api/status").json()["groundedness"] == mode
+    with client.stream("POST", "/api/chat", json={"question": WEATHER, "history": []}) as res:
+        events = parse_sse(res.read().decode())
+    att = dict(events)["attribution"]
+    assert att["groundedness"] == mode and att["extra_forward_passes"] == 0  # no measured pass
+    streamed = [data for kind, data in events if kind == "citation"]
+    assert att["citations"] and len(streamed) == len(att["citations"])
+    for c in [*att["citations"], *streamed]:
+        assert c["context_grounded"] is None
+        if mode == "off":  # nothing says a sentence is not from the documents
+            assert c["grounded"] is None and c["supported"] is True and c["mark"] is None
+        else:
+            assert isinstance(c["grounded"], float) and c["supported"] == (c["grounded"] >= att["grounded_threshold"])
+        assert not (c["mark"] == "not_from_documents" and c["cited"])
 
 
 @pytest.mark.slow
@@ -530,7 +626,7 @@ def test_questions_waiting_behind_a_stream_share_one_batch(attributor):
         kinds = [k for k, _ in events]
         assert kinds[0] == "retrieval" and "status" in kinds and kinds[-2:] == ["attribution", "done"]
         att = dict(events)["attribution"]
-        assert att["batched"] is True
+        assert att["batched"] is True and att["groundedness"] == "measured" and att["extra_forward_passes"] == 1
         alone = attributor.generate(question, client.app.state.service.retrieve(question, []), max_new_tokens=48)
         assert att["answer"] == alone.answer
         streamed = "".join(d["text"] for k, d in events if k == "token")

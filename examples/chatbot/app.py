@@ -14,7 +14,12 @@ The page is plain HTML/CSS/JS in `static/`; the API is:
 
 The `attribution` event is `Attribution.to_dict()` without the prompt, plus `share` per document, `cited_answer`,
 `context_scores`, and per answer sentence `earlier_answer` (the history turn it repeats) and `mark`
-(`"earlier_answer"`, `"not_from_documents"` or null): see `attribution_payload`. Each `citation` event is one answer
+(`"earlier_answer"`, `"not_from_documents"` or null): see `attribution_payload`. Every sentence carries `grounded`
+(nats: how much it depends on the retrieved documents), `supported` and `context_grounded` (how much it depends
+on the earlier turns), and the attribution says how they were obtained in `groundedness`: "measured" by default
+(one extra teacher-forced pass without the documents, one more without the earlier turns in a conversation),
+"estimated" (zero cost, less reliable on documents unlike the estimator's training data) or "off"
+(`--groundedness`). Each `citation` event is one answer
 sentence's entry of those `citations`, sent as soon as the sentence is complete (`Attributor.stream` with
 `sentence_citations=True`); the `attribution` event holds them all again and replaces them.
 
@@ -65,6 +70,7 @@ from at2_rag import (
     get_attributor,
     get_micro_batcher,
 )
+from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
 from .uploads import ALLOWED_TYPES, UploadError, UploadStore, extract_upload, safe_name
@@ -133,19 +139,38 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def earlier_answer(citation: Citation, support_threshold: float) -> dict[str, Any] | None:
+def earlier_answer(
+    citation: Citation, support_threshold: float, grounded_threshold: float = 1.0
+) -> dict[str, Any] | None:
     """The earlier assistant turn an answer sentence repeats, or None.
 
-    The rule: the sentence's best context source (earlier turns and the system prompt, never the question) is an
-    assistant turn of the history, it reaches the support threshold, and it scores above every retrieved document
-    for that sentence (all on the estimator's one scale). `history_index` is its position in the request's
-    `history` list; the page maps it back to its own conversation (it may have sent only the newest turns)."""
+    Measured (the sentence has `context_grounded`: groundedness "measured" in a conversation): removing every
+    earlier turn from the model's attention lowers the sentence's log-odds by at least `grounded_threshold` nats
+    (it depends on the earlier turns), and the best earlier turn the sentence lists in `context` is an assistant
+    turn. Otherwise (estimated or off) the scores decide: the sentence's best context source (earlier turns and
+    the system prompt, never the question) is an assistant turn of the history, it reaches the support threshold,
+    and it scores above every retrieved document for that sentence (all on the estimator's one scale).
+
+    `history_index` is the turn's position in the request's `history` list; the page maps it back to its own
+    conversation (it may have sent only the newest turns)."""
+    best_document = max((d.score for d in citation.documents), default=None)
+    if citation.context_grounded is not None:
+        if citation.context_grounded < grounded_threshold:
+            return None
+        best = next((c for c in citation.context if c.kind == "history"), None)  # the core sorts them best first
+        if best is None or best.role != "assistant" or best.index is None:
+            return None
+        return {
+            "history_index": best.index,
+            "score": best.score,
+            "best_document_score": best_document,
+            "context_grounded": citation.context_grounded,
+        }
     if not citation.context:
         return None
     best = citation.context[0]  # the core sorts them best first
     if best.kind != "history" or best.role != "assistant" or best.index is None:
         return None
-    best_document = max((d.score for d in citation.documents), default=None)
     if best.score < support_threshold or (best_document is not None and best.score <= best_document):
         return None
     return {"history_index": best.index, "score": best.score, "best_document_score": best_document}
@@ -153,7 +178,8 @@ def earlier_answer(citation: Citation, support_threshold: float) -> dict[str, An
 
 def sentence_mark(citation: Citation, repeats: dict[str, Any] | None) -> str | None:
     """What the page marks next to the sentence besides document numbers: "earlier_answer" (it repeats an
-    earlier reply), "not_from_documents" (not supported and no earlier turn it draws on), or None."""
+    earlier reply), "not_from_documents" (not `supported`: removing the documents does not lower it by the
+    threshold, and no earlier answer it repeats), or None."""
     if repeats is not None:
         return "earlier_answer"
     if not citation.supported:
@@ -176,18 +202,26 @@ def attribution_payload(attribution: Attribution) -> dict[str, Any]:
     data["cited_answer"] = attribution.cited_answer()
     data["context_scores"] = attribution.context_scores()
     data["context_sources"] = [_context_json(c) for c in attribution.context_sources]
-    data["citations"] = [citation_payload(cit, attribution.support_threshold) for cit in attribution.citations]
+    data["citations"] = [
+        citation_payload(cit, attribution.support_threshold, attribution.grounded_threshold)
+        for cit in attribution.citations
+    ]
     return data
 
 
-def citation_payload(citation: Citation, support_threshold: float) -> dict[str, Any]:
+def citation_payload(citation: Citation, support_threshold: float, grounded_threshold: float = 1.0) -> dict[str, Any]:
     """One answer sentence's citation as the page gets it, in the `citation` event while the answer streams and
-    in the `attribution` event's `citations`: `Citation.model_dump()`, context sources without their text, plus
-    `earlier_answer` and `mark`."""
+    in the `attribution` event's `citations`: `Citation.model_dump()` (with `grounded`, `supported`,
+    `context_grounded`), context sources without their text, plus `earlier_answer` and `mark`.
+
+    A sentence marked "not_from_documents" never cites a document (the core cites none for an unsupported
+    sentence; kept so here whatever a scorer does)."""
     out = citation.model_dump(mode="json")
     out["context"] = [_context_json(c) for c in citation.context]
-    out["earlier_answer"] = repeats = earlier_answer(citation, support_threshold)
+    out["earlier_answer"] = repeats = earlier_answer(citation, support_threshold, grounded_threshold)
     out["mark"] = sentence_mark(citation, repeats)
+    if out["mark"] == "not_from_documents":
+        out["cited"] = []
     return out
 
 
@@ -228,7 +262,9 @@ class ChatService:
         max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES,
         max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
         model_name: str | None = None,
+        groundedness: GroundednessMode = "measured",
     ) -> None:
+        self.groundedness: GroundednessMode = check_groundedness(groundedness)
         if max_question_chars < 1 or max_history < 0 or max_history_chars < 0:
             raise ValueError("max_question_chars must be at least 1; max_history and max_history_chars at least 0")
         self.suggestions = suggestions or []
@@ -339,6 +375,12 @@ class ChatService:
         return self._attributor
 
     @property
+    def grounded_threshold(self) -> float:
+        """Nats: a sentence depends on the documents (or on the earlier turns) when removing them lowers it by
+        this much (`Attribution.grounded_threshold`, for the citations sent while the answer streams)."""
+        return float(self.attributor.scorer.groundedness(refined=False).threshold)
+
+    @property
     def no_documents_message(self) -> str | None:
         if self.report.passages:
             return None
@@ -363,6 +405,7 @@ class ChatService:
             "estimator": repr(att.estimator) if att is not None else None,
             "top_k": self.top_k,
             "max_new_tokens": self.max_new_tokens,
+            "groundedness": self.groundedness,
             "max_question_chars": self.max_question_chars,
             "max_history": self.max_history,
             "max_history_chars": self.max_history_chars,
@@ -460,6 +503,7 @@ def create_app(
     max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES,
     max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
     model_name: str | None = None,
+    groundedness: GroundednessMode = "measured",
 ) -> FastAPI:
     """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
 
@@ -468,7 +512,13 @@ def create_app(
 
     Uploaded documents are kept in `upload_dir` (a temporary folder when None): at most `max_upload_files` files
     of `max_upload_bytes` each per request, `max_uploaded_documents` in all. `model_name` is what the page shows
-    before the model has loaded."""
+    before the model has loaded.
+
+    `groundedness` says how each answer sentence's `grounded` (its dependence on the retrieved documents, not its
+    truth) is obtained: "measured" (the default: one extra teacher-forced pass over the non-document part of the
+    prompt and the answer, one more without the earlier turns in a conversation), "estimated" (zero cost, less
+    reliable on documents unlike the estimator's training data) or "off" (no "not from your documents" marks).
+    The "not from your documents" and "from the earlier answer" marks stand on it."""
     is_sample = Path(docs).expanduser().resolve() == SAMPLE_DOCS
     service = ChatService(
         docs,
@@ -485,6 +535,7 @@ def create_app(
         max_upload_files=max_upload_files,
         max_uploaded_documents=max_uploaded_documents,
         model_name=model_name,
+        groundedness=groundedness,
     )
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
@@ -675,11 +726,14 @@ async def _events(
             yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
             request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
             batcher = get_micro_batcher(service.attributor)
-            future = batcher.submit(request, service.max_new_tokens, **sampling)
+            future = batcher.submit(request, service.max_new_tokens, groundedness=service.groundedness, **sampling)
             attribution = await asyncio.wrap_future(future)
             yield sse("token", {"text": attribution.answer})
             for citation in attribution.citations:
-                yield sse("citation", citation_payload(citation, service.attributor.support_threshold))
+                yield sse(
+                    "citation",
+                    citation_payload(citation, attribution.support_threshold, attribution.grounded_threshold),
+                )
             payload = attribution_payload(attribution)
             payload["stopped"], payload["sampled"], payload["batched"] = False, regenerate, True
             yield sse("attribution", payload)
@@ -695,6 +749,7 @@ async def _events(
                 **service.prompt_kwargs,
                 max_new_tokens=service.max_new_tokens,
                 sentence_citations=True,
+                groundedness=service.groundedness,
                 stopping_criteria=StoppingCriteriaList([cancel]),
                 **sampling,
             )
@@ -708,7 +763,10 @@ async def _events(
                     payload["sampled"] = regenerate
                     yield sse("attribution", payload)
                 elif isinstance(item, Citation):  # a sentence just completed: its marks can show now
-                    yield sse("citation", citation_payload(item, service.attributor.support_threshold))
+                    yield sse(
+                        "citation",
+                        citation_payload(item, service.attributor.support_threshold, service.grounded_threshold),
+                    )
                 else:
                     yield sse("token", {"text": item})
         yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
@@ -783,6 +841,15 @@ def main(argv: list[str] | None = None) -> int:
         "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / (1024 * 1024),
         help="largest uploaded file, in MB (default 2)",
     )
+    parser.add_argument(
+        "--groundedness",
+        choices=GROUNDEDNESS_MODES,
+        default="measured",
+        help="how each sentence's dependence on the documents is found (the 'not from your documents' and 'from "
+        "the earlier answer' marks): measured (default; one extra pass without the documents per answer, one more "
+        "without the earlier turns in a conversation), estimated (no extra pass, less reliable on documents unlike "
+        "the estimator's training data) or off",
+    )
     args = parser.parse_args(argv)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
@@ -820,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         upload_dir=args.upload_dir,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         model_name=getattr(attributor, "model_id", None),
+        groundedness=args.groundedness,
     )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")

@@ -461,10 +461,18 @@ function earlierAnswerOf(idx, historyIndex, historyStart = state.answers[idx].hi
 function earlierAnswerMark(idx, ci, c, historyStart) {
   const target = earlierAnswerOf(idx, c.earlier_answer.history_index, historyStart);
   const label = `<span class="ctx-icon" aria-hidden="true">↩</span>from the earlier answer`;
+  // measured groundedness: how much less likely the sentence is without the earlier turns (nats)
+  const drop = c.earlier_answer.context_grounded;
+  const why = drop != null
+    ? `it depends on the earlier turns (without them the model is ${drop.toFixed(1)} nats less likely to write it)`
+    : null;
   if (target == null) {
-    return `<span class="ctx-mark static" data-citation="${ci}" title="This sentence repeats an earlier reply rather than a retrieved document">${label}</span>`;
+    const title = why ? `This sentence draws on an earlier reply: ${why}` : "This sentence repeats an earlier reply rather than a retrieved document";
+    return `<span class="ctx-mark static" data-citation="${ci}" title="${esc(title)}">${label}</span>`;
   }
-  const tip = `This sentence repeats answer ${target + 1} more than any retrieved document: show it in the conversation`;
+  const tip = why
+    ? `This sentence draws on answer ${target + 1}: ${why}. Show it in the conversation`
+    : `This sentence repeats answer ${target + 1} more than any retrieved document: show it in the conversation`;
   return `<button type="button" class="ctx-mark" data-citation="${ci}" data-answer="${target}" aria-controls="answer-${target + 1}" aria-label="From the earlier answer: show answer ${target + 1} in the conversation" title="${esc(tip)}">${label}</button>`;
 }
 

@@ -27,13 +27,22 @@ PROVIDER = "at2"
 #: the keys `attribution_metadata` adds to `Attribution.to_dict()`
 LANGCHAIN_KEYS = ("mode", "scores", "context_scores")
 #: what goes into a trace's run metadata (LangSmith): small, the rest is in the run's outputs / the custom event
-TRACE_KEYS = ("schema", "schema_version", "scores", "context_scores", "supported", "extra_forward_passes")
+TRACE_KEYS = (
+    "schema",
+    "schema_version",
+    "scores",
+    "context_scores",
+    "supported",
+    "groundedness",
+    "extra_forward_passes",
+)
 
 
 def attribution_metadata(attribution: Attribution, *, mode: str) -> dict[str, Any]:
     """`response_metadata["at2"]`: `attribution.to_dict()` (every field of the versioned schema: `documents` in
     prompt order with their sentences, `citations` per answer sentence with `cited`, `supported`, `grounded`,
-    `context`, `unlocated_documents`, `context_sources`, `extra_forward_passes`, ...) plus
+    `context_grounded`, `context`, `unlocated_documents`, `context_sources`, `groundedness` ("measured",
+    "estimated" or "off": how `grounded` was obtained), `extra_forward_passes`, ...) plus
 
     * `mode`: "template" (at2-rag's prompt template placed the documents) or "prompt" (they were located in the
       messages as given);
@@ -86,8 +95,9 @@ def citation_annotations(at2: Mapping[str, Any]) -> list[Citation]:
 
     `start_index`/`end_index` index the whole answer text (in a stream: the concatenated chunks); `cited_text` is
     the document's best-supporting sentence for it. `extras`: `document_id`, `document_index`, `score` (the
-    document's score for the sentence), and the sentence's `grounded` and `context` (earlier turns it draws on:
-    key and score)."""
+    document's score for the sentence), the sentence's `grounded` (nats: how much it depends on the documents),
+    `supported`, `context_grounded` (nats: how much it depends on the earlier turns; measured in a conversation,
+    else None) and `context` (earlier turns it draws on: key and score), and the result's `groundedness` mode."""
     docs = {d["id"]: d for d in at2.get("documents", [])}
     out: list[Citation] = []
     for ci, c in enumerate(at2.get("citations", [])):
@@ -109,6 +119,9 @@ def citation_annotations(at2: Mapping[str, Any]) -> list[Citation]:
                     document_index=doc.get("index"),
                     score=cited.get("score"),
                     grounded=c.get("grounded"),
+                    supported=c.get("supported"),
+                    context_grounded=c.get("context_grounded"),
+                    groundedness=at2.get("groundedness"),
                     context=context_refs(c.get("context", [])),
                 )
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
@@ -26,15 +26,19 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
 
     * the documents (same key, same order) copied with `metadata["at2_score"]`;
     * `citations`: per answer sentence `{"text", "start", "end", "document_ids", "scores", "supported",
-      "grounded", "context"}` (`grounded`: nats, the estimated drop of the sentence's log-odds without any
-      document; `context`: the earlier turns / system prompt it draws on, best first, as key and score);
+      "grounded", "context_grounded", "context"}` (`grounded`: nats, the drop of the sentence's log-odds without
+      any document, measured or estimated per `groundedness`, None when off; `context_grounded`: the same without
+      the earlier turns, measured in a conversation, else None; `context`: the earlier turns / system prompt it
+      draws on, best first, as key and score);
     * `context_scores`: `{"history:0": s, ..., "system": s, "query": s}` for the whole answer, on the
       documents' scale (the turns of the prompt, or of `chat_history`, and the question);
     * `cited_answer`: the answer with `[n]` marks (n = 1-based position in the documents);
     * `unsupported`: True when no answer sentence is grounded in the documents (`Attribution.supported`: a
-      sentence's `grounded` reaching the estimator's calibrated threshold), or when nothing could be attributed;
+      sentence's `grounded` reaching the threshold, 1 nat by default), or when nothing could be attributed;
     * `attribution`: the full `at2_rag.Attribution` (None if nothing could be attributed), and `at2_error`;
-    * `extra_forward_passes`: the ablation passes paid to refine the scores (0 without `ablations`).
+    * `groundedness`: how `grounded` was obtained ("measured", "estimated" or "off"; None without attribution);
+    * `extra_forward_passes`: the passes paid beyond the one forward pass: the measured groundedness passes (1,
+      or 2 with `chat_history`) and the ablation passes.
 
     Keys are configurable: `answer_key`, `question_keys` (first present wins), `documents_keys`. The answer may
     be a string or an `AIMessage`. If the input also has the prompt the chain's model saw (`prompt_key`,
@@ -45,6 +49,10 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
 
     `ablations=k` pays k ablation passes to refine the scores (0, the default, is plain AT2; k is capped at
     2^number of documents).
+
+    `groundedness="measured"` (the default) measures each sentence's dependence on the documents (not its truth)
+    with one extra teacher-forced pass over the non-document part of the prompt and the answer; "estimated"
+    predicts it at zero cost (less reliable on documents unlike the estimator's training data); "off" skips it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -59,6 +67,8 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
     history_key: str | None = "chat_history"
     ablations: int = Field(default=0, ge=0, strict=True)
     """Ablation passes that refine the document scores (0 = plain AT2)."""
+    groundedness: Literal["measured", "estimated", "off"] = "measured"
+    """How each sentence's `grounded` is obtained: "measured" (one extra pass), "estimated" (zero cost) or "off"."""
 
     def get_attributor(self) -> Attributor:
         if self.attributor is not None:
@@ -95,12 +105,22 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
             try:
                 if prompt is not None:
                     attribution = attributor.attribute_rendered(
-                        _prompt_arg(prompt), documents, answer, question, ablations=self.ablations
+                        _prompt_arg(prompt),
+                        documents,
+                        answer,
+                        question,
+                        ablations=self.ablations,
+                        groundedness=self.groundedness,
                     )
                 else:
                     history = input.get(self.history_key) if self.history_key else None
                     attribution = attributor.attribute(
-                        question, documents, answer, _history_arg(history), ablations=self.ablations
+                        question,
+                        documents,
+                        answer,
+                        _history_arg(history),
+                        ablations=self.ablations,
+                        groundedness=self.groundedness,
                     )
             except DocumentsNotLocatedError:
                 error = "none of the documents occurs in the prompt"
@@ -119,6 +139,7 @@ class AT2Citations(RunnableSerializable[dict[str, Any], dict[str, Any]]):
         output["unsupported"] = not (data is not None and data["supported"])
         output["attribution"] = attribution
         output["at2_error"] = error
+        output["groundedness"] = data["groundedness"] if data else None
         output["extra_forward_passes"] = data["extra_forward_passes"] if data else 0
         return output
 
@@ -133,6 +154,7 @@ def _citation(c: dict[str, Any]) -> dict[str, Any]:
         "scores": {d["id"]: d["score"] for d in c["documents"]},
         "supported": c["supported"],
         "grounded": c["grounded"],
+        "context_grounded": c.get("context_grounded"),
         "context": context_refs(c["context"]),
     }
 

@@ -30,6 +30,7 @@ from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
 
 from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
+from at2_rag.evidence import GroundednessMode, check_groundedness
 from at2_rag.refine import check_ablations
 
 from .._loading import get_attributor
@@ -92,7 +93,8 @@ class ChainAttribution(BaseModel):
 
     def to_event(self) -> dict[str, Any]:
         """The JSON-friendly payload of the `at2_attribution` custom event: `metadata` plus the run ids, query,
-        answer and error (with no attribution: empty scores and citations, `supported` False)."""
+        answer and error (with no attribution: empty scores and citations, `supported` False, `groundedness`
+        None)."""
         data: dict[str, Any] = {
             "run_id": str(self.run_id),
             "llm_run_id": str(self.llm_run_id),
@@ -107,6 +109,7 @@ class ChainAttribution(BaseModel):
                 scores={},
                 citations=[],
                 supported=False,
+                groundedness=None,
                 unlocated_documents=list(self.unlocated),
                 extra_forward_passes=0,
                 context_scores={},
@@ -157,9 +160,12 @@ class _AT2Tracker:
         trace_metadata: bool,
         max_results: int,
         ablations: int,
+        groundedness: GroundednessMode,
     ) -> None:
         self.ablations = check_ablations(ablations)
         """ablation passes that refine each attribution (0 = plain AT2: one forward pass per model call)"""
+        self.groundedness: GroundednessMode = check_groundedness(groundedness)
+        """how each citation's `grounded` is obtained: "measured" (one extra pass), "estimated" or "off\""""
         self._attributor = attributor
         self._model_args = {"estimator": estimator, "device": device}
         self._model_name = model_name
@@ -236,7 +242,12 @@ class _AT2Tracker:
         else:
             try:
                 attribution = self.attributor.attribute_rendered(
-                    job["prompt"], documents, job["answer"], job["query"], ablations=self.ablations
+                    job["prompt"],
+                    documents,
+                    job["answer"],
+                    job["query"],
+                    ablations=self.ablations,
+                    groundedness=self.groundedness,
                 )
                 unlocated = [u.to_dict() for u in attribution.unlocated_documents]
             except DocumentsNotLocatedError as exc:
@@ -311,12 +322,19 @@ _HANDLER_DOC = """
 
     Each result also goes out as the custom event `"at2_attribution"` (see `astream_events`) when the model call
     runs inside a chain, and, with `trace_metadata=True` (default), its summary (`schema`, `scores`,
-    `context_scores`, `supported`, `extra_forward_passes`, `error`) lands in the model run's trace metadata under
-    `"at2"` for tracers that end the run after this handler (LangSmith's tracer is added after the callbacks of
-    the config). Thread safe: one handler can serve concurrent invocations.
+    `context_scores`, `supported`, `groundedness`, `extra_forward_passes`, `error`) lands in the model run's trace
+    metadata under `"at2"` for tracers that end the run after this handler (LangSmith's tracer is added after the
+    callbacks of the config). Thread safe: one handler can serve concurrent invocations.
 
     `ablations=k` pays k ablation passes per attributed model call to refine the scores (0, the default, is plain
     AT2); the event's `extra_forward_passes` says how many were paid.
+
+    `groundedness="measured"` (the default) measures how much each answer sentence depends on the retrieved
+    documents (the drop of its log-odds when every document is removed from attention; dependence, not truth)
+    with one extra teacher-forced pass over the non-document part of the prompt and the answer (one more, removing
+    the earlier turns, in a conversation); "estimated" predicts it at zero cost (less reliable on documents unlike
+    the estimator's training data); "off" skips it. Each citation carries `grounded`, `supported` and
+    `context_grounded`, the result `groundedness`.
     """
 
 
@@ -336,9 +354,20 @@ class AT2CallbackHandler(_AT2Tracker, BaseTracer):
         trace_metadata: bool = True,
         max_results: int = 1000,
         ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
     ) -> None:
         BaseTracer.__init__(self, _schema_format="original+chat")
-        self._setup(attributor, model_name, estimator, device, dispatch_events, trace_metadata, max_results, ablations)
+        self._setup(
+            attributor,
+            model_name,
+            estimator,
+            device,
+            dispatch_events,
+            trace_metadata,
+            max_results,
+            ablations,
+            groundedness,
+        )
 
     def _persist_run(self, run: Run) -> None:
         self._persist_run_sync(run)
@@ -384,9 +413,20 @@ class AsyncAT2CallbackHandler(_AT2Tracker, AsyncBaseTracer):
         trace_metadata: bool = True,
         max_results: int = 1000,
         ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
     ) -> None:
         AsyncBaseTracer.__init__(self, _schema_format="original+chat")
-        self._setup(attributor, model_name, estimator, device, dispatch_events, trace_metadata, max_results, ablations)
+        self._setup(
+            attributor,
+            model_name,
+            estimator,
+            device,
+            dispatch_events,
+            trace_metadata,
+            max_results,
+            ablations,
+            groundedness,
+        )
 
     async def _persist_run(self, run: Run) -> None:
         self._persist_run_sync(run)

@@ -27,6 +27,7 @@ from at2_rag import (
     get_micro_batcher,
 )
 from at2_rag.errors import InvalidInputError
+from at2_rag.evidence import GroundednessMode, check_groundedness
 from at2_rag.locate import LocatedPrompt
 from at2_rag.refine import check_ablations
 from at2_rag.request import SystemPrompt
@@ -51,6 +52,7 @@ class _Plan:
     generate_kwargs: dict[str, Any]
     stop: list[str]
     ablations: int = 0
+    groundedness: GroundednessMode = "measured"
     query: str = ""
     request: AttributionRequest | None = None
     """template mode: what the core renders (query, documents, history, system prompt)"""
@@ -144,6 +146,15 @@ class ChatAT2(BaseChatModel):
     ablation passes after the answer and refines the document scores with the AT2 scores as the prior (k=0,
     the default, is plain AT2 at zero extra passes). `response_metadata["at2"]["extra_forward_passes"]` says how
     many passes were paid (k is capped at 2^number of documents).
+
+    **Groundedness.** `groundedness` (field, or per call: `invoke(..., groundedness=...)` / `bind(...)`) says how
+    each citation's `grounded` is obtained. `"measured"` (the default) measures how much the sentence depends on
+    the documents: the drop, in nats, of its log-odds when every document is removed from attention, with one
+    extra teacher-forced pass over the non-document part of the prompt and the answer (in a conversation one more
+    pass removes the earlier turns: `context_grounded`). It measures dependence on the documents, not truth.
+    `"estimated"` predicts it with the estimator at zero cost (less reliable on documents unlike its training
+    data); `"off"` skips it (`grounded` None, every sentence `supported`). `extra_forward_passes` counts the
+    measured passes too.
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
@@ -170,6 +181,9 @@ class ChatAT2(BaseChatModel):
     streaming: bool = False
     ablations: int = Field(default=0, ge=0, strict=True)
     """Ablation passes that refine the document scores after each answer with documents (0 = plain AT2)."""
+    groundedness: GroundednessMode = "measured"
+    """How each citation's `grounded` is obtained: "measured" (one extra pass without the documents), "estimated"
+    (zero-cost estimate) or "off"."""
 
     # ---- LangChain plumbing ---------------------------------------------------------------------------------
     @property
@@ -189,6 +203,7 @@ class ChatAT2(BaseChatModel):
             "documents_mode": self.documents_mode,
             "model_kwargs": self.model_kwargs,
             "ablations": self.ablations,
+            "groundedness": self.groundedness,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -234,6 +249,7 @@ class ChatAT2(BaseChatModel):
         temperature = kwargs.pop("temperature", self.temperature)
         top_p = kwargs.pop("top_p", self.top_p)
         ablations = check_ablations(kwargs.pop("ablations", self.ablations))
+        groundedness = check_groundedness(kwargs.pop("groundedness", self.groundedness))
         extra = {**self.model_kwargs, **(kwargs.pop("generate_kwargs", None) or {})}
         unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
         if unknown:
@@ -257,6 +273,7 @@ class ChatAT2(BaseChatModel):
             generate_kwargs=gen,
             stop=stops,
             ablations=ablations,
+            groundedness=groundedness,
         )
 
         messages, embedded = extract_documents(messages)
@@ -331,11 +348,23 @@ class ChatAT2(BaseChatModel):
             # share one batched generation; a call alone runs exactly the single-request path
             batcher = get_micro_batcher(att)
             if plan.request is not None:
-                future = batcher.submit(plan.request, plan.max_new_tokens, plan.ablations, **plan.generate_kwargs)
+                future = batcher.submit(
+                    plan.request,
+                    plan.max_new_tokens,
+                    plan.ablations,
+                    groundedness=plan.groundedness,
+                    **plan.generate_kwargs,
+                )
             else:
                 assert plan.located is not None
                 future = batcher.submit_prompt(
-                    plan.located.prompt, plan.query, None, plan.max_new_tokens, plan.ablations, **plan.generate_kwargs
+                    plan.located.prompt,
+                    plan.query,
+                    None,
+                    plan.max_new_tokens,
+                    plan.ablations,
+                    groundedness=plan.groundedness,
+                    **plan.generate_kwargs,
                 )
             result = future.result()
             return self._finish(
@@ -384,7 +413,11 @@ class ChatAT2(BaseChatModel):
         items: Iterator[Any]
         if plan.request is not None:
             items = att.stream(
-                plan.request, max_new_tokens=plan.max_new_tokens, ablations=plan.ablations, **plan.generate_kwargs
+                plan.request,
+                max_new_tokens=plan.max_new_tokens,
+                ablations=plan.ablations,
+                groundedness=plan.groundedness,
+                **plan.generate_kwargs,
             )
         else:
             assert plan.located is not None
@@ -416,7 +449,7 @@ class ChatAT2(BaseChatModel):
         if tail:
             yield chunk_of(tail)
         if isinstance(final, CapturedRun) and plan.mode == "prompt":
-            final = att.build_attribution(final, plan.query, plan.ablations)
+            final = att.build_attribution(final, plan.query, plan.ablations, plan.groundedness)
 
         if isinstance(final, Attribution):
             text, metadata, usage = self._finish(

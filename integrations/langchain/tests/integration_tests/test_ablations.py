@@ -1,4 +1,9 @@
-"""`ablations=k` through ChatAT2, AT2CallbackHandler and AT2Citations: real model, real BM25 retrieval, real chains."""
+"""`ablations=k` through ChatAT2, AT2CallbackHandler and AT2Citations: real model, real BM25 retrieval, real chains.
+
+Every call here measures groundedness (the default): one pass with the document removed. The retriever finds one
+document for QUESTION, whose 2 distinct masks (kept: the run itself; removed: the measured pass) are both already
+measured, so `ablations=k` refines the scores at no pass beyond the measured one; with groundedness "off" the
+removed mask is paid as an ablation pass."""
 
 from __future__ import annotations
 
@@ -46,11 +51,11 @@ def refined(attributor, docs):
     return llm, llm.invoke(QUESTION, documents=docs)
 
 
-def test_chat_default_is_zero_passes_and_identical_to_ablations_0(plain, docs) -> None:
+def test_chat_default_is_plain_at2_and_identical_to_ablations_0(plain, docs) -> None:
     llm, msg = plain
     assert llm.ablations == 0
     at2 = msg.response_metadata["at2"]
-    assert at2["extra_forward_passes"] == 0
+    assert at2["extra_forward_passes"] == 1 and at2["groundedness"] == "measured"  # the measured pass, no ablation
     explicit = ChatAT2(max_tokens=MAX_TOKENS, ablations=0).invoke(QUESTION, documents=docs)
     assert explicit.text == msg.text and explicit.response_metadata["at2"] == at2
 
@@ -60,7 +65,7 @@ def test_chat_field_refines_the_scores(plain, refined) -> None:
     _, msg2 = refined
     at0, at2 = msg0.response_metadata["at2"], msg2.response_metadata["at2"]
     assert msg2.text == msg0.text  # greedy: the passes change the scores, not the answer
-    assert at2["extra_forward_passes"] == 2 and at2["mode"] == "template"
+    assert at2["extra_forward_passes"] == 1 and at2["mode"] == "template"  # both masks already measured
     assert set(at2["scores"]) == set(at0["scores"])
     assert at2["scores"] != at0["scores"]
     # the annotations are built from the refined scores
@@ -80,6 +85,12 @@ def test_chat_per_call_bind_and_stream(plain, refined, docs) -> None:
     # a per-call 0 overrides the field
     llm2 = ChatAT2(max_tokens=MAX_TOKENS, ablations=2)
     assert llm2.invoke(QUESTION, documents=docs, ablations=0).response_metadata["at2"] == msg0.response_metadata["at2"]
+    # without the measured pass, the removed mask is an ablation pass of its own
+    off = [
+        llm0.invoke(QUESTION, documents=docs, ablations=k, groundedness="off").response_metadata["at2"] for k in (0, 2)
+    ]
+    assert [at2["extra_forward_passes"] for at2 in off] == [0, 1]
+    assert off[1]["scores"] == pytest.approx(want["scores"], abs=1e-5)  # the same masks, the same refinement
 
 
 def test_chat_prompt_mode_and_cap(attributor, docs) -> None:
@@ -90,10 +101,12 @@ def test_chat_prompt_mode_and_cap(attributor, docs) -> None:
     at0 = llm.invoke(messages, documents=docs).response_metadata["at2"]
     at2 = llm.invoke(messages, documents=docs, ablations=2).response_metadata["at2"]
     assert at0["mode"] == at2["mode"] == "prompt"
-    assert (at0["extra_forward_passes"], at2["extra_forward_passes"]) == (0, 2)
+    assert (at0["extra_forward_passes"], at2["extra_forward_passes"]) == (1, 1)  # the measured pass
     assert at2["scores"] != at0["scores"]
-    one = llm.invoke([HumanMessage(f"{docs[0].page_content}\n\n{QUESTION}")], documents=docs[:1], ablations=5)
-    assert one.response_metadata["at2"]["extra_forward_passes"] == 2
+    one = llm.invoke(
+        [HumanMessage(f"{docs[0].page_content}\n\n{QUESTION}")], documents=docs[:1], ablations=5, groundedness="off"
+    )
+    assert one.response_metadata["at2"]["extra_forward_passes"] == 1  # capped at 2 masks, one of them the run
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "2"])
@@ -119,13 +132,13 @@ def test_callback_handler_forwards_ablations(bm25_retriever) -> None:
         result = handler.results[run_id]
         assert result.error is None
         results[k] = result
-    assert results[None].attribution.extra_forward_passes == 0
+    assert results[None].attribution.extra_forward_passes == 1  # the measured pass
     ids = ("run_id", "llm_run_id")
     assert {k: v for k, v in results[None].to_event().items() if k not in ids} == {
         k: v for k, v in results[0].to_event().items() if k not in ids
     }
     event = results[2].to_event()
-    assert event["extra_forward_passes"] == 2 and results[0].to_event()["extra_forward_passes"] == 0
+    assert event["extra_forward_passes"] == 1 and results[0].to_event()["extra_forward_passes"] == 1
     assert results[2].answer == results[0].answer and results[2].scores != results[0].scores
     with pytest.raises(InvalidInputError, match="ablations"):
         AT2CallbackHandler(ablations=-1)
@@ -142,9 +155,9 @@ def test_citations_forward_ablations(bm25_retriever) -> None:
     for payload in (answered, without_prompt):  # attribute_rendered, then attribute
         default, zero, two = (AT2Citations(**kw).invoke(payload) for kw in ({}, {"ablations": 0}, {"ablations": 2}))
         assert default["at2_error"] is None and two["at2_error"] is None
-        assert default["extra_forward_passes"] == zero["extra_forward_passes"] == 0
+        assert default["extra_forward_passes"] == zero["extra_forward_passes"] == 1  # the measured pass
         assert default["citations"] == zero["citations"]
-        assert two["extra_forward_passes"] == two["attribution"].extra_forward_passes == 2
+        assert two["extra_forward_passes"] == two["attribution"].extra_forward_passes == 1
         scores = {d.id: d.metadata["at2_score"] for d in two["context"]}
         assert scores == two["attribution"].document_scores()
         assert scores != {d.id: d.metadata["at2_score"] for d in default["context"]}

@@ -31,6 +31,7 @@ def _attribution() -> Attribution:
         citations=[
             Citation(
                 text="Alpha is first.", start=0, end=15, cited=["a"], supported=True, grounded=3.5, context=[EARLIER],
+                context_grounded=1.25,
                 documents=[
                     CitedDocument(index=0, id="a", title="Alpha", score=0.3, sentences=alpha.sentences),
                     CitedDocument(index=1, id="b", score=0.01),
@@ -47,6 +48,7 @@ def _attribution() -> Attribution:
         unlocated_documents=[UnlocatedDocument(position=2, id="c", reason="does not occur in the prompt")],
         context_sources=[EARLIER, ContextSource(kind="query", role="user", text="What is first?", score=0.05)],
         extra_forward_passes=2,
+        groundedness="measured",
     )
 
 
@@ -71,6 +73,7 @@ def test_metadata_is_to_dict_plus_langchain_keys() -> None:
         "scores": {"a": 0.3, "b": 0.01},
         "context_scores": {"history:1": 0.02, "query": 0.05},
         "supported": True,
+        "groundedness": "measured",
         "extra_forward_passes": 2,
     }
 
@@ -91,6 +94,9 @@ def test_citation_annotations() -> None:
             "document_index": 0,
             "score": 0.3,
             "grounded": 3.5,
+            "supported": True,
+            "context_grounded": 1.25,
+            "groundedness": "measured",
             "context": [{"key": "history:1", "score": 0.02}],
         },
     }

@@ -135,7 +135,9 @@ def rank_nodes(nodes: Sequence[NodeWithScore]) -> list[NodeWithScore]:
 def citations_to_dicts(attribution: Any, top_sentences: int = 3) -> list[dict[str, Any]]:
     """`attribution.to_dict()["citations"]`: per answer sentence `text`, `start`/`end` (span in the answer),
     `documents` (every node's score for it, best supporting sentences with char offsets inside the node's text),
-    `cited` (at2 document ids, best first), `supported`, `grounded` (nats), `context`. `top_sentences` is kept for
+    `cited` (at2 document ids, best first), `supported`, `grounded` (nats: how much the sentence depends on the
+    documents; None with groundedness "off"), `context_grounded` (the same for the earlier turns, measured in a
+    conversation), `context`. `top_sentences` is kept for
     compatibility and ignored: the core's schema carries every scored sentence."""
     return attribution.to_dict()["citations"]
 
@@ -191,12 +193,14 @@ def generate_shared(
     *,
     max_new_tokens: int = 256,
     ablations: int = 0,
+    groundedness: str = "measured",
     system_prompt: Any = None,
     **generate_kwargs: Any,
 ) -> Any:
     """`Attributor.generate` through the model's shared micro-batcher (`at2_rag.get_micro_batcher`): concurrent
     queries (threads, `aquery` in worker threads) share one batched generation; a query alone runs exactly the
-    single-request path."""
+    single-request path. `groundedness`: "measured" (one extra pass without the documents), "estimated" or
+    "off" (see `Attributor.generate`)."""
     from at2_rag import TEMPLATE_DEFAULT, get_micro_batcher
 
     request = {
@@ -204,4 +208,6 @@ def generate_shared(
         "documents": list(documents),
         "system_prompt": TEMPLATE_DEFAULT if system_prompt is None else system_prompt,
     }
-    return get_micro_batcher(attributor).generate(request, max_new_tokens, ablations, **generate_kwargs)
+    return get_micro_batcher(attributor).generate(
+        request, max_new_tokens, ablations, groundedness=groundedness, **generate_kwargs
+    )

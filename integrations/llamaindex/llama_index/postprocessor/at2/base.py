@@ -34,6 +34,12 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
     `ablations=k` pays k ablation passes after the answer to refine the node scores (AT2 is the prior; 0, the
     default, is plain AT2). `last_attribution.extra_forward_passes` says how many were paid (k is capped at
     2^number of nodes).
+
+    `groundedness="measured"` (the default) measures how much each answer sentence depends on the nodes (the drop
+    of its log-odds when every node is removed from attention; dependence, not truth) with one extra
+    teacher-forced pass over the non-document part of the prompt and the answer; "estimated" predicts it at zero
+    cost (less reliable on documents unlike the estimator's training data); "off" skips it. It is in
+    `last_attribution.citations[i].grounded` / `.supported`, and counted in `extra_forward_passes`.
     """
 
     mode: Literal["rerank", "filter"] = Field(default="rerank", description="'rerank' or 'filter'.")
@@ -48,6 +54,11 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
     generate_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra `generate` arguments.")
     ablations: int = Field(
         default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
+    )
+    groundedness: Literal["measured", "estimated", "off"] = Field(
+        default="measured",
+        description="How each answer sentence's `grounded` is obtained: 'measured' (one extra pass without the "
+        "nodes), 'estimated' (zero cost) or 'off'.",
     )
 
     _attributor: Any = PrivateAttr(default=None)
@@ -94,6 +105,7 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
                 mapped.documents,
                 max_new_tokens=self.max_new_tokens,
                 ablations=self.ablations,
+                groundedness=self.groundedness,
                 **kwargs,
             )
         except Exception as exc:

@@ -378,12 +378,15 @@ class AT2Instrumentation:
         attributor: Any = None,
         *,
         ablations: int = 0,
+        groundedness: str = "measured",
         top_sentences: int = 3,
         max_pending_streams: int = 64,
     ) -> None:
+        from at2_rag.evidence import check_groundedness
         from at2_rag.refine import check_ablations
 
         self.ablations = check_ablations(ablations)
+        self.groundedness = check_groundedness(groundedness)
         self.top_sentences = top_sentences
         self._attributor = attributor
         self._tracker = _Tracker(self, max_pending_streams)
@@ -449,7 +452,12 @@ class AT2Instrumentation:
         else:
             try:
                 attribution = self.attributor.attribute_rendered(
-                    llm_call.prompt, mapped.documents, answer=llm_call.answer, query=query, ablations=self.ablations
+                    llm_call.prompt,
+                    mapped.documents,
+                    answer=llm_call.answer,
+                    query=query,
+                    ablations=self.ablations,
+                    groundedness=self.groundedness,
                 )
             except Exception as exc:  # DocumentsNotLocatedError, a prompt too long for the AT2 model, ...
                 error = f"{type(exc).__name__}: {exc}"
@@ -492,7 +500,9 @@ _REGISTRY: list[AT2Instrumentation] = []
 _REGISTRY_LOCK = threading.Lock()
 
 
-def instrument_at2(attributor: Any = None, *, ablations: int = 0, top_sentences: int = 3) -> AT2Instrumentation:
+def instrument_at2(
+    attributor: Any = None, *, ablations: int = 0, groundedness: str = "measured", top_sentences: int = 3
+) -> AT2Instrumentation:
     """Attribute every query engine's and chat engine's answer from now on (see the module docstring).
 
     ```python
@@ -507,12 +517,23 @@ def instrument_at2(attributor: Any = None, *, ablations: int = 0, top_sentences:
 
     Calling it again with the same arguments returns the handlers already registered (an engine is attributed
     once). `ablations=k` pays k ablation passes per answer to refine the scores.
+
+    `groundedness="measured"` (the default) measures how much each answer sentence depends on the nodes (the drop
+    of its log-odds when every node is removed from attention; dependence, not truth) with one extra
+    teacher-forced pass over the non-document part of the LLM's prompt and its answer (one more, removing the
+    earlier turns, for a chat engine's conversation); "estimated" predicts it at zero cost (less reliable on
+    documents unlike the estimator's training data); "off" skips it. A bad value raises
+    `at2_rag.InvalidInputError`.
     """
+    from at2_rag.evidence import check_groundedness
+
+    check_groundedness(groundedness)
     with _REGISTRY_LOCK:
         for existing in _REGISTRY:
             if (
                 (attributor is None or existing._attributor is attributor)
                 and existing.ablations == ablations
+                and existing.groundedness == groundedness
                 and existing.top_sentences == top_sentences
             ):
                 return existing
@@ -520,6 +541,8 @@ def instrument_at2(attributor: Any = None, *, ablations: int = 0, top_sentences:
             raise RuntimeError(
                 "AT2 instrumentation is already registered with other settings: call .uninstrument() on it first"
             )
-        at2 = AT2Instrumentation(attributor, ablations=ablations, top_sentences=top_sentences).install()
+        at2 = AT2Instrumentation(
+            attributor, ablations=ablations, groundedness=groundedness, top_sentences=top_sentences
+        ).install()
         _REGISTRY.append(at2)
         return at2

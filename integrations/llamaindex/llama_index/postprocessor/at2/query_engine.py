@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.llms.types import CompletionResponse
@@ -46,8 +46,14 @@ _DONE = object()
 
 class AT2CitationQueryEngine(CustomQueryEngine):
     """Retrieve nodes, generate the answer with an `at2_rag.Attributor`'s own model while capturing attention,
-    and attribute the answer to the nodes - one generation, no extra forward passes (unless `ablations=k`:
-    then k ablation passes refine the node scores, AT2 being the prior; k is capped at 2^number of nodes).
+    and attribute the answer to the nodes - one generation, plus one extra pass for measured groundedness (and
+    `ablations=k`: k ablation passes refine the node scores, AT2 being the prior; k is capped at 2^number of
+    nodes).
+
+    `groundedness="measured"` (the default) measures how much each answer sentence depends on the nodes (the drop
+    of its log-odds when every node is removed from attention; dependence, not truth) with one extra
+    teacher-forced pass over the non-document part of the prompt and the answer; "estimated" predicts it at zero
+    cost (less reliable on documents unlike the estimator's training data); "off" skips it (`grounded` None).
 
     The returned `Response`:
 
@@ -57,10 +63,10 @@ class AT2CitationQueryEngine(CustomQueryEngine):
       score also in `node.metadata["at2_score"]`, the rank in `node.metadata["at2_rank"]`.
     - `metadata["at2"]`: `Attribution.to_dict()`, the core's versioned JSON (`schema` "at2-rag/attribution"):
       `documents` (score, sentences with char offsets inside each node's text), `citations` (per answer sentence:
-      span in the answer, `cited` ids best first, `supported`, `grounded`, `context`, every node's score),
-      `context_sources` (the system prompt and the question, scored like the nodes), estimator info,
-      `extra_forward_passes`. Ids are the nodes' `id_` (`id#2` for a second node sharing an id with other text;
-      `node.metadata["at2_document_id"]` says which).
+      span in the answer, `cited` ids best first, `supported`, `grounded`, `context_grounded`, `context`, every
+      node's score), `context_sources` (the system prompt and the question, scored like the nodes), estimator
+      info, `groundedness` (the mode) and `extra_forward_passes`. Ids are the nodes' `id_` (`id#2` for a second
+      node sharing an id with other text; `node.metadata["at2_document_id"]` says which).
     - `metadata["citations"]`: `metadata["at2"]["citations"]`; `metadata["attribution"]`: the `at2_rag.Attribution`
       (notebook / rich / plot views); `metadata["cited_answer"]`: the answer with `[n]` marks, n = the node's
       1-based position in `metadata["at2"]["documents"]` (the retriever's order).
@@ -88,6 +94,11 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     ablations: int = Field(
         default=0, ge=0, strict=True, description="Ablation passes that refine the AT2 scores (0 = plain AT2)."
     )
+    groundedness: Literal["measured", "estimated", "off"] = Field(
+        default="measured",
+        description="How each answer sentence's `grounded` is obtained: 'measured' (one extra pass without the "
+        "nodes), 'estimated' (zero cost) or 'off'.",
+    )
 
     _attributor: Any = PrivateAttr(default=None)
 
@@ -108,12 +119,14 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         callback_manager: CallbackManager | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         ablations: int = 0,
+        groundedness: str = "measured",
         **retriever_kwargs: Any,
     ) -> AT2CitationQueryEngine:
         """`index_or_retriever`: an index (its `as_retriever(similarity_top_k=..., **retriever_kwargs)` is used)
         or a ready `BaseRetriever` (used as is: `similarity_top_k` and `retriever_kwargs` are then ignored, set
         them on the retriever). `attributor`: an `at2_rag.Attributor`; default the embedded SmolLM2.
-        `ablations`: ablation passes that refine the scores of every answer (0 = plain AT2)."""
+        `ablations`: ablation passes that refine the scores of every answer (0 = plain AT2). `groundedness`:
+        "measured" (default), "estimated" or "off"."""
         if isinstance(index_or_retriever, BaseRetriever):
             retriever = index_or_retriever
         elif hasattr(index_or_retriever, "as_retriever"):
@@ -132,6 +145,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
             system_prompt=system_prompt,
             generate_kwargs=dict(generate_kwargs or {}),
             ablations=ablations,
+            groundedness=groundedness,
             **kwargs,
         )
 
@@ -193,6 +207,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         kwargs.update(self._system_kwargs())
         kwargs["max_new_tokens"] = self.max_new_tokens
         kwargs["ablations"] = self.ablations
+        kwargs["groundedness"] = self.groundedness
         return kwargs
 
     def _empty(self) -> Response:
