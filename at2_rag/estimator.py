@@ -491,6 +491,23 @@ def _settings_lines(meta: dict[str, Any]) -> list[str]:
     if isinstance(groundedness, dict):
         lines += ["", "## Groundedness (`Citation.grounded`, nats)", ""]
         lines += [f"- {k.replace('_', ' ')}: {_card_value(v)}" for k, v in groundedness.items()]
+    evaluated = meta.get("groundedness_evaluation")
+    if isinstance(evaluated, dict) and evaluated:
+        lines += ["", "## Groundedness evaluated (`at2-rag evaluate --groundedness`)", ""]
+        lines += [
+            "`grounded` against the label (the sentence's log-probability drops by >= 1 nat with every document "
+            "masked out), per held-out set; standard errors from a bootstrap over examples. Measured is exact by "
+            "construction; estimated is the zero-pass head above.",
+            "",
+            "| examples | sentences | measured AUROC | estimated AUROC | estimated precision | estimated recall |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in evaluated.items():
+            if isinstance(row, dict):
+                cells = [_card_value(row.get(key)) for key in (
+                    "measured_auroc", "estimated_auroc", "estimated_supported_precision", "estimated_supported_recall"
+                )]
+                lines.append(f"| {name} | {row.get('sentences')} | " + " | ".join(cells) + " |")
     conversations = meta.get("conversations")
     if isinstance(conversations, dict):
         lines += ["", "## Conversations (multi-turn held-out examples)", ""]

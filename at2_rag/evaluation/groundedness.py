@@ -170,3 +170,31 @@ def mismatched_ids(path: str | os.PathLike[str]) -> set[str]:
             if isinstance(record, dict) and record.get("mismatched") is True:
                 ids.add(str(record.get("id")))
     return ids
+
+
+def groundedness_record(summary: dict[str, Any], examples: str) -> dict[str, dict[str, Any]]:
+    """The rows an estimator's card keeps of a groundedness evaluation: one per set (all examples, and matched /
+    mismatched apart when the file marks them), each mode's AUROC and `supported` precision / recall."""
+    records = {}
+    for part in ("all", "matched", "mismatched"):
+        if part not in summary or not summary[part].get("sentences"):
+            continue
+        name = examples if part == "all" else f"{examples} ({part})"
+        row: dict[str, Any] = {"sentences": summary[part]["sentences"], "examples": summary[part]["examples"]}
+        for mode in MODES:
+            for key, value in summary[part][mode].items():
+                row[f"{mode}_{key}"] = value
+        records[name] = row
+    return records
+
+
+def record_groundedness(folder: str | os.PathLike[str], summary: dict[str, Any], examples: str) -> None:
+    """Keep a groundedness evaluation in the estimator's config and model card, beside the other sets' (other
+    metadata untouched)."""
+    from ..estimator import ScoreEstimator
+
+    estimator = ScoreEstimator.from_folder(folder)
+    previous = estimator.metadata.get("groundedness_evaluation")
+    kept = {k: v for k, v in previous.items() if not k.startswith(examples)} if isinstance(previous, dict) else {}
+    estimator.metadata["groundedness_evaluation"] = {**kept, **groundedness_record(summary, examples)}
+    estimator.update_card(folder)

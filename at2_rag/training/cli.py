@@ -227,7 +227,7 @@ def _evaluate_groundedness(args: argparse.Namespace) -> int:
     """`evaluate --groundedness`: both groundedness modes against the measured label; rows go to OUTPUT.jsonl
     (resumable), the summary to OUTPUT."""
     from ..estimator import ScoreEstimator
-    from ..evaluation.groundedness import evaluate_groundedness, mismatched_ids
+    from ..evaluation.groundedness import evaluate_groundedness, mismatched_ids, record_groundedness
     from ..examples import read_examples
 
     examples = read_examples(args.examples, limit=args.limit or None)
@@ -236,6 +236,11 @@ def _evaluate_groundedness(args: argparse.Namespace) -> int:
     summary = evaluate_groundedness(
         attributor, examples, args.output, max_new_tokens=args.max_new_tokens, mismatched=mismatched_ids(args.examples)
     )
+    if args.record:
+        described = str(args.examples)
+        if args.limit and args.limit < len(read_examples(args.examples)):
+            described = f"examples 0-{len(examples) - 1} of {described}"
+        record_groundedness(Path(args.estimator), summary, described)
     print(json.dumps(summary, indent=2))
     return 0
 
