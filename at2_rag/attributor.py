@@ -186,8 +186,10 @@ class Attributor:
         `groundedness="measured"` (the default) measures each sentence's `grounded` exactly with one pass of the
         answer with every document removed (and one with every earlier turn removed, in a conversation): only the
         prompt outside the documents and the answer are run. "estimated" predicts it at zero cost with the
-        estimator's head (AUROC against the measured drop: 0.85 on held-out Python documentation, lower on
-        documents unlike the training data: docs/training.md); "off" skips it. `ablations=k` pays k ablation
+        estimator's head: for the shipped SmolLM2 estimator, AUROC against the measured label 0.89 ± 0.02 on
+        held-out Python documentation, 0.83 ± 0.03 on Debian package descriptions and 0.71 ± 0.05 there when the
+        question was asked over another question's documents (docs/training.md); "off" skips it. `grounded`
+        measures dependence on the documents, not truth. `ablations=k` pays k ablation
         passes to refine the scores (see `at2_rag.refine`).
 
         `query` may also be an `AttributionRequest` (or a dict with its keys) instead of the separate arguments."""
