@@ -48,6 +48,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException
 
 import at2_rag
 from at2_rag import (
@@ -73,7 +75,7 @@ from at2_rag import (
 from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
-from .uploads import ALLOWED_TYPES, UploadError, UploadStore, extract_upload, safe_name
+from .uploads import ALLOWED_TYPES, PDF_TIMEOUT_S, UploadError, UploadStore, extract_upload, safe_name
 
 logger = logging.getLogger("at2_rag.chatbot")
 
@@ -229,6 +231,25 @@ def _context_json(source: ContextSource) -> dict[str, Any]:
     return {"kind": source.kind, "index": source.index, "role": source.role, "score": source.score, "key": source.key}
 
 
+@dataclass(frozen=True)
+class DocumentsView:
+    """One consistent state of the documents: the BM25 index, the report and the upload records it was built
+    from. Swapped in whole, so a question or a listing never mixes two states."""
+
+    index: BM25Index
+    report: LoadReport
+    records: dict[str, dict[str, Any]]  # the uploads indexed, oldest first
+    counts: dict[str, int] = field(init=False)  # doc id -> passages
+    titles: dict[str, str] = field(init=False)  # doc id -> title
+
+    def __post_init__(self) -> None:
+        counts: dict[str, int] = {}
+        for p in self.report.passages:
+            counts[p.doc_id] = counts.get(p.doc_id, 0) + 1
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "titles", {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages})
+
+
 class _Cancelled:
     """A stopping criterion that ends generation when the browser goes away."""
 
@@ -263,7 +284,9 @@ class ChatService:
         max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
         model_name: str | None = None,
         groundedness: GroundednessMode = "measured",
+        pdf_timeout_s: float = PDF_TIMEOUT_S,
     ) -> None:
+        self.pdf_timeout_s = pdf_timeout_s
         self.groundedness: GroundednessMode = check_groundedness(groundedness)
         if max_question_chars < 1 or max_history < 0 or max_history_chars < 0:
             raise ValueError("max_question_chars must be at least 1; max_history and max_history_chars at least 0")
@@ -273,7 +296,8 @@ class ChatService:
         self.max_upload_bytes = max_upload_bytes
         self.max_upload_files = max_upload_files
         self.max_uploaded_documents = max_uploaded_documents
-        self._index_lock = threading.Lock()
+        self._documents_lock = threading.Lock()  # adding and removing documents, one at a time
+        self._view: DocumentsView
         self._reindex()
         self._attributor = attributor
         self._factory = attributor_factory
@@ -292,79 +316,119 @@ class ChatService:
             logger.warning("%s %s", problem["file"], problem["error"])
 
     # ---- documents: the folder's plus the uploaded ones, one BM25 index over both ------------------------
+    @property
+    def index(self) -> BM25Index:
+        return self._view.index
+
+    @property
+    def report(self) -> LoadReport:
+        return self._view.report
+
     def _reindex(self) -> None:
-        """Rebuild the passages and the BM25 index from the folder and the uploads (swapped in at once)."""
+        """Rebuild the passages and the BM25 index from the folder and the uploads, and swap in a new view.
+
+        Called with `_documents_lock` held (or from __init__): the view built last always holds every stored
+        upload, so a question never sees an index without an acknowledged document."""
+        records = dict(sorted(self.uploads.records.items(), key=lambda kv: kv[1]["uploaded"]))
         passages = list(self.folder_report.passages)
-        for rec in sorted(self.uploads.records.values(), key=lambda r: r["uploaded"]):
+        for rec in records.values():
             fallback = (
                 rec.get("title") or Path(rec["name"]).stem.replace("-", " ").replace("_", " ").strip().capitalize()
             )
             passages.extend(
                 text_to_passages(rec["text"], rec["name"], fallback or rec["name"], doc_id=rec["id"], source="upload")
             )
-        index = BM25Index(passages)
         report = LoadReport(
             folder=self.folder_report.folder,
             passages=passages,
-            files=self.folder_report.files + [r["name"] for r in self.uploads.records.values()],
+            files=self.folder_report.files + [r["name"] for r in records.values()],
             problems=self.folder_report.problems + self.uploads.problems,
             texts=self.folder_report.texts,
         )
-        with self._index_lock:
-            self.index, self.report = index, report
+        self._view = DocumentsView(BM25Index(passages), report, records)
 
     def documents(self) -> list[dict[str, Any]]:
-        """Every indexed document: the folder's files (read-only) and the uploads (removable)."""
-        counts: dict[str, int] = {}
-        for p in self.report.passages:
-            counts[p.doc_id] = counts.get(p.doc_id, 0) + 1
-        titles = {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages}
+        """Every indexed document: the folder's files (read-only) and the uploads (removable), from one view."""
+        view = self._view
         out = []
         for rel in self.folder_report.files:
             text = self.folder_report.texts[rel]
             out.append({
-                "id": rel, "name": rel, "title": titles.get(rel, rel), "source": "folder", "removable": False,
+                "id": rel, "name": rel, "title": view.titles.get(rel, rel), "source": "folder", "removable": False,
                 "kind": "markdown" if rel.lower().endswith((".md", ".markdown")) else "text",
-                "bytes": len(text.encode("utf-8")), "chars": len(text), "passages": counts.get(rel, 0),
+                "bytes": len(text.encode("utf-8")), "chars": len(text), "passages": view.counts.get(rel, 0),
             })
-        for rec in sorted(self.uploads.records.values(), key=lambda r: r["uploaded"]):
-            out.append(self._upload_json(rec, titles.get(rec["id"]), counts.get(rec["id"], 0)))
+        out.extend(self._upload_json(rec, view) for rec in view.records.values())
         return out
 
     @staticmethod
-    def _upload_json(rec: dict[str, Any], title: str | None, passages: int) -> dict[str, Any]:
+    def _upload_json(rec: dict[str, Any], view: DocumentsView, duplicate: bool = False) -> dict[str, Any]:
         return {
-            "id": rec["id"], "name": rec["name"], "title": title or rec["name"], "source": "upload", "removable": True,
-            "kind": rec["kind"], "bytes": rec["bytes"], "chars": rec["chars"], "passages": passages,
-            "uploaded": rec["uploaded"],
+            "id": rec["id"], "name": rec["name"], "title": view.titles.get(rec["id"]) or rec["name"],
+            "source": "upload", "removable": True, "kind": rec["kind"], "bytes": rec["bytes"], "chars": rec["chars"],
+            "passages": view.counts.get(rec["id"], 0), "uploaded": rec["uploaded"], "duplicate": duplicate,
         }
 
     def document_text(self, doc_id: str) -> dict[str, Any] | None:
         """The whole text of one document and where its passages lie in it (for the page's document view)."""
+        view = self._view
         if doc_id in self.folder_report.texts:
             text = self.folder_report.texts[doc_id]
-        elif doc_id in self.uploads.records:
-            text = self.uploads.records[doc_id]["text"]
+        elif doc_id in view.records:
+            text = view.records[doc_id]["text"]
         else:
             return None
         info = next(d for d in self.documents() if d["id"] == doc_id)
+        info.pop("duplicate", None)
         passages = [
-            {"id": p.id, "offset": p.offset, "length": len(p.text)} for p in self.report.passages if p.doc_id == doc_id
+            {"id": p.id, "offset": p.offset, "length": len(p.text)} for p in view.report.passages if p.doc_id == doc_id
         ]
         return {**info, "text": text, "passage_spans": passages}
 
-    def add_uploads(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        records = [self.uploads.add(item) for item in items]
-        self._reindex()
-        titles = {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages}
-        counts = {r["id"]: sum(1 for p in self.report.passages if p.doc_id == r["id"]) for r in records}
-        return [self._upload_json(r, titles.get(r["id"]), counts[r["id"]]) for r in records]
+    def add_uploads(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Store and index extracted uploads as one step: under `_documents_lock`, check the limit, write each
+        record, rebuild the index, and build the answer from that index. Returns (documents, rejected).
+
+        A document already stored under the same name with the same content (a retried upload) is answered with
+        its stored record (`duplicate: true`) instead of being stored twice, and does not count against the
+        limit. If indexing fails, the records written by this call are removed again (all or nothing)."""
+        with self._documents_lock:
+            answered: list[tuple[dict[str, Any], bool]] = []
+            rejected: list[dict[str, Any]] = []
+            new: list[dict[str, Any]] = []
+            for item in items:
+                existing = self.uploads.find(item["name"], item["text"])
+                if existing is not None:
+                    answered.append((existing, True))
+                    continue
+                if len(self.uploads) >= self.max_uploaded_documents:
+                    rejected.append({
+                        "name": item["name"], "status": 409, "error": "too_many_documents",
+                        "message": f"{item['name']}: the server keeps at most {self.max_uploaded_documents} "
+                        "uploaded documents; remove some first.",
+                    })
+                    continue
+                rec = self.uploads.add(item)
+                new.append(rec)
+                answered.append((rec, False))
+            if new:
+                try:
+                    self._reindex()
+                except BaseException:
+                    for rec in new:
+                        self.uploads.remove(rec["id"])
+                    logger.exception("indexing the uploads failed; the %d new document(s) were removed", len(new))
+                    raise
+            view = self._view
+            return [self._upload_json(rec, view, duplicate) for rec, duplicate in answered], rejected
 
     def remove_upload(self, doc_id: str) -> bool:
-        removed = self.uploads.remove(doc_id)
-        if removed:
-            self._reindex()
-        return removed
+        """Delete one upload and reindex, serialised with uploads (`_documents_lock`)."""
+        with self._documents_lock:
+            removed = self.uploads.remove(doc_id)
+            if removed:
+                self._reindex()
+            return removed
 
     @property
     def attributor(self) -> Attributor:
@@ -410,7 +474,7 @@ class ChatService:
             "max_history": self.max_history,
             "max_history_chars": self.max_history_chars,
             "suggestions": self.suggestions if self.report.passages else [],
-            "num_uploads": len(self.uploads),
+            "num_uploads": len(self._view.records),
             "max_upload_bytes": self.max_upload_bytes,
             "max_upload_files": self.max_upload_files,
             "max_uploaded_documents": self.max_uploaded_documents,
@@ -504,6 +568,7 @@ def create_app(
     max_uploaded_documents: int = DEFAULT_MAX_UPLOADED_DOCUMENTS,
     model_name: str | None = None,
     groundedness: GroundednessMode = "measured",
+    pdf_timeout_s: float = PDF_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
 
@@ -512,7 +577,8 @@ def create_app(
 
     Uploaded documents are kept in `upload_dir` (a temporary folder when None): at most `max_upload_files` files
     of `max_upload_bytes` each per request, `max_uploaded_documents` in all. `model_name` is what the page shows
-    before the model has loaded.
+    before the model has loaded. A PDF's text is extracted in a child process that is stopped after
+    `pdf_timeout_s` seconds (the upload is refused with 413 `pdf_too_complex`).
 
     `groundedness` says how each answer sentence's `grounded` (its dependence on the retrieved documents, not its
     truth) is obtained: "measured" (the default: one extra teacher-forced pass over the non-document part of the
@@ -536,6 +602,7 @@ def create_app(
         max_uploaded_documents=max_uploaded_documents,
         model_name=model_name,
         groundedness=groundedness,
+        pdf_timeout_s=pdf_timeout_s,
     )
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
@@ -650,9 +717,17 @@ async def _upload(service: ChatService, request: Request) -> Any:
         )
     try:
         form = await request.form(max_files=service.max_upload_files + 1, max_fields=20)
-    except Exception as exc:  # a malformed body, or more files than max_files
+    except MultiPartException as exc:  # a malformed body, more files than max_files, or too many fields
+        if "too many files" in str(exc).lower():
+            return error_response(
+                413, "too_many_files", f"At most {service.max_upload_files} files can be uploaded at once; "
+                f"you sent more than {service.max_upload_files}.", **limits,
+            )
         return error_response(400, "bad_upload", f"The upload could not be read ({exc}). Send at most "
                               f"{service.max_upload_files} files in fields named `file`.", **limits)
+    except Exception as exc:  # a body that is not valid multipart at all
+        return error_response(400, "bad_upload", f"The upload could not be read as multipart/form-data "
+                              f"({type(exc).__name__}). Send the files in fields named `file`.", **limits)
     try:
         files = [f for f in form.getlist("file") if hasattr(f, "read")]
         if not files:
@@ -662,30 +737,29 @@ async def _upload(service: ChatService, request: Request) -> Any:
                 413, "too_many_files", f"At most {service.max_upload_files} files can be uploaded at once; "
                 f"you sent {len(files)}.", **limits,
             )
-        room = service.max_uploaded_documents - len(service.uploads)
-        accepted: list[dict[str, Any]] = []
+        extracted: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         for f in files:
             name = safe_name(f.filename)
             raw = await f.read(service.max_upload_bytes + 1)
             try:
-                if len(accepted) >= room:
-                    raise UploadError(
-                        409, "too_many_documents",
-                        f"{name}: the server keeps at most {service.max_uploaded_documents} uploaded documents; "
-                        "remove some first.",
-                    )
-                accepted.append(await run_in_threadpool(extract_upload, name, raw, service.max_upload_bytes))
+                extracted.append(await run_in_threadpool(
+                    extract_upload, name, raw, service.max_upload_bytes, pdf_timeout_s=service.pdf_timeout_s
+                ))
             except UploadError as exc:
                 rejected.append({"name": name, "status": exc.status, "error": exc.kind, "message": exc.message})
     finally:
         await form.close()
-    if not accepted:
+    # the limit is checked, the records written and the index rebuilt under one lock (ChatService.add_uploads)
+    documents, full = await run_in_threadpool(service.add_uploads, extracted) if extracted else ([], [])
+    rejected.extend(full)
+    if not documents:
         first = rejected[0]
         return error_response(first["status"], first["error"], first["message"], rejected=rejected, **limits)
-    documents = await run_in_threadpool(service.add_uploads, accepted)
+    fresh = any(not d["duplicate"] for d in documents)  # a retry that stored nothing new is a 200
     return JSONResponse(
-        {"documents": documents, "rejected": rejected, "num_documents": len(service.documents())}, status_code=201
+        {"documents": documents, "rejected": rejected, "num_documents": len(service.documents())},
+        status_code=201 if fresh else 200,
     )
 
 
@@ -842,6 +916,10 @@ def main(argv: list[str] | None = None) -> int:
         help="largest uploaded file, in MB (default 2)",
     )
     parser.add_argument(
+        "--pdf-timeout", type=float, default=PDF_TIMEOUT_S,
+        help=f"seconds a PDF's text may take to extract before the upload is refused (default {PDF_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--groundedness",
         choices=GROUNDEDNESS_MODES,
         default="measured",
@@ -853,6 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
+    if args.pdf_timeout <= 0:
+        parser.error("--pdf-timeout must be positive")
     if not Path(args.docs).expanduser().is_dir():
         parser.error(f"--docs {args.docs!r} is not a folder")
     if args.top_k < 1 or args.max_new_tokens < 1:
@@ -888,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         model_name=getattr(attributor, "model_id", None),
         groundedness=args.groundedness,
+        pdf_timeout_s=args.pdf_timeout,
     )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")

@@ -1,0 +1,273 @@
+"""The chatbot under many clients, hostile pages and bad files (issue 36): a real uvicorn server on 127.0.0.1 in a
+thread (or FastAPI's TestClient), real files, real PDF extraction. None of these tests loads the model."""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
+
+from chatbot.app import SAMPLE_DOCS, create_app  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+BASE = "http://127.0.0.1:8000"  # TestClient's requests say Host 127.0.0.1:8000, a name the server answers to
+
+
+def no_model():
+    raise AssertionError("this request must be answered without loading the model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on 127.0.0.1:<free port> in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the chatbot server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def at_once(count: int, job: Callable[[int], Any]) -> list[Any]:
+    """Run job(0..count-1) in `count` threads released at the same instant; their results in order."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = job(i)
+        except Exception as exc:  # reported by the test, not lost in a thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def post_files(url: str, *files: tuple[str, bytes], **kwargs: Any) -> httpx.Response:
+    return httpx.post(
+        f"{url}/api/documents",
+        files=[("file", (name, data, "application/octet-stream")) for name, data in files],
+        timeout=300,
+        **kwargs,
+    )
+
+
+def marker(i: int) -> str:
+    """A word found in one test document only (letters: the BM25 tokenizer keeps it whole)."""
+    return "quokka" + "".join("abcdefghijklmnopqrstuvwxyz"[int(d)] for d in f"{i:03d}")
+
+
+def big_text(chars: int) -> bytes:
+    """Varied prose of about `chars` characters, so that indexing it takes a while."""
+    rng = random.Random(7)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") + rng.choice("aeiou") for _ in range(3)) for _ in range(5000)]
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        paragraph = " ".join(rng.choice(words) for _ in range(60)) + ".\n\n"
+        out.append(paragraph)
+        size += len(paragraph)
+    return "".join(out).encode()
+
+
+# ---- 1 and 2: uploads are atomic and serialised --------------------------------------------------------------
+def test_concurrent_uploads_are_all_listed_indexed_and_retrievable(tmp_path: Path):
+    app = create_app(SAMPLE_DOCS, attributor_factory=no_model, upload_dir=tmp_path / "uploads")
+    with ServerThread(app) as server:
+        assert post_files(server.url, ("big.txt", big_text(1_500_000))).status_code == 201
+        answers = at_once(
+            16, lambda i: post_files(server.url, (f"doc{i}.txt", f"The {marker(i)} rests at noon.".encode()))
+        )
+        assert all(isinstance(r, httpx.Response) and r.status_code == 201 for r in answers), answers
+        acknowledged = {r.json()["documents"][0]["id"]: i for i, r in enumerate(answers)}
+        assert len(acknowledged) == 16
+        listed = {d["id"]: d for d in httpx.get(f"{server.url}/api/documents").json()["documents"]}
+        service = app.state.service
+        for doc_id, i in acknowledged.items():
+            assert listed[doc_id]["passages"] == 1, listed[doc_id]
+            spans = httpx.get(f"{server.url}/api/documents/{doc_id}").json()["passage_spans"]
+            assert len(spans) == 1
+            best = service.retrieve(f"Where does the {marker(i)} rest?", [])[0]
+            assert best.metadata["doc_id"] == doc_id
+        # and a delete at the same time as uploads loses neither
+        victim = next(iter(acknowledged))
+        results = at_once(
+            5,
+            lambda i: httpx.delete(f"{server.url}/api/documents/{victim}")
+            if i == 0
+            else post_files(server.url, (f"late{i}.txt", f"The {marker(100 + i)} sleeps.".encode())),
+        )
+        assert results[0].status_code == 200 and all(r.status_code == 201 for r in results[1:])
+        listed = {d["id"]: d for d in httpx.get(f"{server.url}/api/documents").json()["documents"]}
+        assert victim not in listed and not service.retrieve(f"the {marker(acknowledged[victim])}", [])
+        for i, r in enumerate(results[1:], 1):
+            doc_id = r.json()["documents"][0]["id"]
+            assert listed[doc_id]["passages"] == 1
+            assert service.retrieve(f"the {marker(100 + i)}", [])[0].metadata["doc_id"] == doc_id
+
+
+def test_the_upload_limit_holds_under_concurrent_uploads(tmp_path: Path):
+    limit, before = 20, 14
+    uploads = tmp_path / "uploads"
+    app = create_app(
+        SAMPLE_DOCS, attributor_factory=no_model, upload_dir=uploads, max_uploaded_documents=limit
+    )
+    with ServerThread(app) as server:
+        for i in range(before):
+            assert post_files(server.url, (f"old{i}.txt", f"Old {marker(i)}.".encode())).status_code == 201
+        answers = at_once(
+            16,
+            lambda i: post_files(
+                server.url,
+                (f"a{i}.txt", f"First {marker(200 + i)}.".encode()),
+                (f"b{i}.txt", f"Second {marker(400 + i)}.".encode()),
+            ),
+        )
+        assert all(isinstance(r, httpx.Response) and r.status_code in (201, 409) for r in answers), answers
+        stored_now = sum(len(r.json().get("documents", [])) for r in answers)
+        listed = [d for d in httpx.get(f"{server.url}/api/documents").json()["documents"] if d["source"] == "upload"]
+        on_disk = list(uploads.glob("*.json"))
+        assert len(listed) == len(on_disk) == limit == before + stored_now
+        refused = [x for r in answers for x in r.json().get("rejected", [])]
+        assert len(refused) == 32 - stored_now and {x["error"] for x in refused} == {"too_many_documents"}
+
+
+# ---- 6: a retried upload is recognised, never stored twice ----------------------------------------------------
+def test_a_retried_upload_is_recognised_and_never_duplicated(tmp_path: Path):
+    uploads = tmp_path / "uploads"
+    app = create_app(SAMPLE_DOCS, attributor_factory=no_model, upload_dir=uploads)
+    with ServerThread(app) as server:
+        first = post_files(server.url, ("notes.txt", f"The {marker(1)} naps.".encode()))
+        assert first.status_code == 201 and first.json()["documents"][0]["duplicate"] is False
+        doc_id = first.json()["documents"][0]["id"]
+        retry = post_files(server.url, ("notes.txt", f"The {marker(1)} naps.".encode()))
+        assert retry.status_code == 200  # nothing new was stored
+        assert retry.json()["documents"][0]["id"] == doc_id and retry.json()["documents"][0]["duplicate"] is True
+        # eight clients retrying the same file at the same instant store it once
+        answers = at_once(8, lambda i: post_files(server.url, ("same.md", f"# Same\n\nThe {marker(2)}.".encode())))
+        assert sorted(r.status_code for r in answers) == [200] * 7 + [201]
+        assert len({r.json()["documents"][0]["id"] for r in answers}) == 1
+        # a new version under the same name, or the same text under another name, is a new document
+        assert post_files(server.url, ("notes.txt", f"The {marker(1)} wakes.".encode())).status_code == 201
+        assert post_files(server.url, ("copy.txt", f"The {marker(1)} naps.".encode())).status_code == 201
+        # the same file twice in one upload is stored once
+        both = post_files(server.url, ("twice.txt", b"Twice."), ("twice.txt", b"Twice."))
+        assert both.status_code == 201 and [d["duplicate"] for d in both.json()["documents"]] == [False, True]
+    names = sorted(d["name"] for d in app.state.service.documents() if d["source"] == "upload")
+    assert names == ["copy.txt", "notes.txt", "notes.txt", "same.md", "twice.txt"]
+    assert len(list(uploads.glob("*.json"))) == 5
+    # after a restart (say the server was killed after storing, before answering) the retry is still recognised
+    client = TestClient(create_app(SAMPLE_DOCS, attributor_factory=no_model, upload_dir=uploads), base_url=BASE)
+    again = client.post("/api/documents", files=[("file", ("notes.txt", f"The {marker(1)} naps.".encode()))])
+    assert again.status_code == 200 and again.json()["documents"][0]["id"] == doc_id
+    assert len(list(uploads.glob("*.json"))) == 5
+
+
+# ---- 4: bounded work per upload ----------------------------------------------------------------------------
+def compressed_pdf(lines: int, line: str = "The quick brown fox jumps over the lazy dog again and again.") -> bytes:
+    """A one-page PDF whose Flate-compressed content stream draws `lines` text lines: a few KB on disk, up to
+    megabytes of text (a 'PDF bomb' when `lines` is large)."""
+    content = zlib.compress(("BT /F1 12 Tf 72 720 Td 16 TL " + f"({line}) Tj T* " * lines + "ET").encode(), 9)
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >> "
+        b"/Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+    ]
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for i, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 6\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return out + b"trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
+
+
+def test_the_size_limit_applies_to_the_extracted_text(tmp_path: Path):
+    client = TestClient(
+        create_app(SAMPLE_DOCS, attributor_factory=no_model, upload_dir=tmp_path / "u", max_upload_bytes=64 * 1024),
+        base_url=BASE,
+    )
+    pdf = compressed_pdf(2000)  # about 1 KB that holds 122,000 characters
+    assert len(pdf) < 2048
+    r = client.post("/api/documents", files=[("file", ("small.pdf", pdf))])
+    assert r.status_code == 413 and r.json()["error"] == "text_too_large"
+    assert r.json()["message"] == (
+        "small.pdf: its extracted text is larger than the limit of 64 KB per file; split it or upload a shorter file."
+    )
+    ok = client.post("/api/documents", files=[("file", ("fine.pdf", compressed_pdf(200)))])
+    assert ok.status_code == 201 and ok.json()["documents"][0]["chars"] > 12_000
+    assert client.get("/api/documents").json()["documents"][-1]["name"] == "fine.pdf"
+
+
+@pytest.mark.parametrize("timeout_s", [2.0, None])  # None: the default time limit
+def test_a_pdf_bomb_is_refused_within_seconds_and_the_server_keeps_answering(tmp_path: Path, timeout_s):
+    kwargs = {} if timeout_s is None else {"pdf_timeout_s": timeout_s}
+    app = create_app(SAMPLE_DOCS, attributor_factory=no_model, upload_dir=tmp_path / "u", **kwargs)
+    bomb = compressed_pdf(300_000)  # ~70 KB that takes pypdf far longer than the limit to extract
+    assert len(bomb) < 100 * 1024
+    with ServerThread(app) as server:
+        started = time.monotonic()
+        answers = at_once(2, lambda i: post_files(server.url, ("bomb.pdf", bomb)) if i == 0 else _probe(server.url))
+        seconds = time.monotonic() - started
+        r, probes = answers
+        assert r.status_code == 413 and r.json()["error"] in ("pdf_too_complex", "text_too_large"), r.text
+        assert seconds < (timeout_s or 10.0) + 5
+        assert "bomb.pdf" in r.json()["message"]
+        assert probes and max(probes) < 2.0  # the status probe never waited on the extraction
+    assert app.state.service.documents()[-1]["name"] != "bomb.pdf"
+
+
+def _probe(url: str) -> list[float]:
+    """Seconds each /api/status took, polled for 2 s while something else runs."""
+    times = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        assert httpx.get(f"{url}/api/status", timeout=30).status_code == 200
+        times.append(time.monotonic() - started)
+        time.sleep(0.1)
+    return times
