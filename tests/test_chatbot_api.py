@@ -26,6 +26,8 @@ from at2_rag.result import ATTRIBUTION_SCHEMA_VERSION  # noqa: E402
 QUESTION = "How many vacation days do I get per year?"
 RIGHT_DOC = "vacation-policy.md"
 
+BASE = "http://127.0.0.1:8000"  # the Host the server answers to (it refuses other names: DNS rebinding)
+
 
 def no_model():
     raise AssertionError("this request must be answered without loading the model")
@@ -33,7 +35,7 @@ def no_model():
 
 def client_for(docs: Path | str = SAMPLE_DOCS, **kwargs) -> TestClient:
     kwargs.setdefault("attributor_factory", no_model)
-    return TestClient(create_app(docs, **kwargs))
+    return TestClient(create_app(docs, **kwargs), base_url=BASE)
 
 
 def parse_sse(body: str) -> list[tuple[str, dict]]:
@@ -354,12 +356,12 @@ def test_cli_limits_reach_the_server(monkeypatch):
     monkeypatch.setattr(chatbot_app, "load_default_attributor", lambda: None)  # the model is not needed here
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
     assert main(["--max-question-chars", "300", "--max-history", "2", "--max-history-chars", "900"]) == 0
-    client = TestClient(served["app"])
+    client = TestClient(served["app"], base_url=BASE)
     status = client.get("/api/status").json()
     assert (status["max_question_chars"], status["max_history"], status["max_history_chars"]) == (300, 2, 900)
     assert status["groundedness"] == "measured"  # the default
     assert main(["--groundedness", "estimated"]) == 0
-    assert TestClient(served["app"]).get("/api/status").json()["groundedness"] == "estimated"
+    assert TestClient(served["app"], base_url=BASE).get("/api/status").json()["groundedness"] == "estimated"
     res = client.post("/api/chat", json={"question": "x" * 301})
     assert res.status_code == 413 and "the limit is 300." in res.json()["message"]
 

@@ -50,6 +50,8 @@ def make_pdf(lines: list[str], title: str | None = None) -> bytes:
     out += f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R{info} >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return out
 
+BASE = "http://127.0.0.1:8000"  # the Host the server answers to (it refuses other names: DNS rebinding)
+
 
 def no_model():
     raise AssertionError("this request must be answered without loading the model")
@@ -61,7 +63,7 @@ def uploads(tmp_path: Path) -> Path:
 
 
 def client_for(uploads: Path, docs: Path | str = SAMPLE_DOCS, **kwargs) -> TestClient:
-    return TestClient(create_app(docs, attributor_factory=no_model, upload_dir=uploads, **kwargs))
+    return TestClient(create_app(docs, attributor_factory=no_model, upload_dir=uploads, **kwargs), base_url=BASE)
 
 
 def upload(client: TestClient, *files: tuple[str, bytes]):
@@ -299,7 +301,7 @@ def test_cli_serves_any_local_causal_lm_and_shows_its_name(tmp_path: Path, monke
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
     argv = ["--model", str(folder), "--max-new-tokens", "12", "--upload-dir", str(tmp_path / "u")]
     assert main(argv) == 0
-    client = TestClient(served["app"])
+    client = TestClient(served["app"], base_url=BASE)
     status = client.get("/api/status").json()
     assert status["model_loaded"] and status["model"] == str(folder)  # the page shows its last part: my-local-lm
     assert status["estimator_trained"] is False  # no estimator shipped for a folder: average attention, said so

@@ -27,6 +27,10 @@ Requests are bounded before any model work: a question of at most `max_question_
 `question_too_long` otherwise) and a history of at most `max_history` messages and `max_history_chars` characters
 (413 `history_too_long`). A prompt that still does not fit the context window gets 413 `context_too_long` with a
 message saying what to shorten.
+
+Before any route, `security.RequestGuard` refuses requests for host names the server does not serve (421, DNS
+rebinding), writes a browser marks as cross-site (403) and JSON bodies over the cap (413). The server has no
+login: it is single-user and local, and says so at start.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +62,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 import at2_rag
@@ -75,6 +80,7 @@ from at2_rag import (
 from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
+from .security import LOOPBACK_NAMES, RequestGuard
 from .uploads import ALLOWED_TYPES, PDF_TIMEOUT_S, UploadError, UploadStore, extract_upload, safe_name
 
 logger = logging.getLogger("at2_rag.chatbot")
@@ -569,6 +575,8 @@ def create_app(
     model_name: str | None = None,
     groundedness: GroundednessMode = "measured",
     pdf_timeout_s: float = PDF_TIMEOUT_S,
+    allowed_hosts: Iterable[str] | None = None,
+    max_json_bytes: int | None = None,
 ) -> FastAPI:
     """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
 
@@ -579,6 +587,11 @@ def create_app(
     of `max_upload_bytes` each per request, `max_uploaded_documents` in all. `model_name` is what the page shows
     before the model has loaded. A PDF's text is extracted in a child process that is stopped after
     `pdf_timeout_s` seconds (the upload is refused with 413 `pdf_too_complex`).
+
+    Every request's Host must be one of `allowed_hosts` ("name" for any port, or "name:port"; default: the
+    loopback names 127.0.0.1, localhost and ::1), and writes a browser marks as cross-site are refused (403): see
+    `security.RequestGuard`. A JSON body may have at most `max_json_bytes` bytes (default: room for the largest
+    question and history the limits allow); larger ones get 413 `request_too_large` before they are parsed.
 
     `groundedness` says how each answer sentence's `grounded` (its dependence on the retrieved documents, not its
     truth) is obtained: "measured" (the default: one extra teacher-forced pass over the non-document part of the
@@ -607,11 +620,44 @@ def create_app(
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if max_json_bytes is None:  # JSON escapes may take 6 bytes a character; room for the envelope too
+        max_json_bytes = 64 * 1024 + 6 * (max_question_chars + max_history_chars) + 256 * max_history
+    app.add_middleware(
+        RequestGuard,
+        allowed_hosts=list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_NAMES),
+        max_body_bytes=max_json_bytes,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        broken = next((e for e in errors if e["type"] == "json_invalid"), None)
+        if broken is not None:  # loc is ("body", character offset)
+            where = broken["loc"][1] if len(broken["loc"]) > 1 else 0
+            reason = (broken.get("ctx") or {}).get("error") or "not valid JSON"
+            return error_response(
+                400, "invalid_json",
+                f"The request body is not valid JSON (at character {where}: {reason}). Send a JSON object such "
+                'as {"question": "...", "history": []}.',
+            )
+        if any(e["type"] == "model_attributes_type" and tuple(e["loc"]) == ("body",) for e in errors):
+            return error_response(
+                400, "invalid_json",
+                'The request body must be a JSON object such as {"question": "...", "history": []}, sent with '
+                "Content-Type: application/json.",
+            )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
         return error_response(422, "invalid_request", f"The request is malformed: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(404, "not_found", f"There is nothing at {request.url.path}.")
+        if exc.status_code == 405:
+            return error_response(
+                405, "method_not_allowed", f"{request.method} is not accepted at {request.url.path}.",
+            )
+        return error_response(exc.status_code, "http_error", str(exc.detail))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -699,7 +745,10 @@ def create_app(
 async def _upload(service: ChatService, request: Request) -> Any:
     """POST /api/documents: multipart with one or more `file` fields. Every file is checked on its own: the
     accepted ones are indexed at once (201, `documents`), the refused ones are listed with the reason
-    (`rejected`). When none is accepted, the first refusal's status and message answer the request."""
+    (`rejected`). When none is accepted, the first refusal's status and message answer the request.
+
+    Files are extracted first (outside the lock: a PDF may take seconds); the limit, the writes and the index
+    then change together in `ChatService.add_uploads`. A retry of stored files answers 200 (`duplicate`)."""
     limits = _upload_limits(service)
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
@@ -717,13 +766,14 @@ async def _upload(service: ChatService, request: Request) -> Any:
         )
     try:
         form = await request.form(max_files=service.max_upload_files + 1, max_fields=20)
-    except MultiPartException as exc:  # a malformed body, more files than max_files, or too many fields
-        if "too many files" in str(exc).lower():
+    except (MultiPartException, StarletteHTTPException) as exc:  # malformed, over max_files or max_fields
+        problem = str(getattr(exc, "detail", None) or exc)  # Starlette wraps MultiPartException in a 400
+        if "too many files" in problem.lower():
             return error_response(
                 413, "too_many_files", f"At most {service.max_upload_files} files can be uploaded at once; "
                 f"you sent more than {service.max_upload_files}.", **limits,
             )
-        return error_response(400, "bad_upload", f"The upload could not be read ({exc}). Send at most "
+        return error_response(400, "bad_upload", f"The upload could not be read ({problem}). Send at most "
                               f"{service.max_upload_files} files in fields named `file`.", **limits)
     except Exception as exc:  # a body that is not valid multipart at all
         return error_response(400, "bad_upload", f"The upload could not be read as multipart/form-data "
@@ -861,6 +911,32 @@ async def _events(
 
 
 # ---- command line ----------------------------------------------------------------------------------------
+def served_names(host: str, port: int, extra: Iterable[str] = ()) -> list[str]:
+    """The Host header values the server accepts: the loopback names on `port`, `--host` itself when it is a
+    name (not a wildcard address), and each `--allowed-host` (with `port` unless it names one)."""
+    names = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"]
+    if host not in ("0.0.0.0", "::", "", *LOOPBACK_NAMES):
+        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    for name in extra:
+        has_port = name.rpartition(":")[2].isdigit() and (not name.startswith("[") or "]:" in name)
+        names.append(name if has_port else f"{name}:{port}")
+    return names
+
+
+def log_exposure(host: str, port: int, extra: Iterable[str] = ()) -> None:
+    """Say at start who can reach the server: there is no login, so it is a single-user, local server."""
+    logger.info(
+        "Single-user and local: no login (no --auth); every client that reaches %s:%d can ask questions and "
+        "read, add and remove the uploaded documents. Requests must name %s; browser writes from other sites are "
+        "refused.", host, port, ", ".join(served_names(host, port, extra)),
+    )
+    if host not in LOOPBACK_NAMES:
+        logger.warning(
+            "Listening on %s, not only on this machine: anyone on the network who can reach port %d can use it.",
+            host, port,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python examples/chatbot/app.py",
@@ -871,6 +947,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="another name the server answers to (repeatable), e.g. the machine's name behind --host 0.0.0.0 or "
+        "a reverse proxy's; requests whose Host header names anything else get HTTP 421 (DNS rebinding)",
+    )
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="documents retrieved per question (default 4)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer length limit (default 80)"
@@ -969,6 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=getattr(attributor, "model_id", None),
         groundedness=args.groundedness,
         pdf_timeout_s=args.pdf_timeout,
+        allowed_hosts=served_names(args.host, args.port, args.allowed_host),
     )
     status = app.state.service.status()
     print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
@@ -976,6 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {len(status['problems'])} file(s) skipped (listed above and in the page's status area)")
     if status["error"]:
         print(f"  {status['error']}")
+    log_exposure(args.host, args.port, args.allowed_host)
     print(f"Open http://{args.host}:{args.port}/ in your browser (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
