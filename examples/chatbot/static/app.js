@@ -990,11 +990,16 @@ async function uploadFiles(fileList) {
     return;
   }
   for (const r of body.rejected || []) refused.push(r.message);
-  if (status !== 201) {
+  if (status !== 201 && status !== 200) {
     uploadMessage((refused.length ? refused : [body.message || `The server answered ${status}.`]).map(esc).join("<br>"), "error");
   } else {
-    const added = body.documents.map((d) => `<strong>${esc(d.name)}</strong>`).join(", ");
-    uploadMessage(`Added ${added}: searchable now.` + (refused.length ? `<br>${refused.map(esc).join("<br>")}` : ""), refused.length ? "warn" : "ok");
+    // 200: every file was already stored (same name, same content), so nothing was added twice
+    const names = (docs) => docs.map((d) => `<strong>${esc(d.name)}</strong>`).join(", ");
+    const added = body.documents.filter((d) => !d.duplicate), kept = body.documents.filter((d) => d.duplicate);
+    const parts = [];
+    if (added.length) parts.push(`Added ${names(added)}: searchable now.`);
+    if (kept.length) parts.push(`Already uploaded: ${names(kept)} (not stored twice).`);
+    uploadMessage(parts.join("<br>") + (refused.length ? `<br>${refused.map(esc).join("<br>")}` : ""), refused.length ? "warn" : "ok");
   }
   els.fileInput.value = "";
   await Promise.all([loadDocuments(), loadStatus()]);
