@@ -332,16 +332,16 @@ def test_conversation_rows_file_survives_a_killed_run_and_names_a_bad_line(tmp_p
     import json
 
     from at2_rag.errors import InputFileError
-    from at2_rag.evaluation.conversations import _read_rows
+    from at2_rag.evaluation.conversations import read_row_entries
 
     rows = tmp_path / "rows.jsonl"
     good = json.dumps({"example": "a", "rows": []})
     rows.write_text(good + "\n" + '{"example": "b", "ro')
-    assert [e["example"] for e in _read_rows(rows)] == ["a"]
+    assert [e["example"] for e in read_row_entries(rows)] == ["a"]
     assert rows.read_text() == good + "\n"
     rows.write_text("not json\n" + good + "\n")
     with pytest.raises(InputFileError, match="rows.jsonl line 1 is not a conversation row entry"):
-        _read_rows(rows)
+        read_row_entries(rows)
 
 
 def test_recording_a_conversation_run_replaces_the_earlier_runs_baselines(tmp_path):

@@ -53,7 +53,10 @@ def test_evaluate_groundedness_on_the_real_model(att, tmp_path):
     ])
     out = tmp_path / "g.json"
     summary = evaluate_groundedness(att, examples, out, max_new_tokens=24, mismatched={"off"})
-    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    rows_path = out.with_suffix(".jsonl")
+    entries = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [e["example"] for e in entries] == ["on", "off"]  # one line per example: recorded whole or not at all
+    rows = [r for e in entries for r in e["rows"]]
     assert {r["id"] for r in rows} == {"on", "off"} and summary["mismatched"]["sentences"] >= 1
     for row in rows:  # measured grounded is a log-odds drop, the label a log-prob drop: same sign, no smaller
         assert row["measured_grounded"] * row["log_prob_drop"] >= 0
@@ -62,7 +65,14 @@ def test_evaluate_groundedness_on_the_real_model(att, tmp_path):
     # resumed: nothing measured again
     again = evaluate_groundedness(att, examples, out, max_new_tokens=24, mismatched={"off"})
     assert json.dumps(again) == json.dumps(summary)  # NaN (one class missing in a part) equals itself here
-    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(rows)
+    assert len(rows_path.read_text().splitlines()) == 2
+    # a killed run's cut-short last line is dropped and that example measured again; so is another answer length
+    rows_path.write_text(rows_path.read_text()[:-40])
+    evaluate_groundedness(att, examples, out, max_new_tokens=24, mismatched={"off"})
+    assert [json.loads(line)["example"] for line in rows_path.read_text().splitlines()] == ["on", "off"]
+    evaluate_groundedness(att, examples[:1], out, max_new_tokens=8)
+    last = json.loads(rows_path.read_text().splitlines()[-1])
+    assert last["example"] == "on" and last["key"]["max_new_tokens"] == 8
 
 
 @pytest.mark.slow

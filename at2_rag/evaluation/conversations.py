@@ -215,9 +215,10 @@ def summarize_conversations(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows file's finished entries. A last line cut short by a killed run is dropped from the file (its
-    example is measured again); any other unreadable line is an error naming it, never silently skipped."""
+def read_row_entries(path: Path, what: str = "conversation") -> list[dict[str, Any]]:
+    """A rows file's finished `{example, rows}` entries (one line per example, so an example is recorded whole or
+    not at all). A last line cut short by a killed run is dropped from the file (its example is measured again);
+    any other unreadable line is an error naming it, never silently skipped."""
     if not path.exists():
         return []
     text = path.read_text()
@@ -236,7 +237,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             if not isinstance(entry, dict) or not isinstance(entry.get("rows"), list) or "example" not in entry:
                 raise ValueError("not an {example, rows} object")
         except ValueError as exc:
-            raise InputFileError(f"{path} line {number} is not a conversation row entry ({exc}); delete the line "
+            raise InputFileError(f"{path} line {number} is not a {what} row entry ({exc}); delete the line "
                                  "or the file to measure its example again") from exc
         entries.append(entry)
     return entries
@@ -268,7 +269,7 @@ def evaluate_conversations(
                 for i, e in enumerate(chosen)}
     path = Path(rows_path)
     key = measurement_key(attributor, max_new_tokens, baselines or {})
-    entries = _current_entries(path, _read_rows(path), expected, key)
+    entries = _current_entries(path, read_row_entries(path), expected, key)
     done = {entry["example"] for entry in entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     todo = [i for i, e in enumerate(chosen) if e.id not in done]
@@ -286,7 +287,7 @@ def evaluate_conversations(
     return summarize_conversations(rows)
 
 
-def _digest(estimator: ScoreEstimator, grounding: GroundednessCalibration | None = None) -> str:
+def estimator_digest(estimator: ScoreEstimator, grounding: GroundednessCalibration | None = None) -> str:
     """Of an estimator's weights (and a groundedness calibration, head included): equal only for equal values."""
     h = hashlib.sha256(estimator.weights.detach().to(torch.float32).contiguous().numpy().tobytes())
     if grounding is not None:
@@ -305,8 +306,8 @@ def measurement_key(
     return {
         "model": str(attributor.model_id or ""),
         "max_new_tokens": max_new_tokens,
-        "estimator": _digest(attributor.estimator, attributor.scorer.groundedness(refined=False)),
-        "baselines": {name: _digest(est) for name, est in sorted(baselines.items())},
+        "estimator": estimator_digest(attributor.estimator, attributor.scorer.groundedness(refined=False)),
+        "baselines": {name: estimator_digest(est) for name, est in sorted(baselines.items())},
     }
 
 

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from ..ablation import ablation_attention_mask, answer_logit_probs, target_log_prob
 from ..attributor import Attributor
-from ..examples import Example
+from ..examples import Example, example_digest
 from ..features import answer_targets
 from ..files import atomic_path
 from ..grounding import auroc
+from .conversations import estimator_digest, read_row_entries
 
 logger = logging.getLogger(__name__)
 
@@ -132,26 +133,32 @@ def evaluate_groundedness(
     max_new_tokens: int = 64,
     mismatched: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Evaluate both modes on `examples`; rows go to OUTPUT.jsonl (resumable: examples already there are not run
-    again), the summary (all examples; matched and mismatched apart when some example ids are `mismatched`) to
-    OUTPUT."""
+    """Evaluate both modes on `examples`; each example's rows go to OUTPUT.jsonl as one line (resumable: an example
+    already there with the same content, model, estimator and answer length is not run again), the summary (all
+    examples; matched and mismatched apart when some example ids are `mismatched`) to OUTPUT."""
     output = Path(output)
     rows_path = output.with_suffix(".jsonl")
-    rows: list[dict[str, Any]] = []
-    if rows_path.exists():
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    done = {r["id"] for r in rows}
+    key = {
+        "model": str(attributor.model_id or ""),
+        "max_new_tokens": max_new_tokens,
+        "estimator": estimator_digest(attributor.estimator, attributor.scorer.groundedness(refined=False)),
+    }
+    wanted = {e.id: example_digest(e) for e in examples}
+    done = {
+        entry["example"]: entry["rows"]
+        for entry in read_row_entries(rows_path, "groundedness")
+        if entry.get("key") == key and wanted.get(entry["example"]) == entry.get("digest")
+    }
     with rows_path.open("a") as f:
         for example in tqdm([e for e in examples if e.id not in done], desc="groundedness"):
-            new = example_rows(attributor, example, max_new_tokens, example.id in mismatched)
-            if not new:
+            rows = example_rows(attributor, example, max_new_tokens, example.id in mismatched)
+            if not rows:
                 logger.warning("example %s: empty answer, no sentence to evaluate", example.id)
-            for row in new:
-                f.write(json.dumps(row) + "\n")
+            entry = {"example": example.id, "digest": wanted[example.id], "key": key, "rows": rows}
+            f.write(json.dumps(entry) + "\n")
             f.flush()
-            rows.extend(new)
-    wanted = {e.id for e in examples}
-    rows = [r for r in rows if r["id"] in wanted]
+            done[example.id] = rows
+    rows = [row for e in examples for row in done[e.id]]
     summary: dict[str, Any] = {"all": summarize(rows), "max_new_tokens": max_new_tokens}
     if any(r["mismatched"] for r in rows):
         summary["matched"] = summarize([r for r in rows if not r["mismatched"]])
@@ -159,17 +166,6 @@ def evaluate_groundedness(
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def mismatched_ids(path: str | os.PathLike[str]) -> set[str]:
-    """Ids of the examples a JSONL file marks `"mismatched": true` (asked over another question's documents)."""
-    ids = set()
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("mismatched") is True:
-                ids.add(str(record.get("id")))
-    return ids
 
 
 def groundedness_record(summary: dict[str, Any], examples: str) -> dict[str, dict[str, Any]]:
@@ -198,3 +194,14 @@ def record_groundedness(folder: str | os.PathLike[str], summary: dict[str, Any],
     kept = {k: v for k, v in previous.items() if not k.startswith(examples)} if isinstance(previous, dict) else {}
     estimator.metadata["groundedness_evaluation"] = {**kept, **groundedness_record(summary, examples)}
     estimator.update_card(folder)
+
+
+def mismatched_ids(path: str | os.PathLike[str]) -> set[str]:
+    """Ids of the examples a JSONL file marks `"mismatched": true` (asked over another question's documents)."""
+    ids = set()
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("mismatched") is True:
+                ids.add(str(record.get("id")))
+    return ids
