@@ -378,8 +378,11 @@ class Attributor:
     def measure_groundedness(self, run: CapturedRun, meter: MeasuredGroundedness | None = None) -> GroundednessEvidence:
         """The measured groundedness evidence of a run: its answer with every document removed and, in a
         conversation, with every earlier turn removed (see `at2_rag.evidence`)."""
+        if meter is None:
+            meter = MeasuredGroundedness(self.model, run.prompt, run.prefix_cache, run.prefix_length)
+            run.prefix_cache = None  # extended by the pass: not the prompt's prefix any more
         with self.runner.lock:
-            return (meter or MeasuredGroundedness(self.model, run.prompt)).evidence(run)
+            return meter.evidence(run)
 
     def generate_text(
         self,

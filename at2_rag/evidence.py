@@ -46,7 +46,16 @@ class RemovedSourcesPass:
     is run on the first call, and every later call runs only its new tokens (KV cache). Calls must not overlap
     another use of the model (hold its lock; inside a capture, pause it)."""
 
-    def __init__(self, model: Any, prompt_ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        prompt_ids: Sequence[int],
+        spans: Sequence[tuple[int, int]],
+        prefix_cache: Any = None,
+        prefix_length: int = 0,
+    ) -> None:
+        """`prefix_cache`: a KV cache of the first `prefix_length` prompt tokens (before every removed source), as
+        the run itself computed them: used instead of computing them again (full-attention models only)."""
         self.model = model
         self.device = next(model.parameters()).device
         self._keep = torch.ones(len(prompt_ids), dtype=torch.bool)
@@ -59,6 +68,15 @@ class RemovedSourcesPass:
         # full attention: drop the removed tokens instead of masking them, unless a removed source holds the
         # prompt's last token, whose row predicts the answer's first token (it must stay: mask it instead)
         self._compact = self._cache is not None and bool(self._keep[-1])
+        self._skip = 0  # prompt tokens already in the cache
+        if (
+            self._compact
+            and prefix_cache is not None
+            and 0 < prefix_length < len(prompt_ids)
+            and bool(self._keep[:prefix_length].all())
+            and prefix_cache.get_seq_length() == prefix_length
+        ):
+            self._cache, self._skip = prefix_cache, prefix_length
         if self._cache is None:
             from transformers.cache_utils import DynamicCache
 
@@ -76,8 +94,9 @@ class RemovedSourcesPass:
         positions = torch.arange(self._next_position, self._next_position + len(new))
         if self._pending is None:  # the first call runs the prompt too
             if self._compact:
-                ids = torch.cat([self._prompt_ids[self._keep], new])
-                positions = torch.cat([torch.arange(len(self._prompt_ids))[self._keep], positions])
+                kept = torch.arange(len(self._prompt_ids))[self._keep][self._skip :]  # the shared prefix is cached
+                ids = torch.cat([self._prompt_ids[kept], new])
+                positions = torch.cat([kept, positions])
             else:
                 ids = torch.cat([self._prompt_ids, new])
                 positions = torch.arange(len(ids))
@@ -203,11 +222,12 @@ class MeasuredGroundedness:
     that measures each sentence as it completes still pays one pass of each kind in all. A run without its own
     answer logit-probs (a generation not recorded step by step) has them measured too, by one more pass."""
 
-    def __init__(self, model: Any, prompt: Any) -> None:
+    def __init__(self, model: Any, prompt: Any, prefix_cache: Any = None, prefix_length: int = 0) -> None:
+        """`prefix_cache`/`prefix_length`: the run's own KV cache of the prompt before its first document, which
+        the documents-free pass shares (`CapturedRun.prefix_cache`); it is extended in place."""
         turns = [span for part, span in zip(prompt.context_parts, prompt.context_token_spans) if part.kind == "history"]
-        self._passes: dict[str, RemovedSourcesPass] = {
-            "documents": RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans)
-        }
+        documents = RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans, prefix_cache, prefix_length)
+        self._passes: dict[str, RemovedSourcesPass] = {"documents": documents}
         if turns:
             self._passes["turns"] = RemovedSourcesPass(model, prompt.input_ids, turns)
         self._model, self._prompt_ids = model, prompt.input_ids

@@ -11,7 +11,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,10 @@ class CapturedRun:
     token_features: torch.Tensor
     finish_reason: str | None = None
     answer_logit_probs: torch.Tensor | None = None
+    # the generation's KV cache of the prompt before its first document (positions a documents-free pass shares;
+    # only a lone captured generation on a full-attention model keeps it), and its length
+    prefix_cache: Any = field(default=None, repr=False, compare=False)
+    prefix_length: int = 0
 
     @property
     def num_documents(self) -> int:
@@ -189,6 +193,12 @@ class ModelRunner:
         )
         if capture and recorder is None:
             recorder = GeneratedLogitProbs(self.model)
+        prefix_length = _prefix_length(prompt)
+        cache = full_attention_cache(self.model) if capture and prefix_length else None
+        if cache is not None and self._cache_arg not in kwargs:
+            kwargs[self._cache_arg] = cache
+        else:
+            cache = None
         logits_ctx = recorder if capture and recorder is not None else contextlib.nullcontext(None)
         with self.lock, torch.no_grad(), ctx as state, logits_ctx:
             if state is not None and on_state is not None:
@@ -207,7 +217,11 @@ class ModelRunner:
         features = state.features()[0][: len(answer.token_ids)]
         recorded = recorder.finish(generated)
         logit_probs = None if recorded is None else recorded[0][: len(answer.token_ids)]
-        return CapturedRun(prompt, answer, features, finish, logit_probs)
+        if cache is not None:
+            cache.crop(prefix_length - cache.get_seq_length())  # keep the positions before the first document
+        return CapturedRun(
+            prompt, answer, features, finish, logit_probs, cache, prefix_length if cache is not None else 0
+        )
 
     def forward(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
         """One forward pass over a ready prompt + `answer`, capturing the answer rows' attention to its sources."""
@@ -554,3 +568,9 @@ def _until_first_stop(generated: list[int], eos: frozenset[int]) -> list[int]:
         if token in eos:
             return generated[: i + 1]
     return generated
+
+
+def _prefix_length(prompt: RenderedPrompt) -> int:
+    """Tokens before the prompt's first document (0 without documents): what every documents-free pass shares."""
+    starts = [a for a, b in prompt.doc_token_spans if b > a]
+    return min(starts) if starts else 0

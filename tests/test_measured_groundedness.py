@@ -72,6 +72,16 @@ def test_generate_grounded_equals_an_independent_masked_pass(att, smollm):
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)
     assert result.extra_forward_passes == 1
+    # the pass runs only the prompt outside the documents after the shared prefix, and the answer
+    assert run.prefix_length == run.prompt.doc_token_spans[0][0] == run.prefix_cache.get_seq_length() > 0
+    lengths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        att.measure_groundedness(run)
+    finally:
+        hook.remove()
+    documents = sum(b - a for a, b in run.prompt.doc_token_spans)
+    assert lengths == [run.prompt.num_tokens - documents - run.prefix_length + len(run.answer.token_ids)]
     # the run's own logit-probs (recorded during generation) are the unmasked pass's
     ids = run.prompt.input_ids + run.answer.token_ids
     full = answer_logit_probs(model, ids, len(run.answer.token_ids), torch.ones(1, len(ids), dtype=torch.long))[0]
