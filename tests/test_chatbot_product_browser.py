@@ -176,6 +176,48 @@ def test_the_status_badge_follows_the_server(page):
         expect(page.locator("#status-docs")).to_have_class("pill")
 
 
+def test_with_auth_the_page_asks_for_a_token_and_shows_only_that_users_uploads(browser, tmp_path):  # noqa: F811
+    """--auth: a first visit with #token=… keeps the token for the tab and removes it from the address; without a
+    token the page asks for one; each user's page lists and uploads only their own documents."""
+    tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-abcdefghijkl"}
+    app = create_app(attributor_factory=load_default_attributor, upload_dir=tmp_path / "u", auth=tokens)
+    files = tmp_path / "files"
+    files.mkdir()
+    uploaded = ".doc-list.uploaded .doc-item"
+    with ServerThread(app) as server:
+        root = server.url.rstrip("/") + "/"
+        alice = browser.new_context().new_page()
+        alice.goto(f"{root}#token={tokens['alice']}")
+        expect(alice.locator("#status-docs")).to_contain_text("12 documents indexed")
+        assert alice.url == root  # the token left the address (and the history)
+        assert alice.evaluate("sessionStorage.getItem('at2-chat:token')") == tokens["alice"]
+        expect(alice.locator("#auth-form")).to_be_hidden()
+        alice.set_input_files("#file-input", [write(files, "vault.txt", b"The vault code of Quillfeather is 4815.")])
+        expect(alice.locator(uploaded)).to_have_count(1)
+
+        bob = browser.new_context().new_page()  # another person: no token yet
+        bob.goto(root)
+        expect(bob.locator("#auth-form")).to_be_visible()
+        expect(bob.locator("#status-docs")).to_have_text("Access token needed")
+        bob.fill("#auth-token", "a-wrong-token-0123456789")
+        bob.click("#auth-submit")
+        expect(bob.locator("#auth-message")).to_contain_text("not accepted")
+        bob.fill("#auth-token", tokens["bob"])
+        bob.click("#auth-submit")
+        expect(bob.locator("#auth-form")).to_be_hidden()
+        expect(bob.locator("#status-docs")).to_contain_text("12 documents indexed")
+        expect(bob.locator("#docs-sub")).to_have_text("12 indexed · 0 uploaded")
+        expect(bob.locator(uploaded)).to_have_count(0)  # Alice's upload is not Bob's
+        bob.set_input_files("#file-input", [write(files, "garden.txt", b"Bob's garden has seven apple trees.")])
+        expect(bob.locator(uploaded)).to_have_count(1)
+        expect(bob.locator(uploaded)).to_contain_text("garden.txt")
+        alice.reload()  # the token stays for the tab
+        expect(alice.locator(uploaded)).to_have_count(1)
+        expect(alice.locator(uploaded)).to_contain_text("vault.txt")
+        alice.context.close()
+        bob.context.close()
+
+
 def test_markdown_is_rendered_safely_and_keeps_the_citation_marks(page, tmp_path):
     app = create_app(attributor_factory=load_default_attributor, upload_dir=tmp_path / "u")
     with ServerThread(app) as server:

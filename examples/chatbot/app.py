@@ -29,8 +29,10 @@ Requests are bounded before any model work: a question of at most `max_question_
 message saying what to shorten.
 
 Before any route, `security.RequestGuard` refuses requests for host names the server does not serve (421, DNS
-rebinding), writes a browser marks as cross-site (403) and JSON bodies over the cap (413). The server has no
-login: it is single-user and local, and says so at start.
+rebinding), writes a browser marks as cross-site (403) and JSON bodies over the cap (413). Without `--auth` the
+server has no login: it is single-user and local, and says so at start. With `--auth FILE` (`user:token` lines)
+every API request needs `Authorization: Bearer <token>` (401 otherwise), and each user has a workspace: their own
+uploads plus the shared `--docs` folder (`ChatService.workspace`); another user's upload answers 404.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ import asyncio
 import json
 import logging
 import secrets
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +83,7 @@ from at2_rag import (
 from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
-from .security import LOOPBACK_NAMES, RequestGuard
+from .security import LOOPBACK_NAMES, AuthFileError, RequestGuard, read_tokens
 from .uploads import ALLOWED_TYPES, PDF_TIMEOUT_S, UploadError, UploadStore, extract_upload, safe_name
 
 logger = logging.getLogger("at2_rag.chatbot")
@@ -256,11 +259,22 @@ class DocumentsView:
         object.__setattr__(self, "titles", {p.doc_id: p.title.rsplit(" (part ", 1)[0] for p in self.report.passages})
 
 
-class _Cancelled:
-    """A stopping criterion that ends generation when the browser goes away."""
+class Workspace:
+    """The uploads one user sees and changes (everyone's without `--auth`), the lock that serialises their changes,
+    and the current view over them plus the server's shared folder."""
 
-    def __init__(self) -> None:
+    def __init__(self, uploads: UploadStore) -> None:
+        self.uploads = uploads
+        self.lock = threading.Lock()  # adding and removing documents, one at a time
+        self.view: DocumentsView
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation when the browser goes away (or Stop is pressed by its user)."""
+
+    def __init__(self, user: str | None = None) -> None:
         self.event = threading.Event()
+        self.user = user  # who asked: only they may stop it
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -291,6 +305,7 @@ class ChatService:
         model_name: str | None = None,
         groundedness: GroundednessMode = "measured",
         pdf_timeout_s: float = PDF_TIMEOUT_S,
+        users: Iterable[str] | None = None,
     ) -> None:
         self.pdf_timeout_s = pdf_timeout_s
         self.groundedness: GroundednessMode = check_groundedness(groundedness)
@@ -298,13 +313,22 @@ class ChatService:
             raise ValueError("max_question_chars must be at least 1; max_history and max_history_chars at least 0")
         self.suggestions = suggestions or []
         self.folder_report: LoadReport = load_folder(docs)
-        self.uploads = UploadStore(upload_dir)
         self.max_upload_bytes = max_upload_bytes
         self.max_upload_files = max_upload_files
         self.max_uploaded_documents = max_uploaded_documents
-        self._documents_lock = threading.Lock()  # adding and removing documents, one at a time
-        self._view: DocumentsView
-        self._reindex()
+        # None: no login, one workspace (the upload folder itself); else per-user workspaces in <upload folder>/users/
+        self.users: frozenset[str] | None = frozenset(users) if users is not None else None
+        self._workspaces: dict[str | None, Workspace] = {}
+        self._workspaces_lock = threading.Lock()
+        if self.users is None:
+            self.uploads = UploadStore(upload_dir)
+            self._workspaces[None] = workspace = Workspace(self.uploads)
+            self._reindex(workspace)
+        else:
+            root = Path(upload_dir).expanduser() if upload_dir is not None else Path(
+                tempfile.mkdtemp(prefix="at2-chatbot-uploads-")
+            )
+            self.user_root = root / "users"
         self._attributor = attributor
         self._factory = attributor_factory
         self._load_lock = threading.Lock()
@@ -318,24 +342,46 @@ class ChatService:
         self.prompt_kwargs: dict[str, Any] = {} if system_prompt is None else {"system_prompt": system_prompt}
         self.generation_lock = asyncio.Lock()
         self.streams: dict[str, _Cancelled] = {}  # stream id -> its stop switch (POST /api/chat/stop)
-        for problem in self.report.problems:
+        for problem in self.folder_report.problems + (self.uploads.problems if self.users is None else []):
             logger.warning("%s %s", problem["file"], problem["error"])
 
-    # ---- documents: the folder's plus the uploaded ones, one BM25 index over both ------------------------
+    # ---- documents: the folder's plus the uploaded ones, one BM25 index over both (per workspace) -----------
+    def workspace(self, user: str | None = None) -> Workspace:
+        """The workspace of `user` (None without `--auth`): with per-user workspaces, created on the user's first
+        request, its uploads kept in `<upload folder>/users/<user>/`."""
+        if self.users is None:
+            return self._workspaces[None]
+        if user is None or user not in self.users:
+            raise ValueError(f"no workspace for user {user!r}: this server has per-user workspaces")
+        with self._workspaces_lock:
+            workspace = self._workspaces.get(user)
+            if workspace is None:
+                workspace = Workspace(UploadStore(self.user_root / user))
+                for problem in workspace.uploads.problems:
+                    logger.warning("%s (user %s) %s", problem["file"], user, problem["error"])
+                self._reindex(workspace)
+                self._workspaces[user] = workspace
+            return workspace
+
+    def view(self, user: str | None = None) -> DocumentsView:
+        return self.workspace(user).view
+
     @property
     def index(self) -> BM25Index:
-        return self._view.index
+        return self.view().index
 
     @property
     def report(self) -> LoadReport:
-        return self._view.report
+        return self.view().report
 
-    def _reindex(self) -> None:
-        """Rebuild the passages and the BM25 index from the folder and the uploads, and swap in a new view.
+    def _reindex(self, workspace: Workspace) -> None:
+        """Rebuild the passages and the BM25 index from the folder and the workspace's uploads, and swap in a new
+        view.
 
-        Called with `_documents_lock` held (or from __init__): the view built last always holds every stored
-        upload, so a question never sees an index without an acknowledged document."""
-        records = dict(sorted(self.uploads.records.items(), key=lambda kv: kv[1]["uploaded"]))
+        Called with the workspace's lock held (or when it is created): the view built last always holds every
+        stored upload, so a question never sees an index without an acknowledged document."""
+        uploads = workspace.uploads
+        records = dict(sorted(uploads.records.items(), key=lambda kv: kv[1]["uploaded"]))
         passages = list(self.folder_report.passages)
         for rec in records.values():
             fallback = (
@@ -348,14 +394,15 @@ class ChatService:
             folder=self.folder_report.folder,
             passages=passages,
             files=self.folder_report.files + [r["name"] for r in records.values()],
-            problems=self.folder_report.problems + self.uploads.problems,
+            problems=self.folder_report.problems + uploads.problems,
             texts=self.folder_report.texts,
         )
-        self._view = DocumentsView(BM25Index(passages), report, records)
+        workspace.view = DocumentsView(BM25Index(passages), report, records)
 
-    def documents(self) -> list[dict[str, Any]]:
-        """Every indexed document: the folder's files (read-only) and the uploads (removable), from one view."""
-        view = self._view
+    def documents(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Every document `user` sees: the folder's files (read-only) and their uploads (removable), from one
+        view."""
+        view = self.view(user)
         out = []
         for rel in self.folder_report.files:
             text = self.folder_report.texts[rel]
@@ -375,65 +422,73 @@ class ChatService:
             "passages": view.counts.get(rec["id"], 0), "uploaded": rec["uploaded"], "duplicate": duplicate,
         }
 
-    def document_text(self, doc_id: str) -> dict[str, Any] | None:
-        """The whole text of one document and where its passages lie in it (for the page's document view)."""
-        view = self._view
+    def document_text(self, doc_id: str, user: str | None = None) -> dict[str, Any] | None:
+        """The whole text of one document and where its passages lie in it (for the page's document view); None
+        when `user` does not see it."""
+        view = self.view(user)
         if doc_id in self.folder_report.texts:
             text = self.folder_report.texts[doc_id]
         elif doc_id in view.records:
             text = view.records[doc_id]["text"]
         else:
             return None
-        info = next(d for d in self.documents() if d["id"] == doc_id)
+        info = next(d for d in self.documents(user) if d["id"] == doc_id)
         info.pop("duplicate", None)
         passages = [
             {"id": p.id, "offset": p.offset, "length": len(p.text)} for p in view.report.passages if p.doc_id == doc_id
         ]
         return {**info, "text": text, "passage_spans": passages}
 
-    def add_uploads(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Store and index extracted uploads as one step: under `_documents_lock`, check the limit, write each
-        record, rebuild the index, and build the answer from that index. Returns (documents, rejected).
+    def add_uploads(
+        self, items: list[dict[str, Any]], user: str | None = None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Store and index extracted uploads in `user`'s workspace as one step: under the workspace's lock, check
+        the limit (per workspace), write each record, rebuild the index, and build the answer from that index.
+        Returns (documents, rejected).
 
         A document already stored under the same name with the same content (a retried upload) is answered with
         its stored record (`duplicate: true`) instead of being stored twice, and does not count against the
         limit. If indexing fails, the records written by this call are removed again (all or nothing)."""
-        with self._documents_lock:
+        workspace = self.workspace(user)
+        uploads = workspace.uploads
+        with workspace.lock:
             answered: list[tuple[dict[str, Any], bool]] = []
             rejected: list[dict[str, Any]] = []
             new: list[dict[str, Any]] = []
             for item in items:
-                existing = self.uploads.find(item["name"], item["text"])
+                existing = uploads.find(item["name"], item["text"])
                 if existing is not None:
                     answered.append((existing, True))
                     continue
-                if len(self.uploads) >= self.max_uploaded_documents:
+                if len(uploads) >= self.max_uploaded_documents:
                     rejected.append({
                         "name": item["name"], "status": 409, "error": "too_many_documents",
                         "message": f"{item['name']}: the server keeps at most {self.max_uploaded_documents} "
                         "uploaded documents; remove some first.",
                     })
                     continue
-                rec = self.uploads.add(item)
+                rec = uploads.add(item)
                 new.append(rec)
                 answered.append((rec, False))
             if new:
                 try:
-                    self._reindex()
+                    self._reindex(workspace)
                 except BaseException:
                     for rec in new:
-                        self.uploads.remove(rec["id"])
+                        uploads.remove(rec["id"])
                     logger.exception("indexing the uploads failed; the %d new document(s) were removed", len(new))
                     raise
-            view = self._view
+            view = workspace.view
             return [self._upload_json(rec, view, duplicate) for rec, duplicate in answered], rejected
 
-    def remove_upload(self, doc_id: str) -> bool:
-        """Delete one upload and reindex, serialised with uploads (`_documents_lock`)."""
-        with self._documents_lock:
-            removed = self.uploads.remove(doc_id)
+    def remove_upload(self, doc_id: str, user: str | None = None) -> bool:
+        """Delete one of `user`'s uploads and reindex, serialised with their uploads (the workspace's lock).
+        False when `user` has no upload with this id (another user's included)."""
+        workspace = self.workspace(user)
+        with workspace.lock:
+            removed = workspace.uploads.remove(doc_id)
             if removed:
-                self._reindex()
+                self._reindex(workspace)
             return removed
 
     @property
@@ -450,25 +505,27 @@ class ChatService:
         this much (`Attribution.grounded_threshold`, for the citations sent while the answer streams)."""
         return float(self.attributor.scorer.groundedness(refined=False).threshold)
 
-    @property
-    def no_documents_message(self) -> str | None:
-        if self.report.passages:
+    def no_documents_message(self, user: str | None = None) -> str | None:
+        report = self.view(user).report
+        if report.passages:
             return None
         return (
-            f"No documents are indexed: {self.report.folder} contains no readable .txt or .md files. "
+            f"No documents are indexed: {report.folder} contains no readable .txt or .md files. "
             "Upload documents with the Documents button, or start the app with --docs pointing at a folder of "
             "text files."
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self, user: str | None = None) -> dict[str, Any]:
         att = self._attributor
+        view = self.view(user)
+        report = view.report
         return {
-            "folder": self.report.folder,
-            "files": self.report.files,
-            "num_files": len(self.report.files),
-            "num_passages": len(self.report.passages),
-            "problems": self.report.problems,
-            "error": self.no_documents_message,
+            "folder": report.folder,
+            "files": report.files,
+            "num_files": len(report.files),
+            "num_passages": len(report.passages),
+            "problems": report.problems,
+            "error": self.no_documents_message(user),
             "model_loaded": att is not None,
             "model": att.model_id if att is not None else (self.model_name or at2_rag.DEFAULT_MODEL_ID),
             "estimator_trained": att.estimator.trained if att is not None else None,
@@ -479,17 +536,20 @@ class ChatService:
             "max_question_chars": self.max_question_chars,
             "max_history": self.max_history,
             "max_history_chars": self.max_history_chars,
-            "suggestions": self.suggestions if self.report.passages else [],
-            "num_uploads": len(self._view.records),
+            "suggestions": self.suggestions if report.passages else [],
+            "num_uploads": len(view.records),
+            "auth": self.users is not None,
+            "user": user,
             "max_upload_bytes": self.max_upload_bytes,
             "max_upload_files": self.max_upload_files,
             "max_uploaded_documents": self.max_uploaded_documents,
             "upload_types": list(ALLOWED_TYPES),
         }
 
-    def retrieve(self, question: str, history: list[dict[str, str]]) -> list[Any]:
-        """Top-k passages for the question; a follow-up that matches nothing borrows the earlier questions' words."""
-        index = self.index
+    def retrieve(self, question: str, history: list[dict[str, str]], user: str | None = None) -> list[Any]:
+        """Top-k passages for the question from what `user` sees (the folder and their uploads); a follow-up that
+        matches nothing borrows the earlier questions' words."""
+        index = self.view(user).index
         hits = index.search(question, self.top_k)
         if not hits:
             earlier = " ".join(t["content"] for t in history if t["role"] == "user")
@@ -577,6 +637,7 @@ def create_app(
     pdf_timeout_s: float = PDF_TIMEOUT_S,
     allowed_hosts: Iterable[str] | None = None,
     max_json_bytes: int | None = None,
+    auth: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The FastAPI app. Pass `attributor` to share an already loaded model; otherwise it loads on first use.
 
@@ -592,6 +653,11 @@ def create_app(
     loopback names 127.0.0.1, localhost and ::1), and writes a browser marks as cross-site are refused (403): see
     `security.RequestGuard`. A JSON body may have at most `max_json_bytes` bytes (default: room for the largest
     question and history the limits allow); larger ones get 413 `request_too_large` before they are parsed.
+
+    `auth` ({user: token}, e.g. `security.read_tokens(FILE)`) turns on per-user workspaces: every `/api/` request
+    needs `Authorization: Bearer <token>` (401 otherwise), and each user sees, searches, reads and removes only
+    their own uploads (kept in `upload_dir/users/<user>/`, at most `max_uploaded_documents` each) plus the folder's
+    documents (shared, read-only); another user's upload answers 404. None (the default): no login, one workspace.
 
     `groundedness` says how each answer sentence's `grounded` (its dependence on the retrieved documents, not its
     truth) is obtained: "measured" (the default: one extra teacher-forced pass over the non-document part of the
@@ -616,6 +682,7 @@ def create_app(
         model_name=model_name,
         groundedness=groundedness,
         pdf_timeout_s=pdf_timeout_s,
+        users=list(auth) if auth is not None else None,
     )
     app = FastAPI(title="AT2 citation chatbot", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
@@ -626,6 +693,7 @@ def create_app(
         RequestGuard,
         allowed_hosts=list(allowed_hosts) if allowed_hosts is not None else list(LOOPBACK_NAMES),
         max_body_bytes=max_json_bytes,
+        tokens=dict(auth) if auth is not None else None,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -664,42 +732,43 @@ def create_app(
         return FileResponse(STATIC / "index.html")
 
     @app.get("/api/status")
-    async def status() -> dict[str, Any]:
-        return service.status()
+    async def status(request: Request) -> dict[str, Any]:
+        return service.status(_user(request))
 
     @app.get("/api/documents")
-    async def list_documents() -> dict[str, Any]:
-        return {"documents": service.documents(), **_upload_limits(service)}
+    async def list_documents(request: Request) -> dict[str, Any]:
+        return {"documents": service.documents(_user(request)), **_upload_limits(service)}
 
     @app.get("/api/documents/{doc_id:path}")
-    async def get_document(doc_id: str) -> Any:
-        doc = service.document_text(doc_id)
+    async def get_document(doc_id: str, request: Request) -> Any:
+        doc = service.document_text(doc_id, _user(request))
         if doc is None:
             return error_response(404, "not_found", "This document is no longer indexed (it may have been removed).")
         return doc
 
     @app.delete("/api/documents/{doc_id:path}")
-    async def delete_document(doc_id: str) -> Any:
+    async def delete_document(doc_id: str, request: Request) -> Any:
+        user = _user(request)
         if doc_id in service.folder_report.texts:
             return error_response(
                 403,
                 "read_only",
                 "This document comes from the server's folder; only uploaded documents can be removed here.",
             )
-        if not await run_in_threadpool(service.remove_upload, doc_id):
+        if not await run_in_threadpool(service.remove_upload, doc_id, user):
             return error_response(
                 404, "not_found", "No uploaded document has this id (it may have been removed already)."
             )
-        return {"deleted": doc_id, "num_documents": len(service.documents())}
+        return {"deleted": doc_id, "num_documents": len(service.documents(user))}
 
     @app.post("/api/documents", status_code=201)
     async def upload_documents(request: Request) -> Any:
         return await _upload(service, request)
 
     @app.post("/api/chat/stop")
-    async def stop(body: StopRequest) -> Any:
+    async def stop(body: StopRequest, request: Request) -> Any:
         cancel = service.streams.get(body.stream_id)
-        if cancel is None:
+        if cancel is None or cancel.user != _user(request):  # another user's answer: as if it were not there
             return error_response(404, "not_found", "This answer has already finished.")
         cancel.event.set()
         return {"stopped": body.stream_id}
@@ -712,10 +781,12 @@ def create_app(
         refusal = service.question_too_long(question) or service.history_too_long(body.history)
         if refusal is not None:  # before retrieval and the model: an over-long request costs nothing
             return refusal
-        if service.no_documents_message:
-            return error_response(503, "no_documents", service.no_documents_message)
+        user = _user(request)
+        no_documents = service.no_documents_message(user)
+        if no_documents:
+            return error_response(503, "no_documents", no_documents)
         history = [t.model_dump() for t in body.history]
-        documents = service.retrieve(question, history)
+        documents = service.retrieve(question, history, user)
         if not documents:
             return error_response(
                 404,
@@ -734,7 +805,7 @@ def create_app(
         except AT2Error as exc:
             return error_response(400, "invalid_input", str(exc))
         return StreamingResponse(
-            _events(service, question, documents, history, regenerate=body.regenerate),
+            _events(service, question, documents, history, regenerate=body.regenerate, user=user),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -801,16 +872,22 @@ async def _upload(service: ChatService, request: Request) -> Any:
     finally:
         await form.close()
     # the limit is checked, the records written and the index rebuilt under one lock (ChatService.add_uploads)
-    documents, full = await run_in_threadpool(service.add_uploads, extracted) if extracted else ([], [])
+    user = _user(request)
+    documents, full = await run_in_threadpool(service.add_uploads, extracted, user) if extracted else ([], [])
     rejected.extend(full)
     if not documents:
         first = rejected[0]
         return error_response(first["status"], first["error"], first["message"], rejected=rejected, **limits)
     fresh = any(not d["duplicate"] for d in documents)  # a retry that stored nothing new is a 200
     return JSONResponse(
-        {"documents": documents, "rejected": rejected, "num_documents": len(service.documents())},
+        {"documents": documents, "rejected": rejected, "num_documents": len(service.documents(user))},
         status_code=201 if fresh else 200,
     )
+
+
+def _user(request: Request) -> str | None:
+    """The user `security.RequestGuard` found for the request's token (None without `--auth`)."""
+    return getattr(request.state, "user", None)
 
 
 def _upload_limits(service: ChatService) -> dict[str, Any]:
@@ -827,7 +904,12 @@ def _size_words(n: int) -> str:
 
 
 async def _events(
-    service: ChatService, question: str, documents: list[Any], history: list[dict[str, str]], regenerate: bool = False
+    service: ChatService,
+    question: str,
+    documents: list[Any],
+    history: list[dict[str, str]],
+    regenerate: bool = False,
+    user: str | None = None,
 ) -> AsyncIterator[str]:
     retrieved = [
         {
@@ -836,7 +918,7 @@ async def _events(
         }
         for d in documents
     ]
-    cancel = _Cancelled()
+    cancel = _Cancelled(user)
     stream_id = secrets.token_urlsafe(12)
     service.streams[stream_id] = cancel
     yield sse("retrieval", {"documents": retrieved, "stream_id": stream_id})
@@ -923,8 +1005,22 @@ def served_names(host: str, port: int, extra: Iterable[str] = ()) -> list[str]:
     return names
 
 
-def log_exposure(host: str, port: int, extra: Iterable[str] = ()) -> None:
-    """Say at start who can reach the server: there is no login, so it is a single-user, local server."""
+def log_exposure(host: str, port: int, extra: Iterable[str] = (), users: Iterable[str] | None = None) -> None:
+    """Say at start who can reach the server: without `--auth` there is no login, so it is a single-user, local
+    server; with it, who has a workspace (never their tokens)."""
+    if users is not None:
+        names = sorted(users)
+        logger.info(
+            "Per-user workspaces (--auth): %s. Every API request needs `Authorization: Bearer <token>`; each user sees "
+            "only their own uploads and the shared folder. Requests must name %s; browser writes from other sites "
+            "are refused.", ", ".join(names), ", ".join(served_names(host, port, extra)),
+        )
+        if host not in LOOPBACK_NAMES:
+            logger.warning(
+                "Listening on %s, not only on this machine, over plain HTTP: tokens cross the network unencrypted "
+                "unless a TLS reverse proxy stands in front.", host,
+            )
+        return
     logger.info(
         "Single-user and local: no login (no --auth); every client that reaches %s:%d can ask questions and "
         "read, add and remove the uploaded documents. Requests must name %s; browser writes from other sites are "
@@ -1009,7 +1105,19 @@ def main(argv: list[str] | None = None) -> int:
         "without the earlier turns in a conversation), estimated (no extra pass, less reliable on documents unlike "
         "the estimator's training data) or off",
     )
+    parser.add_argument(
+        "--auth", default=None, metavar="FILE",
+        help="per-user workspaces: a file of `user:token` lines (tokens of at least 16 characters); every API request "
+        "then needs `Authorization: Bearer <token>` and each user sees only their own uploads plus the --docs folder. "
+        "Default: no login (single-user and local)",
+    )
     args = parser.parse_args(argv)
+    tokens = None
+    if args.auth is not None:
+        try:
+            tokens = read_tokens(args.auth)
+        except AuthFileError as exc:
+            parser.error(f"--auth: {exc}")
     if args.max_upload_mb <= 0:
         parser.error("--max-upload-mb must be positive")
     if args.pdf_timeout <= 0:
@@ -1051,14 +1159,15 @@ def main(argv: list[str] | None = None) -> int:
         groundedness=args.groundedness,
         pdf_timeout_s=args.pdf_timeout,
         allowed_hosts=served_names(args.host, args.port, args.allowed_host),
+        auth=tokens,
     )
-    status = app.state.service.status()
-    print(f"Indexed {status['num_passages']} passage(s) from {status['num_files']} file(s) in {status['folder']}")
-    if status["problems"]:
-        print(f"  {len(status['problems'])} file(s) skipped (listed above and in the page's status area)")
-    if status["error"]:
-        print(f"  {status['error']}")
-    log_exposure(args.host, args.port, args.allowed_host)
+    folder = app.state.service.folder_report  # with --auth, each user's uploads are indexed on their first request
+    print(f"Indexed {len(folder.passages)} passage(s) from {len(folder.files)} file(s) in {folder.folder}")
+    if folder.problems:
+        print(f"  {len(folder.problems)} file(s) skipped (listed above and in the page's status area)")
+    if tokens is None and app.state.service.no_documents_message():
+        print(f"  {app.state.service.no_documents_message()}")
+    log_exposure(args.host, args.port, args.allowed_host, users=list(tokens) if tokens else None)
     print(f"Open http://{args.host}:{args.port}/ in your browser (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -19,6 +19,7 @@ const els = {
 };
 
 const STORE_CHATS = "at2-chat:chats", STORE_CURRENT = "at2-chat:current", STORE_THEME = "at2-chat:theme";
+const STORE_TOKEN = "at2-chat:token";  // sessionStorage: this tab only, gone when it closes
 const MAX_CHATS = 30;
 
 const state = {
@@ -43,6 +44,50 @@ const num = (n) => n.toLocaleString("en-US");
 const chars = (s) => [...s].length;  // code points, as the server (Python's len) counts them
 const size = (n) => n >= 1048576 ? `${(n / 1048576).toFixed(1).replace(/\.0$/, "")} MB` : n >= 1024 ? `${Math.round(n / 1024)} KB` : `${n} bytes`;
 
+// ---------------------------------------------------------------- access token (a server started with --auth)
+// A first visit may carry the token in the address's fragment (#token=…): it is kept for this tab only and removed
+// from the address at once (a fragment never reaches the server, its logs or a Referer). Otherwise the page asks.
+(function takeTokenFromAddress() {
+  const m = location.hash.match(/(?:^#|&)token=([^&]*)/);
+  if (!m) return;
+  try { sessionStorage.setItem(STORE_TOKEN, decodeURIComponent(m[1])); } catch (_) { /* storage off: the page asks */ }
+  history.replaceState(null, "", location.pathname + location.search);
+})();
+
+function token() { try { return sessionStorage.getItem(STORE_TOKEN); } catch (_) { return null; } }
+
+// fetch for the API: sends the token when there is one; a 401 opens the token prompt
+async function api(url, opts = {}) {
+  const headers = new Headers(opts.headers || {});
+  const sent = token();
+  if (sent) headers.set("Authorization", `Bearer ${sent}`);
+  const res = await fetch(url, { ...opts, headers });
+  if (res.status === 401) askToken(sent);
+  return res;
+}
+
+function askToken(rejected) {
+  const form = $("auth-form");
+  if (rejected && rejected === token()) { try { sessionStorage.removeItem(STORE_TOKEN); } catch (_) { /* */ } }
+  if (!form.hidden) return;
+  $("auth-message").textContent = rejected
+    ? "That access token was not accepted. Enter the token you were given."
+    : "This server keeps a workspace per person. Enter the access token you were given.";
+  form.hidden = false;
+  $("auth-token").value = "";
+  $("auth-token").focus();
+}
+
+$("auth-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const value = $("auth-token").value.trim();
+  if (!value) return;
+  try { sessionStorage.setItem(STORE_TOKEN, value); } catch (_) { /* */ }
+  $("auth-form").hidden = true;
+  loadStatus();
+  loadDocuments();
+});
+
 // ---------------------------------------------------------------- theme
 function applyTheme() {
   const pref = localStorage.getItem(STORE_THEME) || "auto";
@@ -62,7 +107,14 @@ window.matchMedia("(prefers-color-scheme: dark)").addEventListener?.("change", a
 // ---------------------------------------------------------------- status (polled: the badge follows the server)
 async function loadStatus() {
   try {
-    const res = await fetch("/api/status", { cache: "no-store" });
+    const res = await api("/api/status", { cache: "no-store" });
+    if (res.status === 401) {
+      state.online = true;
+      els.statusDocs.className = "pill warn";
+      els.statusDocs.innerHTML = `<span class="dot"></span>Access token needed`;
+      els.statusDocs.title = "This server has per-user workspaces: enter your access token.";
+      return;
+    }
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     renderStatus(await res.json());
     state.online = true;
@@ -194,7 +246,7 @@ async function stopAnswer() {
   els.stop.disabled = true;
   if (cur.streamId) {
     try {
-      const res = await fetch("/api/chat/stop", {
+      const res = await api("/api/chat/stop", {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ stream_id: cur.streamId }),
       });
       if (res.ok) return;
@@ -208,7 +260,7 @@ function newChat() {
   if (state.current) {
     const cur = state.current;
     cur.stopped = true;
-    if (cur.streamId) fetch("/api/chat/stop", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ stream_id: cur.streamId }) }).catch(() => {});
+    if (cur.streamId) api("/api/chat/stop", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ stream_id: cur.streamId }) }).catch(() => {});
     cur.controller.abort();
   }
   state.gen++;
@@ -278,7 +330,7 @@ async function ask(raw, opts = {}) {
   };
 
   try {
-    const res = await fetch("/api/chat", {
+    const res = await api("/api/chat", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify({ question, history, regenerate: !!opts.regenerate }),
@@ -679,7 +731,7 @@ async function fetchWholeDocument(docId) {
   if (state.docCache.has(docId)) return state.docCache.get(docId);
   let doc = null;
   try {
-    const res = await fetch(`/api/documents/${docId.split("/").map(encodeURIComponent).join("/")}`);
+    const res = await api(`/api/documents/${docId.split("/").map(encodeURIComponent).join("/")}`);
     if (res.ok) doc = await res.json();
   } catch (_) { doc = null; }
   if (doc) state.docCache.set(docId, doc);
@@ -930,7 +982,7 @@ window.addEventListener("storage", (e) => { if (e.key === STORE_CHATS) renderCha
 // ---------------------------------------------------------------- your documents: upload, list, remove
 async function loadDocuments() {
   try {
-    const res = await fetch("/api/documents", { cache: "no-store" });
+    const res = await api("/api/documents", { cache: "no-store" });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
     renderDocuments((await res.json()).documents);
   } catch (e) {
@@ -982,7 +1034,7 @@ async function uploadFiles(fileList) {
   for (const f of ok) form.append("file", f, f.name);
   let body = {}, status = 0;
   try {
-    const res = await fetch("/api/documents", { method: "POST", body: form });
+    const res = await api("/api/documents", { method: "POST", body: form });
     status = res.status;
     try { body = await res.json(); } catch (_) { body = {}; }
   } catch (e) {
@@ -1013,7 +1065,7 @@ els.docsList.addEventListener("click", async (e) => {
   rm.disabled = true;
   const id = rm.dataset.docId;
   let res;
-  try { res = await fetch(`/api/documents/${encodeURIComponent(id)}`, { method: "DELETE" }); } catch (err) { res = null; }
+  try { res = await api(`/api/documents/${encodeURIComponent(id)}`, { method: "DELETE" }); } catch (err) { res = null; }
   if (res && res.ok) { state.docCache.delete(id); uploadMessage("Removed: it is no longer searched.", "ok"); }
   else {
     let msg = "Could not remove the document.";
