@@ -81,6 +81,7 @@ from at2_rag import (
     get_micro_batcher,
 )
 from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
+from at2_rag.marks import sentence_source
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
 from .security import LOOPBACK_NAMES, AuthFileError, RequestGuard, read_tokens
@@ -153,44 +154,38 @@ def sse(event: str, data: Any) -> str:
 def earlier_answer(
     citation: Citation, support_threshold: float, grounded_threshold: float = 1.0
 ) -> dict[str, Any] | None:
-    """The earlier assistant turn an answer sentence repeats, or None.
+    """The earlier assistant turn an answer sentence is shown as coming from, or None: the core's one rule for what a
+    sentence is marked with (`at2_rag.marks.sentence_source`).
 
     Measured (the sentence has `context_grounded`: groundedness "measured" in a conversation): removing every
-    earlier turn from the model's attention lowers the sentence's log-odds by at least `grounded_threshold` nats
-    (it depends on the earlier turns), and the best earlier turn the sentence lists in `context` is an assistant
-    turn. Otherwise (estimated or off) the scores decide: the sentence's best context source (earlier turns and
-    the system prompt, never the question) is an assistant turn of the history, it reaches the support threshold,
-    and it scores above every retrieved document for that sentence (all on the estimator's one scale).
+    earlier turn lowers the sentence's log-odds by at least `grounded_threshold` nats, the best earlier turn it lists
+    in `context` is an assistant turn, the sentence is in that turn (at least half its words), and when the
+    documents matter too (`supported`) the earlier turns matter more (`context_grounded > grounded`). Otherwise
+    (estimated or off) the sentence's best context source is such an assistant turn, reaches the support threshold,
+    and scores above every retrieved document for that sentence.
 
     `history_index` is the turn's position in the request's `history` list; the page maps it back to its own
     conversation (it may have sent only the newest turns)."""
-    best_document = max((d.score for d in citation.documents), default=None)
+    return _earlier_json(citation, sentence_source(citation, support_threshold, grounded_threshold).earlier)
+
+
+def _earlier_json(citation: Citation, turn: ContextSource | None) -> dict[str, Any] | None:
+    if turn is None:
+        return None
+    out: dict[str, Any] = {
+        "history_index": turn.index,
+        "score": turn.score,
+        "best_document_score": max((d.score for d in citation.documents), default=None),
+    }
     if citation.context_grounded is not None:
-        if citation.context_grounded < grounded_threshold:
-            return None
-        best = next((c for c in citation.context if c.kind == "history"), None)  # the core sorts them best first
-        if best is None or best.role != "assistant" or best.index is None:
-            return None
-        return {
-            "history_index": best.index,
-            "score": best.score,
-            "best_document_score": best_document,
-            "context_grounded": citation.context_grounded,
-        }
-    if not citation.context:
-        return None
-    best = citation.context[0]  # the core sorts them best first
-    if best.kind != "history" or best.role != "assistant" or best.index is None:
-        return None
-    if best.score < support_threshold or (best_document is not None and best.score <= best_document):
-        return None
-    return {"history_index": best.index, "score": best.score, "best_document_score": best_document}
+        out["context_grounded"] = citation.context_grounded
+    return out
 
 
 def sentence_mark(citation: Citation, repeats: dict[str, Any] | None) -> str | None:
-    """What the page marks next to the sentence besides document numbers: "earlier_answer" (it repeats an
-    earlier reply), "not_from_documents" (not `supported`: removing the documents does not lower it by the
-    threshold, and no earlier answer it repeats), or None."""
+    """What the page marks next to the sentence besides document numbers: "earlier_answer" (it comes from an earlier
+    reply: `earlier_answer`), "not_from_documents" (not `supported`: removing the documents does not lower it by the
+    threshold, and no earlier answer it comes from), or None. Either mark comes without document numbers."""
     if repeats is not None:
         return "earlier_answer"
     if not citation.supported:
@@ -210,13 +205,15 @@ def attribution_payload(attribution: Attribution) -> dict[str, Any]:
     total = sum(max(0.0, d.score) for d in attribution.documents) or 1.0
     for doc in data["documents"]:
         doc["share"] = max(0.0, doc["score"]) / total
-    data["cited_answer"] = attribution.cited_answer()
     data["context_scores"] = attribution.context_scores()
     data["context_sources"] = [_context_json(c) for c in attribution.context_sources]
     data["citations"] = [
         citation_payload(cit, attribution.support_threshold, attribution.grounded_threshold)
         for cit in attribution.citations
     ]
+    # the answer with the [n] marks the page shows (a sentence from an earlier answer carries none)
+    shown = [c.model_copy(update={"cited": out["cited"]}) for c, out in zip(attribution.citations, data["citations"])]
+    data["cited_answer"] = attribution.model_copy(update={"citations": shown}).cited_answer()
     return data
 
 
@@ -225,14 +222,14 @@ def citation_payload(citation: Citation, support_threshold: float, grounded_thre
     in the `attribution` event's `citations`: `Citation.model_dump()` (with `grounded`, `supported`,
     `context_grounded`), context sources without their text, plus `earlier_answer` and `mark`.
 
-    A sentence marked "not_from_documents" never cites a document (the core cites none for an unsupported
-    sentence; kept so here whatever a scorer does)."""
+    One claim per sentence (`at2_rag.marks.sentence_source`): a sentence marked "earlier_answer" or
+    "not_from_documents" carries no document number (`cited` is empty), and document numbers come without a mark."""
     out = citation.model_dump(mode="json")
     out["context"] = [_context_json(c) for c in citation.context]
-    out["earlier_answer"] = repeats = earlier_answer(citation, support_threshold, grounded_threshold)
-    out["mark"] = sentence_mark(citation, repeats)
-    if out["mark"] == "not_from_documents":
-        out["cited"] = []
+    source = sentence_source(citation, support_threshold, grounded_threshold)  # one claim per sentence
+    out["earlier_answer"] = _earlier_json(citation, source.earlier)
+    out["mark"] = source.mark
+    out["cited"] = source.cited
     return out
 
 
