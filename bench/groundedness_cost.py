@@ -98,14 +98,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--kinds", nargs="+", choices=["single-turn", "conversation"],
+                        default=["single-turn", "conversation"])
     parser.add_argument("--out", type=Path, default=Path("docs/bench"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_default_model()
     att = Attributor(model, tokenizer)
-    rows = []
-    for conversation in (False, True):
+    rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for conversation in [kind == "conversation" for kind in args.kinds]:
         for size in args.sizes:
             row = measure(att, size, conversation, args.new_tokens, args.reps)
             rows.append(row)
@@ -116,7 +119,11 @@ def main() -> None:
                 f"generate off {row['seconds_median']['generate_off']:.3f} s)",
                 flush=True,
             )
-    args.out.mkdir(parents=True, exist_ok=True)
+            write(args, rows)  # after every row: a stopped run keeps what it measured
+    plot(rows, args.out / "groundedness_cost.png")
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
     report = {
         "what": "median seconds of each call with groundedness='measured' and 'off' (same prompt and answer), "
         "alternating in one process; ratios measured / off",
@@ -127,7 +134,6 @@ def main() -> None:
         "rows": rows,
     }
     (args.out / "groundedness_cost.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.out / "groundedness_cost.png")
 
 
 if __name__ == "__main__":
