@@ -14,10 +14,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +43,8 @@ if CHROMIUM is None:
         allow_module_level=True,
     )
 
-import uvicorn  # noqa: E402
 from chatbot.app import create_app, load_default_attributor  # noqa: E402
+from chatbot_server import ServerThread  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
 CHROMIUM_ARGS = [
@@ -64,38 +61,6 @@ QUESTION = "How many vacation days do I get per year?"
 FOLLOW_UP = "Can unused vacation days be carried over?"
 RIGHT_DOC = "vacation-policy.md"
 ANSWER_TIMEOUT_MS = 300_000  # a CPU shared with other work can be slow; an idle one answers in seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving an app on 127.0.0.1:<free port> in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the chatbot server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example is the package `chatbot`
 
-import uvicorn  # noqa: E402
 from chatbot.app import create_app, load_default_attributor  # noqa: E402
 from playwright.sync_api import Page, expect  # noqa: E402
 from test_chatbot_browser import (  # noqa: E402, F401  (skips without Chromium; fixtures: artifacts, browser)
@@ -148,16 +146,6 @@ def test_upload_list_and_remove_documents_in_the_page(page, tmp_path, artifacts)
         assert app.state.service.retrieve("quartz", [])[0].metadata["path"] == "notes.md"
 
 
-class FixedPortServer(ServerThread):
-    """A server on a given port (the one a stopped server had)."""
-
-    def __init__(self, app, port: int) -> None:
-        super().__init__(app)
-        self.port = port
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-
 def test_the_status_badge_follows_the_server(page):
     app = create_app(attributor_factory=load_default_attributor)
     server = ServerThread(app).__enter__()
@@ -171,7 +159,7 @@ def test_the_status_badge_follows_the_server(page):
     expect(page.locator("#status-docs")).to_have_text("Server unreachable", timeout=20_000)
     expect(page.locator("#status-docs")).to_have_class(re.compile(r"\berror\b"))
     # back up on the same address: the badge follows
-    with FixedPortServer(create_app(attributor_factory=load_default_attributor), port):
+    with ServerThread(create_app(attributor_factory=load_default_attributor), port):
         expect(page.locator("#status-docs")).to_have_text("12 documents indexed", timeout=20_000)
         expect(page.locator("#status-docs")).to_have_class("pill")
 
