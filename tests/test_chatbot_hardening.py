@@ -3,7 +3,10 @@ thread (or FastAPI's TestClient), real files, real PDF extraction. None of these
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
 
 from chatbot.app import SAMPLE_DOCS, create_app  # noqa: E402
-from chatbot_server import ServerThread  # noqa: E402
+from chatbot_server import ServerThread, free_port  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 BASE = "http://127.0.0.1:8000"  # TestClient's requests say Host 127.0.0.1:8000, a name the server answers to
@@ -349,3 +352,115 @@ def test_too_many_files_in_one_upload_get_the_documented_413(tmp_path: Path):
         assert r.status_code == 413 and r.json()["error"] == "too_many_files", (count, r.text)
         assert r.json()["message"].startswith("At most 10 files can be uploaded at once; you sent ")
     assert client.get("/api/documents").json()["documents"][-1]["source"] == "folder"
+
+
+# ---- 6 (continued): kill -9 during uploads loses nothing, and retries never duplicate ------------------------
+SERVE = """
+import sys
+sys.path.insert(0, {examples!r})
+import chatbot.app as app
+app.load_default_attributor = lambda: None  # the command line loads the model at start; uploads never need it
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
+def start_server(upload_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """The command line (`main`: its arguments, served names, uvicorn.run) in its own process, on a free port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE.format(examples=str(ROOT / "examples")), "--port", str(port),
+         "--upload-dir", str(upload_dir)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    origin = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the chatbot server exited ({proc.returncode}):\n{log.read_text()}")
+        try:
+            if httpx.get(f"{origin}/api/status", timeout=2).status_code == 200:
+                return proc, origin
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the chatbot server did not answer within 60 s:\n{log.read_text()}")
+        time.sleep(0.1)
+
+
+def test_kill_9_during_uploads_loses_nothing_and_retries_never_duplicate(tmp_path: Path):
+    uploads, log = tmp_path / "uploads", tmp_path / "server.log"
+    files = [(f"kill{i}.txt", f"The {marker(i)} was uploaded as file {i}.\n".encode()) for i in range(40)]
+    procs: list[subprocess.Popen] = []
+    try:
+        proc, origin = start_server(uploads, log)
+        procs.append(proc)
+        # a large document first, so that each upload's reindex takes a while and the kill lands among them
+        assert post_files(origin, ("big.txt", big_text(300_000))).status_code == 201
+        # SIGKILL after a random number of the 40 concurrent uploads have been answered (and a random moment more)
+        kill_after, answered, count = random.randint(3, 25), threading.Lock(), [0]
+
+        def upload(i: int) -> httpx.Response:
+            r = post_files(origin, files[i])
+            with answered:
+                count[0] += 1
+                if count[0] == kill_after:
+                    time.sleep(random.uniform(0, 0.05))
+                    os.kill(proc.pid, signal.SIGKILL)
+            return r
+
+        answers = at_once(len(files), upload)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        acknowledged: dict[int, str] = {}  # file number -> document id the server answered
+        for i, r in enumerate(answers):
+            if isinstance(r, httpx.Response):
+                assert r.status_code == 201, (i, r.status_code, r.text)
+                doc = r.json()["documents"][0]
+                assert doc["name"] == files[i][0] and doc["duplicate"] is False
+                acknowledged[i] = doc["id"]
+            else:  # the connection was refused, reset or closed without an answer: the kill
+                assert isinstance(r, httpx.TransportError), (i, r)
+        assert kill_after <= len(acknowledged) < len(files)  # the kill came while uploads were in flight
+
+        proc, origin = start_server(uploads, log)
+        procs.append(proc)
+        listed = [d for d in httpx.get(f"{origin}/api/documents").json()["documents"] if d["source"] == "upload"]
+        names = [d["name"] for d in listed]
+        assert len(names) == len(set(names)), names  # nothing stored twice
+        by_id = {d["id"]: d for d in listed}
+        for i, doc_id in acknowledged.items():  # every acknowledged upload survived, whole and indexed
+            assert by_id[doc_id]["name"] == files[i][0], (i, doc_id)
+            doc = httpx.get(f"{origin}/api/documents/{doc_id}").json()
+            assert doc["text"] == files[i][1].decode() and len(doc["passage_spans"]) == 1, doc
+        for d in listed:  # an unacknowledged one may have been stored before the kill, but whole
+            if d["name"] != "big.txt":
+                i = int(d["name"][4:-4])
+                doc = httpx.get(f"{origin}/api/documents/{d['id']}").json()
+                assert doc["text"] == files[i][1].decode(), doc
+
+        # a client that saw errors retries everything: each file ends up stored once
+        stored_before = {d["name"]: d["id"] for d in listed}
+        print(f"kill -9 after {kill_after} answers: {len(acknowledged)} of {len(files)} acknowledged, "
+              f"{len(stored_before) - 1} stored")
+        retries = at_once(len(files), lambda i: post_files(origin, files[i]))
+        for i, r in enumerate(retries):
+            assert isinstance(r, httpx.Response), (i, r)
+            doc = r.json()["documents"][0]
+            if files[i][0] in stored_before:
+                assert r.status_code == 200 and doc["duplicate"] is True and doc["id"] == stored_before[files[i][0]]
+            else:
+                assert r.status_code == 201 and doc["duplicate"] is False, (i, r.text)
+        listed = [d for d in httpx.get(f"{origin}/api/documents").json()["documents"] if d["source"] == "upload"]
+        names = sorted(d["name"] for d in listed if d["name"] != "big.txt")
+        assert names == sorted(name for name, _ in files)  # 40, each once
+        assert len(listed) == len(files) + 1 and len(list(uploads.glob("*.json"))) == len(files) + 1
+        assert not list(uploads.glob(".*.tmp"))
+        for d in listed:
+            if d["name"] != "big.txt":
+                doc = httpx.get(f"{origin}/api/documents/{d['id']}").json()
+                assert doc["text"] == files[int(d["name"][4:-4])][1].decode()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
