@@ -194,11 +194,11 @@ class ModelRunner:
         if capture and recorder is None:
             recorder = GeneratedLogitProbs(self.model)
         prefix_length = _prefix_length(prompt)
-        cache = full_attention_cache(self.model) if capture and prefix_length else None
-        if cache is not None and self._cache_arg not in kwargs:
+        # a cache of our own (unless the caller gave one), so the prompt's prefix outlives the generation
+        shares_prefix = capture and prefix_length > 0 and self._cache_arg not in kwargs
+        cache = full_attention_cache(self.model) if shares_prefix else None
+        if cache is not None:
             kwargs[self._cache_arg] = cache
-        else:
-            cache = None
         logits_ctx = recorder if capture and recorder is not None else contextlib.nullcontext(None)
         with self.lock, torch.no_grad(), ctx as state, logits_ctx:
             if state is not None and on_state is not None:

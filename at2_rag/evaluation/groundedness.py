@@ -30,6 +30,7 @@ from ..features import answer_targets
 from ..files import atomic_path
 from ..grounding import auroc
 from .conversations import estimator_digest, read_row_entries
+from .metrics import bootstrap_se
 
 logger = logging.getLogger(__name__)
 
@@ -71,17 +72,10 @@ def example_rows(
     return rows
 
 
-def _bootstrap(statistic: Any, groups: list[list[int]], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> float:
+def _bootstrap(statistic: Any, groups: list[list[int]], reps: int = BOOTSTRAP_REPS) -> float:
     """Standard error of `statistic(row indices)` over resamples of whole examples (`groups`: each example's row
-    indices); resamples where it is undefined (NaN) are left out."""
-    generator = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(reps):
-        picked = torch.randint(0, len(groups), (len(groups),), generator=generator).tolist()
-        values.append(statistic([i for g in picked for i in groups[g]]))
-    tensor = torch.tensor(values, dtype=torch.double)
-    tensor = tensor[~tensor.isnan()]
-    return float(tensor.std()) if len(tensor) > 1 else float("nan")
+    indices): `bootstrap_se` over the examples, each resampled example standing for all its rows."""
+    return bootstrap_se(lambda picked: statistic([i for g in picked.tolist() for i in groups[g]]), len(groups), reps)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
