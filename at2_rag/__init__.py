@@ -1,8 +1,19 @@
 """at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
 
 from ._version import __version__
+from .attribution.estimator import ScoreEstimator
+from .attribution.result import (
+    Attribution,
+    Citation,
+    CitedDocument,
+    ContextSource,
+    DocumentScore,
+    SentenceScore,
+    UnlocatedDocument,
+)
+from .attribution.scoring import Scorer
 from .attributor import Attributor
-from .batching import MicroBatcher
+from .capture._runner import CapturedRun, ModelRunner
 from .errors import (
     AT2Error,
     ContextTooLongError,
@@ -15,15 +26,12 @@ from .errors import (
     PromptRenderError,
     UnsupportedModelError,
 )
-from .estimator import ScoreEstimator
 from .models import DEFAULT_MODEL_ID, download_default_model, load_default_model, load_model
-from .prompt import PromptTemplate
-from .request import TEMPLATE_DEFAULT, AttributionRequest
-from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
-from .runner import CapturedRun, ModelRunner
-from .scoring import Scorer
-from .shared import clear_shared_attributors, default_attributor, get_attributor, get_micro_batcher
-from .sources import Document, MappedDocuments, map_documents, to_document
+from .prompting.render import PromptTemplate
+from .prompting.request import TEMPLATE_DEFAULT, AttributionRequest
+from .prompting.sources import Document, MappedDocuments, map_documents, to_document
+from .serving.batching import MicroBatcher
+from .serving.shared import clear_shared_attributors, default_attributor, get_attributor, get_micro_batcher
 
 __all__ = [
     "AT2Error",

@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
-from .capture import paused_capture
+from .attribution.estimator import ScoreEstimator
+from .attribution.refine import check_ablations
+from .attribution.result import Attribution, Citation
+from .attribution.scoring import Scorer
+from .capture._runner import CapturedRun, LiveGeneration, ModelRunner, check_answer, check_max_new_tokens
+from .capture.attention import paused_capture
+from .capture.features import answer_targets
 from .errors import DocumentsNotLocatedError, InvalidInputError
-from .estimator import ScoreEstimator
-from .evidence import GroundednessEvidence, GroundednessMode, MeasuredGroundedness, check_groundedness
-from .features import answer_targets
-from .locate import LocatedPrompt, locate_prompt
-from .prompt import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
-from .refine import check_ablations
-from .request import TEMPLATE_DEFAULT, AttributionRequest, SystemPrompt
-from .result import Attribution, Citation
-from .runner import CapturedRun, LiveGeneration, ModelRunner, check_answer, check_max_new_tokens
-from .scoring import Scorer
-from .sources import DocumentLike, normalize_documents
+from .evidence.groundedness import GroundednessEvidence, GroundednessMode, MeasuredGroundedness, check_groundedness
+from .prompting.locate import LocatedPrompt, locate_prompt
+from .prompting.render import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
+from .prompting.request import TEMPLATE_DEFAULT, AttributionRequest, SystemPrompt
+from .prompting.sources import DocumentLike, normalize_documents
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class Attributor:
         held-out Python documentation, 0.83 ± 0.03 on Debian package descriptions and 0.71 ± 0.05 there when the
         question was asked over another question's documents (docs/training.md); "off" skips it. `grounded`
         measures dependence on the documents, not truth. `ablations=k` pays k ablation
-        passes to refine the scores (see `at2_rag.refine`).
+        passes to refine the scores (see `at2_rag.attribution.refine`).
 
         `query` may also be an `AttributionRequest` (or a dict with its keys) instead of the separate arguments."""
         request = self._request(query, documents, history, system_prompt)
@@ -342,7 +342,7 @@ class Attributor:
         """Attribute an answer to the documents inside a prompt rendered elsewhere (a framework's template).
 
         `prompt` is the exact prompt text, or chat messages (role/content dicts, LangChain/LlamaIndex messages)
-        rendered with the model's chat template. Each document is located in it (`at2_rag.locate`); documents
+        rendered with the model's chat template. Each document is located in it (`at2_rag.prompting.locate`); documents
         that are not found are listed, with the reason, in `Attribution.unlocated_documents`. With `answer`
         given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
         prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` labels the
@@ -377,7 +377,7 @@ class Attributor:
 
     def measure_groundedness(self, run: CapturedRun, meter: MeasuredGroundedness | None = None) -> GroundednessEvidence:
         """The measured groundedness evidence of a run: its answer with every document removed and, in a
-        conversation, with every earlier turn removed (see `at2_rag.evidence`)."""
+        conversation, with every earlier turn removed (see `at2_rag.evidence.groundedness`)."""
         if meter is None:
             meter = MeasuredGroundedness(self.model, run.prompt, run.prefix_cache, run.prefix_length)
             run.prefix_cache = None  # extended by the pass: not the prompt's prefix any more
@@ -455,7 +455,7 @@ class Attributor:
     def locate(
         self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = (), query: str = ""
     ) -> LocatedPrompt:
-        """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.locate`), and its
+        """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.prompting.locate`), and its
         earlier turns and question as context sources (`query`, when given, is found in the prompt).
 
         A string is used as the exact prompt text; messages are rendered with the chat template first."""

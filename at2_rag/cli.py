@@ -12,8 +12,8 @@ from typing import Any
 
 from ._version import __version__
 from .errors import AT2Error, InputFileError, InvalidInputError
-from .files import json_type, read_jsonl, read_user_text
 from .models import device_argument
+from .storage.files import json_type, read_jsonl, read_user_text
 
 logger = logging.getLogger("at2_rag")
 
@@ -129,7 +129,7 @@ def cmd_download_model(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .estimator import ScoreEstimator
+    from .attribution.estimator import ScoreEstimator
 
     source = Path(args.source)
     if source.is_file():

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from .sources import Document
+from .prompting.sources import Document
 
 DEMO_QUERY = "How long is the battery life of the Aurora X2 headphones?"
 

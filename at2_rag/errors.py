@@ -14,7 +14,7 @@ class NoDocumentsError(AT2Error, ValueError):
 class DocumentsNotLocatedError(NoDocumentsError):
     """None of the documents occurs in an already-rendered prompt (`Attributor.attribute_rendered`).
 
-    `unlocated` lists every document with the reason (`at2_rag.result.UnlocatedDocument`).
+    `unlocated` lists every document with the reason (`at2_rag.attribution.result.UnlocatedDocument`).
     """
 
     def __init__(self, unlocated: list) -> None:

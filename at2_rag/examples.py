@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputFileError, InvalidExamplesError, InvalidInputError, NoDocumentsError
-from .files import json_type, read_jsonl
-from .sources import normalize_documents
+from .prompting.sources import normalize_documents
+from .storage.files import json_type, read_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -32,14 +32,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from at2_rag import Attributor, ScoreEstimator
-    from at2_rag.ablation import (
+    from at2_rag.capture.features import answer_targets
+    from at2_rag.capture.masked import (
         ablated_answer_logit_probs,
         ablation_attention_mask,
         answer_logit_probs,
         random_masks,
         target_log_odds,
     )
-    from at2_rag.features import answer_targets
     from at2_rag.models import load_default_model
     from at2_rag.training.data import read_examples
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.estimator import ScoreEstimator
+from at2_rag.attribution.estimator import ScoreEstimator
 from at2_rag.evaluation.baselines import surrogate_scores
 from at2_rag.evaluation.metrics import mean_se
 from at2_rag.training.data import load_collected, mask_kinds

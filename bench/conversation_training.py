@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from context_scales import conversation_rows, top1_agreement
 
-from at2_rag.estimator import ScoreEstimator
+from at2_rag.attribution.estimator import ScoreEstimator
 from at2_rag.evaluation.metrics import lds, mean_se
 from at2_rag.training.data import load_collected, mask_kinds, merge_collected
 from at2_rag.training.train import report_summary, train_estimator

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.estimator import ScoreEstimator
-from at2_rag.evaluation.metrics import bootstrap_se
-from at2_rag.grounding import (
+from at2_rag.attribution.estimator import ScoreEstimator
+from at2_rag.attribution.grounding import (
     DEFAULT_THRESHOLD,
     HEAD_RIDGE,
     HEAD_TARGET_CAP,
@@ -33,6 +32,7 @@ from at2_rag.grounding import (
     fit_groundedness,
     fit_groundedness_head,
 )
+from at2_rag.evaluation.metrics import bootstrap_se
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from groundedness import example_folds, removed_all
 
-from at2_rag.estimator import ScoreEstimator
-from at2_rag.grounding import HEAD_RIDGE, HEAD_TARGET_CAP, auroc
+from at2_rag.attribution.estimator import ScoreEstimator
+from at2_rag.attribution.grounding import HEAD_RIDGE, HEAD_TARGET_CAP, auroc
 from at2_rag.training.data import CollectedExample, load_collected
 from at2_rag.training.train import split_examples
 

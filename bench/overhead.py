@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.capture import attention_implementation, install_capture
+from at2_rag.capture.attention import attention_implementation, install_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES: list[dict[str, float]] = []  # where the capture path's time goes, per run
@@ -77,8 +77,8 @@ def load(capture: bool):
 def run_once(model, tokenizer, attributor, query, docs, new_tokens, implementation="sdpa"):
     """One generation; returns (seconds, generated token ids, prompt tokens)."""
     if attributor is None:  # plain generation on the identical prompt text, rendered by the same code
-        from at2_rag.prompt import PromptTemplate, render_prompt
-        from at2_rag.sources import normalize_documents
+        from at2_rag.prompting.render import PromptTemplate, render_prompt
+        from at2_rag.prompting.sources import normalize_documents
 
         model.set_attn_implementation(implementation)  # stock sdpa: nothing of at2-rag in the forward pass
         prompt = render_prompt(tokenizer, query, normalize_documents(docs), PromptTemplate(), history=HISTORY)
@@ -122,7 +122,7 @@ def capture_work(model, tokenizer, attributor, query, docs, new_tokens) -> dict[
     """Seconds of capture's own work in one attributed generation, clocked where it happens.
 
     End-to-end differences on a shared VM swing by several % between identical runs; this accounting does not
-    depend on them. `at2_rag.capture.timed_capture` clocks (a) the capturing attention calls minus the stock
+    depend on them. `at2_rag.capture.attention.timed_capture` clocks (a) the capturing attention calls minus the stock
     kernel they delegate to (the per-call bookkeeping of every prefill and decode step), less the clocks' own
     cost and less the release of the cache's previous key tensor (a free that plain generation performs too,
     inside the cache update; with capture the last reference to it is dropped in the attention call), and (b)
@@ -136,7 +136,7 @@ def capture_work(model, tokenizer, attributor, query, docs, new_tokens) -> dict[
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from at2_rag.capture import CaptureTimings, attention_implementation, timed_capture
+    from at2_rag.capture.attention import CaptureTimings, attention_implementation, timed_capture
 
     probe_clock = {"wrapper": 0.0, "kernel": 0.0}
     probe_calls = [0]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.estimator import ScoreEstimator
+from at2_rag.attribution.estimator import ScoreEstimator
+from at2_rag.attribution.refine import RefinementPrior, most_informative, refine_scores
 from at2_rag.evaluation.baselines import surrogate_scores
 from at2_rag.evaluation.metrics import lds
-from at2_rag.refine import RefinementPrior, most_informative, refine_scores
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from at2_rag.estimator import ScoreEstimator, model_slug
+from at2_rag.attribution.estimator import ScoreEstimator, model_slug
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FOLDER = Path(__file__).resolve().parents[1] / "at2_rag" / "estimators" / model_slug(MODEL)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.capture import CaptureTimings, timed_capture
+from at2_rag.capture.attention import CaptureTimings, timed_capture
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "rag_python_docs" / "heldout.jsonl"

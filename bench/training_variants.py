@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from at2_rag.estimator import ScoreEstimator
+from at2_rag.attribution.estimator import ScoreEstimator
 from at2_rag.evaluation.metrics import lds
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples, train_estimator

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from at2_rag.files import atomic_path
+from at2_rag.storage.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import at2_rag.runner as runner_module
+import at2_rag.capture._runner as runner_module
 from at2_rag import (
     Attributor,
     ContextTooLongError,
@@ -16,7 +16,7 @@ from at2_rag import (
     NoDocumentsError,
     UnlocatedDocument,
 )
-from at2_rag.capture import text_config
+from at2_rag.capture.attention import text_config
 
 QUERY = "When was the Eiffel Tower finished?"
 DOCS = [

@@ -18,7 +18,7 @@ from at2_rag import (
     NoDocumentsError,
     ScoreEstimator,
 )
-from at2_rag.features import target_features
+from at2_rag.capture.features import target_features
 
 QUERY = "When was the Eiffel Tower finished?"
 DOCS = [

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from at2_rag import UnsupportedModelError
-from at2_rag.capture import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
+from at2_rag.capture.attention import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
 
 
 def source_matrix(prompt_tokens: int, spans) -> torch.Tensor:
@@ -202,7 +202,7 @@ def test_generate_capture_equals_eager(name):
 def test_generate_capture_across_row_blocks(name, block, pack, blocks, loose, monkeypatch):
     """Decode rows are packed ROWS_PER_PACK at a time into blocks of ROW_BLOCK steps; answers longer than one
     block, and rows still loose when the features are read, stay exact."""
-    import at2_rag.capture as capture
+    import at2_rag.capture.attention as capture
 
     monkeypatch.setattr(capture, "ROW_BLOCK", block)  # 7 rows: the prefill's last and 6 decode steps
     monkeypatch.setattr(capture, "ROWS_PER_PACK", pack)
@@ -279,7 +279,7 @@ def test_capture_inside_window_of_rows_only():
 # ---- the real embedded model ------------------------------------------------------------------------------
 def test_real_model_capture_equals_eager(smollm, clone_model):
     from at2_rag import Document
-    from at2_rag.prompt import render_prompt
+    from at2_rag.prompting.render import render_prompt
 
     model, tokenizer = smollm
     docs = [
@@ -443,7 +443,7 @@ def test_backend_registry_names_every_transformers_implementation():
     back to sdpa with the reason; anything else is refused with how to switch."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from at2_rag.capture import capture_backends, capture_base
+    from at2_rag.capture.attention import capture_backends, capture_base
 
     backends = capture_backends()
     for name in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
@@ -461,7 +461,7 @@ def test_flex_attention_model_is_switched_to_sdpa_capture_and_stays_exact(caplog
     model, reference = _build("llama")
     model.set_attn_implementation("flex_attention")
     prompt = _prompt()
-    with caplog.at_level("WARNING", logger="at2_rag.capture"), torch.no_grad():
+    with caplog.at_level("WARNING", logger="at2_rag.capture.attention"), torch.no_grad():
         with capture_attention(model, SPANS, PROMPT_LEN - 1) as state:
             out = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                  pad_token_id=0)
@@ -486,7 +486,7 @@ def test_unregistered_attention_implementation_is_refused():
 
 
 def test_timed_capture_clocks_every_phase_without_changing_results():
-    from at2_rag.capture import CaptureTimings, timed_capture
+    from at2_rag.capture.attention import CaptureTimings, timed_capture
 
     model, _ = _build("llama")
     prompt = _prompt()

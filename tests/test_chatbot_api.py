@@ -22,7 +22,7 @@ from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from at2_rag import Citation, CitedDocument, ContextSource, InvalidInputError  # noqa: E402
-from at2_rag.result import ATTRIBUTION_SCHEMA_VERSION  # noqa: E402
+from at2_rag.attribution.result import ATTRIBUTION_SCHEMA_VERSION  # noqa: E402
 
 QUESTION = "How many vacation days do I get per year?"
 RIGHT_DOC = "vacation-policy.md"

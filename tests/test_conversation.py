@@ -114,7 +114,7 @@ def test_collection_ablates_context_parts_and_removes_every_document_once(att):
 def test_groundedness_fit_and_auroc_on_known_data():
     import torch
 
-    from at2_rag.grounding import GroundednessCalibration, auroc, fit_groundedness
+    from at2_rag.attribution.grounding import GroundednessCalibration, auroc, fit_groundedness
 
     docs = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.04], dtype=torch.double)
     hist = torch.tensor([0.02, 0.0, 0.01, 0.0, 0.03], dtype=torch.double)
@@ -137,9 +137,9 @@ def test_groundedness_head_recovers_a_per_head_rule_and_refuses_bad_weights():
 
     import torch
 
+    from at2_rag.attribution.estimator import ScoreEstimator
+    from at2_rag.attribution.grounding import GroundednessCalibration, auroc, fit_groundedness_head
     from at2_rag.errors import EstimatorFormatError
-    from at2_rag.estimator import ScoreEstimator
-    from at2_rag.grounding import GroundednessCalibration, auroc, fit_groundedness_head
 
     generator = torch.Generator().manual_seed(0)
     docs = torch.rand(400, 6, generator=generator, dtype=torch.double)
@@ -184,7 +184,7 @@ def test_groundedness_head_recovers_a_per_head_rule_and_refuses_bad_weights():
 def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
     """The shipped estimator has a head: a citation's `grounded` is that head applied to the sentence's
     features summed over the documents and the earlier turns, and refined runs use the surrogate instead."""
-    from at2_rag.features import answer_targets, target_features
+    from at2_rag.capture.features import answer_targets, target_features
 
     calibration = att.scorer.groundedness(refined=False)
     assert calibration.document_weights is not None and calibration.history_weights is not None
@@ -221,8 +221,8 @@ def test_evaluate_conversations_cli_reports_resumes_and_records(tmp_path, capsys
     import json
     import shutil
 
+    from at2_rag.attribution.estimator import ScoreEstimator
     from at2_rag.cli import main
-    from at2_rag.estimator import ScoreEstimator
 
     examples = tmp_path / "heldout.jsonl"
     lines = [
@@ -350,7 +350,7 @@ def test_recording_a_conversation_run_replaces_the_earlier_runs_baselines(tmp_pa
     import json
     import shutil
 
-    from at2_rag.estimator import ScoreEstimator
+    from at2_rag.attribution.estimator import ScoreEstimator
     from at2_rag.evaluation.conversations import record_conversations, summarize_conversations
 
     folder = tmp_path / "estimator"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from at2_rag import EstimatorFormatError, ScoreEstimator
-from at2_rag.estimator import load_reference_estimator
+from at2_rag.attribution.estimator import load_reference_estimator
 
 Mutation = Callable[[dict[str, Any]], None]
 

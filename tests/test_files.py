@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from at2_rag.files import atomic_path
+from at2_rag.storage.files import atomic_path
 
 
 def test_finished_file_is_complete_and_world_readable(tmp_path):

@@ -19,7 +19,7 @@ import torch
 
 from at2_rag.cli import main, read_documents
 from at2_rag.errors import InputFileError, InvalidExamplesError, InvalidInputError
-from at2_rag.files import read_jsonl
+from at2_rag.storage.files import read_jsonl
 from at2_rag.training.data import (
     Example,
     completed_ids,
@@ -55,7 +55,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 def attributor(smollm):
     """The real embedded model behind an Attributor as `at2-rag collect` builds it (uniform estimator)."""
     from at2_rag import Attributor, ScoreEstimator
-    from at2_rag.capture import model_shape
+    from at2_rag.capture.attention import model_shape
 
     model, tokenizer = smollm
     layers, heads = model_shape(model)

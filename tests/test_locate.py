@@ -6,8 +6,8 @@ import pytest
 
 from at2_rag import Document as AT2Document
 from at2_rag import InvalidInputError
-from at2_rag.locate import locate_documents, locate_prompt
-from at2_rag.prompt import render_messages
+from at2_rag.prompting.locate import locate_documents, locate_prompt
+from at2_rag.prompting.render import render_messages
 
 A = AT2Document(id="a", text="The Amazon River flows through South America.")
 B = AT2Document(id="b", text="Jupiter is the largest planet.\nIt is a gas giant.")

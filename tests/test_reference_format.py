@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from at2_rag import Attributor, EstimatorFormatError, EstimatorMismatchError, ScoreEstimator
-from at2_rag.estimator import load_reference_estimator
-from at2_rag.reference_format import PUBLISHED_ESTIMATORS
+from at2_rag.attribution.estimator import load_reference_estimator
+from at2_rag.storage.reference_format import PUBLISHED_ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from at2_rag import InvalidInputError
-from at2_rag.ablation import ablated_answer_logit_probs, target_log_odds
-from at2_rag.refine import RefinementPrior, choose_masks, refine_scores
+from at2_rag.attribution.refine import RefinementPrior, choose_masks, refine_scores
+from at2_rag.capture.masked import ablated_answer_logit_probs, target_log_odds
 
 DOCS = [
     "The Eiffel Tower is in Paris and was built in 1889.",

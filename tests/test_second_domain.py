@@ -15,7 +15,7 @@ import pytest
 
 from at2_rag import AttributionRequest
 from at2_rag.examples import read_examples
-from at2_rag.sources import normalize_documents
+from at2_rag.prompting.sources import normalize_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "data" / "rag_second_domain" / "heldout.jsonl"

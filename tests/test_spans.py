@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from at2_rag import Document, InvalidInputError, PromptRenderError, PromptTemplate
-from at2_rag.prompt import render_prompt, token_spans_for_ranges
+from at2_rag.prompting.render import render_prompt, token_spans_for_ranges
 
 
 @pytest.fixture(scope="module")

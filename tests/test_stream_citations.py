@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from at2_rag import Attribution, Citation, InvalidInputError
-from at2_rag.features import answer_targets, decode_with_offsets
-from at2_rag.runner import LiveGeneration
+from at2_rag.capture._runner import LiveGeneration
+from at2_rag.capture.features import answer_targets, decode_with_offsets
 
 DOCS = [
     {

@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from at2_rag import EstimatorFormatError, ScoreEstimator
-from at2_rag.ablation import (
+from at2_rag.capture.masked import (
     ablated_answer_logit_probs,
     ablation_attention_mask,
     answer_logit_probs,
@@ -477,8 +477,8 @@ def test_token_level_collection_features_add_up_to_the_documents(smollm):
     capture is exact, so an estimator trained on tokens applies to documents unchanged); labels are measured
     under masks over the tokens."""
     from at2_rag import Attributor
-    from at2_rag.features import answer_targets, target_features
-    from at2_rag.layout import document_token_sources
+    from at2_rag.capture.features import answer_targets, target_features
+    from at2_rag.evidence.layout import document_token_sources
     from at2_rag.training.collect import collect_example
     from at2_rag.training.data import Example
 
@@ -507,8 +507,8 @@ def test_whole_answer_targets(smollm):
     """`targets_of="answer"`: one target per example, the whole answer, its features and labels taken over
     every answer token that has text (what the Attributor scores as `result.documents`)."""
     from at2_rag import Attributor
-    from at2_rag.ablation import target_log_odds
-    from at2_rag.features import target_features
+    from at2_rag.capture.features import target_features
+    from at2_rag.capture.masked import target_log_odds
     from at2_rag.training.collect import collect_example
     from at2_rag.training.data import Example
 

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..ablation import ablated_answer_logit_probs, target_log_odds, target_log_prob
+from ..attribution.estimator import ScoreEstimator
+from ..attribution.grounding import GroundednessCalibration, auroc
 from ..attributor import Attributor
+from ..capture.features import answer_targets, target_features
+from ..capture.masked import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..errors import InputFileError, InvalidInputError
-from ..estimator import ScoreEstimator
+from ..evidence.layout import history_columns
 from ..examples import Example, example_digest
-from ..features import answer_targets, target_features
-from ..files import atomic_path
-from ..grounding import GroundednessCalibration, auroc
-from ..layout import history_columns
+from ..storage.files import atomic_path
 from .metrics import bootstrap_se, mean_se
 
 logger = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..ablation import ablation_attention_mask, answer_logit_probs, target_log_prob
+from ..attribution.grounding import auroc
 from ..attributor import Attributor
+from ..capture.features import answer_targets
+from ..capture.masked import ablation_attention_mask, answer_logit_probs, target_log_prob
 from ..examples import Example, example_digest
-from ..features import answer_targets
-from ..files import atomic_path
-from ..grounding import auroc
+from ..storage.files import atomic_path
 from .conversations import estimator_digest, read_row_entries
 from .metrics import bootstrap_se
 
@@ -181,7 +181,7 @@ def groundedness_record(summary: dict[str, Any], examples: str) -> dict[str, dic
 def record_groundedness(folder: str | os.PathLike[str], summary: dict[str, Any], examples: str) -> None:
     """Keep a groundedness evaluation in the estimator's config and model card, beside the other sets' (other
     metadata untouched)."""
-    from ..estimator import ScoreEstimator
+    from ..attribution.estimator import ScoreEstimator
 
     estimator = ScoreEstimator.from_folder(folder)
     previous = estimator.metadata.get("groundedness_evaluation")

@@ -28,20 +28,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..ablation import (
+from ..attribution.estimator import ScoreEstimator
+from ..attribution.refine import RefinementPrior, most_informative, refine_scores
+from ..attributor import Attributor
+from ..capture.features import answer_targets, target_features
+from ..capture.masked import (
     ablated_answer_logit_probs,
     random_masks,
     target_log_odds,
     target_log_prob,
 )
-from ..attributor import Attributor
 from ..errors import InputFileError
-from ..estimator import ScoreEstimator
+from ..evidence.layout import source_layout
 from ..examples import example_digest, example_seed, read_examples
-from ..features import answer_targets, target_features
-from ..files import atomic_path, read_user_text
-from ..layout import source_layout
-from ..refine import RefinementPrior, most_informative, refine_scores
+from ..storage.files import atomic_path, read_user_text
 from . import metrics as _builtin_metrics  # noqa: F401 - registers the built-in metrics (LDS, top-k drop)
 from .baselines import leave_one_out_scores, surrogate_scores
 from .registry import COST_COLUMNS, MethodScores, Metric, MetricColumn, columns, metrics

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
-from ..layout import SOURCE_KINDS, TARGET_KINDS
+from ..evidence.layout import SOURCE_KINDS, TARGET_KINDS
 from ..models import device_argument
 
 # `evaluate` options of the single-turn evaluation alone (None unless given), and their defaults there
@@ -22,9 +22,9 @@ SINGLE_TURN_DEFAULTS: dict[str, Any] = {
 def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool = True) -> Any:
     """The model of `--model` (default: the embedded one) with `estimator`, else its shipped estimator (what
     `evaluate` measures), or with `shipped=False` uniform weights (collection needs no trained estimator)."""
+    from ..attribution.estimator import ScoreEstimator
     from ..attributor import Attributor
-    from ..capture import model_shape
-    from ..estimator import ScoreEstimator
+    from ..capture.attention import model_shape
     from ..models import load_default_model, load_model
     from .collect import process_split
 
@@ -146,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..estimator import ScoreEstimator
+    from ..attribution.estimator import ScoreEstimator
     from ..evaluation.report import evaluate, merge_reports, record_evaluation, write_report
 
     if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
@@ -226,7 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_groundedness(args: argparse.Namespace) -> int:
     """`evaluate --groundedness`: both groundedness modes against the measured label; rows go to OUTPUT.jsonl
     (resumable), the summary to OUTPUT."""
-    from ..estimator import ScoreEstimator
+    from ..attribution.estimator import ScoreEstimator
     from ..evaluation.groundedness import evaluate_groundedness, mismatched_ids, record_groundedness
     from ..examples import read_examples
 
@@ -248,10 +248,10 @@ def _evaluate_groundedness(args: argparse.Namespace) -> int:
 def _evaluate_conversations(args: argparse.Namespace) -> int:
     """`evaluate --conversations`: each example becomes a conversation; rows go to OUTPUT.jsonl (resumable),
     the summary to OUTPUT."""
-    from ..estimator import ScoreEstimator
+    from ..attribution.estimator import ScoreEstimator
     from ..evaluation.conversations import evaluate_conversations, record_conversations
     from ..examples import read_examples
-    from ..files import atomic_path
+    from ..storage.files import atomic_path
 
     names = [Path(b).name for b in args.baseline or []]
     if len(set(names)) != len(names):

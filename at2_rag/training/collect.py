@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..ablation import ablated_answer_logit_probs, random_masks, target_log_odds
 from ..attributor import Attributor
+from ..capture.features import answer_targets, target_features
+from ..capture.masked import ablated_answer_logit_probs, random_masks, target_log_odds
 from ..errors import (
     ContextTooLongError,
     InvalidExamplesError,
@@ -31,11 +32,10 @@ from ..errors import (
     NoDocumentsError,
     PromptRenderError,
 )
+from ..evidence.layout import SOURCE_KINDS, TARGET_KINDS, SourceKind, TargetKind, document_token_sources, source_layout
 from ..examples import example_seed
-from ..features import answer_targets, target_features
-from ..files import atomic_path
-from ..layout import SOURCE_KINDS, TARGET_KINDS, SourceKind, TargetKind, document_token_sources, source_layout
-from ..sources import CharSpan
+from ..prompting.sources import CharSpan
+from ..storage.files import atomic_path
 from .data import (
     CollectedExample,
     Example,

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..errors import InputFileError, InvalidInputError
 from ..examples import Example, InvalidExample, ScannedExamples, read_examples, scan_examples
-from ..files import atomic_path
+from ..storage.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

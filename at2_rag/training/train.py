@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..attribution.estimator import ScoreEstimator
 from ..errors import InvalidInputError
-from ..estimator import ScoreEstimator
 from .data import CollectedExample, mask_kinds
 
 logger = logging.getLogger(__name__)

@@ -80,8 +80,8 @@ from at2_rag import (
     get_attributor,
     get_micro_batcher,
 )
-from at2_rag.evidence import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
-from at2_rag.marks import sentence_source
+from at2_rag.attribution.marks import sentence_source
+from at2_rag.evidence.groundedness import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
 from .security import LOOPBACK_NAMES, AuthFileError, RequestGuard, read_tokens
@@ -155,7 +155,7 @@ def earlier_answer(
     citation: Citation, support_threshold: float, grounded_threshold: float = 1.0
 ) -> dict[str, Any] | None:
     """The earlier assistant turn an answer sentence is shown as coming from, or None: the core's one rule for what a
-    sentence is marked with (`at2_rag.marks.sentence_source`).
+    sentence is marked with (`at2_rag.attribution.marks.sentence_source`).
 
     Measured (the sentence has `context_grounded`: groundedness "measured" in a conversation): removing every
     earlier turn lowers the sentence's log-odds by at least `grounded_threshold` nats, the best earlier turn it lists
@@ -222,7 +222,7 @@ def citation_payload(citation: Citation, support_threshold: float, grounded_thre
     in the `attribution` event's `citations`: `Citation.model_dump()` (with `grounded`, `supported`,
     `context_grounded`), context sources without their text, plus `earlier_answer` and `mark`.
 
-    One claim per sentence (`at2_rag.marks.sentence_source`): a sentence marked "earlier_answer" or
+    One claim per sentence (`at2_rag.attribution.marks.sentence_source`): a sentence marked "earlier_answer" or
     "not_from_documents" carries no document number (`cited` is empty), and document numbers come without a mark."""
     out = citation.model_dump(mode="json")
     out["context"] = [_context_json(c) for c in citation.context]

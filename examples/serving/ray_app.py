@@ -51,7 +51,7 @@ from at2_rag import (
     PromptRenderError,
     get_attributor,
 )
-from at2_rag.runner import check_max_new_tokens
+from at2_rag.capture._runner import check_max_new_tokens
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from langchain_core.messages.block_translators import register_translator
 from langchain_core.messages.content import Citation, create_citation
 
 from at2_rag import Attribution
-from at2_rag.result import context_key
+from at2_rag.attribution.result import context_key
 
 PROVIDER = "at2"
 #: the keys `attribution_metadata` adds to `Attribution.to_dict()`

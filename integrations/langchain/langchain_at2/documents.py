@@ -22,7 +22,7 @@ from langchain_core.messages.content import PlainTextContentBlock, create_plaint
 
 from at2_rag import Document as AT2Document
 from at2_rag import map_documents, to_document
-from at2_rag.sources import TEXT_PLAIN_BLOCK
+from at2_rag.prompting.sources import TEXT_PLAIN_BLOCK
 
 DocumentInput = Document | AT2Document | str | Mapping[str, Any]
 

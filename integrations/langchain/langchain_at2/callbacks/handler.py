@@ -30,8 +30,8 @@ from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
 
 from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
-from at2_rag.evidence import GroundednessMode, check_groundedness
-from at2_rag.refine import check_ablations
+from at2_rag.attribution.refine import check_ablations
+from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
 
 from .._loading import get_attributor
 from .._messages import last_human_text, to_chat_dicts

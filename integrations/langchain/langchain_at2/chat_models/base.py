@@ -26,11 +26,11 @@ from at2_rag import (
     PromptTemplate,
     get_micro_batcher,
 )
+from at2_rag.attribution.refine import check_ablations
 from at2_rag.errors import InvalidInputError
-from at2_rag.evidence import GroundednessMode, check_groundedness
-from at2_rag.locate import LocatedPrompt
-from at2_rag.refine import check_ablations
-from at2_rag.request import SystemPrompt
+from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
+from at2_rag.prompting.locate import LocatedPrompt
+from at2_rag.prompting.request import SystemPrompt
 
 from .._loading import get_attributor, is_default_model
 from .._messages import split_for_core, to_chat_dicts

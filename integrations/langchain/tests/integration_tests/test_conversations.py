@@ -17,7 +17,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import RunnablePassthrough
 
-from at2_rag.result import context_key
+from at2_rag.attribution.result import context_key
 from langchain_at2 import EVENT_NAME, AT2CallbackHandler, AT2Citations, ChatAT2
 from langchain_at2.annotations import context_refs
 

@@ -8,7 +8,14 @@ import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk
 
 from at2_rag import Attribution
-from at2_rag.result import Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore, UnlocatedDocument
+from at2_rag.attribution.result import (
+    Citation,
+    CitedDocument,
+    ContextSource,
+    DocumentScore,
+    SentenceScore,
+    UnlocatedDocument,
+)
 from langchain_at2 import attribution_from_metadata
 from langchain_at2.annotations import LANGCHAIN_KEYS, attribution_metadata, citation_annotations, trace_summary
 from langchain_at2.chat_models.base import _StopFilter

@@ -382,8 +382,8 @@ class AT2Instrumentation:
         top_sentences: int = 3,
         max_pending_streams: int = 64,
     ) -> None:
-        from at2_rag.evidence import check_groundedness
-        from at2_rag.refine import check_ablations
+        from at2_rag.attribution.refine import check_ablations
+        from at2_rag.evidence.groundedness import check_groundedness
 
         self.ablations = check_ablations(ablations)
         self.groundedness = check_groundedness(groundedness)
@@ -525,7 +525,7 @@ def instrument_at2(
     documents unlike the estimator's training data); "off" skips it. A bad value raises
     `at2_rag.InvalidInputError`.
     """
-    from at2_rag.evidence import check_groundedness
+    from at2_rag.evidence.groundedness import check_groundedness
 
     check_groundedness(groundedness)
     with _REGISTRY_LOCK:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import InputFileError
+from ..errors import InputFileError
 
 
 @contextlib.contextmanager

@@ -10,8 +10,8 @@ import os
 import threading
 from typing import Any
 
-from .attributor import Attributor
-from .models import DEFAULT_MODEL_ID
+from ..attributor import Attributor
+from ..models import DEFAULT_MODEL_ID
 
 #: names that select the embedded SmolLM2-135M-Instruct (its GGUF from `at2-rag download-model`, loaded offline)
 DEFAULT_MODEL_NAMES = frozenset({"default", DEFAULT_MODEL_ID, DEFAULT_MODEL_ID.split("/")[-1]})
@@ -50,7 +50,7 @@ def get_attributor(
         cached = _CACHE.get(key)
         if cached is None:
             if name == DEFAULT_MODEL_ID:
-                from .models import load_default_model
+                from ..models import load_default_model
 
                 model, tokenizer = load_default_model(device=device)
                 cached = Attributor(model, tokenizer, estimator=estimator)

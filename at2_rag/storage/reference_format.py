@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import EstimatorFormatError
+from ..errors import EstimatorFormatError
 from .validation import describe_validation_error, describe_value
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _float_tensor(value: Any, name: str, where: str, shape: tuple[int, ...]) -> 
 class ReferenceEstimator:
     """The checked contents of a reference estimator: what `ScoreEstimator.from_reference_weights` is built from.
 
-    Plain data, so this module needs nothing from `at2_rag.estimator` (which imports this one)."""
+    Plain data, so this module needs nothing from `at2_rag.attribution.estimator` (which imports this one)."""
 
     weights: torch.Tensor  # [num_layers * num_heads] float32, layer-major
     num_layers: int

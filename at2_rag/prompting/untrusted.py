@@ -111,7 +111,7 @@ def encode_prompt(tokenizer: Any, text: str, untrusted: Sequence[tuple[int, int]
             out_offsets.append(offsets[right])
     leaked = [i for i, tok in enumerate(out_ids) if tok in control and _overlaps(out_offsets[i], untrusted)]
     if leaked:  # cannot happen with a backend honouring encode_special_tokens; never hand such ids on
-        from .errors import PromptRenderError
+        from ..errors import PromptRenderError
 
         raise PromptRenderError(
             f"could not tokenize untrusted text without control tokens (token {out_ids[leaked[0]]} at characters "

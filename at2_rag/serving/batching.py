@@ -18,14 +18,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attributor import Attributor, RequestLike
-from .errors import AT2Error, InvalidInputError
-from .evidence import GroundednessMode, check_groundedness
-from .prompt import RenderedPrompt
-from .refine import check_ablations
-from .request import AttributionRequest
-from .result import Attribution
-from .runner import check_answer, check_max_new_tokens
+from ..attribution.refine import check_ablations
+from ..attribution.result import Attribution
+from ..attributor import Attributor, RequestLike
+from ..capture._runner import check_answer, check_max_new_tokens
+from ..errors import AT2Error, InvalidInputError
+from ..evidence.groundedness import GroundednessMode, check_groundedness
+from ..prompting.render import RenderedPrompt
+from ..prompting.request import AttributionRequest
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -680,7 +680,7 @@ def capture_base(implementation: str) -> str:
         raise UnsupportedModelError(
             f"attention implementation {implementation!r} has no capture backend in at2-rag (capturable: "
             f"{capturable}); switch the model with model.set_attn_implementation('sdpa') before attributing, or add "
-            "an entry with at2_rag.capture.register_backend"
+            "an entry with at2_rag.capture.attention.register_backend"
         )
     if backend.kernel is not None:
         return backend.name

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from .ablation import ablated_answer_logit_probs, cache_argument, full_attention_cache
-from .capture import CaptureState, capture_attention, install_capture, model_shape, text_config
-from .errors import ContextTooLongError, InvalidInputError
-from .evidence import GeneratedLogitProbs, token_logit_probs
+from ..errors import ContextTooLongError, InvalidInputError
+from ..prompting.render import RenderedPrompt
+from .attention import CaptureState, capture_attention, install_capture, model_shape, text_config
 from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
-from .prompt import RenderedPrompt
+from .logits import GeneratedLogitProbs
+from .masked import ablated_answer_logit_probs, cache_argument, full_attention_cache, token_logit_probs
 
 logger = logging.getLogger(__name__)
 

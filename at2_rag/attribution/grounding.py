@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import EstimatorFormatError
+from ..errors import EstimatorFormatError
 
 DEFAULT_THRESHOLD = 1.0  # nats: the definition of "depends on the documents" used in evaluation
 HEAD_TARGET_CAP = 5.0  # nats: the learned head's training targets are clipped to [-cap, cap]

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidInputError
-from .prompt import (
+from ..errors import InvalidInputError
+from .render import (
     ContextPart,
     RenderedMessages,
     RenderedPrompt,

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from .errors import InvalidInputError, PromptRenderError
+from ..errors import InvalidInputError, PromptRenderError
 from .sources import Document, Source, UnlocatedDocument, build_sources, context_key
 from .untrusted import control_token_strings, encode_prompt
 
@@ -102,7 +102,7 @@ class ContextPart:
 class RenderedPrompt:
     """The exact prompt the model sees, its tokens, and the token span of every source.
 
-    Built by `render_prompt` (at2-rag's own template) or by `at2_rag.locate.locate_prompt` (documents found
+    Built by `render_prompt` (at2-rag's own template) or by `at2_rag.prompting.locate.locate_prompt` (documents found
     inside a prompt rendered elsewhere; `unlocated_documents` lists the given documents it does not contain).
     """
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sources import UnlocatedDocument, context_key
+from ..prompting.sources import UnlocatedDocument, context_key
 
 ATTRIBUTION_SCHEMA = "at2-rag/attribution"
 ATTRIBUTION_SCHEMA_VERSION = 3  # 2: context sources, grounded, extra_forward_passes; 3: groundedness mode
@@ -264,7 +264,7 @@ class Attribution(BaseModel):
         """Save a heatmap of answer sentences x documents (scores) to `path` (PNG, SVG or PDF)."""
         import numpy as np
 
-        from .plotting import pyplot, save_figure
+        from ..plotting import pyplot, save_figure
 
         plt = pyplot()
 

@@ -24,11 +24,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import EstimatorFormatError, EstimatorMismatchError
-from .features import FEATURE_DEFINITION, FEATURE_VERSION
+from ..capture.features import FEATURE_DEFINITION, FEATURE_VERSION
+from ..errors import EstimatorFormatError, EstimatorMismatchError
+from ..storage.reference_format import PUBLISHED_ESTIMATORS, ReferenceEstimator, read_reference_estimator
+from ..storage.validation import describe_validation_error, describe_value
 from .grounding import GroundednessCalibration
-from .reference_format import PUBLISHED_ESTIMATORS, ReferenceEstimator, read_reference_estimator
-from .validation import describe_validation_error, describe_value
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class ScoreEstimator(torch.nn.Module):
     def update_card(self, folder: str | os.PathLike[str]) -> None:
         """Rewrite config.json and README.md of a saved estimator (metadata changed, weights did not); other
         files in the folder, such as a training report, stay."""
-        from .files import atomic_path
+        from ..storage.files import atomic_path
 
         folder = Path(folder)
         config = self._config_json()

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 
 class TemplateDefault:
@@ -36,7 +36,7 @@ SystemPrompt = str | None | TemplateDefault
 class AttributionRequest(BaseModel):
     """A question over documents, with the conversation so far, and optionally an answer produced elsewhere.
 
-    `documents` are anything `at2_rag.sources.to_document` accepts; `history` is earlier turns (role/content
+    `documents` are anything `at2_rag.prompting.sources.to_document` accepts; `history` is earlier turns (role/content
     dicts or framework messages). With `answer` set the answer is attributed with one forward pass; without it,
     the answer is generated with capture.
     """

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from .sources import CharSpan, split_sentences
-from .untrusted import encode_text
+from ..prompting.sources import CharSpan, split_sentences
+from ..prompting.untrusted import encode_text
 
 FEATURE_VERSION = 1
 FEATURE_DEFINITION = (

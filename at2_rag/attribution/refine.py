@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InvalidInputError, NoDocumentsError
+from ..errors import InvalidInputError, NoDocumentsError
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ from typing import Any
 
 import torch
 
-from .ablation import target_log_odds
+from ..capture._runner import CapturedRun
+from ..capture.features import answer_targets, target_features
+from ..capture.masked import target_log_odds
+from ..evidence.groundedness import GroundednessEvidence, GroundednessMode
+from ..evidence.layout import history_columns, refinement_units
+from ..prompting.render import RenderedPrompt
+from ..prompting.sources import CharSpan
 from .estimator import ScoreEstimator
-from .evidence import GroundednessEvidence, GroundednessMode
-from .features import answer_targets, target_features
 from .grounding import GroundednessCalibration
-from .layout import history_columns, refinement_units
-from .prompt import RenderedPrompt
 from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore
-from .runner import CapturedRun
-from .sources import CharSpan
 
 #: a sentence cites at most this many documents ...
 MAX_CITED_PER_SENTENCE = 3
@@ -243,7 +243,7 @@ class Scorer:
     def _grounded(
         grounding: GroundednessCalibration, scores: list[float], features: torch.Tensor, prompt: RenderedPrompt
     ) -> float:
-        """One target's groundedness (nats) from its scores and features `[columns, L*H]` (see `at2_rag.grounding`)."""
+        """One target's groundedness (nats) from its scores and features `[columns, L*H]`."""
         n_docs, turns = len(prompt.doc_sources), history_columns(prompt)
         return grounding.grounded(
             scores[:n_docs], [scores[c] for c in turns], features[:n_docs].sum(0), features[turns].sum(0)
