@@ -1,70 +1,44 @@
-"""at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG."""
+"""at2-rag: which retrieved documents did the answer actually use? AT2 attribution for RAG.
+
+The names here are what a user writes: the front door (`Attributor`) and its three stages' hand-offs
+(`Prepared` -> `Captured` -> `Attribution`, with `Evidence` between run and score), requests and documents, the
+estimator, model loading, serving helpers and the errors worth catching. Everything else lives in its subpackage
+(`prompting`, `capture`, `evidence`, `attribution`, `storage`, `serving`, `training`, `evaluation`).
+"""
 
 from ._version import __version__
 from .attribution.estimator import ScoreEstimator
-from .attribution.result import (
-    Attribution,
-    Citation,
-    CitedDocument,
-    ContextSource,
-    DocumentScore,
-    SentenceScore,
-    UnlocatedDocument,
-)
-from .attribution.scoring import Scorer
+from .attribution.result import Attribution, Citation, DocumentScore
 from .attributor import Attributor
-from .capture._runner import CapturedRun, ModelRunner
-from .errors import (
-    AT2Error,
-    ContextTooLongError,
-    DocumentsNotLocatedError,
-    EstimatorFormatError,
-    EstimatorMismatchError,
-    InvalidInputError,
-    ModelNotAvailableError,
-    NoDocumentsError,
-    PromptRenderError,
-    UnsupportedModelError,
-)
-from .models import DEFAULT_MODEL_ID, download_default_model, load_default_model, load_model
+from .capture.captured import Captured
+from .errors import AT2Error, ContextTooLongError, InvalidInputError, NoDocumentsError
+from .evidence.bundle import Evidence
+from .models import download_default_model, load_default_model, load_model
+from .prompting.prepared import Prepared
 from .prompting.render import PromptTemplate
-from .prompting.request import TEMPLATE_DEFAULT, AttributionRequest
-from .prompting.sources import Document, MappedDocuments, map_documents, to_document
+from .prompting.request import AttributionRequest
+from .prompting.sources import Document, map_documents, to_document
 from .serving.batching import MicroBatcher
-from .serving.shared import clear_shared_attributors, default_attributor, get_attributor, get_micro_batcher
+from .serving.shared import get_attributor, get_micro_batcher
 
 __all__ = [
     "AT2Error",
     "Attribution",
     "AttributionRequest",
     "Attributor",
-    "CapturedRun",
+    "Captured",
     "Citation",
-    "CitedDocument",
     "ContextTooLongError",
-    "DEFAULT_MODEL_ID",
     "Document",
     "DocumentScore",
-    "DocumentsNotLocatedError",
-    "EstimatorFormatError",
-    "EstimatorMismatchError",
+    "Evidence",
     "InvalidInputError",
+    "MicroBatcher",
     "NoDocumentsError",
-    "PromptRenderError",
+    "Prepared",
     "PromptTemplate",
     "ScoreEstimator",
-    "SentenceScore",
-    "ContextSource",
-    "UnlocatedDocument",
-    "UnsupportedModelError",
-    "MappedDocuments",
-    "MicroBatcher",
-    "ModelNotAvailableError",
-    "ModelRunner",
-    "Scorer",
-    "TEMPLATE_DEFAULT",
-    "clear_shared_attributors",
-    "default_attributor",
+    "__version__",
     "download_default_model",
     "get_attributor",
     "get_micro_batcher",
@@ -72,5 +46,4 @@ __all__ = [
     "load_model",
     "map_documents",
     "to_document",
-    "__version__",
 ]

@@ -1,7 +1,11 @@
-"""The Attributor: at2-rag's front door. Renders the prompt, has the runner generate (or take) the answer with
-attention capture, and has the scorer turn the captured features into an Attribution.
+"""The Attributor: at2-rag's front door, over three public stages with typed hand-offs.
 
-    sources -> prompt (`prompt`, `locate`) -> capture (`runner`) -> features -> estimator -> result (`scoring`)
+    prepare(request | messages) -> Prepared        the prompt rendered (or located), every check run once
+    run(Prepared | list[Prepared]) -> Captured      generation or one forward pass, with attention capture
+    measure_groundedness(Captured), ablate(Captured, k)   optional measured evidence (extra passes)
+    score(Captured, evidence) -> Attribution        features -> estimator -> citations
+
+`generate`, `stream` and `attribute` (and their batch forms) are each one call over those stages.
 """
 
 from __future__ import annotations
@@ -9,22 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from .attribution.estimator import ScoreEstimator
-from .attribution.refine import check_ablations
 from .attribution.result import Attribution, Citation
 from .attribution.scoring import Scorer
-from .capture._runner import CapturedRun, LiveGeneration, ModelRunner, check_answer, check_max_new_tokens
+from .capture._runner import LiveGeneration, ModelRunner
 from .capture.attention import paused_capture
-from .capture.features import answer_targets
+from .capture.captured import Captured
 from .errors import DocumentsNotLocatedError, InvalidInputError
+from .evidence.ablations import AblationEvidence, check_ablations, gather_ablations
+from .evidence.bundle import Evidence
 from .evidence.groundedness import GroundednessEvidence, GroundednessMode, MeasuredGroundedness, check_groundedness
+from .prompting.answer import answer_targets, encode_with_offsets
 from .prompting.locate import LocatedPrompt, locate_prompt
+from .prompting.prepared import Prepared, check_answer, check_max_new_tokens
 from .prompting.render import PromptTemplate, RenderedPrompt, render_messages_with_ranges, render_prompt
 from .prompting.request import TEMPLATE_DEFAULT, AttributionRequest, SystemPrompt
 from .prompting.sources import DocumentLike, normalize_documents
@@ -87,6 +95,9 @@ def _remaining_citations(streamed: list[Citation], final: list[Citation]) -> lis
 class Attributor:
     """Attribute a causal LM's answers to the documents in its prompt with AT2.
 
+    One call (`generate`, `stream`, `attribute`) or the stages one by one (`prepare`, `run`, `score`, with
+    `measure_groundedness` and `ablate` as evidence between run and score).
+
     `estimator` may be a ScoreEstimator, a folder, a reference `.pt` file or a Hub id; by default the
     estimator shipped for this model is used, else uniform average attention (with a warning).
     """
@@ -106,8 +117,8 @@ class Attributor:
         self.tokenizer = tokenizer
         self.template = template or PromptTemplate()
         self.model_id = model_id or getattr(model.config, "name_or_path", None) or None
-        self.runner = ModelRunner(model, tokenizer)
-        self.num_layers, self.num_heads = self.runner.num_layers, self.runner.num_heads
+        self._runner = ModelRunner(model, tokenizer)
+        self.num_layers, self.num_heads = self._runner.num_layers, self._runner.num_heads
         resolved = self._resolve_estimator(estimator)
         resolved.check_compatible(self.num_layers, self.num_heads, self.model_id if check_model_id else None)
         self.scorer = Scorer(resolved, support_threshold, grounded_threshold)
@@ -127,7 +138,13 @@ class Attributor:
     @property
     def context_window(self) -> int | None:
         """The model's context window in tokens (None when its config does not say)."""
-        return self.runner.context_window
+        return self._runner.context_window
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's lock: every run, pass and capture on this model holds it (hold it to keep the model for
+        several calls in a row; it is re-entrant)."""
+        return self._runner.lock
 
     @classmethod
     def from_pretrained(
@@ -169,10 +186,177 @@ class Attributor:
         )
         return ScoreEstimator.uniform(self.num_layers, self.num_heads, model_id=self.model_id)
 
-    # ---- public API -------------------------------------------------------------------------------------
+    # ---- stage 1: prepare ---------------------------------------------------------------------------------
+    def prepare(
+        self,
+        request: str | RequestLike | Sequence[Any] | None = None,
+        documents: Sequence[DocumentLike] | None = None,
+        history: Sequence[Any] | None = None,
+        system_prompt: SystemPrompt = TEMPLATE_DEFAULT,
+        answer: str | None = None,
+        *,
+        prompt: str | None = None,
+        query: str = "",
+        max_new_tokens: int = 256,
+        **generate_kwargs: Any,
+    ) -> Prepared:
+        """A request checked once and made into what `run` needs (`Prepared`).
+
+        - `request` a question (with `documents`, optional `history`, `system_prompt`, `answer`), an
+          `AttributionRequest` or a dict with its keys: at2-rag's own prompt (the template's user turn, the chat
+          template) with every source's token span.
+        - `request` chat messages (role/content dicts, LangChain/LlamaIndex messages), or `prompt=` the exact
+          prompt text: a prompt rendered elsewhere, with `documents` located inside it (`at2_rag.prompting.locate`;
+          those not found are listed in `Prepared.unlocated_documents`); `query`, found in it, is scored as the
+          question and labels the result.
+
+        With an `answer` the run attributes it with one forward pass; without one it generates (greedy by default;
+        `max_new_tokens`, `generate_kwargs`). Raises `InvalidInputError` for malformed input and
+        `ContextTooLongError` when the prompt plus the answer (or `max_new_tokens`) exceeds the context window."""
+        check_max_new_tokens(max_new_tokens)
+        if prompt is not None or _is_messages(request):
+            if prompt is not None and request is not None:
+                raise InvalidInputError("pass either chat messages or prompt=, not both")
+            if history is not None or system_prompt is not TEMPLATE_DEFAULT:
+                raise InvalidInputError("a prompt rendered elsewhere already holds its history and system prompt")
+            located = self._locate(request if prompt is None else prompt, documents or (), query)
+            return self._checked(located.prompt, query, answer, max_new_tokens, generate_kwargs)
+        if query:
+            raise InvalidInputError("query= labels a prompt rendered elsewhere; pass the question as the request")
+        parsed = self._request(request, documents, history, system_prompt, answer)
+        return self._checked(self._render(parsed), parsed.query, parsed.answer, max_new_tokens, generate_kwargs)
+
+    def _checked(
+        self,
+        prompt: RenderedPrompt,
+        query: str,
+        answer: str | None,
+        max_new_tokens: int,
+        generate_kwargs: Mapping[str, Any],
+    ) -> Prepared:
+        """The checks every prepared request passes once: the answer (encoded as untrusted text) and the context
+        window (prompt plus answer, or plus `max_new_tokens`)."""
+        tokens = None
+        if answer is not None:
+            tokens = encode_with_offsets(self.tokenizer, check_answer(answer))
+            self._runner.check_fits(prompt, answer_tokens=len(tokens.token_ids))
+        else:
+            self._runner.check_fits(prompt, max_new_tokens)
+        return Prepared(prompt, query, tokens, max_new_tokens, dict(generate_kwargs))
+
+    # ---- stage 2: run -------------------------------------------------------------------------------------
+    @overload
+    def run(self, prepared: Prepared) -> Captured: ...
+
+    @overload
+    def run(self, prepared: Sequence[Prepared]) -> list[Captured]: ...
+
+    def run(self, prepared: Prepared | Sequence[Prepared]) -> Captured | list[Captured]:
+        """Run prepared requests with attention capture: the answer generated, or (a request with an answer) one
+        forward pass over prompt + answer. A list runs in one left-padded batch, each result equal to its run
+        alone (the same greedy answer; features equal up to float rounding): all generate with the same settings,
+        or all carry an answer."""
+        if isinstance(prepared, Prepared):
+            return self._run_one(prepared)
+        batch = _checked_batch(prepared)
+        if not batch:
+            return []
+        prompts = [p.prompt for p in batch]
+        if batch[0].answer is not None:
+            runs = self._runner.forward_batch(prompts, [p.answer for p in batch if p.answer is not None])
+        else:
+            runs = self._runner.generate_batch(prompts, batch[0].max_new_tokens, **batch[0].generate_kwargs)
+        for run, p in zip(runs, batch):
+            run.query = p.query
+        return runs
+
+    def _run_one(self, prepared: Prepared, **extra: Any) -> Captured:
+        if prepared.answer is not None:
+            run = self._runner.forward(prepared.prompt, prepared.answer)
+        else:
+            kwargs = {**prepared.generate_kwargs, **extra}
+            run = self._runner.generate(prepared.prompt, prepared.max_new_tokens, **kwargs)
+        run.query = prepared.query
+        return run
+
+    def span_features(self, captured: Captured, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """`[answer tokens, spans, L*H]`: the run's answer rows' attention features to arbitrary prompt token spans
+        (token-level collection: every document token its own source), one teacher-forced pass over the run's own
+        tokens, so the rows are exactly those its labels are measured on."""
+        return self._runner.span_features(captured, spans)
+
+    # ---- evidence (optional passes) -----------------------------------------------------------------------
+    def measure_groundedness(
+        self, captured: Captured, meter: MeasuredGroundedness | None = None
+    ) -> GroundednessEvidence:
+        """The measured groundedness evidence of a run: its answer with every document removed and, in a
+        conversation, with every earlier turn removed (see `at2_rag.evidence.groundedness`); one pass each over
+        the prompt outside them and the answer. `meter`: passes already fed part of this answer (streaming)."""
+        if meter is None:
+            meter = MeasuredGroundedness(self.model, captured.prompt, captured.prefix_cache, captured.prefix_length)
+            captured.prefix_cache = None  # extended by the pass: not the prompt's prefix any more
+        with self.lock:
+            return meter.evidence(captured)
+
+    def ablate(
+        self, captured: Captured, ablations: int, evidence: GroundednessEvidence | None = None
+    ) -> AblationEvidence | None:
+        """`ablations=k` passes over the run's documents and earlier turns, the most informative k masks (see
+        `at2_rag.evidence.ablations`); masks `evidence` already measured are reused. None when there is nothing to
+        ablate (k = 0, no documents, an empty answer)."""
+        return gather_ablations(self.model, captured, ablations, evidence)
+
+    def gather_evidence(
+        self,
+        captured: Captured,
+        groundedness: GroundednessMode = "measured",
+        ablations: int = 0,
+        meter: MeasuredGroundedness | None = None,
+    ) -> Evidence:
+        """The evidence the one-call methods gather: measured groundedness first (when measured), then the
+        ablation passes (reusing its masks)."""
+        check_groundedness(groundedness)
+        check_ablations(ablations)
+        measured = self.measure_groundedness(captured, meter) if groundedness == "measured" else None
+        return Evidence(measured, self.ablate(captured, ablations, measured))
+
+    # ---- stage 3: score -----------------------------------------------------------------------------------
+    def score(
+        self,
+        captured: Captured,
+        evidence: Evidence | GroundednessEvidence | AblationEvidence | None = None,
+        groundedness: GroundednessMode | None = None,
+    ) -> Attribution:
+        """The Attribution of a run: per-document, per-sentence and per-answer-sentence scores and citations.
+
+        `evidence` refines it: measured groundedness (`measure_groundedness`) gives each sentence's exact
+        `grounded`; ablation passes (`ablate`) refine the scores. `groundedness` defaults to "measured" when the
+        evidence holds it, else "estimated" (the estimator's zero-pass head); "off" computes none."""
+        if isinstance(evidence, GroundednessEvidence):
+            evidence = Evidence(groundedness=evidence)
+        elif isinstance(evidence, AblationEvidence):
+            evidence = Evidence(ablations=evidence)
+        if groundedness is None:
+            groundedness = "measured" if evidence is not None and evidence.groundedness is not None else "estimated"
+        check_groundedness(groundedness)
+        if groundedness == "measured" and (evidence is None or evidence.groundedness is None):
+            raise InvalidInputError('groundedness="measured" needs evidence from measure_groundedness(captured)')
+        return self.scorer.attribution(captured, groundedness, evidence)
+
+    def _attribution(
+        self,
+        captured: Captured,
+        ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
+        meter: MeasuredGroundedness | None = None,
+    ) -> Attribution:
+        """Evidence, then score: what every one-call method ends with."""
+        return self.score(captured, self.gather_evidence(captured, groundedness, ablations, meter), groundedness)
+
+    # ---- one call -----------------------------------------------------------------------------------------
     def generate(
         self,
-        query: str | RequestLike,
+        query: str | RequestLike | Prepared,
         documents: Sequence[DocumentLike] | None = None,
         history: Sequence[Any] | None = None,
         system_prompt: SystemPrompt = TEMPLATE_DEFAULT,
@@ -190,18 +374,18 @@ class Attributor:
         held-out Python documentation, 0.83 ± 0.03 on Debian package descriptions and 0.71 ± 0.05 there when the
         question was asked over another question's documents (docs/training.md); "off" skips it. `grounded`
         measures dependence on the documents, not truth. `ablations=k` pays k ablation
-        passes to refine the scores (see `at2_rag.attribution.refine`).
+        passes to refine the scores (see `at2_rag.evidence.ablations`).
 
-        `query` may also be an `AttributionRequest` (or a dict with its keys) instead of the separate arguments."""
-        request = self._request(query, documents, history, system_prompt)
+        `query` may also be an `AttributionRequest` (or a dict with its keys), or a `Prepared` request, instead of
+        the separate arguments."""
         check_ablations(ablations)
         check_groundedness(groundedness)
-        run = self.runner.generate(self.render(request), max_new_tokens, **generate_kwargs)
-        return self.build_attribution(run, request.query, ablations, groundedness)
+        prepared = self._to_generate(query, documents, history, system_prompt, max_new_tokens, generate_kwargs)
+        return self._attribution(self._run_one(prepared), ablations, groundedness)
 
     def stream(
         self,
-        query: str | RequestLike,
+        query: str | RequestLike | Prepared,
         documents: Sequence[DocumentLike] | None = None,
         history: Sequence[Any] | None = None,
         system_prompt: SystemPrompt = TEMPLATE_DEFAULT,
@@ -216,11 +400,11 @@ class Attributor:
         With `sentence_citations=True`, each answer sentence's `Citation` is also yielded as soon as the sentence is
         complete, in answer order, after the text chunks that hold it, and the rest when the text ends: one per
         sentence of the final `Attribution.citations`, which are equal to them. A sentence is complete when the
-        answer-sentence splitter (`features.answer_targets`, the one scoring uses) finds a later sentence whose
-        first word is complete. Attention is causal, so that sentence's features no longer change: its citation
-        is computed then, from the features captured so far (no extra forward pass), and is its final one. It costs
-        reading the capture once per completed sentence. Not with `ablations` > 0 (`InvalidInputError`): refined
-        scores exist only after the whole answer.
+        answer-sentence splitter (`prompting.answer.answer_targets`, the one scoring uses) finds a later sentence
+        whose first word is complete. Attention is causal, so that sentence's features no longer change: its
+        citation is computed then, from the features captured so far (no extra forward pass), and is its final one.
+        It costs reading the capture once per completed sentence. Not with `ablations` > 0 (`InvalidInputError`):
+        refined scores exist only after the whole answer.
 
         Bad input and a prompt + max_new_tokens that exceeds the context window raise on the first `next()`, in
         the caller's thread, before the generation thread starts. `ablations=k` refines after the text ends.
@@ -228,13 +412,14 @@ class Attributor:
         `groundedness` as in `generate`; measured with `sentence_citations=True`, each completed sentence's tokens
         are run through the documents-free pass as the sentence completes (between decode steps, over a KV cache),
         so the streamed citations carry their measured `grounded` and the whole stream still pays one pass."""
-        request = self._request(query, documents, history, system_prompt)
         check_ablations(ablations)
         check_groundedness(groundedness)
+        prepared = self._to_generate(query, documents, history, system_prompt, max_new_tokens, generate_kwargs)
         if not sentence_citations:
-            for item in self.runner.stream(self.render(request), max_new_tokens, **generate_kwargs):
-                if isinstance(item, CapturedRun):
-                    yield self.build_attribution(item, request.query, ablations, groundedness)
+            for item in self._runner.stream(prepared.prompt, prepared.max_new_tokens, **prepared.generate_kwargs):
+                if isinstance(item, Captured):
+                    item.query = prepared.query
+                    yield self._attribution(item, ablations, groundedness)
                 else:
                     yield item
             return
@@ -244,15 +429,17 @@ class Attributor:
                 f"{ablations} refines the scores only after the whole answer: stream with ablations=0, or attribute "
                 "with ablations after the text"
             )
-        prompt = self.render(request)
-        meter = MeasuredGroundedness(self.model, prompt) if groundedness == "measured" else None
+        meter = MeasuredGroundedness(self.model, prepared.prompt) if groundedness == "measured" else None
         tracker = _SentenceTracker(self.scorer, groundedness, meter)
         held: deque[Citation] = deque()  # citations whose sentence's text is not all yielded yet
         streamed: list[Citation] = []
         text_length = 0
-        for item in self.runner.stream(prompt, max_new_tokens, on_step=tracker, **generate_kwargs):
-            if isinstance(item, CapturedRun):
-                attribution = self.build_attribution(item, request.query, 0, groundedness, meter)
+        for item in self._runner.stream(
+            prepared.prompt, prepared.max_new_tokens, on_step=tracker, **prepared.generate_kwargs
+        ):
+            if isinstance(item, Captured):
+                item.query = prepared.query
+                attribution = self._attribution(item, 0, groundedness, meter)
                 streamed.extend(held)
                 yield from held
                 yield from _remaining_citations(streamed, attribution.citations)
@@ -269,7 +456,7 @@ class Attributor:
 
     def attribute(
         self,
-        query: str | RequestLike,
+        query: str | RequestLike | Prepared,
         documents: Sequence[DocumentLike] | None = None,
         answer: str | None = None,
         history: Sequence[Any] | None = None,
@@ -279,17 +466,22 @@ class Attributor:
     ) -> Attribution:
         """Attribute an answer produced elsewhere with one forward pass over prompt + answer (plus the measured
         groundedness pass, see `generate`, and `ablations` refinement passes). `query` may be an
-        `AttributionRequest` carrying the answer."""
-        request = self._request(query, documents, history, system_prompt, answer)
+        `AttributionRequest` carrying the answer, or a `Prepared` request with one."""
         check_ablations(ablations)
         check_groundedness(groundedness)
-        check_answer(request.answer)
-        run = self.runner.forward(self.render(request), request.answer)  # type: ignore[arg-type]
-        return self.build_attribution(run, request.query, ablations, groundedness)
+        if isinstance(query, Prepared):
+            prepared = self._alone(query, documents, history, system_prompt, answer)
+            if prepared.answer is None:
+                raise InvalidInputError("attribute needs a prepared request with an answer")
+        else:
+            parsed = self._request(query, documents, history, system_prompt, answer)
+            check_answer(parsed.answer)
+            prepared = self._checked(self._render(parsed), parsed.query, parsed.answer, 256, {})
+        return self._attribution(self._run_one(prepared), ablations, groundedness)
 
     def generate_batch(
         self,
-        requests: Sequence[RequestLike],
+        requests: Sequence[RequestLike | Prepared],
         max_new_tokens: int = 256,
         ablations: int = 0,
         groundedness: GroundednessMode = "measured",
@@ -301,32 +493,34 @@ class Attributor:
         check_ablations(ablations)
         check_groundedness(groundedness)
         check_max_new_tokens(max_new_tokens)
-        prompts = [self.render(r) for r in parsed]
-        runs = self.runner.generate_batch(prompts, max_new_tokens, **generate_kwargs)
-        return [self.build_attribution(run, r.query, ablations, groundedness) for run, r in zip(runs, parsed)]
+        if "streamer" in generate_kwargs:
+            raise InvalidInputError("generate_batch does not stream: stream each request with `stream`")
+        prepared = [
+            r
+            if isinstance(r, Prepared)
+            else self._checked(self._render(r), r.query, None, max_new_tokens, generate_kwargs)
+            for r in parsed
+        ]
+        return [self._attribution(run, ablations, groundedness) for run in self.run(prepared)]
 
     def attribute_batch(
-        self, requests: Sequence[RequestLike], ablations: int = 0, groundedness: GroundednessMode = "measured"
+        self,
+        requests: Sequence[RequestLike | Prepared],
+        ablations: int = 0,
+        groundedness: GroundednessMode = "measured",
     ) -> list[Attribution]:
         """`attribute` for many requests (each with its `answer`) in one left-padded forward pass."""
         parsed = self._requests(requests)
         check_ablations(ablations)
         check_groundedness(groundedness)
         for i, r in enumerate(parsed):
-            if not isinstance(r.answer, str) or not r.answer.strip():
+            answer = r.answer if isinstance(r, AttributionRequest) else r.answer.text if r.answer else None
+            if not isinstance(answer, str) or not answer.strip():
                 raise InvalidInputError(f"request {i}: attribute_batch needs a non-empty answer in every request")
-        prompts = [self.render(r) for r in parsed]
-        runs = self.runner.forward_batch(prompts, [r.answer or "" for r in parsed])
-        return [self.build_attribution(run, r.query, ablations, groundedness) for run, r in zip(runs, parsed)]
-
-    def capture(self, request: RequestLike, max_new_tokens: int = 256, **generate_kwargs: Any) -> CapturedRun:
-        """The captured run of a request, before scoring: its answer generated, or, with `request.answer`, one
-        forward pass (what collection and evaluation score many ways)."""
-        parsed = AttributionRequest.coerce(request)
-        prompt = self.render(parsed)
-        if parsed.answer is not None:
-            return self.runner.forward(prompt, parsed.answer)
-        return self.runner.generate(prompt, max_new_tokens, **generate_kwargs)
+        prepared = [
+            r if isinstance(r, Prepared) else self._checked(self._render(r), r.query, r.answer, 256, {}) for r in parsed
+        ]
+        return [self._attribution(run, ablations, groundedness) for run in self.run(prepared)]
 
     def attribute_rendered(
         self,
@@ -342,9 +536,9 @@ class Attributor:
         """Attribute an answer to the documents inside a prompt rendered elsewhere (a framework's template).
 
         `prompt` is the exact prompt text, or chat messages (role/content dicts, LangChain/LlamaIndex messages)
-        rendered with the model's chat template. Each document is located in it (`at2_rag.prompting.locate`); documents
-        that are not found are listed, with the reason, in `Attribution.unlocated_documents`. With `answer`
-        given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
+        rendered with the model's chat template. Each document is located in it (`at2_rag.prompting.locate`);
+        documents that are not found are listed, with the reason, in `Attribution.unlocated_documents`. With
+        `answer` given, one forward pass over prompt + answer; with `answer=None`, the answer is generated after the
         prompt (greedy by default; `max_new_tokens`, `generate_kwargs`) with capture. `query` labels the
         result and, found in the prompt, is scored as the question. Raises `DocumentsNotLocatedError` (a
         `NoDocumentsError`, with `.unlocated`) when no document occurs in the prompt. `ablations=k` refines the
@@ -352,37 +546,12 @@ class Attributor:
         """
         check_ablations(ablations)
         check_groundedness(groundedness)
-        located = self.locate(prompt, documents, query)
+        located = self._locate(prompt, documents, query)
         if not located.located:
             raise DocumentsNotLocatedError(located.unlocated)
-        if answer is None:
-            run = self.runner.generate(located.prompt, max_new_tokens, **generate_kwargs)
-        else:
-            run = self.runner.forward(located.prompt, answer)
-        return self.build_attribution(run, query, ablations, groundedness)
-
-    def build_attribution(
-        self,
-        run: CapturedRun,
-        query: str,
-        ablations: int = 0,
-        groundedness: GroundednessMode = "measured",
-        meter: MeasuredGroundedness | None = None,
-    ) -> Attribution:
-        """Score a captured run (see `Scorer.attribution`): measured groundedness pays its passes first (`meter`:
-        passes already fed part of this answer), then `ablations=k` pays k refinement passes."""
-        check_groundedness(groundedness)
-        evidence = self.measure_groundedness(run, meter) if groundedness == "measured" else None
-        return self.scorer.attribution(run, query, ablations, self.runner.ablated_logit_probs, groundedness, evidence)
-
-    def measure_groundedness(self, run: CapturedRun, meter: MeasuredGroundedness | None = None) -> GroundednessEvidence:
-        """The measured groundedness evidence of a run: its answer with every document removed and, in a
-        conversation, with every earlier turn removed (see `at2_rag.evidence.groundedness`)."""
-        if meter is None:
-            meter = MeasuredGroundedness(self.model, run.prompt, run.prefix_cache, run.prefix_length)
-            run.prefix_cache = None  # extended by the pass: not the prompt's prefix any more
-        with self.runner.lock:
-            return meter.evidence(run)
+        check_max_new_tokens(max_new_tokens)
+        prepared = self._checked(located.prompt, query, answer, max_new_tokens, generate_kwargs)
+        return self._attribution(self._run_one(prepared), ablations, groundedness)
 
     def generate_text(
         self,
@@ -395,20 +564,52 @@ class Attributor:
 
         `prompt` is the exact prompt text or chat messages (rendered with the chat template, as in
         `attribute_rendered`). Greedy by default; serialised with every other run on this model."""
-        run = self.runner.generate(
-            self.locate(prompt).prompt, max_new_tokens, capture=False, streamer=streamer, **generate_kwargs
-        )
+        check_max_new_tokens(max_new_tokens)
+        located = self._locate(prompt).prompt
+        self._runner.check_fits(located, max_new_tokens)
+        run = self._runner.generate(located, max_new_tokens, capture=False, streamer=streamer, **generate_kwargs)
         return run.answer.text
 
     def stream_text(
         self, prompt: str | Sequence[Any], max_new_tokens: int = 256, **generate_kwargs: Any
     ) -> Iterator[str]:
         """`generate_text`, yielding the text in chunks as it is generated."""
-        for item in self.runner.stream(self.locate(prompt).prompt, max_new_tokens, capture=False, **generate_kwargs):
+        check_max_new_tokens(max_new_tokens)
+        located = self._locate(prompt).prompt
+        self._runner.check_fits(located, max_new_tokens)
+        for item in self._runner.stream(located, max_new_tokens, capture=False, **generate_kwargs):
             if isinstance(item, str):
                 yield item
 
     # ---- prompts ----------------------------------------------------------------------------------------
+    def _to_generate(
+        self,
+        query: Any,
+        documents: Any,
+        history: Any,
+        system_prompt: Any,
+        max_new_tokens: int,
+        generate_kwargs: Mapping[str, Any],
+    ) -> Prepared:
+        """`generate`/`stream`'s request: a `Prepared` one as it is (nothing else may be given), else prepared to
+        generate (an answer a request carries is not used: these methods generate)."""
+        if isinstance(query, Prepared):
+            if generate_kwargs:
+                raise InvalidInputError("a Prepared request already holds its generation settings: pass it alone")
+            prepared = self._alone(query, documents, history, system_prompt, None)
+            if prepared.answer is not None:
+                raise InvalidInputError("this Prepared request carries an answer: attribute it with `attribute`")
+            return prepared
+        parsed = self._request(query, documents, history, system_prompt)
+        check_max_new_tokens(max_new_tokens)
+        return self._checked(self._render(parsed), parsed.query, None, max_new_tokens, generate_kwargs)
+
+    @staticmethod
+    def _alone(prepared: Prepared, documents: Any, history: Any, system_prompt: Any, answer: Any) -> Prepared:
+        if any(v is not None for v in (documents, history, answer)) or system_prompt is not TEMPLATE_DEFAULT:
+            raise InvalidInputError("a Prepared request already holds its documents, history and answer: pass it alone")
+        return prepared
+
     @staticmethod
     def _request(
         query: Any, documents: Any, history: Any, system_prompt: Any, answer: str | None = None
@@ -431,10 +632,10 @@ class Attributor:
         )
 
     @staticmethod
-    def _requests(requests: Sequence[RequestLike]) -> list[AttributionRequest]:
-        if isinstance(requests, (str, Mapping, AttributionRequest)) or not isinstance(requests, Sequence):
+    def _requests(requests: Sequence[RequestLike | Prepared]) -> list[AttributionRequest | Prepared]:
+        if isinstance(requests, (str, Mapping, AttributionRequest, Prepared)) or not isinstance(requests, Sequence):
             raise InvalidInputError("requests must be a list of AttributionRequest objects or dicts")
-        return [AttributionRequest.coerce(r, i) for i, r in enumerate(requests)]
+        return [r if isinstance(r, Prepared) else AttributionRequest.coerce(r, i) for i, r in enumerate(requests)]
 
     def render(
         self,
@@ -443,9 +644,11 @@ class Attributor:
         history: Sequence[Any] | None = None,
         system_prompt: SystemPrompt = TEMPLATE_DEFAULT,
     ) -> RenderedPrompt:
-        """at2-rag's own prompt (the template's user turn, the chat template) with every source's token span,
-        for a request or the separate arguments."""
-        parsed = self._request(query, documents, history, system_prompt)
+        """at2-rag's own prompt (the template's user turn, the chat template) with every source's token span, for
+        a request or the separate arguments: what `prepare` runs, to look at (no run settings, no length check)."""
+        return self._render(self._request(query, documents, history, system_prompt))
+
+    def _render(self, parsed: AttributionRequest) -> RenderedPrompt:
         docs = normalize_documents(parsed.documents)
         template = self.template
         if parsed.system_prompt is not TEMPLATE_DEFAULT:
@@ -456,12 +659,42 @@ class Attributor:
         self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = (), query: str = ""
     ) -> LocatedPrompt:
         """A prompt rendered elsewhere, with `documents` located inside it (see `at2_rag.prompting.locate`), and its
-        earlier turns and question as context sources (`query`, when given, is found in the prompt).
+        earlier turns and question as context sources (`query`, when given, is found in the prompt): what
+        `prepare` runs for such a prompt, to look at.
 
         A string is used as the exact prompt text; messages are rendered with the chat template first."""
+        return self._locate(prompt, documents, query)
+
+    def _locate(
+        self, prompt: str | Sequence[Any], documents: Sequence[DocumentLike] = (), query: str = ""
+    ) -> LocatedPrompt:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidInputError("the prompt must be a non-empty string or a list of messages")
             return locate_prompt(self.tokenizer, prompt, documents, used_chat_template=False, query=query)
         chat = render_messages_with_ranges(self.tokenizer, prompt)
         return locate_prompt(self.tokenizer, chat, documents, query=query)
+
+
+def _is_messages(value: Any) -> bool:
+    """Chat messages (a list of role/content dicts or framework message objects), not a request or a question."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping, AttributionRequest))
+
+
+def _checked_batch(prepared: Sequence[Prepared]) -> list[Prepared]:
+    """A batch `run` can take: prepared requests that all generate with the same settings, or all carry an
+    answer."""
+    if isinstance(prepared, (str, Mapping)) or not isinstance(prepared, Sequence):
+        raise InvalidInputError("run takes a Prepared request or a list of them")
+    batch = list(prepared)
+    for i, p in enumerate(batch):
+        if not isinstance(p, Prepared):
+            raise InvalidInputError(f"item {i}: run takes Prepared requests (from `prepare`), got {type(p).__name__}")
+        if "streamer" in p.generate_kwargs:
+            raise InvalidInputError("generate_batch does not stream: stream each request with `stream`")
+    if batch and len({p.run_settings() for p in batch}) > 1:
+        raise InvalidInputError(
+            "a batch runs one way: every request generates with the same max_new_tokens and generate keyword "
+            "arguments, or every request carries an answer; run the others in their own batch"
+        )
+    return batch

@@ -7,16 +7,10 @@ import threading
 import pytest
 
 import at2_rag.capture._runner as runner_module
-from at2_rag import (
-    Attributor,
-    ContextTooLongError,
-    Document,
-    DocumentsNotLocatedError,
-    InvalidInputError,
-    NoDocumentsError,
-    UnlocatedDocument,
-)
+from at2_rag import Attributor, ContextTooLongError, Document, InvalidInputError, NoDocumentsError
 from at2_rag.capture.attention import text_config
+from at2_rag.errors import DocumentsNotLocatedError
+from at2_rag.prompting.sources import UnlocatedDocument
 
 QUERY = "When was the Eiffel Tower finished?"
 DOCS = [

@@ -12,13 +12,12 @@ from at2_rag import (
     Attributor,
     ContextTooLongError,
     Document,
-    EstimatorFormatError,
-    EstimatorMismatchError,
     InvalidInputError,
     NoDocumentsError,
     ScoreEstimator,
 )
 from at2_rag.capture.features import target_features
+from at2_rag.errors import EstimatorFormatError, EstimatorMismatchError
 
 QUERY = "When was the Eiffel Tower finished?"
 DOCS = [

@@ -29,8 +29,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from at2_rag import UnsupportedModelError
 from at2_rag.capture.attention import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
+from at2_rag.errors import UnsupportedModelError
 
 
 def source_matrix(prompt_tokens: int, spans) -> torch.Tensor:

@@ -21,8 +21,12 @@ from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_at
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from at2_rag import Citation, CitedDocument, ContextSource, InvalidInputError  # noqa: E402
-from at2_rag.attribution.result import ATTRIBUTION_SCHEMA_VERSION  # noqa: E402
+from at2_rag import Citation, InvalidInputError  # noqa: E402
+from at2_rag.attribution.result import (  # noqa: E402
+    ATTRIBUTION_SCHEMA_VERSION,  # noqa: E402
+    CitedDocument,
+    ContextSource,
+)
 
 QUESTION = "How many vacation days do I get per year?"
 RIGHT_DOC = "vacation-policy.md"

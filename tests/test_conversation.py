@@ -184,7 +184,8 @@ def test_groundedness_head_recovers_a_per_head_rule_and_refuses_bad_weights():
 def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
     """The shipped estimator has a head: a citation's `grounded` is that head applied to the sentence's
     features summed over the documents and the earlier turns, and refined runs use the surrogate instead."""
-    from at2_rag.capture.features import answer_targets, target_features
+    from at2_rag.capture.features import target_features
+    from at2_rag.prompting.answer import answer_targets
 
     calibration = att.scorer.groundedness(refined=False)
     assert calibration.document_weights is not None and calibration.history_weights is not None

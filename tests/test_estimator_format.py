@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from at2_rag import EstimatorFormatError, ScoreEstimator
+from at2_rag import ScoreEstimator
 from at2_rag.attribution.estimator import load_reference_estimator
+from at2_rag.errors import EstimatorFormatError
 
 Mutation = Callable[[dict[str, Any]], None]
 

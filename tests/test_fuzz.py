@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from test_spans import check_spans, representable
 
 from at2_rag import AT2Error, Document
-from at2_rag.capture.features import encode_with_offsets
 from at2_rag.errors import InvalidInputError, PromptRenderError
+from at2_rag.prompting.answer import encode_with_offsets
 from at2_rag.prompting.locate import _on_word_boundaries, _straddles, control_regions, locate_documents, locate_prompt
 from at2_rag.prompting.render import PromptTemplate, render_messages_with_ranges, render_prompt
 from at2_rag.prompting.untrusted import control_token_ids

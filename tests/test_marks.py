@@ -1,12 +1,13 @@
-"""One claim per answer sentence (at2_rag.attribution.marks): document numbers, "from the earlier answer" or "not from the
+"""One claim per answer sentence (attribution.marks): document numbers, "from the earlier answer" or "not from the
 documents", decided by the measured (or estimated) values; never two at once (issue 36 point 8)."""
 
 from __future__ import annotations
 
 import pytest
 
-from at2_rag import Citation, CitedDocument, ContextSource
+from at2_rag import Citation
 from at2_rag.attribution.marks import SentenceSource, earlier_turn, repeats, sentence_source
+from at2_rag.attribution.result import CitedDocument, ContextSource
 
 EARLIER = "The Canopy API allows up to 10 requests per minute per workspace."
 

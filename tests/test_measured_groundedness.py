@@ -12,9 +12,9 @@ from test_stream_citations import MAX_NEW_TOKENS as TOUR_TOKENS
 from test_stream_citations import QUERY as TOUR_QUERY
 
 from at2_rag import Attributor, InvalidInputError
-from at2_rag.capture.features import answer_targets
 from at2_rag.capture.masked import ablation_attention_mask, answer_logit_probs, target_log_odds
 from at2_rag.evidence.groundedness import RemovedSourcesPass, removed_answer_logit_probs
+from at2_rag.prompting.answer import answer_targets
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from at2_rag import ModelNotAvailableError, download_default_model, load_default_model, models
+from at2_rag import download_default_model, load_default_model, models
 from at2_rag.cli import main
+from at2_rag.errors import ModelNotAvailableError
 from at2_rag.models import CACHE_ENV, GGUF_WHEEL_MEMBER, default_gguf_path, downloaded_gguf_path
 
 pytestmark = pytest.mark.slow

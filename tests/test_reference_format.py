@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from at2_rag import Attributor, EstimatorFormatError, EstimatorMismatchError, ScoreEstimator
+from at2_rag import Attributor, ScoreEstimator
 from at2_rag.attribution.estimator import load_reference_estimator
+from at2_rag.errors import EstimatorFormatError, EstimatorMismatchError
 from at2_rag.storage.reference_format import PUBLISHED_ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[1]

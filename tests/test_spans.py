@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from at2_rag import Document, InvalidInputError, PromptRenderError, PromptTemplate
+from at2_rag import Document, InvalidInputError, PromptTemplate
+from at2_rag.errors import PromptRenderError
 from at2_rag.prompting.render import render_prompt, token_spans_for_ranges
 
 

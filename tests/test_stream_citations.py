@@ -13,7 +13,7 @@ import torch
 
 from at2_rag import Attribution, Citation, InvalidInputError
 from at2_rag.capture._runner import LiveGeneration
-from at2_rag.capture.features import answer_targets, decode_with_offsets
+from at2_rag.prompting.answer import answer_targets, decode_with_offsets
 
 DOCS = [
     {

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from at2_rag import EstimatorFormatError, ScoreEstimator
+from at2_rag import ScoreEstimator
 from at2_rag.capture.masked import (
     ablated_answer_logit_probs,
     ablation_attention_mask,
@@ -28,6 +28,7 @@ from at2_rag.capture.masked import (
     target_log_prob,
     token_logit_probs,
 )
+from at2_rag.errors import EstimatorFormatError
 from at2_rag.evaluation.baselines import lasso, leave_one_out_scores
 from at2_rag.evaluation.metrics import lds, rankdata, spearman, top_k_mask
 from at2_rag.training.data import CollectedExample, completed_ids, load_collected, read_examples, write_shard
@@ -477,8 +478,9 @@ def test_token_level_collection_features_add_up_to_the_documents(smollm):
     capture is exact, so an estimator trained on tokens applies to documents unchanged); labels are measured
     under masks over the tokens."""
     from at2_rag import Attributor
-    from at2_rag.capture.features import answer_targets, target_features
+    from at2_rag.capture.features import target_features
     from at2_rag.evidence.layout import document_token_sources
+    from at2_rag.prompting.answer import answer_targets
     from at2_rag.training.collect import collect_example
     from at2_rag.training.data import Example
 

@@ -7,21 +7,22 @@ lives here, beside the code that applies it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..capture._runner import CapturedRun
-from ..capture.features import answer_targets, target_features
+from ..capture.captured import Captured
+from ..capture.features import target_features
 from ..capture.masked import target_log_odds
+from ..evidence.bundle import Evidence
 from ..evidence.groundedness import GroundednessEvidence, GroundednessMode
 from ..evidence.layout import history_columns, refinement_units
+from ..prompting.answer import answer_targets
 from ..prompting.render import RenderedPrompt
 from ..prompting.sources import CharSpan
 from .estimator import ScoreEstimator
 from .grounding import GroundednessCalibration
-from .refine import RefinementPrior, check_ablations, choose_masks, refine_scores
+from .refine import RefinementPrior, refine_scores
 from .result import Attribution, Citation, CitedDocument, ContextSource, DocumentScore, SentenceScore
 
 #: a sentence cites at most this many documents ...
@@ -30,11 +31,6 @@ MAX_CITED_PER_SENTENCE = 3
 RELATIVE_CITATION_CUTOFF = 0.5
 #: ... and at least this score (unless the estimator's metadata sets `support_threshold`)
 DEFAULT_SUPPORT_THRESHOLD = 0.05
-
-#: runs the ablation passes of a refinement: (run, keep-masks `[k, units]`, the units' token spans) -> answer
-#: logit-probs `[k, tokens]`
-AblationPasses = Callable[[CapturedRun, torch.Tensor, list[tuple[int, int]]], torch.Tensor]
-
 
 @dataclasses.dataclass(frozen=True)
 class _Columns:
@@ -69,7 +65,7 @@ def _sentences_by_doc(prompt: RenderedPrompt) -> dict[int, list[tuple[int, Any]]
 
 
 class Scorer:
-    """Turns a CapturedRun into an Attribution with one estimator and one citation policy."""
+    """Turns a Captured into an Attribution with one estimator and one citation policy."""
 
     def __init__(
         self,
@@ -90,24 +86,20 @@ class Scorer:
 
     @torch.no_grad()
     def attribution(
-        self,
-        run: CapturedRun,
-        query: str,
-        ablations: int = 0,
-        ablation_passes: AblationPasses | None = None,
-        groundedness: GroundednessMode = "estimated",
-        evidence: GroundednessEvidence | None = None,
+        self, run: Captured, groundedness: GroundednessMode = "estimated", evidence: Evidence | None = None
     ) -> Attribution:
         """Scores, citations and groundedness of a run: documents, their sentences and the context parts
-        (earlier turns, system prompt, question) scored by the same estimator. With `ablations=k`, k ablation
-        passes (`ablation_passes`) over the documents and earlier turns (`refinement_units`) refine the scores of
-        the whole answer and of each answer sentence, with the AT2 scores as the prior (`_refined`); a mask whose
-        answer `evidence` (or the run itself) already measured is not run again.
+        (earlier turns, system prompt, question) scored by the same estimator. With ablation evidence
+        (`evidence.ablations`, k passes over the documents and earlier turns, `refinement_units`) the scores of the
+        whole answer and of each answer sentence are refined, with the AT2 scores as the prior (`_refined`).
 
-        `groundedness="measured"` takes each sentence's `grounded` from `evidence` (the measured drop when every
-        document is removed, and `context_grounded` when every earlier turn is); "estimated" from the estimator's
-        calibration (or the refined surrogate); "off" computes none (every sentence counts as supported)."""
-        if groundedness == "measured" and (evidence is None or evidence.documents_removed is None):
+        `groundedness="measured"` takes each sentence's `grounded` from `evidence.groundedness` (the measured drop
+        when every document is removed, and `context_grounded` when every earlier turn is); "estimated" from the
+        estimator's calibration (or the refined surrogate); "off" computes none (every sentence counts as
+        supported)."""
+        measured = evidence.groundedness if evidence is not None else None
+        ablated = evidence.ablations if evidence is not None else None
+        if groundedness == "measured" and (measured is None or measured.documents_removed is None):
             raise ValueError('groundedness="measured" needs the measured evidence (`GroundednessEvidence`)')
         prompt, answer = run.prompt, run.answer
         columns = _Columns(len(prompt.doc_sources), len(prompt.sentence_sources))
@@ -116,23 +108,18 @@ class Scorer:
         target_rows = [rows_all] + [rows for _, rows in targets]
         features = [target_features(run.token_features, rows) for rows in target_rows]
         scores = [self.estimator(f).tolist() for f in features]
-        passes = 0
-        spans, units = refinement_units(prompt)
-        if check_ablations(ablations) > 0 and units and answer.token_ids:
-            if ablation_passes is None:
-                raise ValueError("ablations > 0 needs the runner's ablation passes")
-            masks = choose_masks(len(units), ablations, prompt.text + "\x00" + answer.text)
-            logit_probs, passes = _measured_masks(run, masks, len(prompt.doc_sources), evidence, spans, ablation_passes)
+        _, units = refinement_units(prompt)
+        refined = ablated is not None
+        if ablated is not None:
+            if ablated.masks.shape[1] != len(units) or ablated.logit_probs.shape[1] != len(answer.token_ids):
+                raise ValueError("the ablation evidence was measured on another run")
             scores = [
-                self._refined(s, masks, target_log_odds(logit_probs, rows), units, prompt)
+                self._refined(s, ablated.masks, target_log_odds(ablated.logit_probs, rows), units, prompt)
                 for rows, s in zip(target_rows, scores)
             ]
-            refined = True
-        else:
-            refined = False
         whole, per_sentence = scores[0], scores[1:]
         grounding = self.groundedness(refined=refined)
-        measure = _GroundednessSource(groundedness, evidence)
+        measure = _GroundednessSource(groundedness, measured)
 
         sentences_by_doc = _sentences_by_doc(prompt)
         doc_scores, sent_scores = columns.documents(whole), columns.sentences(whole)
@@ -170,7 +157,7 @@ class Scorer:
                 grounded = self._grounded(grounding, whole, features[0], prompt) if columns.docs else float("-inf")
             supported = bool(grounded >= grounding.threshold)
         return Attribution(
-            query=query,
+            query=run.query,
             answer=answer.text,
             prompt=prompt.text,
             documents=documents,
@@ -185,14 +172,14 @@ class Scorer:
             finish_reason=run.finish_reason,
             unlocated_documents=list(prompt.unlocated_documents),
             context_sources=_context_sources(prompt, columns.context(whole)),
-            extra_forward_passes=passes + (evidence.passes if evidence is not None else 0),
+            extra_forward_passes=evidence.passes if evidence is not None else 0,
             groundedness=groundedness,
         )
 
     @torch.no_grad()
     def citation_for(
         self,
-        run: CapturedRun,
+        run: Captured,
         sentence_index: int,
         groundedness: GroundednessMode = "estimated",
         evidence: GroundednessEvidence | None = None,
@@ -359,33 +346,3 @@ class _GroundednessSource:
         if self.mode != "measured" or self.evidence is None:
             return None
         return self.evidence.turns_drop(rows)
-
-
-def _measured_masks(
-    run: CapturedRun,
-    masks: torch.Tensor,
-    num_documents: int,
-    evidence: GroundednessEvidence | None,
-    spans: list[tuple[int, int]],
-    ablation_passes: AblationPasses,
-) -> tuple[torch.Tensor, int]:
-    """`[masks, answer tokens]` logit-probs of the refinement's masks (over documents, then earlier turns) and
-    the number of passes run for them: a mask the run itself (everything kept) or the measured groundedness
-    passes (every document removed; every earlier turn removed) already answered is reused, not run twice."""
-    known: dict[tuple[bool, ...], torch.Tensor] = {}
-    units, turns = masks.shape[1], masks.shape[1] - num_documents
-    if run.answer_logit_probs is not None:
-        known[(True,) * units] = run.answer_logit_probs
-    if evidence is not None and evidence.documents_removed is not None:
-        known[(False,) * num_documents + (True,) * turns] = evidence.documents_removed
-    if evidence is not None and evidence.turns_removed is not None and turns:
-        known[(True,) * num_documents + (False,) * turns] = evidence.turns_removed
-    rows = [tuple(bool(b) for b in m) for m in masks.tolist()]
-    todo = [i for i, m in enumerate(rows) if m not in known]
-    out = torch.empty(masks.shape[0], len(run.answer.token_ids))
-    if todo:
-        out[todo] = ablation_passes(run, masks[todo], spans)
-    for i, m in enumerate(rows):
-        if m in known:
-            out[i] = known[m]
-    return out, len(todo)

@@ -9,69 +9,20 @@ import contextlib
 import functools
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import ContextTooLongError, InvalidInputError
+from ..errors import ContextTooLongError
+from ..prompting.answer import AnswerTokens, decode_with_offsets
 from ..prompting.render import RenderedPrompt
 from .attention import CaptureState, capture_attention, install_capture, model_shape, text_config
-from .features import AnswerTokens, decode_with_offsets, encode_with_offsets
+from .captured import Captured, model_lock
 from .logits import GeneratedLogitProbs
-from .masked import ablated_answer_logit_probs, cache_argument, full_attention_cache, token_logit_probs
+from .masked import cache_argument, full_attention_cache, token_logit_probs
 
 logger = logging.getLogger(__name__)
-
-ABLATION_BATCH_SIZE = 8
-
-
-@dataclass
-class CapturedRun:
-    """Everything one model run produced: the prompt, the answer, per-token features `[T, S, L*H]`
-    (sources = documents, then their sentences, then the context parts) and the model's own logit-prob of each
-    answer token in this run (`[T]`, the unmasked side of measured groundedness; None without capture)."""
-
-    prompt: RenderedPrompt
-    answer: AnswerTokens
-    token_features: torch.Tensor
-    finish_reason: str | None = None
-    answer_logit_probs: torch.Tensor | None = None
-    # the generation's KV cache of the prompt before its first document (positions a documents-free pass shares;
-    # only a lone captured generation on a full-attention model keeps it), and its length
-    prefix_cache: Any = field(default=None, repr=False, compare=False)
-    prefix_length: int = 0
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.prompt.doc_sources)
-
-
-_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """One lock per model (kept off the model so it can still be copied or pickled): runs on one model are
-    serialised, since a capture records every attention call made while it is active."""
-    with _LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
-
-
-def check_max_new_tokens(max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-
-
-def check_answer(answer: Any) -> None:
-    if not isinstance(answer, str) or not answer.strip():
-        raise InvalidInputError("answer must be a non-empty string")
-
 
 def source_spans(prompt: RenderedPrompt) -> list[tuple[int, int]]:
     """Documents, then sentences, then context parts: the column order of every captured feature tensor."""
@@ -171,7 +122,7 @@ class ModelRunner:
         on_state: Callable[[CaptureState], None] | None = None,
         recorder: GeneratedLogitProbs | None = None,
         **generate_kwargs: Any,
-    ) -> CapturedRun:
+    ) -> Captured:
         """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
 
         With `capture=False` it is a plain generation: no features (`token_features` has no source columns)
@@ -180,8 +131,6 @@ class ModelRunner:
         capture): a streamer may then read `state.features()` in its `put`, which runs in the generation thread
         between decode steps (see `stream(on_step=...)`); no other thread may touch the state. `recorder` (made
         here when not given) records the answer's logit-probs during a captured generation."""
-        check_max_new_tokens(max_new_tokens)
-        self.check_fits(prompt, max_new_tokens)
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
         kwargs = self._generate_kwargs(generate_kwargs)
         if streamer is not None:
@@ -213,23 +162,21 @@ class ModelRunner:
         answer, finish = self._answer(generated[0].tolist(), state is not None)
         if state is None or recorder is None:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
-            return CapturedRun(prompt, answer, features, finish)
+            return Captured(prompt, answer, features, finish)
         features = state.features()[0][: len(answer.token_ids)]
         recorded = recorder.finish(generated)
         logit_probs = None if recorded is None else recorded[0][: len(answer.token_ids)]
         if cache is not None:
             cache.crop(prefix_length - cache.get_seq_length())  # keep the positions before the first document
-        return CapturedRun(
+        return Captured(
             prompt, answer, features, finish, logit_probs, cache, prefix_length if cache is not None else 0
         )
 
-    def forward(self, prompt: RenderedPrompt, answer: str) -> CapturedRun:
-        """One forward pass over a ready prompt + `answer`, capturing the answer rows' attention to its sources."""
-        check_answer(answer)
-        tokens = encode_with_offsets(self.tokenizer, answer)
-        self.check_fits(prompt, answer_tokens=len(tokens.token_ids))
+    def forward(self, prompt: RenderedPrompt, tokens: AnswerTokens) -> Captured:
+        """One forward pass over a ready prompt + an answer's tokens, capturing the answer rows' attention to its
+        sources."""
         features, logit_probs = self._teacher_forced(prompt, tokens.token_ids, source_spans(prompt))
-        return CapturedRun(prompt, tokens, features, None, logit_probs)
+        return Captured(prompt, tokens, features, None, logit_probs)
 
     def _teacher_forced(
         self, prompt: RenderedPrompt, token_ids: Sequence[int], spans: Sequence[tuple[int, int]]
@@ -257,17 +204,15 @@ class ModelRunner:
         on_step: Callable[[LiveGeneration], Iterable[Any]] | None = None,
         **generate_kwargs: Any,
     ) -> Iterator[Any]:
-        """`generate` in a worker thread: yield text chunks (str) as they are generated, then the CapturedRun. The
+        """`generate` in a worker thread: yield text chunks (str) as they are generated, then the Captured. The
         length check runs in the caller's thread, before the worker starts; an error in the worker (`on_step`'s
         included) is re-raised here.
 
         `on_step(live)` is called in the generation thread after every generated token, between decode steps (no
         attention call in flight), with the `LiveGeneration` so far; whatever it returns is yielded, in order with
-        the text chunks, before the CapturedRun. It may call `live.captured()` (features of the tokens so far)."""
+        the text chunks, before the Captured. It may call `live.captured()` (features of the tokens so far)."""
         from transformers import TextIteratorStreamer
 
-        check_max_new_tokens(max_new_tokens)
-        self.check_fits(prompt, max_new_tokens)
         live = LiveGeneration(prompt, self.tokenizer)
         if capture:
             live.recorder = GeneratedLogitProbs(self.model)
@@ -303,29 +248,11 @@ class ModelRunner:
             raise outcome["error"]
         yield outcome["run"]
 
-    def span_features(self, run: CapturedRun, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def span_features(self, run: Captured, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
         """`[answer tokens, spans, L*H]`: the run's answer rows' attention features to arbitrary prompt spans
         (token-level collection: every document token its own source), one teacher-forced pass over the run's
         own tokens, so the rows are exactly those the run's labels are measured on."""
         return self._teacher_forced(run.prompt, run.answer.token_ids, spans)[0]
-
-    def ablated_logit_probs(
-        self, run: CapturedRun, masks: torch.Tensor, spans: Sequence[tuple[int, int]] | None = None
-    ) -> torch.Tensor:
-        """`[masks, answer tokens]` teacher-forced logit-probs of the run's answer with the sources where a mask
-        is False attention-masked (prefix-shared, batched): the refinement's ablation passes. `spans` are the
-        sources' token spans (default: the documents')."""
-        ids = run.prompt.input_ids + run.answer.token_ids
-        spans = run.prompt.doc_token_spans if spans is None else spans
-        with self.lock:
-            return ablated_answer_logit_probs(
-                self.model,
-                ids,
-                len(run.answer.token_ids),
-                spans,
-                masks,
-                batch_size=ABLATION_BATCH_SIZE,
-            )
 
     # ---- many requests in one batch ------------------------------------------------------------------------
     def _left_padded(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -380,19 +307,14 @@ class ModelRunner:
 
     def generate_batch(
         self, prompts: Sequence[RenderedPrompt], max_new_tokens: int = 256, **generate_kwargs: Any
-    ) -> list[CapturedRun]:
+    ) -> list[Captured]:
         """Generate after several prompts in one left-padded batch, with capture; each run as `generate` alone
         would return it (the same greedy tokens; features equal up to float rounding).
 
         Left padding makes every prompt end at the same position, so one capture window covers every row's
         answer; padding keys are masked for each row, and each row keeps its own source columns."""
-        check_max_new_tokens(max_new_tokens)
         if not prompts:
             return []
-        for prompt in prompts:
-            self.check_fits(prompt, max_new_tokens)
-        if "streamer" in generate_kwargs:
-            raise InvalidInputError("generate_batch does not stream: stream each request with `stream`")
         ids, mask, pads = self._left_padded([p.input_ids for p in prompts])
         row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
@@ -421,22 +343,14 @@ class ModelRunner:
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
             own_logit_probs = None if logit_probs is None else logit_probs[row, :rows].clone()
-            runs.append(CapturedRun(prompt, answer, own.clone(), finish, own_logit_probs))
+            runs.append(Captured(prompt, answer, own.clone(), finish, own_logit_probs))
         return runs
 
-    def forward_batch(self, prompts: Sequence[RenderedPrompt], answers: Sequence[str]) -> list[CapturedRun]:
+    def forward_batch(self, prompts: Sequence[RenderedPrompt], tokens: Sequence[AnswerTokens]) -> list[Captured]:
         """`forward` for several prompt + answer pairs in one left-padded pass, each run as `forward` alone
         would return it (features equal up to float rounding)."""
-        if len(prompts) != len(answers):
-            raise InvalidInputError(f"{len(prompts)} prompts but {len(answers)} answers")
         if not prompts:
             return []
-        tokens = []
-        for prompt, answer in zip(prompts, answers):
-            check_answer(answer)
-            encoded = encode_with_offsets(self.tokenizer, answer)
-            self.check_fits(prompt, answer_tokens=len(encoded.token_ids))
-            tokens.append(encoded)
         ids, mask, pads = self._left_padded([p.input_ids + t.token_ids for p, t in zip(prompts, tokens)])
         row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
@@ -467,7 +381,7 @@ class ModelRunner:
             rows = features[row, lo : lo + count, : len(row_spans[row])].clone()
             logits = out.logits[row, lo : lo + count]
             logit_probs = token_logit_probs(logits, ids[row, starts[row] + 1 : starts[row] + 1 + count]).cpu()
-            runs.append(CapturedRun(prompt, encoded, rows, None, logit_probs))
+            runs.append(Captured(prompt, encoded, rows, None, logit_probs))
         return runs
 
 
@@ -511,7 +425,7 @@ class LiveGeneration:
         """The answer so far (its text may end inside a word, or with end-of-sequence tokens' empty spans)."""
         return AnswerTokens(token_ids=list(self.token_ids), text=self._text, char_spans=list(self._spans))
 
-    def captured(self) -> CapturedRun:
+    def captured(self) -> Captured:
         """The captured run of the tokens generated so far. Reads the capture (`CaptureState.features`: deferred
         rows are reduced now, and later reads reuse them), so call it only from the generation thread, between
         decode steps, and only when needed: each call copies every row read so far."""
@@ -526,7 +440,7 @@ class LiveGeneration:
             recorded = self.recorder.finish(torch.tensor([self.token_ids], dtype=torch.long))
             logit_probs = None if recorded is None else recorded[0][:count]
         # features are a view: the capture never rewrites them
-        return CapturedRun(self.prompt, self.answer, features[:count], None, logit_probs)
+        return Captured(self.prompt, self.answer, features[:count], None, logit_probs)
 
 
 @functools.cache

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from ..attribution.estimator import ScoreEstimator
 from ..attribution.grounding import GroundednessCalibration, auroc
 from ..attributor import Attributor
-from ..capture.features import answer_targets, target_features
+from ..capture.features import target_features
 from ..capture.masked import ablated_answer_logit_probs, target_log_odds, target_log_prob
 from ..errors import InputFileError, InvalidInputError
 from ..evidence.layout import history_columns
 from ..examples import Example, example_digest
+from ..prompting.answer import answer_targets
 from ..storage.files import atomic_path
 from .metrics import bootstrap_se, mean_se
 
@@ -82,7 +83,7 @@ def evaluate_conversation(
     """One row per sentence of the follow-up answer (see the module docstring). `baselines`: other estimators
     (an earlier one, say) whose best source is recorded too, on the same run and the same passes."""
     request = {"query": example["query"], "documents": example["documents"], "history": example["history"]}
-    run = attributor.capture(request, max_new_tokens=max_new_tokens)
+    run = attributor.run(attributor.prepare(request, max_new_tokens=max_new_tokens))
     prompt, answer = run.prompt, run.answer
     targets = answer_targets(answer)
     n_docs, n_sents, n_ctx = len(prompt.doc_sources), len(prompt.sentence_sources), len(prompt.context_parts)
@@ -94,7 +95,7 @@ def evaluate_conversation(
     for s in range(n):
         masks[1 + s, s] = False
     masks[-1, :n_docs] = False
-    with attributor.runner.lock:
+    with attributor.lock:
         logit_probs = ablated_answer_logit_probs(
             attributor.model, prompt.input_ids + answer.token_ids, len(answer.token_ids), spans, masks, batch_size
         )

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from ..attribution.grounding import auroc
 from ..attributor import Attributor
-from ..capture.features import answer_targets
 from ..capture.masked import ablation_attention_mask, answer_logit_probs, target_log_prob
 from ..examples import Example, example_digest
+from ..prompting.answer import answer_targets
 from ..storage.files import atomic_path
 from .conversations import estimator_digest, read_row_entries
 from .metrics import bootstrap_se
@@ -44,12 +44,12 @@ def example_rows(
 ) -> list[dict[str, Any]]:
     """One row per answer sentence of the example: both modes' `grounded` and `supported`, and the label."""
     request = {"query": example.query, "documents": example.documents, "history": example.history or None}
-    run = attributor.capture(request, max_new_tokens=max_new_tokens)
-    results = {mode: attributor.build_attribution(run, example.query, 0, mode) for mode in MODES}  # type: ignore[arg-type]
+    run = attributor.run(attributor.prepare(request, max_new_tokens=max_new_tokens))
+    results = {mode: attributor.score(run, attributor.gather_evidence(run, mode), mode) for mode in MODES}  # type: ignore[arg-type]
     ids = run.prompt.input_ids + run.answer.token_ids
     spans = run.prompt.doc_token_spans
     keep = torch.tensor([[True] * len(spans), [False] * len(spans)])
-    with attributor.runner.lock:
+    with attributor.lock:
         logit_probs = answer_logit_probs(
             attributor.model, ids, len(run.answer.token_ids), ablation_attention_mask(len(ids), spans, keep)
         )

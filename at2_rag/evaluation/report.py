@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..attribution.estimator import ScoreEstimator
 from ..attribution.refine import RefinementPrior, most_informative, refine_scores
 from ..attributor import Attributor
-from ..capture.features import answer_targets, target_features
+from ..capture.features import target_features
 from ..capture.masked import (
     ablated_answer_logit_probs,
     random_masks,
@@ -41,6 +41,7 @@ from ..capture.masked import (
 from ..errors import InputFileError
 from ..evidence.layout import source_layout
 from ..examples import example_digest, example_seed, read_examples
+from ..prompting.answer import answer_targets
 from ..storage.files import atomic_path, read_user_text
 from . import metrics as _builtin_metrics  # noqa: F401 - registers the built-in metrics (LDS, top-k drop)
 from .baselines import leave_one_out_scores, surrogate_scores
@@ -62,7 +63,7 @@ def budget_method(name: str, k: int) -> str:
 def _labels(
     attributor: Attributor, ids: list[int], answer_len: int, spans: Any, masks: torch.Tensor, batch: int
 ) -> torch.Tensor:
-    with attributor.runner.lock:
+    with attributor.lock:
         return ablated_answer_logit_probs(attributor.model, ids, answer_len, spans, masks, batch)
 
 
@@ -152,7 +153,7 @@ def measure_ablations(
     """Generate the answer with capture and run every estimator-independent ablation of one example."""
     t0 = time.perf_counter()
     request = {"query": example.query, "documents": example.documents, "history": example.history}
-    run = attributor.capture(request, max_new_tokens=max_new_tokens)
+    run = attributor.run(attributor.prepare(request, max_new_tokens=max_new_tokens))
     gen_seconds = time.perf_counter() - t0
     targets = answer_targets(run.answer)
     spans, columns, _ = source_layout(run, "documents")

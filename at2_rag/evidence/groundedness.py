@@ -163,7 +163,7 @@ class MeasuredGroundedness:
 
     def __init__(self, model: Any, prompt: Any, prefix_cache: Any = None, prefix_length: int = 0) -> None:
         """`prefix_cache`/`prefix_length`: the run's own KV cache of the prompt before its first document, which
-        the documents-free pass shares (`CapturedRun.prefix_cache`); it is extended in place."""
+        the documents-free pass shares (`Captured.prefix_cache`); it is extended in place."""
         turns = [span for part, span in zip(prompt.context_parts, prompt.context_token_spans) if part.kind == "history"]
         documents = RemovedSourcesPass(model, prompt.input_ids, prompt.doc_token_spans, prefix_cache, prefix_length)
         self._passes: dict[str, RemovedSourcesPass] = {"documents": documents}

@@ -18,13 +18,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..attribution.refine import check_ablations
 from ..attribution.result import Attribution
 from ..attributor import Attributor, RequestLike
-from ..capture._runner import check_answer, check_max_new_tokens
 from ..errors import AT2Error, InvalidInputError
+from ..evidence.ablations import check_ablations
 from ..evidence.groundedness import GroundednessMode, check_groundedness
-from ..prompting.render import RenderedPrompt
+from ..prompting.prepared import Prepared
 from ..prompting.request import AttributionRequest
 
 logger = logging.getLogger(__name__)
@@ -35,14 +34,10 @@ DEFAULT_MAX_WAIT_MS = 10.0
 
 @dataclass
 class _Pending:
-    prompt: RenderedPrompt  # rendered (or located) in the caller's thread: bad input fails there, at once
-    query: str
-    answer: str | None
+    prepared: Prepared  # prepared in the caller's thread: bad input fails there, at once
     settings: tuple[Any, ...]  # requests batch together only with equal settings
     future: Future
-    max_new_tokens: int
     ablations: int
-    generate_kwargs: dict[str, Any]
     groundedness: GroundednessMode = "measured"  # scoring only: requests of any mode share a batch
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -96,59 +91,33 @@ class MicroBatcher:
     # ---- callers ------------------------------------------------------------------------------------------
     def submit(
         self,
-        request: RequestLike,
+        request: RequestLike | Prepared,
         max_new_tokens: int = 256,
         ablations: int = 0,
         groundedness: GroundednessMode = "measured",
         **generate_kwargs: Any,
     ) -> Future:
-        """Queue a request; the Future resolves to its Attribution (or raises its own error). The prompt is
-        rendered here, so malformed input raises in the caller's thread. `groundedness` as in
-        `Attributor.generate`."""
-        parsed = AttributionRequest.coerce(request)
-        return self.submit_prompt(
-            self.attributor.render(parsed),
-            parsed.query,
-            parsed.answer,
-            max_new_tokens,
-            ablations,
-            groundedness=groundedness,
-            **generate_kwargs,
-        )
-
-    def submit_prompt(
-        self,
-        prompt: RenderedPrompt,
-        query: str = "",
-        answer: str | None = None,
-        max_new_tokens: int = 256,
-        ablations: int = 0,
-        groundedness: GroundednessMode = "measured",
-        **generate_kwargs: Any,
-    ) -> Future:
-        """Queue a ready prompt (`Attributor.render`, or `Attributor.locate(...).prompt` for a prompt rendered
-        elsewhere): its answer is generated, or with `answer`, attributed with one forward pass."""
+        """Queue a request; the Future resolves to its Attribution (or raises its own error). A request is
+        prepared here (`Attributor.prepare`), so malformed input raises in the caller's thread; a `Prepared` one
+        (e.g. a prompt rendered elsewhere, `Attributor.prepare(messages, documents)`) is queued as it is, with its
+        own settings. A request carrying an answer is attributed with one forward pass, else its answer is
+        generated. `groundedness` as in `Attributor.generate`."""
         if self._closed:
             raise RuntimeError("this MicroBatcher is closed")
         check_ablations(ablations)
         check_groundedness(groundedness)
-        check_max_new_tokens(max_new_tokens)
-        if "streamer" in generate_kwargs:
-            raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
-        if answer is not None:
-            check_answer(answer)
-            self.attributor.runner.check_fits(prompt)
-            settings: tuple[Any, ...] = ("attribute", ablations)
+        if isinstance(request, Prepared):
+            if generate_kwargs:
+                raise InvalidInputError("a Prepared request already holds its generation settings: pass it alone")
+            prepared = request
         else:
-            self.attributor.runner.check_fits(prompt, max_new_tokens)
-            try:
-                frozen = tuple(sorted((k, repr(v)) for k, v in generate_kwargs.items()))
-            except TypeError as exc:
-                raise InvalidInputError(f"generate keyword arguments must have string names: {exc}") from exc
-            settings = ("generate", max_new_tokens, ablations, frozen)
-        pending = _Pending(
-            prompt, query, answer, settings, Future(), max_new_tokens, ablations, dict(generate_kwargs), groundedness
-        )
+            prepared = self.attributor.prepare(
+                AttributionRequest.coerce(request), max_new_tokens=max_new_tokens, **generate_kwargs
+            )
+        if "streamer" in prepared.generate_kwargs:
+            raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
+        settings = prepared.run_settings() + (ablations,)
+        pending = _Pending(prepared, settings, Future(), ablations, groundedness)
         self._queue.put(pending)
         return pending.future
 
@@ -228,7 +197,7 @@ class MicroBatcher:
             stopping, reason = self._collect(batch, held, deadline, enough)
             # the batch closes once the model is free: whatever queued behind a busy model (a stream, another
             # batch) joins it instead of waiting for the next turn
-            with self.attributor.runner.lock:
+            with self.attributor.lock:
                 if not stopping:
                     collected = len(batch)
                     stopping, _ = self._collect(batch, held, None, self.max_batch_size)
@@ -282,15 +251,10 @@ class MicroBatcher:
             self._record([1] * len(live), reason)
             self._finish(batch, held, [self._run_one(p) for p in live])
             return
-        head = live[0]
-        runner, prompts = self.attributor.runner, [p.prompt for p in live]
+        attributor = self.attributor
         try:
-            if head.settings[0] == "attribute":
-                runs = runner.forward_batch(prompts, [p.answer or "" for p in live])
-            else:
-                runs = runner.generate_batch(prompts, head.max_new_tokens, **head.generate_kwargs)
-            build = self.attributor.build_attribution
-            results = [build(run, p.query, p.ablations, p.groundedness) for run, p in zip(runs, live)]
+            runs = attributor.run([p.prepared for p in live])
+            results = [self._score(run, p) for run, p in zip(runs, live)]
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
             if not isinstance(exc, AT2Error):
                 logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
@@ -300,18 +264,15 @@ class MicroBatcher:
         self._record([len(live)], reason)
         self._finish(batch, held, [(p, r, None) for p, r in zip(live, results)])
 
+    def _score(self, run: Any, pending: _Pending) -> Attribution:
+        """The request's evidence (its groundedness mode, its ablations), then its Attribution."""
+        evidence = self.attributor.gather_evidence(run, pending.groundedness, pending.ablations)
+        return self.attributor.score(run, evidence, pending.groundedness)
+
     def _run_one(self, pending: _Pending) -> _Outcome:
         """One request on the single path: (request, result, None) or (request, None, its own error)."""
-        runner = self.attributor.runner
+        attributor = self.attributor
         try:
-            if pending.answer is not None:
-                run = runner.forward(pending.prompt, pending.answer)
-            else:
-                run = runner.generate(pending.prompt, pending.max_new_tokens, **pending.generate_kwargs)
-            return (
-                pending,
-                self.attributor.build_attribution(run, pending.query, pending.ablations, pending.groundedness),
-                None,
-            )
+            return pending, self._score(attributor.run(pending.prepared), pending), None
         except Exception as exc:  # noqa: BLE001 - handed to its own caller
             return pending, None, exc

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attributor import Attributor
-from ..capture.features import answer_targets, target_features
+from ..capture.features import target_features
 from ..capture.masked import ablated_answer_logit_probs, random_masks, target_log_odds
 from ..errors import (
     ContextTooLongError,
@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..evidence.layout import SOURCE_KINDS, TARGET_KINDS, SourceKind, TargetKind, document_token_sources, source_layout
 from ..examples import example_seed
+from ..prompting.answer import answer_targets
 from ..prompting.sources import CharSpan
 from ..storage.files import atomic_path
 from .data import (
@@ -77,7 +78,7 @@ def collect_example(
     show when two sources say the same thing (an earlier answer and the document it copied). Each mask's kind is
     recorded in `meta["mask_kinds"]` ("random", "leave_one_out", "no_documents")."""
     request = {"query": example.query, "documents": example.documents, "history": example.history}
-    run = attributor.capture(request, max_new_tokens=max_new_tokens)
+    run = attributor.run(attributor.prepare(request, max_new_tokens=max_new_tokens))
     targets = answer_targets(run.answer)
     if targets_of == "answer" and targets:
         answer = run.answer
@@ -85,7 +86,7 @@ def collect_example(
         targets = [(CharSpan(start=0, end=len(answer.text)), rows)]
     if sources == "tokens":  # features to every document token: one more pass over the run's own tokens
         spans, source_ids = document_token_sources(run.prompt)
-        token_features = attributor.runner.span_features(run, spans) if spans and targets else run.token_features
+        token_features = attributor.span_features(run, spans) if spans and targets else run.token_features
     else:
         spans, columns, source_ids = source_layout(run, sources)
         token_features = run.token_features[:, columns]
@@ -106,7 +107,7 @@ def collect_example(
         kinds.append("no_documents")
     ids = run.prompt.input_ids + run.answer.token_ids
     all_masks = torch.cat([torch.ones(1, len(spans), dtype=torch.bool), masks])  # row 0: nothing ablated
-    with attributor.runner.lock:
+    with attributor.lock:
         logit_probs = ablated_answer_logit_probs(  # one-token sources leave no prefix worth sharing
             attributor.model, ids, len(run.answer.token_ids), spans, all_masks, batch_size,
             share_prefixes=sources != "tokens",
@@ -160,8 +161,7 @@ def check_examples(
     bad = set()
     for example in examples:
         try:
-            prompt = attributor.render(example.query, example.documents, example.history)
-            attributor.runner.check_fits(prompt, max_new_tokens)
+            attributor.prepare(example.query, example.documents, example.history, max_new_tokens=max_new_tokens)
         except EXAMPLE_ERRORS as exc:
             scanned.invalid.append(InvalidExample(example.line, example.position or 0, example.id, str(exc)))
             bad.add(example.position)

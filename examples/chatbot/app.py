@@ -74,13 +74,13 @@ from at2_rag import (
     Attribution,
     Attributor,
     Citation,
-    ContextSource,
     ContextTooLongError,
     NoDocumentsError,
     get_attributor,
     get_micro_batcher,
 )
 from at2_rag.attribution.marks import sentence_source
+from at2_rag.attribution.result import ContextSource
 from at2_rag.evidence.groundedness import GROUNDEDNESS_MODES, GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
@@ -524,7 +524,7 @@ class ChatService:
             "problems": report.problems,
             "error": self.no_documents_message(user),
             "model_loaded": att is not None,
-            "model": att.model_id if att is not None else (self.model_name or at2_rag.DEFAULT_MODEL_ID),
+            "model": att.model_id if att is not None else (self.model_name or at2_rag.models.DEFAULT_MODEL_ID),
             "estimator_trained": att.estimator.trained if att is not None else None,
             "estimator": repr(att.estimator) if att is not None else None,
             "top_k": self.top_k,

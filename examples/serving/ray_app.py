@@ -48,10 +48,10 @@ from at2_rag import (
     ContextTooLongError,
     InvalidInputError,
     NoDocumentsError,
-    PromptRenderError,
     get_attributor,
 )
 from at2_rag.capture._runner import check_max_new_tokens
+from at2_rag.errors import PromptRenderError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field
 
-from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
+from at2_rag import AT2Error, Attribution, Attributor
+from at2_rag.errors import DocumentsNotLocatedError
 
 from ._loading import get_attributor
 from ._messages import to_chat_dicts

@@ -29,8 +29,9 @@ from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
 
-from at2_rag import AT2Error, Attribution, Attributor, DocumentsNotLocatedError
+from at2_rag import AT2Error, Attribution, Attributor
 from at2_rag.attribution.refine import check_ablations
+from at2_rag.errors import DocumentsNotLocatedError
 from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
 
 from .._loading import get_attributor

@@ -16,21 +16,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field
 
-from at2_rag import (
-    DEFAULT_MODEL_ID,
-    TEMPLATE_DEFAULT,
-    Attribution,
-    AttributionRequest,
-    Attributor,
-    CapturedRun,
-    PromptTemplate,
-    get_micro_batcher,
-)
+from at2_rag import Attribution, AttributionRequest, Attributor, Captured, PromptTemplate, get_micro_batcher
 from at2_rag.attribution.refine import check_ablations
 from at2_rag.errors import InvalidInputError
 from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
+from at2_rag.models import DEFAULT_MODEL_ID
 from at2_rag.prompting.locate import LocatedPrompt
-from at2_rag.prompting.request import SystemPrompt
+from at2_rag.prompting.request import TEMPLATE_DEFAULT, SystemPrompt
 
 from .._loading import get_attributor, is_default_model
 from .._messages import split_for_core, to_chat_dicts
@@ -448,14 +440,14 @@ class ChatAT2(BaseChatModel):
         tail = filt.flush()
         if tail:
             yield chunk_of(tail)
-        if isinstance(final, CapturedRun) and plan.mode == "prompt":
+        if isinstance(final, Captured) and plan.mode == "prompt":
             final = att.build_attribution(final, plan.query, plan.ablations, plan.groundedness)
 
         if isinstance(final, Attribution):
             text, metadata, usage = self._finish(
                 plan, final.answer, final, final.num_prompt_tokens, final.num_answer_tokens, final.finish_reason
             )
-        elif isinstance(final, CapturedRun):
+        elif isinstance(final, Captured):
             text, metadata, usage = self._finish(
                 plan, final.answer.text, None, final.prompt.num_tokens, len(final.answer.token_ids), final.finish_reason
             )

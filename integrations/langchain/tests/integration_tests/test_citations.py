@@ -12,7 +12,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from at2_rag import Scorer
+from at2_rag.attribution.scoring import Scorer
 from langchain_at2 import AT2Citations, ChatAT2, with_citations
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ def test_all_imports() -> None:
 
 
 def test_constructing_models_loads_nothing() -> None:
-    from at2_rag import shared
+    from at2_rag.serving import shared
 
     assert langchain_at2.get_attributor is shared.get_attributor  # one shared Attributor per process, the core's
     before = dict(shared._CACHE)

@@ -201,7 +201,8 @@ def generate_shared(
     queries (threads, `aquery` in worker threads) share one batched generation; a query alone runs exactly the
     single-request path. `groundedness`: "measured" (one extra pass without the documents), "estimated" or
     "off" (see `Attributor.generate`)."""
-    from at2_rag import TEMPLATE_DEFAULT, get_micro_batcher
+    from at2_rag import get_micro_batcher
+    from at2_rag.prompting.request import TEMPLATE_DEFAULT
 
     request = {
         "query": query,
