@@ -136,7 +136,10 @@ def test_no_import_cycles():
         ({"at2_rag.attribution.estimator": {"at2_rag.training.data"}, "at2_rag.training.data": set()}, 1),
         ({"at2_rag.evaluation.report": {"at2_rag.training.collect"}, "at2_rag.training.collect": set()}, 1),
         (
-            {"at2_rag.training.cli": {"at2_rag.evaluation.report"}, "at2_rag.evaluation.report": {"at2_rag.capture._runner"}},
+            {
+                "at2_rag.training.cli": {"at2_rag.evaluation.report"},
+                "at2_rag.evaluation.report": {"at2_rag.capture._runner"},
+            },
             0,
         ),
     ],

@@ -154,7 +154,7 @@ def test_generate_text_equals_the_capture_path(attributor):
     assert attributor.generate_text(attributor.locate(messages).text, max_new_tokens=MAX_NEW) == text
     assert "".join(attributor.stream_text(messages, max_new_tokens=MAX_NEW)) == text
 
-    run = attributor.runner.generate(attributor.locate(messages).prompt, MAX_NEW, capture=False)
+    run = attributor._runner.generate(attributor.locate(messages).prompt, MAX_NEW, capture=False)
     assert run.answer.text == text and run.token_features.shape[1] == 0
     assert run.finish_reason in ("stop", "length")
 
@@ -186,29 +186,29 @@ def test_stream_checks_the_full_length_in_the_callers_thread(attributor, small_w
 
 def test_check_fits(attributor, small_window):
     prompt = attributor.render(QUERY, DOCS)
-    attributor.runner.check_fits(prompt, MAX_NEW)
+    attributor._runner.check_fits(prompt, MAX_NEW)
     small_window(prompt.num_tokens + 2)
-    attributor.runner.check_fits(prompt)
-    attributor.runner.check_fits(prompt.num_tokens, 2)
+    attributor._runner.check_fits(prompt)
+    attributor._runner.check_fits(prompt.num_tokens, 2)
     with pytest.raises(ContextTooLongError, match=r"max_new_tokens=3 .*\(1 too many\)"):
-        attributor.runner.check_fits(prompt, 3)
+        attributor._runner.check_fits(prompt, 3)
     with pytest.raises(ContextTooLongError, match=r"prompt plus answer .*\(2 too many\)"):
-        attributor.runner.check_fits(prompt, answer_tokens=4)
+        attributor._runner.check_fits(prompt, answer_tokens=4)
     small_window(prompt.num_tokens - 1)
     with pytest.raises(ContextTooLongError, match=r"The prompt needs .*\(1 too many\)"):
-        attributor.runner.check_fits(prompt, 3)
+        attributor._runner.check_fits(prompt, 3)
 
 
 # ---- public model facts --------------------------------------------------------------------------------------------
 def test_lock_and_special_tokens(attributor, smollm):
     model, tokenizer = smollm
     other = Attributor(model, tokenizer)
-    assert other.runner.lock is attributor.runner.lock  # one lock per model
-    with attributor.runner.lock:  # re-entrant: a run inside the caller's lock works
+    assert other.lock is attributor.lock  # one lock per model
+    with attributor.lock:  # re-entrant: a run inside the caller's lock works
         assert attributor.generate_text("Hi", max_new_tokens=1) is not None
-    assert tokenizer.eos_token_id in attributor.runner.eos_token_ids
-    assert isinstance(attributor.runner.eos_token_ids, frozenset)
+    assert tokenizer.eos_token_id in attributor._runner.eos_token_ids
+    assert isinstance(attributor._runner.eos_token_ids, frozenset)
     expected_pad = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(attributor.runner.eos_token_ids)
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(attributor._runner.eos_token_ids)
     )
-    assert attributor.runner.pad_token_id == expected_pad
+    assert attributor._runner.pad_token_id == expected_pad

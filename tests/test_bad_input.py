@@ -37,8 +37,8 @@ def attributor(smollm):
 @pytest.fixture(scope="module")
 def generated_run(attributor):
     """One generation (what `Attributor.generate` does, keeping the run for feature-level checks)."""
-    run = attributor.capture({"query": QUERY, "documents": DOCS}, max_new_tokens=MAX_NEW)
-    return run, attributor.build_attribution(run, QUERY)
+    run = attributor.run(attributor.prepare({"query": QUERY, "documents": DOCS}, max_new_tokens=MAX_NEW))
+    return run, attributor.score(run, attributor.gather_evidence(run))
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_attribute_equals_generate(attributor, generated_run):
             assert abs(s1.score - s2.score) < 1e-4
     assert [c.text for c in again.citations] == [c.text for c in generated.citations]
     # the features themselves agree row by row
-    fwd = attributor.capture({"query": QUERY, "documents": DOCS, "answer": generated.answer})
+    fwd = attributor.run(attributor.prepare({"query": QUERY, "documents": DOCS, "answer": generated.answer}))
     assert (fwd.token_features - run.token_features).abs().max().item() < 1e-4
 
 
@@ -375,10 +375,10 @@ def test_single_head_estimator_reads_one_head(smollm):
     est = ScoreEstimator.single_head(layer, head, num_layers=30, num_heads=9)
     attributor = Attributor(model, tokenizer, estimator=est)
     answer = "It was finished in 1889."
-    run = attributor.capture(
+    run = attributor.run(attributor.prepare(
         {"query": QUERY, "documents": DOCS, "answer": answer}
-    )  # what attribute() does, keeping the features
-    result = attributor.build_attribution(run, QUERY)
+    ))  # what attribute() does, keeping the features
+    result = attributor.score(run, attributor.gather_evidence(run))
     rows = [i for i, (a, b) in enumerate(run.answer.char_spans) if b > a]
     expected = target_features(run.token_features, rows)[: len(DOCS), layer * 9 + head]
     got = torch.tensor([d.score for d in result.documents])

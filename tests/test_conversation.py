@@ -193,14 +193,14 @@ def test_grounded_is_the_shipped_head_on_the_sentence_features(att):
         "Can unused vacation days be carried over?", DOCS, answer=EARLIER_ANSWER, history=history(),
         groundedness="estimated",
     )
-    run = att.capture(
+    run = att.run(att.prepare(
         {
             "query": "Can unused vacation days be carried over?",
             "documents": DOCS,
             "answer": EARLIER_ANSWER,
             "history": history(),
         }
-    )
+    ))
     prompt = run.prompt
     ((_, rows),) = answer_targets(run.answer)
     features = target_features(run.token_features, rows).double()

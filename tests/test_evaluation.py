@@ -281,11 +281,12 @@ def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smol
     """At budget k every method observes the k most informative distinct masks of the example's random pool (the
     run-time design): recomputing AT2+k and ContextCite-k from the cached ablations gives the reported LDS; the
     curve is drawn from the summary."""
-    from at2_rag.attribution.refine import RefinementPrior, most_informative, refine_scores
+    from at2_rag.attribution.refine import RefinementPrior, refine_scores
     from at2_rag.capture.masked import target_log_odds
     from at2_rag.evaluation.baselines import surrogate_scores
     from at2_rag.evaluation.metrics import lds
     from at2_rag.evaluation.report import ExampleAblations, _cache_path, budget_curves
+    from at2_rag.evidence.ablations import most_informative
 
     model, tokenizer = smollm
     attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))

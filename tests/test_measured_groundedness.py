@@ -53,7 +53,7 @@ def test_attribute_grounded_equals_an_independent_masked_pass(att, smollm):
     model, _ = smollm
     answer = "The model was trained on 64 A100 GPUs. I like pizza. It took three weeks."
     result = att.attribute(QUERY, DOCS, answer=answer)
-    run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer})
+    run = att.run(att.prepare({"query": QUERY, "documents": DOCS, "answer": answer}))
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert result.groundedness == "measured"
     assert result.extra_forward_passes == 1
@@ -67,7 +67,7 @@ def test_attribute_grounded_equals_an_independent_masked_pass(att, smollm):
 def test_generate_grounded_equals_an_independent_masked_pass(att, smollm):
     model, _ = smollm
     result = att.generate(QUERY, DOCS, max_new_tokens=40)
-    run = att.capture({"query": QUERY, "documents": DOCS}, max_new_tokens=40)
+    run = att.run(att.prepare({"query": QUERY, "documents": DOCS}, max_new_tokens=40))
     assert run.answer.text == result.answer
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)
@@ -92,7 +92,7 @@ def test_conversation_measures_the_earlier_turns_too(att, smollm):
     model, _ = smollm
     answer = "Training took three weeks. The GPUs were 64 A100s."
     result = att.attribute(QUERY, DOCS, answer=answer, history=HISTORY)
-    run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer, "history": HISTORY})
+    run = att.run(att.prepare({"query": QUERY, "documents": DOCS, "answer": answer, "history": HISTORY}))
     docs = _masked_drops(model, run, run.prompt.doc_token_spans)
     turns = _masked_drops(model, run, _history_spans(run.prompt))
     assert result.extra_forward_passes == 2
@@ -201,7 +201,7 @@ def test_attributor_on_a_sliding_window_model_measures_with_the_mask(smollm):
     attributor = Attributor(model, tokenizer, estimator=uniform, check_model_id=False)
     answer = "Sixty four GPUs. Three weeks."
     result = attributor.attribute(QUERY, DOCS, answer=answer)
-    run = attributor.capture({"query": QUERY, "documents": DOCS, "answer": answer})
+    run = attributor.run(attributor.prepare({"query": QUERY, "documents": DOCS, "answer": answer}))
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)
 
@@ -212,9 +212,9 @@ def test_a_run_without_its_own_logit_probs_is_measured_by_one_more_pass(att):
     import dataclasses
 
     answer = "The model was trained on 64 A100 GPUs. It took three weeks."
-    run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer})
-    recorded = att.build_attribution(run, QUERY)
-    unrecorded = att.build_attribution(dataclasses.replace(run, answer_logit_probs=None), QUERY)
+    run = att.run(att.prepare({"query": QUERY, "documents": DOCS, "answer": answer}))
+    recorded = att.score(run, att.gather_evidence(run))
+    unrecorded = att.score(unrec := dataclasses.replace(run, answer_logit_probs=None), att.gather_evidence(unrec))
     assert unrecorded.extra_forward_passes == recorded.extra_forward_passes + 1 == 2
     expected = [c.grounded for c in recorded.citations]
     assert [c.grounded for c in unrecorded.citations] == pytest.approx(expected, abs=TOL)
@@ -227,7 +227,7 @@ def test_a_document_that_ends_the_prompt_is_measured_with_the_mask(att, smollm):
     text = DOCS[0]["text"]
     prompt = f"Question: {QUERY}\nContext: {text}"
     result = att.attribute_rendered(prompt, [text], answer=" 64 A100 GPUs.")
-    run = att.runner.forward(att.locate(prompt, [text]).prompt, " 64 A100 GPUs.")
+    run = att.run(att.prepare(prompt=prompt, documents=[text], answer=" 64 A100 GPUs."))
     assert run.prompt.doc_token_spans[0][1] == run.prompt.num_tokens  # the document holds the last prompt token
     expected = _masked_drops(model, run, run.prompt.doc_token_spans)
     assert [c.grounded for c in result.citations] == pytest.approx(expected, abs=TOL)

@@ -120,7 +120,7 @@ def test_requests_queued_behind_a_busy_model_share_the_next_batch(att, alone):
     """While the model is busy (here: a caller holds its lock, as a stream does), arriving requests wait in the
     batcher and then run as one batch, whatever the wait window."""
     with MicroBatcher(att, max_batch_size=8, max_wait_ms=1) as batcher:
-        with att.runner.lock:
+        with att.lock:
             futures = []
             for r in REQUESTS[:3]:
                 futures.append(batcher.submit(r, max_new_tokens=NEW))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from at2_rag import InvalidInputError
-from at2_rag.attribution.refine import RefinementPrior, choose_masks, refine_scores
+from at2_rag.attribution.refine import RefinementPrior, refine_scores
 from at2_rag.capture.masked import ablated_answer_logit_probs, target_log_odds
+from at2_rag.evidence.ablations import choose_masks
 
 DOCS = [
     "The Eiffel Tower is in Paris and was built in 1889.",
@@ -77,7 +78,7 @@ def test_all_masks_approach_the_least_squares_surrogate_and_passes_are_counted(a
     prior = att.attribute(QUERY, FIVE, answer=ANSWER)
 
     # the same masks and labels, computed independently of the Attributor (full passes, no prefix sharing)
-    run = att.capture({"query": QUERY, "documents": FIVE, "answer": ANSWER})
+    run = att.run(att.prepare({"query": QUERY, "documents": FIVE, "answer": ANSWER}))
     prompt, answer = run.prompt, run.answer
     masks = choose_masks(5, 32, prompt.text + "\x00" + answer.text)
     logit_probs = ablated_answer_logit_probs(
@@ -131,7 +132,7 @@ def test_earlier_turns_and_document_sentences_refine_in_the_same_model(att):
     assert measured.extra_forward_passes == 2 + 13
     plain = att.attribute(FOLLOW_UP, VACATION, answer=EARLIER, history=TURNS)
 
-    run = att.capture({"query": FOLLOW_UP, "documents": VACATION, "answer": EARLIER, "history": TURNS})
+    run = att.run(att.prepare({"query": FOLLOW_UP, "documents": VACATION, "answer": EARLIER, "history": TURNS}))
     prompt, answer = run.prompt, run.answer
     turns = [i for i, p in enumerate(prompt.context_parts) if p.kind == "history"]
     spans = prompt.doc_token_spans + [prompt.context_token_spans[i] for i in turns]

@@ -95,7 +95,7 @@ def test_default_stream_is_unchanged_and_ends_with_the_same_attribution(att, str
 
 def test_reading_features_mid_generation_leaves_the_final_features_unchanged(att):
     prompt = att.render(QUERY, DOCS)
-    plain = att.runner.generate(prompt, 40)
+    plain = att._runner.generate(prompt, 40)
 
     from transformers.generation.streamers import BaseStreamer
 
@@ -116,7 +116,7 @@ def test_reading_features_mid_generation_leaves_the_final_features_unchanged(att
             pass
 
     reader = Reader()
-    read = att.runner.generate(prompt, 40, streamer=reader, on_state=lambda s: setattr(reader, "state", s))
+    read = att._runner.generate(prompt, 40, streamer=reader, on_state=lambda s: setattr(reader, "state", s))
     assert len(reader.reads) >= 5
     assert read.answer.token_ids == plain.answer.token_ids
     assert read.token_features.shape == plain.token_features.shape
@@ -128,13 +128,13 @@ def test_reading_features_mid_generation_leaves_the_final_features_unchanged(att
 
 def test_citation_for_equals_the_attributions_citation(att):
     answer = "The tower is in Paris. It was built in 1889. Bees live in colonies."
-    run = att.capture({"query": QUERY, "documents": DOCS, "answer": answer})
-    result = att.build_attribution(run, QUERY)
+    run = att.run(att.prepare({"query": QUERY, "documents": DOCS, "answer": answer}))
+    result = att.score(run, att.gather_evidence(run))
     evidence = att.measure_groundedness(run)
     assert len(result.citations) == 3
     for k, want in enumerate(result.citations):
         assert_citations_equal(att.scorer.citation_for(run, k, "measured", evidence), want)
-    estimated = att.build_attribution(run, QUERY, groundedness="estimated")
+    estimated = att.score(run, att.gather_evidence(run, "estimated"), "estimated")
     for k, want in enumerate(estimated.citations):
         assert_citations_equal(att.scorer.citation_for(run, k), want)
     with pytest.raises(IndexError):

@@ -168,7 +168,8 @@ def test_shared_prefix_equals_full_passes_on_the_real_model(smollm):
     attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
     docs = ["The Eiffel Tower is in Paris. It opened in 1889.", "Bananas are yellow when ripe.",
             "Paris is the capital of France.", "The Moon orbits the Earth."]
-    run = attributor.capture({"query": "When did the Eiffel Tower open?", "documents": docs}, max_new_tokens=12)
+    request = {"query": "When did the Eiffel Tower open?", "documents": docs}
+    run = attributor.run(attributor.prepare(request, max_new_tokens=12))
     ids = run.prompt.input_ids + run.answer.token_ids
     spans = run.prompt.doc_token_spans
     masks = torch.cat([torch.ones(1, 4, dtype=torch.bool), random_masks(4, 12, 0.5, torch.Generator().manual_seed(0))])
@@ -490,7 +491,7 @@ def test_token_level_collection_features_add_up_to_the_documents(smollm):
     example = Example(id="tok-1", query="When was the Eiffel Tower built?", documents=att.render("x", docs).documents)
     item = collect_example(att, example, num_masks=3, sources="tokens", max_new_tokens=10)
     assert item is not None and item.meta["sources"] == "tokens"
-    run = att.capture({"query": example.query, "documents": docs}, max_new_tokens=10)
+    run = att.run(att.prepare({"query": example.query, "documents": docs}, max_new_tokens=10))
     spans, ids = document_token_sources(run.prompt)
     assert item.meta["source_ids"] == ids and ids[0] == "doc0@0"
     assert spans == [(t, t + 1) for a, b in run.prompt.doc_token_spans for t in range(a, b)]
@@ -521,10 +522,12 @@ def test_whole_answer_targets(smollm):
     item = collect_example(att, example, num_masks=4, max_new_tokens=24, targets_of="answer")
     assert item is not None and item.features.shape[0] == 1 and item.labels.shape == (1, 4)
     assert item.meta["targets"] == [[0, len(item.meta["answer"])]] and item.meta["targets_of"] == "answer"
-    run = att.capture({"query": example.query, "documents": docs}, max_new_tokens=24)
+    run = att.run(att.prepare({"query": example.query, "documents": docs}, max_new_tokens=24))
     rows = [i for i, (a, b) in enumerate(run.answer.char_spans) if b > a]
     assert torch.allclose(item.features[0], target_features(run.token_features[:, :2], rows))
-    full = att.runner.ablated_logit_probs(run, torch.ones(1, 2, dtype=torch.bool))
+    ids = run.prompt.input_ids + run.answer.token_ids
+    kept = torch.ones(1, 2, dtype=torch.bool)
+    full = ablated_answer_logit_probs(att.model, ids, len(run.answer.token_ids), run.prompt.doc_token_spans, kept)
     assert torch.allclose(item.full[0], target_log_odds(full, rows)[0], atol=1e-4)
 
 
