@@ -1,214 +1,46 @@
-"""The linear score estimator: score = w . f over the L*H head features; stored as safetensors + config.json.
+"""The linear score estimator: score = w . f over the L*H head features, and its folder (safetensors +
+config.json + model card) saved and loaded symmetrically.
 
-Estimator folders are untrusted input (downloaded from the Hub, shared by others): config.json is validated with
-strict pydantic models and the weight tensor's name, dtype, shape and values are checked, so a malformed file
-fails with an EstimatorFormatError naming the file and the field instead of crashing or loading silently wrong.
-save_pretrained runs the same checks before writing, so whatever it writes loads back.
+The folder's format and its checked readers are `estimator_config`; the card's text is `estimator_card`.
+save_pretrained runs the loader's checks before writing, so whatever it writes loads back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import operator
 import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..capture.features import FEATURE_DEFINITION, FEATURE_VERSION
 from ..errors import EstimatorFormatError, EstimatorMismatchError
 from ..storage.reference_format import PUBLISHED_ESTIMATORS, ReferenceEstimator, read_reference_estimator
-from ..storage.validation import describe_validation_error, describe_value
+from ..storage.validation import describe_value
+from .estimator_card import estimator_card
+from .estimator_config import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT_NAME,
+    REFERENCE_NAME,
+    SHIPPED_PACKAGE,
+    WEIGHTS_KEY,
+    WEIGHTS_NAME,
+    checked_index,
+    model_slug,
+    parse_config,
+    read_config,
+    read_weights,
+)
 from .grounding import GroundednessCalibration
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-CARD_NAME = "README.md"
-REFERENCE_NAME = "score_estimator.pt"
-SHIPPED_PACKAGE = "at2_rag.estimators"
-FORMAT_NAME: Literal["at2-rag-estimator"] = "at2-rag-estimator"
-WEIGHTS_KEY = "weights"
-# config.json holds a few numbers and an evaluation summary; anything near this size is not an estimator config
-MAX_CONFIG_BYTES = 16 * 1024 * 1024
-# safetensors dtype names of the floating-point types a weight vector may be stored in (it is read as float32)
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-# ---- validating untrusted estimator files ---------------------------------------------------------------
-
-
-def _support_threshold(value: float) -> float:
-    # +inf is what training writes when no positive score-to-log-odds scale was found ("never supported"), so a
-    # file save_pretrained wrote may hold it; NaN and -inf would make every comparison meaningless.
-    if math.isnan(value) or value == -math.inf:
-        raise ValueError("must be a finite number (or Infinity: nothing is ever supported)")
-    return value
-
-
-class _Strict(BaseModel):
-    """Strict types throughout: "false" is not False, 9.5 is not 9, "3" is not 3."""
-
-    model_config = ConfigDict(strict=True, protected_namespaces=(), frozen=True)
-
-
-class EvaluationColumn(_Strict):
-    """One column of the card's evaluation table, as the evaluation's metric registry described it."""
-
-    model_config = ConfigDict(extra="allow")
-    key: str
-    label: str
-    digits: int = Field(default=3, ge=0, le=12)
-
-
-class EvaluationRecord(_Strict):
-    """`metadata.evaluation` as `at2-rag evaluate --record` writes it; the model card renders its summary rows
-    under its `columns` (records written before columns were kept: the LDS / top-k / passes table)."""
-
-    model_config = ConfigDict(extra="allow")
-    summary: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    columns: list[EvaluationColumn] | None = None
-
-
-# the card's columns for evaluation records that do not list their own (written before metrics were pluggable)
-LEGACY_EVALUATION_COLUMNS = (
-    ("lds", "LDS", 3),
-    ("lds_dependent", "LDS, document-dependent sentences", 3),
-    ("top1_drop", "top-1 log-prob drop", 2),
-    ("top3_drop", "top-3 log-prob drop", 2),
-    ("extra_forward_passes", "extra forward passes", 1),
-)
-
-
-class EstimatorMetadata(_Strict):
-    """The metadata keys at2-rag reads back (the attributor's support threshold, the card's evaluation table);
-    every other key is free-form JSON kept as it was written."""
-
-    model_config = ConfigDict(extra="allow")
-    support_threshold: Annotated[float, AfterValidator(_support_threshold)] = 0.0
-    evaluation: EvaluationRecord | None = None
-
-
-class EstimatorConfig(_Strict):
-    """config.json of an estimator folder, exactly as `ScoreEstimator.config_dict()` writes it.
-
-    Unknown keys are refused rather than ignored: a misspelt `trainedd: false` must not load as trained.
-    Free-form information belongs in `metadata`.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    format: Literal["at2-rag-estimator"] = FORMAT_NAME
-    model_id: str | None = None
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    feature_version: int = FEATURE_VERSION
-    feature_definition: str | None = None
-    trained: bool = True
-    metadata: EstimatorMetadata | None = None
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:  # json.loads would silently keep the last one
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def parse_config(data: bytes, where: str) -> tuple[EstimatorConfig, dict[str, Any]]:
-    """Validate config.json bytes; returns the typed config and the metadata dict as written (order and all)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EstimatorFormatError(f"{where} is not UTF-8 text ({exc})") from exc
-    try:
-        raw = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicate keys, over-long integers, nesting
-        raise EstimatorFormatError(f"{where} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise EstimatorFormatError(f"{where} must hold a JSON object, found {describe_value(raw)}")
-    try:
-        config = EstimatorConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise EstimatorFormatError(describe_validation_error(exc, where)) from exc
-    if config.feature_version != FEATURE_VERSION:
-        raise EstimatorFormatError(
-            f"{where}: field 'feature_version': the estimator uses feature version {config.feature_version}, "
-            f"this at2-rag computes version {FEATURE_VERSION}"
-        )
-    return config, dict(raw.get("metadata") or {})
-
-
-def read_config(path: Path) -> tuple[EstimatorConfig, dict[str, Any]]:
-    """Read and validate an estimator's config.json (size-capped: the file is untrusted)."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise EstimatorFormatError(f"{path} is {size} bytes, far too large for an estimator config")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EstimatorFormatError(f"cannot read {path}: {exc}") from exc
-    return parse_config(data, str(path))
-
-
-def read_weights(path: Path, num_layers: int, num_heads: int) -> torch.Tensor:
-    """The float32 weight vector from model.safetensors, checked (name, dtype, shape, finiteness) before use."""
-    n = num_layers * num_heads
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = sorted(f.keys())
-            if names != [WEIGHTS_KEY]:
-                raise EstimatorFormatError(
-                    f"{path}: expected exactly one tensor named {WEIGHTS_KEY!r}, found {names or 'none'}"
-                )
-            handle = f.get_slice(WEIGHTS_KEY)
-            dtype, shape = handle.get_dtype(), list(handle.get_shape())
-            if dtype not in FLOAT_DTYPES:
-                raise EstimatorFormatError(
-                    f"{path}: tensor {WEIGHTS_KEY!r} has dtype {dtype}, "
-                    f"expected a float type ({', '.join(FLOAT_DTYPES)})"
-                )
-            if shape not in ([n], [num_layers, num_heads]):
-                raise EstimatorFormatError(
-                    f"{path}: tensor {WEIGHTS_KEY!r} has shape {shape}, expected [{n}] or [{num_layers}, {num_heads}] "
-                    f"(num_layers x num_heads = {num_layers} x {num_heads} in {CONFIG_NAME})"
-                )
-            weights = f.get_tensor(WEIGHTS_KEY)
-    except EstimatorFormatError:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # garbage, truncated, unreadable
-        raise EstimatorFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
-    weights = weights.to(torch.float32).flatten()
-    if not torch.isfinite(weights).all():
-        bad = int((~torch.isfinite(weights)).sum())
-        raise EstimatorFormatError(f"{path}: tensor {WEIGHTS_KEY!r} has {bad} NaN or infinite values")
-    return weights
-
-
-def _index(value: Any, name: str) -> int:
-    """An integer argument (numpy / torch integers too), never a float silently truncated or a bool."""
-    if isinstance(value, bool):
-        raise EstimatorFormatError(f"{name} must be an integer, got {describe_value(value)}")
-    try:
-        return operator.index(value)
-    except TypeError as exc:
-        raise EstimatorFormatError(f"{name} must be an integer, got {describe_value(value)}") from exc
-
-
-def model_slug(model_id: str) -> str:
-    """Folder name of a shipped estimator: the model id's last part, lower-cased."""
-    return model_id.rstrip("/").split("/")[-1].lower()
 
 
 class ScoreEstimator(torch.nn.Module):
@@ -225,7 +57,7 @@ class ScoreEstimator(torch.nn.Module):
     ) -> None:
         super().__init__()
         weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
-        num_layers, num_heads = _index(num_layers, "num_layers"), _index(num_heads, "num_heads")
+        num_layers, num_heads = checked_index(num_layers, "num_layers"), checked_index(num_heads, "num_heads")
         if model_id is not None and not isinstance(model_id, str):
             raise EstimatorFormatError(f"model_id must be a string or None, got {describe_value(model_id)}")
         if not isinstance(trained, bool):
@@ -352,31 +184,8 @@ class ScoreEstimator(torch.nn.Module):
         return text
 
     def model_card(self) -> str:
-        meta = self.metadata
-        lines = [
-            "---",
-            "library_name: at2-rag",
-            "tags: [attribution, rag, at2]",
-            *([f"base_model: {self.model_id}"] if self.model_id else []),
-            "---",
-            f"# AT2 score estimator{f' for {self.model_id}' if self.model_id else ''}",
-            "",
-            "A linear estimator over attention-head features (AT2, Cohen-Wang et al. 2025) that predicts the effect "
-            "of removing each retrieved document on the model's answer. Load it with "
-            "`at2_rag.ScoreEstimator.from_pretrained(...)`.",
-            "",
-            f"- Layers x heads: {self.num_layers} x {self.num_heads}",
-            f"- Trained: {self.trained}",
-            f"- Feature definition (v{FEATURE_VERSION}): {FEATURE_DEFINITION}",
-        ]
-        for key in ("training_data", "num_examples", "epochs", "heldout_correlation"):
-            if meta.get(key) is not None:  # None: trained without held-out examples
-                lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
-        evaluation = meta.get("evaluation")
-        if isinstance(evaluation, dict) and isinstance(evaluation.get("summary"), dict):
-            lines += ["", *evaluation_table(evaluation)]
-        lines += _settings_lines(meta)
-        return "\n".join(lines) + "\n"
+        """The README.md written beside the weights (see `estimator_card`)."""
+        return estimator_card(self)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike[str]) -> ScoreEstimator:
@@ -478,88 +287,6 @@ class ScoreEstimator(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"layers={self.num_layers}, heads={self.num_heads}, model_id={self.model_id!r}, trained={self.trained}"
-
-
-def _settings_lines(meta: dict[str, Any]) -> list[str]:
-    """Card sections for the refinement prior, the groundedness calibration and the conversation evaluation."""
-    lines: list[str] = []
-    refinement = meta.get("refinement")
-    if isinstance(refinement, dict):
-        lines += ["", "## Refinement with `ablations=k`", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in refinement.items()]
-    groundedness = meta.get("groundedness")
-    if isinstance(groundedness, dict):
-        lines += ["", "## Groundedness (`Citation.grounded`, nats)", ""]
-        lines += [f"- {k.replace('_', ' ')}: {_card_value(v)}" for k, v in groundedness.items()]
-    evaluated = meta.get("groundedness_evaluation")
-    if isinstance(evaluated, dict) and evaluated:
-        lines += ["", "## Groundedness evaluated (`at2-rag evaluate --groundedness`)", ""]
-        lines += [
-            "`grounded` against the label (the sentence's log-probability drops by >= 1 nat with every document "
-            "masked out), per held-out set; standard errors from a bootstrap over examples. Measured is exact by "
-            "construction; estimated is the zero-pass head above.",
-            "",
-            "| examples | sentences | measured AUROC | estimated AUROC | estimated precision | estimated recall |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, row in evaluated.items():
-            if isinstance(row, dict):
-                cells = [_card_value(row.get(key)) for key in (
-                    "measured_auroc", "estimated_auroc", "estimated_supported_precision", "estimated_supported_recall"
-                )]
-                lines.append(f"| {name} | {row.get('sentences')} | " + " | ".join(cells) + " |")
-    conversations = meta.get("conversations")
-    if isinstance(conversations, dict):
-        lines += ["", "## Conversations (multi-turn held-out examples)", ""]
-        lines += [
-            f"- {k.replace('_', ' ')}: {_card_value(v)}"
-            for k, v in conversations.items()
-            if not isinstance(v, dict) or "mean" in v
-        ]
-    return lines
-
-
-def _card_value(value: Any) -> str:
-    """A metadata value as the model card shows it: a measurement as mean ± se, a weight list by its length."""
-    if isinstance(value, list):
-        return f"{len(value)} per-head weights"
-    if isinstance(value, dict) and isinstance(value.get("mean"), (int, float)):
-        se = value.get("se")
-        se_text = f" ± {se:.3f}" if isinstance(se, (int, float)) and se == se else ""
-        return f"{value['mean']:.3f}{se_text}"
-    return str(value)
-
-
-def evaluation_table(evaluation: dict[str, Any]) -> list[str]:
-    """Markdown lines for an `at2-rag evaluate` summary recorded in an estimator's metadata."""
-    summary = evaluation["summary"]
-
-    def number(row: dict[str, Any], key: str, digits: int) -> str:
-        value = row.get(key)
-        if not isinstance(value, (int, float)) or value != value:  # missing or NaN
-            return "n/a"
-        sem = row.get(key + "_sem")
-        spread = f" ± {sem:.{digits}f}" if isinstance(sem, (int, float)) and sem == sem else ""
-        return f"{value:.{digits}f}{spread}"
-
-    recorded = evaluation.get("columns")
-    table = [
-        (c["key"], str(c.get("label", c["key"])), min(max(c.get("digits", 3), 0), 12))
-        for c in (recorded if isinstance(recorded, list) else [])
-        if isinstance(c, dict) and isinstance(c.get("key"), str) and type(c.get("digits", 3)) is int
-    ] or list(LEGACY_EVALUATION_COLUMNS)
-    lines = [
-        f"## Evaluation ({evaluation.get('num_examples', '?')} held-out examples"
-        + (f", {evaluation['examples']}" if evaluation.get("examples") else "") + ")",
-        "",
-        "| method | " + " | ".join(label for _, label, _ in table) + " |",
-        "|---|" + "---:|" * len(table),
-    ]
-    for name, row in summary.items():
-        if not isinstance(row, dict):  # not a method's row (a hand-edited record): nothing to show
-            continue
-        lines.append(f"| {name} | " + " | ".join(number(row, key, digits) for key, _, digits in table) + " |")
-    return lines
 
 
 def load_reference_estimator(

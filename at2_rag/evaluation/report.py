@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..attribution.estimator import ScoreEstimator
-from ..attribution.refine import RefinementPrior, most_informative, refine_scores
+from ..attribution.refine import RefinementPrior, refine_scores
 from ..attributor import Attributor
 from ..capture.features import target_features
 from ..capture.masked import (
@@ -39,6 +39,7 @@ from ..capture.masked import (
     target_log_prob,
 )
 from ..errors import InputFileError
+from ..evidence.ablations import most_informative
 from ..evidence.layout import source_layout
 from ..examples import example_digest, example_seed, read_examples
 from ..prompting.answer import answer_targets
