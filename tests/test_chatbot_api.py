@@ -16,12 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))  # the example is the package `chatbot` inside examples/
 
-import chatbot.app as chatbot_app  # noqa: E402
-from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_attributor, main, sentence_mark  # noqa: E402
+import chatbot.cli as chatbot_app  # noqa: E402
+from chatbot.app import SAMPLE_DOCS, create_app, earlier_answer, load_default_attributor, main  # noqa: E402
 from chatbot.corpus import BM25Index, load_folder  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from at2_rag import Citation, InvalidInputError  # noqa: E402
+from at2_rag.attribution.marks import sentence_source  # noqa: E402
 from at2_rag.attribution.result import (  # noqa: E402
     ATTRIBUTION_SCHEMA_VERSION,  # noqa: E402
     CitedDocument,
@@ -202,13 +203,13 @@ def test_a_sentence_repeats_the_earlier_answer_that_scores_above_every_document(
         [0.004, 0.001], [("history", 3, "assistant", 0.05), ("history", 2, "user", 0.02)], supported=False
     )
     assert earlier_answer(repeat, THRESHOLD) == {"history_index": 3, "score": 0.05, "best_document_score": 0.004}
-    assert sentence_mark(repeat, earlier_answer(repeat, THRESHOLD)) == "earlier_answer"  # not also "not from documents"
+    assert sentence_source(repeat, THRESHOLD).mark == "earlier_answer"  # not also "not from documents"
     # supported by a document and drawing even more on the earlier answer: from the earlier answer, and then
     # without the document's number (one claim per sentence, issue 36 point 8)
     both = sentence([0.03], [("history", 1, "assistant", 0.04)])
     assert (
         earlier_answer(both, THRESHOLD)["history_index"] == 1
-        and sentence_mark(both, earlier_answer(both, THRESHOLD)) == "earlier_answer"
+        and sentence_source(both, THRESHOLD).mark == "earlier_answer"
     )
     from chatbot.app import citation_payload
 
@@ -246,7 +247,7 @@ def test_measured_earlier_answer_stands_on_context_grounded():
         "best_document_score": 0.05,
         "context_grounded": 2.5,
     }
-    assert sentence_mark(repeat, earlier_answer(repeat, THRESHOLD, 1.0)) == "earlier_answer"
+    assert sentence_source(repeat, THRESHOLD, 1.0).mark == "earlier_answer"
     # the same scores, but removing the earlier turns barely changes the sentence: not from them
     def unsupported(context_grounded: float) -> Citation:
         return sentence([0.001], drawn, supported=False, context_grounded=context_grounded)
@@ -265,7 +266,7 @@ def test_measured_earlier_answer_stands_on_context_grounded():
     system_only = sentence([0.001], [("system", None, "system", 0.02)], context_grounded=3.0)
     assert earlier_answer(system_only, THRESHOLD) is None
     not_from_docs = sentence([0.0], [], supported=False, context_grounded=0.2)
-    assert sentence_mark(not_from_docs, earlier_answer(not_from_docs, THRESHOLD)) == "not_from_documents"
+    assert sentence_source(not_from_docs, THRESHOLD).mark == "not_from_documents"
 
 
 def test_a_sentence_not_from_the_documents_never_cites_one():
@@ -279,11 +280,11 @@ def test_a_sentence_not_from_the_documents_never_cites_one():
 
 
 def test_sentence_marks():
-    assert sentence_mark(sentence([0.04], []), None) is None
-    assert sentence_mark(sentence([0.0], [], supported=False), None) == "not_from_documents"
+    assert sentence_source(sentence([0.04], []), THRESHOLD).mark is None
+    assert sentence_source(sentence([0.0], [], supported=False), THRESHOLD).mark == "not_from_documents"
     # a sentence that draws on the system prompt but no document is still not from the documents
     assert (
-        sentence_mark(sentence([0.0], [("system", None, "system", 0.02)], supported=False), None)
+        sentence_source(sentence([0.0], [("system", None, "system", 0.02)], supported=False), THRESHOLD).mark
         == "not_from_documents"
     )
 

@@ -109,7 +109,7 @@ def test_each_user_sees_and_changes_only_their_own_uploads_plus_the_shared_folde
 
 
 def test_stop_of_another_users_answer_is_not_found(tmp_path: Path):
-    from chatbot.app import _Cancelled
+    from chatbot.streaming import Cancelled as _Cancelled
 
     app = app_for(tmp_path)
     client = TestClient(app, base_url=BASE)
@@ -169,7 +169,7 @@ def test_token_files(tmp_path: Path):
 
 
 def test_the_command_line_reads_the_token_file_and_says_who_has_a_workspace(tmp_path, monkeypatch, caplog, capsys):
-    import chatbot.app as chatbot_app
+    import chatbot.cli as chatbot_app
 
     tokens = tmp_path / "tokens"
     tokens.write_text("".join(f"{user}:{token}\n" for user, token in TOKENS.items()))

@@ -297,7 +297,7 @@ def test_writes_a_browser_marks_as_cross_site_are_refused_and_the_page_keeps_wor
 
 
 def test_the_command_line_serves_its_names_and_says_it_is_single_user(monkeypatch, caplog):
-    import chatbot.app as chatbot_app
+    import chatbot.cli as chatbot_app
 
     served: dict[str, Any] = {}
     monkeypatch.setattr(chatbot_app, "load_default_attributor", lambda: None)
@@ -358,7 +358,7 @@ def test_too_many_files_in_one_upload_get_the_documented_413(tmp_path: Path):
 SERVE = """
 import sys
 sys.path.insert(0, {examples!r})
-import chatbot.app as app
+import chatbot.cli as app
 app.load_default_attributor = lambda: None  # the command line loads the model at start; uploads never need it
 sys.exit(app.main(sys.argv[1:]))
 """

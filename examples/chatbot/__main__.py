@@ -1,5 +1,5 @@
 """`python -m chatbot` (from examples/) or `python -m examples.chatbot` also start the app."""
 
-from .app import main
+from .cli import main
 
 raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The answer as server-sent events: `retrieval`, then `token`* and `citation`* (interleaved), `attribution`,
+`done` (or one `error`). One answer streams while the model is free; a question that arrives while the model is
+busy (its lock, `Attributor.lock`, is held: another answer streams, or a batch runs) waits in the core's
+micro-batcher instead and is answered whole, in one batched generation with whoever else waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.concurrency import run_in_threadpool
+
+from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextTooLongError, get_micro_batcher
+
+from .citations import attribution_payload, citation_payload
+
+if TYPE_CHECKING:
+    from .service import ChatService
+
+logger = logging.getLogger("at2_rag.chatbot")
+
+
+def sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Cancelled:
+    """A stopping criterion that ends generation when the browser goes away (or Stop is pressed by its user)."""
+
+    def __init__(self, user: str | None = None) -> None:
+        self.event = threading.Event()
+        self.user = user  # who asked: only they may stop it
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def model_busy(attributor: Attributor) -> bool:
+    """Whether the model is running something now: its lock (`Attributor.lock`, held by every run and pass on it)
+    is taken. Asked from the event loop, which never holds it."""
+    lock = attributor.lock
+    if not lock.acquire(blocking=False):
+        return True
+    lock.release()
+    return False
+
+
+async def events(
+    service: ChatService,
+    question: str,
+    documents: list[Any],
+    history: list[dict[str, str]],
+    regenerate: bool = False,
+    user: str | None = None,
+) -> AsyncIterator[str]:
+    retrieved = [
+        {
+            "id": d.id, "title": d.title, "path": d.metadata["path"], "bm25": d.metadata["bm25"],
+            "rank": d.metadata["bm25_rank"], "doc_id": d.metadata["doc_id"],
+        }
+        for d in documents
+    ]
+    cancel = Cancelled(user)
+    stream_id = secrets.token_urlsafe(12)
+    service.streams[stream_id] = cancel
+    yield sse("retrieval", {"documents": retrieved, "stream_id": stream_id})
+    end = object()
+    started = time.perf_counter()
+    sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
+    try:
+        if model_busy(service.attributor):
+            # the model is busy with someone else's answer: wait in the core's micro-batcher, where every question
+            # that queues meanwhile joins one batched generation once the model is free (answers come whole)
+            yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
+            request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
+            batcher = get_micro_batcher(service.attributor)
+            future = batcher.submit(request, service.max_new_tokens, groundedness=service.groundedness, **sampling)
+            attribution = await asyncio.wrap_future(future)
+            yield sse("token", {"text": attribution.answer})
+            for citation in attribution.citations:
+                yield sse(
+                    "citation",
+                    citation_payload(citation, attribution.support_threshold, attribution.grounded_threshold),
+                )
+            payload = attribution_payload(attribution)
+            payload["stopped"], payload["sampled"], payload["batched"] = False, regenerate, True
+            yield sse("attribution", payload)
+            yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
+            return
+        from transformers import StoppingCriteriaList
+
+        stream = service.attributor.stream(
+            question,
+            documents,
+            history=history,
+            **service.prompt_kwargs,
+            max_new_tokens=service.max_new_tokens,
+            sentence_citations=True,
+            groundedness=service.groundedness,
+            stopping_criteria=StoppingCriteriaList([cancel]),
+            **sampling,
+        )
+        while True:
+            item = await run_in_threadpool(next, stream, end)
+            if item is end:
+                break
+            if isinstance(item, Attribution):
+                payload = attribution_payload(item)
+                payload["stopped"] = cancel.event.is_set()
+                payload["sampled"] = regenerate
+                yield sse("attribution", payload)
+            elif isinstance(item, Citation):  # a sentence just completed: its marks can show now
+                yield sse(
+                    "citation",
+                    citation_payload(item, service.attributor.support_threshold, service.grounded_threshold),
+                )
+            else:
+                yield sse("token", {"text": item})
+        yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
+    except ContextTooLongError as exc:
+        message = await run_in_threadpool(service.context_too_long_message, exc, question, documents, history)
+        yield sse("error", {"error": "context_too_long", "message": message, "detail": str(exc)})
+    except AT2Error as exc:
+        yield sse("error", {"error": "invalid_input", "message": str(exc)})
+    except (asyncio.CancelledError, GeneratorExit):
+        cancel.event.set()  # the page went away: stop generating so the next question is not kept waiting
+        logger.info("the client went away: generation stopped")
+        raise
+    except Exception as exc:  # keep the page informative instead of a silently broken stream
+        logger.exception("generation failed")
+        yield sse("error", {"error": "internal", "message": f"Generation failed: {type(exc).__name__}: {exc}"})
+    finally:
+        service.streams.pop(stream_id, None)
+
+
