@@ -13,13 +13,16 @@ message; GET /stats reports the batches each replica ran; GET /healthz. Python: 
 on the `DeploymentHandle` that `serve.run` returns (see `handle_example`). docs/serving.md says more.
 
 Batching rules (why each result equals `Attributor.generate` alone):
-- requests are validated one by one *before* they join a batch (schema, max_new_tokens, prompt rendering, the
-  context window), so a bad request is answered with its own error and never reaches a batch;
+- requests are validated one by one *before* they join a batch: `Attributor.prepare` (schema, max_new_tokens,
+  the answer, prompt rendering, the context window, each checked once), so a bad request is answered with its
+  own error and never reaches a batch; the batch runs the `Prepared` requests as they are;
 - inside a batch, requests run together only with equal settings: the attribute ones (answer given) in one
   `attribute_batch`, the generate ones in one `generate_batch` per `max_new_tokens` value. Generating to the
   batch's largest `max_new_tokens` and cutting would give the same greedy tokens but not the same result: the
   scores, citations and `finish_reason` of the cut answer would have to be recomputed, so we do not;
-- if a model batch still raises, its requests are retried one by one, so only the bad one fails.
+- if a model batch still raises, its requests are retried one by one, so only the bad one fails (the policy of
+  `at2_rag.MicroBatcher`, whose worker does the same; `@serve.batch` here collects the batch instead of the
+  batcher's own window, and the replica records each model batch's kind for `/stats`).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route signatures (`request: Request`) at runtime
@@ -48,9 +51,9 @@ from at2_rag import (
     ContextTooLongError,
     InvalidInputError,
     NoDocumentsError,
+    Prepared,
     get_attributor,
 )
-from at2_rag.capture._runner import check_max_new_tokens
 from at2_rag.errors import PromptRenderError
 
 logger = logging.getLogger(__name__)
@@ -85,10 +88,12 @@ class ServiceConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Job:
-    """One validated request: what it asks and the settings it may share a batch with."""
+    """One request: what it asks, the settings it may share a batch with, and (validated by `parse_job`) the
+    `Prepared` request the model batch runs. A job without it is prepared, and so checked, inside its batch."""
 
     request: AttributionRequest
     max_new_tokens: int
+    prepared: Prepared | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -107,7 +112,8 @@ class ModelBatch:
 
 def parse_job(payload: Any, attributor: Attributor, config: ServiceConfig) -> Job:
     """Validate one request completely before it joins a batch: an `InvalidInputError` (or another client
-    error) naming what is wrong. Rendering the prompt here also checks the documents and the context window."""
+    error) naming what is wrong. `Attributor.prepare` checks everything once: max_new_tokens, the answer, the
+    documents (rendering the prompt) and the context window."""
     if not isinstance(payload, Mapping):
         raise InvalidInputError(
             f"the request must be a JSON object with query and documents, got {type(payload).__name__}"
@@ -119,21 +125,16 @@ def parse_job(payload: Any, attributor: Attributor, config: ServiceConfig) -> Jo
     max_new_tokens = fields.pop("max_new_tokens", None)
     if max_new_tokens is None:
         max_new_tokens = config.default_max_new_tokens
-    check_max_new_tokens(max_new_tokens)
-    if max_new_tokens > config.max_new_tokens_limit:
+    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and (
+        max_new_tokens > config.max_new_tokens_limit
+    ):
         raise InvalidInputError(
             f"max_new_tokens={max_new_tokens} is above this service's limit of {config.max_new_tokens_limit}"
         )
     request = AttributionRequest.coerce(fields)
-    prompt = attributor.render(request)
-    if request.answer is None:
-        attributor.runner.check_fits(prompt, max_new_tokens)
-        return Job(request, max_new_tokens)
-    if not request.answer.strip():
-        raise InvalidInputError("answer must be a non-empty string (leave it out to generate one)")
-    answer_tokens = len(attributor.tokenizer(request.answer, add_special_tokens=False)["input_ids"])
-    attributor.runner.check_fits(prompt, answer_tokens=answer_tokens)
-    return Job(request, 0)  # an attributed answer generates nothing: every attribute request batches together
+    prepared = attributor.prepare(request, max_new_tokens=max_new_tokens)  # a bad max_new_tokens raises here
+    # an attributed answer generates nothing: every attribute request batches together
+    return Job(request, max_new_tokens if prepared.generates else 0, prepared)
 
 
 def run_jobs(attributor: Attributor, jobs: Sequence[Job]) -> tuple[list[Attribution | Exception], list[ModelBatch]]:
@@ -171,9 +172,12 @@ def run_jobs(attributor: Attributor, jobs: Sequence[Job]) -> tuple[list[Attribut
 
 
 def _model_batch(attributor: Attributor, jobs: Sequence[Job]) -> list[Attribution]:
+    """One left-padded model batch of jobs with equal settings; a job that was not prepared is prepared (checked)
+    here, so a bad one fails its batch."""
+    requests: list[AttributionRequest | Prepared] = [j.prepared or j.request for j in jobs]
     if jobs[0].request.answer is not None:
-        return attributor.attribute_batch([j.request for j in jobs])
-    return attributor.generate_batch([j.request for j in jobs], max_new_tokens=jobs[0].max_new_tokens)
+        return attributor.attribute_batch(requests)
+    return attributor.generate_batch(requests, max_new_tokens=jobs[0].max_new_tokens)
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
