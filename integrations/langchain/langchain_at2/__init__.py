@@ -7,10 +7,9 @@
 """
 
 from . import annotations as _annotations  # registers the "at2" content translator
-from ._loading import clear_cache, get_attributor
 from ._version import __version__
 from .annotations import attribution_from_metadata
-from .callbacks import EVENT_NAME, AsyncAT2CallbackHandler, AT2CallbackHandler, ChainAttribution
+from .callbacks import AsyncAT2CallbackHandler, AT2CallbackHandler, ChainAttribution
 from .chat_models import ChatAT2
 from .citations import AT2Citations, with_citations
 from .documents import (
@@ -25,7 +24,6 @@ from .documents import (
 del _annotations
 
 __all__ = [
-    "EVENT_NAME",
     "AT2CallbackHandler",
     "AT2Citations",
     "AsyncAT2CallbackHandler",
@@ -33,11 +31,9 @@ __all__ = [
     "ChatAT2",
     "__version__",
     "attribution_from_metadata",
-    "clear_cache",
     "document_blocks",
     "documents_message",
     "extract_documents",
-    "get_attributor",
     "rag_messages",
     "to_at2_document",
     "to_at2_documents",

@@ -64,7 +64,7 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def attributor() -> Any:
     """The real embedded SmolLM2-135M-Instruct, loaded once per session (shared with every ChatAT2)."""
-    from langchain_at2 import get_attributor
+    from at2_rag import get_attributor
 
     return get_attributor()
 

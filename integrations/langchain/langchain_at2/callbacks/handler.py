@@ -24,14 +24,15 @@ from uuid import UUID
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.documents import Document
 from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import run_in_executor
 from langchain_core.tracers.base import AsyncBaseTracer, BaseTracer
 from langchain_core.tracers.schemas import Run
 from pydantic import BaseModel, ConfigDict, Field
 
 from at2_rag import AT2Error, Attribution, Attributor
-from at2_rag.attribution.refine import check_ablations
 from at2_rag.errors import DocumentsNotLocatedError
+from at2_rag.evidence.ablations import check_ablations
 from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
 
 from .._loading import get_attributor
@@ -145,8 +146,9 @@ class _AT2Tracker:
     """The attribution of finished model runs and the results store, shared by the sync and async handlers.
 
     Run bookkeeping is the tracer base's (`run_map`: live runs only, each with its child runs); the handler adds
-    nothing per run beyond the `Run` objects themselves, and drops the base's `order_map` entry of every run that
-    ends, so nothing is kept for a run after it ends, wherever the handler is attached."""
+    nothing per run beyond the `Run` objects themselves, and when a root run ends (`_persist_run`, the tracer's
+    extension point: the outermost run the handler sees) drops the base's `order_map` entries of its whole tree,
+    so nothing is kept for a run after its root ends, wherever the handler is attached."""
 
     run_map: dict[str, Run]
     order_map: dict[UUID, tuple[UUID, str]]
@@ -190,10 +192,11 @@ class _AT2Tracker:
 
     # ---- tracer hooks -----------------------------------------------------------------------------------------
     def _persist_run_sync(self, run: Run) -> None:
-        """Nothing is persisted: a root run's tree is dropped when it ends."""
-
-    def _forget_order(self, run: Run) -> None:
-        self.order_map.pop(run.id, None)
+        """Nothing is persisted: a root run's tree is dropped when it ends (the base drops its `run_map` entries;
+        here its `order_map` entries: every run of the trace)."""
+        for run_id, (trace_id, _) in list(self.order_map.items()):
+            if trace_id == run.trace_id:
+                self.order_map.pop(run_id, None)
 
     def _keep_messages(self, run_id: UUID, messages: list[list[BaseMessage]]) -> None:
         run = self.run_map.get(str(run_id))
@@ -373,10 +376,6 @@ class AT2CallbackHandler(_AT2Tracker, BaseTracer):
     def _persist_run(self, run: Run) -> None:
         self._persist_run_sync(run)
 
-    def _end_trace(self, run: Run) -> None:
-        super()._end_trace(run)
-        self._forget_order(run)
-
     def on_chat_model_start(
         self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
     ) -> Run:
@@ -384,7 +383,13 @@ class AT2CallbackHandler(_AT2Tracker, BaseTracer):
         self._keep_messages(run_id, messages)
         return run
 
-    def _on_llm_end(self, run: Run) -> None:
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> Run:
+        """The tracer ends the model run; then each of its prompts with retrieved documents is attributed."""
+        run = super().on_llm_end(response, run_id=run_id, **kwargs)
+        self._attribute(run)
+        return run
+
+    def _attribute(self, run: Run) -> None:
         for job in self._jobs(run):
             event = self._store(self._compute(job), run)
             if self.dispatch_events:
@@ -432,17 +437,29 @@ class AsyncAT2CallbackHandler(_AT2Tracker, AsyncBaseTracer):
     async def _persist_run(self, run: Run) -> None:
         self._persist_run_sync(run)
 
-    async def _end_trace(self, run: Run) -> None:
-        await super()._end_trace(run)
-        self._forget_order(run)
-
     async def on_chat_model_start(
         self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID, **kwargs: Any
     ) -> Any:
         await super().on_chat_model_start(serialized, messages, run_id=run_id, **kwargs)
         self._keep_messages(run_id, messages)
 
-    async def _on_llm_end(self, run: Run) -> None:
+    async def on_llm_end(
+        self,
+        response: LLMResult,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The tracer ends the model run (completing the `Run` it holds); then each of its prompts with retrieved
+        documents is attributed."""
+        run = self.run_map.get(str(run_id))
+        await super().on_llm_end(response, run_id=run_id, parent_run_id=parent_run_id, tags=tags, **kwargs)
+        if run is not None:
+            await self._attribute(run)
+
+    async def _attribute(self, run: Run) -> None:
         for job in list(self._jobs(run)):
             result = await run_in_executor(None, self._compute, job)
             event = self._store(result, run)

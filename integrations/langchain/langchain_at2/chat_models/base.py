@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,12 +17,10 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field
 
-from at2_rag import Attribution, AttributionRequest, Attributor, Captured, PromptTemplate, get_micro_batcher
-from at2_rag.attribution.refine import check_ablations
+from at2_rag import Attribution, AttributionRequest, Attributor, Prepared, PromptTemplate, get_micro_batcher
 from at2_rag.errors import InvalidInputError
-from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
+from at2_rag.evidence.groundedness import GroundednessMode
 from at2_rag.models import DEFAULT_MODEL_ID
-from at2_rag.prompting.locate import LocatedPrompt
 from at2_rag.prompting.request import TEMPLATE_DEFAULT, SystemPrompt
 
 from .._loading import get_attributor, is_default_model
@@ -43,13 +42,57 @@ class _Plan:
     max_new_tokens: int
     generate_kwargs: dict[str, Any]
     stop: list[str]
-    ablations: int = 0
-    groundedness: GroundednessMode = "measured"
-    query: str = ""
-    request: AttributionRequest | None = None
-    """template mode: what the core renders (query, documents, history, system prompt)"""
-    located: LocatedPrompt | None = None
-    """plain and prompt mode: the messages as given, with the documents located inside them"""
+    ablations: Any = 0
+    """as given: checked by the core when the answer is attributed (`MicroBatcher.submit`, `Attributor.stream`)"""
+    groundedness: Any = "measured"
+    prepared: Prepared | None = None
+    """template mode: at2-rag's own prompt (query, documents, history, system prompt); prompt mode: the messages
+    as given, with the documents located inside them (`Attributor.prepare`, checked once)"""
+    messages: list[dict[str, str]] | None = None
+    """plain mode: the messages to generate after (no documents, no attribution)"""
+
+
+class _TokenCount:
+    """A `transformers` streamer that counts what a plain generation feeds it (the prompt first, then every new
+    token), for the usage metadata and finish reason; `inner`, a text streamer, receives the same calls."""
+
+    def __init__(self, eos_token_ids: frozenset[int], inner: Any = None) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.inner = inner
+        self.prompt_tokens: int | None = None
+        self.generated: list[int] = []
+        self.text = ""
+        """the generation's answer text (what `Attributor.generate_text` returned)"""
+
+    def put(self, value: Any) -> None:
+        ids = [int(i) for i in value.reshape(-1).tolist()]
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(ids)
+        else:
+            self.generated.extend(ids)
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+    def usage(self) -> tuple[int, int, str]:
+        """(prompt tokens, answer tokens, finish reason): trailing end-of-sequence tokens are not answer tokens and
+        mean the model stopped ("stop"); else it ran to the token limit or a stop string ("length")."""
+        answer, finish = len(self.generated), "length"
+        while answer and self.generated[answer - 1] in self.eos_token_ids:
+            answer, finish = answer - 1, "stop"
+        return self.prompt_tokens or 0, answer, finish
+
+
+def _eos_token_ids(attributor: Attributor) -> frozenset[int]:
+    """The token ids that end a generation: the model's generation config's and the tokenizer's."""
+    eos = attributor.model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if attributor.tokenizer.eos_token_id is not None:
+        ids.add(attributor.tokenizer.eos_token_id)
+    return frozenset(ids)
 
 
 class _StopFilter:
@@ -240,8 +283,8 @@ class ChatAT2(BaseChatModel):
         max_new_tokens = int(max_new or max_tokens or self.max_new_tokens)
         temperature = kwargs.pop("temperature", self.temperature)
         top_p = kwargs.pop("top_p", self.top_p)
-        ablations = check_ablations(kwargs.pop("ablations", self.ablations))
-        groundedness = check_groundedness(kwargs.pop("groundedness", self.groundedness))
+        ablations = kwargs.pop("ablations", self.ablations)
+        groundedness = kwargs.pop("groundedness", self.groundedness)
         extra = {**self.model_kwargs, **(kwargs.pop("generate_kwargs", None) or {})}
         unknown = sorted(k for k in kwargs if k not in _IGNORED_KWARGS)
         if unknown:
@@ -273,34 +316,36 @@ class ChatAT2(BaseChatModel):
             raise InvalidInputError("documents must be a list of documents (wrap a single document in a list)")
         raw_docs = [*(explicit or []), *embedded]
         if not raw_docs:
-            plan.located = attributor.locate(to_chat_dicts(messages))
+            plan.messages = to_chat_dicts(messages)
             return plan
 
         documents = to_at2_documents(raw_docs)
+        run_args: dict[str, Any] = {"max_new_tokens": max_new_tokens, **gen}
         if self.documents_mode != "template":
-            located = attributor.locate(to_chat_dicts(messages), documents)
-            if located.located:
-                if located.unlocated:
+            query = split_for_core(messages)[2] if any(m.type == "human" for m in messages) else ""
+            prepared = attributor.prepare(to_chat_dicts(messages), documents, query=query, **run_args)
+            unlocated = prepared.unlocated_documents
+            if prepared.prompt.doc_sources:
+                if unlocated:
                     logger.warning(
                         "ChatAT2: %d of %d documents are not in the prompt and get no score: %s",
-                        len(located.unlocated),
+                        len(unlocated),
                         len(documents),
-                        "; ".join(f"{u.id}: {u.reason}" for u in located.unlocated),
+                        "; ".join(f"{u.id}: {u.reason}" for u in unlocated),
                     )
-                plan.mode, plan.located = "prompt", located
-                plan.query = split_for_core(messages)[2] if any(m.type == "human" for m in messages) else ""
+                plan.mode, plan.prepared = "prompt", prepared
                 return plan
             if self.documents_mode == "prompt":
                 raise InvalidInputError(
                     "documents_mode='prompt' but none of the documents' text occurs in the messages: "
-                    + "; ".join(f"{u.id}: {u.reason}" for u in located.unlocated)
+                    + "; ".join(f"{u.id}: {u.reason}" for u in unlocated)
                 )
         found, history, query = split_for_core(messages)
         system: SystemPrompt = found if found is not None else (
             TEMPLATE_DEFAULT if self.system_prompt is None else self.system_prompt
         )
-        plan.mode, plan.query = "template", query
-        plan.request = AttributionRequest(query=query, documents=documents, history=history, system_prompt=system)
+        request = AttributionRequest(query=query, documents=documents, history=history, system_prompt=system)
+        plan.mode, plan.prepared = "template", attributor.prepare(request, **run_args)
         return plan
 
     # ---- results --------------------------------------------------------------------------------------------
@@ -331,42 +376,54 @@ class ChatAT2(BaseChatModel):
         return text, metadata, usage
 
     def _run(self, plan: _Plan) -> tuple[str, dict[str, Any], UsageMetadata]:
-        """One planned call through the core: `Attributor.generate` on the request (template mode), else the
-        runner over the located prompt, with capture when documents were located in it."""
+        """One planned call through the core: the prepared request (template or prompt mode) through the model's
+        shared micro-batcher, else a plain generation (`Attributor.generate_text`)."""
         att = plan.attributor
-        assert plan.request is not None or plan.located is not None
-        if plan.request is not None or plan.mode == "prompt":
+        if plan.prepared is not None:
             # through the model's shared micro-batcher: concurrent calls (`batch`, `abatch`, threads, async callers)
             # share one batched generation; a call alone runs exactly the single-request path
-            batcher = get_micro_batcher(att)
-            if plan.request is not None:
-                future = batcher.submit(
-                    plan.request,
-                    plan.max_new_tokens,
-                    plan.ablations,
-                    groundedness=plan.groundedness,
-                    **plan.generate_kwargs,
-                )
-            else:
-                assert plan.located is not None
-                future = batcher.submit_prompt(
-                    plan.located.prompt,
-                    plan.query,
-                    None,
-                    plan.max_new_tokens,
-                    plan.ablations,
-                    groundedness=plan.groundedness,
-                    **plan.generate_kwargs,
-                )
+            future = get_micro_batcher(att).submit(
+                plan.prepared, ablations=plan.ablations, groundedness=plan.groundedness
+            )
             result = future.result()
             return self._finish(
                 plan, result.answer, result, result.num_prompt_tokens, result.num_answer_tokens, result.finish_reason
             )
-        assert plan.located is not None
-        run = att.runner.generate(plan.located.prompt, plan.max_new_tokens, capture=False, **plan.generate_kwargs)
-        return self._finish(
-            plan, run.answer.text, None, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
-        )
+        assert plan.messages is not None
+        count = _TokenCount(_eos_token_ids(att))
+        text = att.generate_text(plan.messages, plan.max_new_tokens, streamer=count, **plan.generate_kwargs)
+        prompt_tokens, answer_tokens, finish_reason = count.usage()
+        return self._finish(plan, text, None, prompt_tokens, answer_tokens, finish_reason)
+
+    @staticmethod
+    def _stream_plain(plan: _Plan, count: _TokenCount) -> Iterator[str]:
+        """`Attributor.generate_text` in a worker thread, yielding its text as it is generated (what
+        `Attributor.stream_text` does), counting the tokens for the usage metadata; an error in the worker is
+        re-raised here."""
+        from transformers import TextIteratorStreamer
+
+        att = plan.attributor
+        assert plan.messages is not None
+        count.inner = TextIteratorStreamer(att.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                count.text = att.generate_text(
+                    plan.messages or [], plan.max_new_tokens, streamer=count, **plan.generate_kwargs
+                )
+            except BaseException as exc:  # surfaced in the consuming thread
+                outcome["error"] = exc
+                count.inner.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        for chunk in count.inner:
+            if chunk:
+                yield chunk
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
 
     def _generate(
         self,
@@ -402,23 +459,12 @@ class ChatAT2(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         plan = self._plan(messages, stop, kwargs)
         att = plan.attributor
+        count = _TokenCount(_eos_token_ids(att))
         items: Iterator[Any]
-        if plan.request is not None:
-            items = att.stream(
-                plan.request,
-                max_new_tokens=plan.max_new_tokens,
-                ablations=plan.ablations,
-                groundedness=plan.groundedness,
-                **plan.generate_kwargs,
-            )
+        if plan.prepared is not None:
+            items = att.stream(plan.prepared, ablations=plan.ablations, groundedness=plan.groundedness)
         else:
-            assert plan.located is not None
-            items = att.runner.stream(
-                plan.located.prompt,
-                plan.max_new_tokens,
-                capture=plan.mode == "prompt",
-                **plan.generate_kwargs,
-            )
+            items = self._stream_plain(plan, count)
         filt = _StopFilter(plan.stop)
         final: Any = None
 
@@ -440,17 +486,12 @@ class ChatAT2(BaseChatModel):
         tail = filt.flush()
         if tail:
             yield chunk_of(tail)
-        if isinstance(final, Captured) and plan.mode == "prompt":
-            final = att.build_attribution(final, plan.query, plan.ablations, plan.groundedness)
-
         if isinstance(final, Attribution):
             text, metadata, usage = self._finish(
                 plan, final.answer, final, final.num_prompt_tokens, final.num_answer_tokens, final.finish_reason
             )
-        elif isinstance(final, Captured):
-            text, metadata, usage = self._finish(
-                plan, final.answer.text, None, final.prompt.num_tokens, len(final.answer.token_ids), final.finish_reason
-            )
+        elif plan.prepared is None:
+            text, metadata, usage = self._finish(plan, count.text, None, *count.usage())
         else:  # pragma: no cover - the core always ends a stream with its result
             raise RuntimeError("the generation ended without a result")
         last = ChatGenerationChunk(

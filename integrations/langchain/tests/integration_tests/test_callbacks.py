@@ -14,7 +14,8 @@ from langchain_core.outputs import Generation, LLMResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-from langchain_at2 import EVENT_NAME, AsyncAT2CallbackHandler, AT2CallbackHandler, ChatAT2
+from langchain_at2 import AsyncAT2CallbackHandler, AT2CallbackHandler, ChatAT2
+from langchain_at2.callbacks import EVENT_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,9 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import RunnablePassthrough
 
 from at2_rag.attribution.result import context_key
-from langchain_at2 import EVENT_NAME, AT2CallbackHandler, AT2Citations, ChatAT2
+from langchain_at2 import AT2CallbackHandler, AT2Citations, ChatAT2
 from langchain_at2.annotations import context_refs
+from langchain_at2.callbacks import EVENT_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ import langchain_at2
 from langchain_at2 import __all__
 
 EXPECTED = {
-    "EVENT_NAME",
     "AT2CallbackHandler",
     "AT2Citations",
     "AsyncAT2CallbackHandler",
@@ -12,11 +11,9 @@ EXPECTED = {
     "ChatAT2",
     "__version__",
     "attribution_from_metadata",
-    "clear_cache",
     "document_blocks",
     "documents_message",
     "extract_documents",
-    "get_attributor",
     "rag_messages",
     "to_at2_document",
     "to_at2_documents",
@@ -32,8 +29,9 @@ def test_all_imports() -> None:
 
 def test_constructing_models_loads_nothing() -> None:
     from at2_rag.serving import shared
+    from langchain_at2._loading import get_attributor
 
-    assert langchain_at2.get_attributor is shared.get_attributor  # one shared Attributor per process, the core's
+    assert get_attributor is shared.get_attributor  # one shared Attributor per process, the core's
     before = dict(shared._CACHE)
     for _ in range(50):
         langchain_at2.ChatAT2(max_tokens=8)
