@@ -21,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example is the package `chatbot`
 
 from chatbot.app import create_app, load_default_attributor  # noqa: E402
+from chatbot.streaming import model_busy  # noqa: E402
 from playwright.sync_api import Page, expect  # noqa: E402
 from test_chatbot_browser import (  # noqa: E402, F401  (skips without Chromium; fixtures: artifacts, browser)
     ANSWER_TIMEOUT_MS,
@@ -404,9 +405,9 @@ def test_stop_keeps_the_partial_answer_attributed_and_new_chat_works_while_strea
         expect(page.locator("#empty-state")).to_be_visible()
         expect(page.locator("#send")).to_be_visible()
         deadline = time.monotonic() + 120
-        while (service.streams or service.generation_lock.locked()) and time.monotonic() < deadline:
+        while (service.streams or model_busy(service.attributor)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not service.streams and not service.generation_lock.locked(), "the generation went on after New chat"
+        assert not service.streams and not model_busy(service.attributor), "the generation went on after New chat"
         page.wait_for_timeout(500)
         expect(page.locator(".msg")).to_have_count(0)  # nothing of the dropped answer arrives afterwards
         stored = page.evaluate("JSON.parse(localStorage.getItem('at2-chat:chats'))")
