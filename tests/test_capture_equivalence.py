@@ -29,7 +29,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from at2_rag.capture.attention import CAPTURE_PREFIX, CaptureState, capture_attention, install_capture
+from at2_rag.capture.attention import CAPTURE_PREFIX, capture_attention, install_capture
+from at2_rag.capture.state import CaptureState
 from at2_rag.errors import UnsupportedModelError
 
 
@@ -202,7 +203,7 @@ def test_generate_capture_equals_eager(name):
 def test_generate_capture_across_row_blocks(name, block, pack, blocks, loose, monkeypatch):
     """Decode rows are packed ROWS_PER_PACK at a time into blocks of ROW_BLOCK steps; answers longer than one
     block, and rows still loose when the features are read, stay exact."""
-    import at2_rag.capture.attention as capture
+    import at2_rag.capture.state as capture
 
     monkeypatch.setattr(capture, "ROW_BLOCK", block)  # 7 rows: the prefill's last and 6 decode steps
     monkeypatch.setattr(capture, "ROWS_PER_PACK", pack)
@@ -443,7 +444,8 @@ def test_backend_registry_names_every_transformers_implementation():
     back to sdpa with the reason; anything else is refused with how to switch."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from at2_rag.capture.attention import capture_backends, capture_base
+    from at2_rag.capture.attention import capture_base
+    from at2_rag.capture.backends import capture_backends
 
     backends = capture_backends()
     for name in ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]:
