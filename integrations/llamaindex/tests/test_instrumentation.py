@@ -30,14 +30,14 @@ def at2(attributor):
 def check_attributed(response: Any, attributor: Any, prompt: Any, answer: str, query: str, node_text: dict) -> None:
     """`response` carries the AT2 attribution of (prompt, answer) over its source nodes, computed exactly as
     `attribute_rendered` computes it, ranked, annotated and serialised by the core."""
-    from llama_index.postprocessor.at2 import nodes_to_documents
+    from at2_rag import map_documents
 
     meta = response.metadata
     attribution, data = meta["attribution"], meta["at2"]
     assert data == attribution.to_dict() and data["schema"] == "at2-rag/attribution"
     assert attribution.answer == answer and attribution.query == query
     nodes = response.source_nodes
-    direct = attributor.attribute_rendered(prompt, nodes_to_documents(nodes), answer=answer, query=query)
+    direct = attributor.attribute_rendered(prompt, map_documents(nodes).documents, answer=answer, query=query)
     assert attribution.prompt == direct.prompt
     assert attribution.document_scores() == pytest.approx(direct.document_scores(), abs=1e-6)
     assert not attribution.unlocated_documents

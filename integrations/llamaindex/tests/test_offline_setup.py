@@ -9,7 +9,8 @@ def test_settings_point_at_local_components(local_settings):
     import llama_index.core
     from llama_index.core import Settings
 
-    from llama_index.postprocessor.at2 import AT2LLM, MiniLMEmbedding
+    from examples.llamaindex_rag import MiniLMEmbedding
+    from llama_index.postprocessor.at2 import AT2LLM
 
     assert isinstance(Settings.llm, AT2LLM)
     assert isinstance(Settings.embed_model, MiniLMEmbedding)

@@ -32,7 +32,8 @@ def test_public_classes_subclass_llama_index_bases():
     from llama_index.core.postprocessor.types import BaseNodePostprocessor
     from llama_index.core.query_engine import CustomQueryEngine
 
-    from llama_index.postprocessor.at2 import AT2LLM, AT2CitationQueryEngine, AT2NodePostprocessor, MiniLMEmbedding
+    from examples.llamaindex_rag import MiniLMEmbedding
+    from llama_index.postprocessor.at2 import AT2LLM, AT2CitationQueryEngine, AT2NodePostprocessor
 
     assert issubclass(AT2NodePostprocessor, BaseNodePostprocessor)
     assert issubclass(AT2CitationQueryEngine, CustomQueryEngine)

@@ -23,11 +23,11 @@ def reranked(attributor, retrieved):
 
 
 def test_rerank_scores_are_the_core_attribution(attributor, retrieved, reranked):
-    from llama_index.postprocessor.at2 import nodes_to_documents
+    from at2_rag import map_documents
 
     pp, out = reranked
     assert len(out) == len(retrieved)
-    direct = attributor.generate(PENICILLIN, nodes_to_documents(retrieved), max_new_tokens=MAX_NEW)
+    direct = attributor.generate(PENICILLIN, map_documents(retrieved).documents, max_new_tokens=MAX_NEW)
     assert pp.last_attribution.answer == direct.answer
     for n in out:
         assert n.score == pytest.approx(direct.document(n.node.node_id).score, abs=1e-5)
@@ -124,7 +124,8 @@ def test_same_id_with_other_text_is_kept_as_a_second_document(attributor, retrie
     from llama_index.core.schema import TextNode
 
     from at2_rag import map_documents
-    from llama_index.postprocessor.at2 import AT2NodePostprocessor, unique_nodes
+    from llama_index.postprocessor.at2 import AT2NodePostprocessor
+    from llama_index.postprocessor.at2._common import unique_nodes
 
     first, other = retrieved[0], retrieved[1]
     clash = NodeWithScore(

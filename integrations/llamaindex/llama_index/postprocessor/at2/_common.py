@@ -186,29 +186,28 @@ def chat_dicts(messages: Sequence[Any], system_prompt: str | None = None) -> lis
     return turns
 
 
-def generate_shared(
+def prepare_request(
     attributor: Any,
     query: str,
     documents: Sequence[Any],
     *,
     max_new_tokens: int = 256,
-    ablations: int = 0,
-    groundedness: str = "measured",
     system_prompt: Any = None,
     **generate_kwargs: Any,
 ) -> Any:
-    """`Attributor.generate` through the model's shared micro-batcher (`at2_rag.get_micro_batcher`): concurrent
-    queries (threads, `aquery` in worker threads) share one batched generation; a query alone runs exactly the
-    single-request path. `groundedness`: "measured" (one extra pass without the documents), "estimated" or
-    "off" (see `Attributor.generate`)."""
-    from at2_rag import get_micro_batcher
-    from at2_rag.prompting.request import TEMPLATE_DEFAULT
+    """`Attributor.prepare`: at2-rag's own prompt for the question and the nodes' documents (`system_prompt` None:
+    the template's), checked once (`ContextTooLongError` when it and `max_new_tokens` exceed the context window)."""
+    system = {} if system_prompt is None else {"system_prompt": system_prompt}
+    return attributor.prepare(query, list(documents), max_new_tokens=max_new_tokens, **system, **generate_kwargs)
 
-    request = {
-        "query": query,
-        "documents": list(documents),
-        "system_prompt": TEMPLATE_DEFAULT if system_prompt is None else system_prompt,
-    }
-    return get_micro_batcher(attributor).generate(
-        request, max_new_tokens, ablations, groundedness=groundedness, **generate_kwargs
-    )
+
+def generate_shared(attributor: Any, prepared: Any, *, ablations: int = 0, groundedness: str = "measured") -> Any:
+    """A prepared request (`prepare_request`) generated and attributed through the model's shared micro-batcher
+    (`at2_rag.get_micro_batcher`): concurrent queries (threads, `aquery` in worker threads) share one batched
+    generation; a query alone runs exactly the single-request path. `groundedness`: "measured" (one extra pass
+    without the documents), "estimated" or "off" (see `Attributor.generate`); a bad value (or `ablations`) raises
+    `at2_rag.InvalidInputError` here."""
+    from at2_rag import get_micro_batcher
+
+    future = get_micro_batcher(attributor).submit(prepared, ablations=ablations, groundedness=groundedness)
+    return future.result()

@@ -10,7 +10,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from ._common import annotate_nodes, default_attributor, generate_shared, map_nodes, rank_nodes
+from ._common import annotate_nodes, default_attributor, generate_shared, map_nodes, prepare_request, rank_nodes
 from .events import AT2AttributionEndEvent, AT2AttributionStartEvent, dispatcher
 
 
@@ -99,14 +99,11 @@ class AT2NodePostprocessor(BaseNodePostprocessor):
         ids = [d.id for d in mapped.documents]
         dispatcher.event(AT2AttributionStartEvent(source="postprocessor", query=query_str, document_ids=ids))
         try:
+            prepared = prepare_request(
+                self.attributor, query_str, mapped.documents, max_new_tokens=self.max_new_tokens, **kwargs
+            )
             attribution = generate_shared(
-                self.attributor,
-                query_str,
-                mapped.documents,
-                max_new_tokens=self.max_new_tokens,
-                ablations=self.ablations,
-                groundedness=self.groundedness,
-                **kwargs,
+                self.attributor, prepared, ablations=self.ablations, groundedness=self.groundedness
             )
         except Exception as exc:
             dispatcher.event(AT2AttributionEndEvent(source="postprocessor", query=query_str, error=repr(exc)))

@@ -382,7 +382,7 @@ class AT2Instrumentation:
         top_sentences: int = 3,
         max_pending_streams: int = 64,
     ) -> None:
-        from at2_rag.attribution.refine import check_ablations
+        from at2_rag.evidence.ablations import check_ablations
         from at2_rag.evidence.groundedness import check_groundedness
 
         self.ablations = check_ablations(ablations)

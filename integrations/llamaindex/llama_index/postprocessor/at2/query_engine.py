@@ -33,6 +33,7 @@ from ._common import (
     empty_metadata,
     generate_shared,
     map_nodes,
+    prepare_request,
     rank_nodes,
     response_metadata,
 )
@@ -202,13 +203,9 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     def _system_kwargs(self) -> dict[str, Any]:
         return {} if self.system_prompt is None else {"system_prompt": self.system_prompt}
 
-    def _generate_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.generate_kwargs)
-        kwargs.update(self._system_kwargs())
-        kwargs["max_new_tokens"] = self.max_new_tokens
-        kwargs["ablations"] = self.ablations
-        kwargs["groundedness"] = self.groundedness
-        return kwargs
+    def _evidence_kwargs(self) -> dict[str, Any]:
+        """What the attribution pays for after the answer (checked by the core when it attributes)."""
+        return {"ablations": self.ablations, "groundedness": self.groundedness}
 
     def _empty(self) -> Response:
         metadata = empty_metadata()
@@ -224,7 +221,15 @@ class AT2CitationQueryEngine(CustomQueryEngine):
     def _start(self, query_str: str, mapped: MappedNodes) -> _Run:
         span_id = active_span_id.get()
         dispatcher.event(SynthesizeStartEvent(query=query_str, span_id=span_id))
-        prompt = self.attributor.render(query_str, mapped.documents, **self._system_kwargs()).text
+        prepared = prepare_request(
+            self.attributor,
+            query_str,
+            mapped.documents,
+            max_new_tokens=self.max_new_tokens,
+            **self._system_kwargs(),
+            **self.generate_kwargs,
+        )
+        prompt = prepared.prompt.text
         additional = {"max_new_tokens": self.max_new_tokens, **self.generate_kwargs}
         model = {"class_name": self.class_name(), "model": self.attributor.model_id}
         dispatcher.event(
@@ -237,7 +242,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         dispatcher.event(
             AT2AttributionStartEvent(source="query_engine", query=query_str, document_ids=ids, span_id=span_id)
         )
-        return _Run(query_str=query_str, span_id=span_id, prompt=prompt, llm_event=llm_event)
+        return _Run(query_str=query_str, span_id=span_id, prompt=prompt, llm_event=llm_event, prepared=prepared)
 
     def _end(self, run: _Run, attribution: Any = None, error: BaseException | None = None) -> None:
         answer = "" if attribution is None else attribution.answer
@@ -264,7 +269,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         with self.callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as ev:
             run = self._start(query_str, mapped)
             try:
-                attribution = generate_shared(self.attributor, query_str, mapped.documents, **self._generate_kwargs())
+                attribution = generate_shared(self.attributor, run.prepared, **self._evidence_kwargs())
             except Exception as exc:
                 self._end(run, error=exc)
                 raise
@@ -282,7 +287,7 @@ class AT2CitationQueryEngine(CustomQueryEngine):
         from at2_rag import Attribution
 
         try:
-            for item in self.attributor.stream(run.query_str, mapped.documents, **self._generate_kwargs()):
+            for item in self.attributor.stream(run.prepared, **self._evidence_kwargs()):
                 if isinstance(item, Attribution):
                     self._end(run, item)
                     source_nodes[:] = self._fill(metadata, item, mapped.nodes)
@@ -336,10 +341,11 @@ class AT2CitationQueryEngine(CustomQueryEngine):
 class _Run:
     """One attributed generation in flight: what its end events need."""
 
-    __slots__ = ("query_str", "span_id", "prompt", "llm_event")
+    __slots__ = ("query_str", "span_id", "prompt", "llm_event", "prepared")
 
-    def __init__(self, query_str: str, span_id: str | None, prompt: str, llm_event: str) -> None:
+    def __init__(self, query_str: str, span_id: str | None, prompt: str, llm_event: str, prepared: Any) -> None:
         self.query_str, self.span_id, self.prompt, self.llm_event = query_str, span_id, prompt, llm_event
+        self.prepared = prepared  # the request as `Attributor.prepare` checked it: what the generation runs
 
 
 def _query_str(str_or_query_bundle: QueryType) -> str:
