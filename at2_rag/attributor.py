@@ -132,8 +132,10 @@ class Attributor:
         return self.scorer.support_threshold
 
     @property
-    def grounded_threshold(self) -> float | None:
-        return self.scorer.grounded_threshold
+    def grounded_threshold(self) -> float:
+        """Nats: a sentence whose log-odds drop by at least this much without the documents is supported (the
+        `grounded_threshold` given, else the estimator's calibrated one)."""
+        return float(self.scorer.groundedness(refined=False).threshold)
 
     @property
     def context_window(self) -> int | None:

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,70 @@ class _Pending:
 
 
 _Outcome = tuple[_Pending, Any, BaseException | None]  # a request, its result, or its own error
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch: prepared (or a request, prepared and so checked inside the batch) and the evidence
+    its caller asked for."""
+
+    request: Prepared | AttributionRequest
+    ablations: int = 0
+    groundedness: GroundednessMode = "measured"
+    max_new_tokens: int = 256  # for a request prepared inside the batch
+
+
+@dataclass(frozen=True)
+class BatchAttempt:
+    """One call to the model: how many requests it ran, how long it took, whether it re-ran a request of a failed
+    batch alone, and whether it succeeded."""
+
+    size: int
+    seconds: float
+    retry: bool
+    ok: bool
+
+
+def run_batch(attributor: Attributor, items: Sequence[BatchItem]) -> tuple[list[Any], list[BatchAttempt]]:
+    """The batching policy every server shares (MicroBatcher, the Ray Serve example): run requests with equal
+    settings as one left-padded batch; if the batch raises, run each request alone, so each gets its own
+    Attribution or its own error (returned, not raised) and a bad request never fails the others. Returns the
+    outcomes in order and every model call made."""
+    attempts: list[BatchAttempt] = []
+    if len(items) > 1:
+        started = time.perf_counter()
+        try:
+            runs = attributor.run([_prepared(attributor, item) for item in items])
+            results: list[Any] = [_scored(attributor, run, item) for run, item in zip(runs, items)]
+        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
+            attempts.append(BatchAttempt(len(items), time.perf_counter() - started, retry=False, ok=False))
+            if not isinstance(exc, AT2Error):
+                logger.warning("a batch of %d failed (%s); running its requests one by one", len(items), exc)
+        else:
+            attempts.append(BatchAttempt(len(items), time.perf_counter() - started, retry=False, ok=True))
+            return results, attempts
+    outcomes: list[Any] = []
+    for item in items:
+        started = time.perf_counter()
+        try:
+            outcomes.append(_scored(attributor, attributor.run(_prepared(attributor, item)), item))
+        except Exception as exc:  # noqa: BLE001 - handed to its own caller
+            outcomes.append(exc)
+        ok = not isinstance(outcomes[-1], BaseException)
+        attempts.append(BatchAttempt(1, time.perf_counter() - started, retry=len(items) > 1, ok=ok))
+    return outcomes, attempts
+
+
+def _prepared(attributor: Attributor, item: BatchItem) -> Prepared:
+    if isinstance(item.request, Prepared):
+        return item.request
+    return attributor.prepare(item.request, max_new_tokens=item.max_new_tokens)
+
+
+def _scored(attributor: Attributor, run: Any, item: BatchItem) -> Attribution:
+    """The request's evidence (its groundedness mode, its ablations), then its Attribution."""
+    evidence = attributor.gather_evidence(run, item.groundedness, item.ablations)
+    return attributor.score(run, evidence, item.groundedness)
 
 
 @dataclass
@@ -247,32 +312,12 @@ class MicroBatcher:
 
     def _run(self, batch: list[_Pending], reason: str, held: int) -> None:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        if len(live) <= 1:  # alone in its window: exactly the single-request path
-            self._record([1] * len(live), reason)
-            self._finish(batch, held, [self._run_one(p) for p in live])
-            return
-        attributor = self.attributor
-        try:
-            runs = attributor.run([p.prepared for p in live])
-            results = [self._score(run, p) for run, p in zip(runs, live)]
-        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
-            if not isinstance(exc, AT2Error):
-                logger.warning("a batch of %d failed (%s); running its requests one by one", len(live), exc)
-            self._record([1] * len(live), reason)
-            self._finish(batch, held, [self._run_one(p) for p in live])
-            return
-        self._record([len(live)], reason)
-        self._finish(batch, held, [(p, r, None) for p, r in zip(live, results)])
-
-    def _score(self, run: Any, pending: _Pending) -> Attribution:
-        """The request's evidence (its groundedness mode, its ablations), then its Attribution."""
-        evidence = self.attributor.gather_evidence(run, pending.groundedness, pending.ablations)
-        return self.attributor.score(run, evidence, pending.groundedness)
-
-    def _run_one(self, pending: _Pending) -> _Outcome:
-        """One request on the single path: (request, result, None) or (request, None, its own error)."""
-        attributor = self.attributor
-        try:
-            return pending, self._score(attributor.run(pending.prepared), pending), None
-        except Exception as exc:  # noqa: BLE001 - handed to its own caller
-            return pending, None, exc
+        items = [BatchItem(p.prepared, p.ablations, p.groundedness) for p in live]
+        outcomes, attempts = run_batch(self.attributor, items)
+        # a batch that failed is not one the model finished: its requests' single runs are what ran
+        self._record([a.size for a in attempts if a.ok or a.size == 1], reason)
+        self._finish(
+            batch,
+            held,
+            [(p, None, o) if isinstance(o, BaseException) else (p, o, None) for p, o in zip(live, outcomes)],
+        )

@@ -307,7 +307,7 @@ class ChatService:
     def grounded_threshold(self) -> float:
         """Nats: a sentence depends on the documents (or on the earlier turns) when removing them lowers it by
         this much (`Attribution.grounded_threshold`, for the citations sent while the answer streams)."""
-        return float(self.attributor.scorer.groundedness(refined=False).threshold)
+        return self.attributor.grounded_threshold
 
     def no_documents_message(self, user: str | None = None) -> str | None:
         report = self.view(user).report

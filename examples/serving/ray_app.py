@@ -55,6 +55,7 @@ from at2_rag import (
     get_attributor,
 )
 from at2_rag.errors import PromptRenderError
+from at2_rag.serving.batching import BatchItem, run_batch
 
 logger = logging.getLogger(__name__)
 
@@ -138,46 +139,22 @@ def parse_job(payload: Any, attributor: Attributor, config: ServiceConfig) -> Jo
 
 
 def run_jobs(attributor: Attributor, jobs: Sequence[Job]) -> tuple[list[Attribution | Exception], list[ModelBatch]]:
-    """Run one serve batch: a model batch per settings group (in arrival order of the groups); a group that
-    raises is retried one request at a time, so each request gets its own result or its own error."""
-    outcomes: list[Attribution | Exception | None] = [None] * len(jobs)
+    """Run one serve batch: a model batch per settings group (in arrival order of the groups), with the core's
+    batching policy (`at2_rag.serving.batching.run_batch`: a group that raises is retried one request at a time, so
+    each request gets its own result or its own error). A job that was not prepared is prepared, and so checked,
+    inside its batch."""
+    outcomes: list[Attribution | Exception] = [RuntimeError("request was not run")] * len(jobs)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.key, []).append(i)
     batches: list[ModelBatch] = []
     for key, members in groups.items():
-        kind = str(key[0])
-        started = time.perf_counter()
-        try:
-            results = _model_batch(attributor, [jobs[i] for i in members])
-        except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
-            if len(members) == 1:
-                outcomes[members[0]] = exc
-                continue
-            logger.warning("a %s batch of %d failed (%s: %s); retrying its requests one by one",
-                           kind, len(members), type(exc).__name__, exc)
-            for i in members:
-                started = time.perf_counter()
-                try:
-                    outcomes[i] = _model_batch(attributor, [jobs[i]])[0]
-                except Exception as one_exc:  # noqa: BLE001 - handed to its own caller
-                    outcomes[i] = one_exc
-                else:
-                    batches.append(ModelBatch(kind, 1, time.perf_counter() - started, retry=True))
-            continue
-        batches.append(ModelBatch(kind, len(members), time.perf_counter() - started))
+        items = [BatchItem(jobs[i].prepared or jobs[i].request, max_new_tokens=jobs[i].max_new_tokens) for i in members]
+        results, attempts = run_batch(attributor, items)
+        batches += [ModelBatch(str(key[0]), a.size, a.seconds, retry=a.retry) for a in attempts if a.ok]
         for i, result in zip(members, results):
             outcomes[i] = result
-    return [o if o is not None else RuntimeError("request was not run") for o in outcomes], batches
-
-
-def _model_batch(attributor: Attributor, jobs: Sequence[Job]) -> list[Attribution]:
-    """One left-padded model batch of jobs with equal settings; a job that was not prepared is prepared (checked)
-    here, so a bad one fails its batch."""
-    requests: list[AttributionRequest | Prepared] = [j.prepared or j.request for j in jobs]
-    if jobs[0].request.answer is not None:
-        return attributor.attribute_batch(requests)
-    return attributor.generate_batch(requests, max_new_tokens=jobs[0].max_new_tokens)
+    return outcomes, batches
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
