@@ -10,7 +10,7 @@ INTEGRATIONS := $(wildcard integrations/langchain/pyproject.toml integrations/ll
 PYTEST_ARGS ?=
 
 # ruff reads every Python file of the repository; mypy checks the library and both integrations.
-LINT_PATHS ?= at2_rag integrations examples tests bench scripts
+LINT_PATHS ?= at2_rag integrations examples tests bench research scripts
 MYPY_PATHS ?= at2_rag integrations/langchain/langchain_at2 integrations/llamaindex/llama_index/postprocessor/at2
 
 .PHONY: install demo test lint fuzz system-deps data clean-venv

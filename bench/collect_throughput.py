@@ -32,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from at2_rag import Attributor, ScoreEstimator
-    from at2_rag.capture.features import answer_targets
     from at2_rag.capture.masked import (
         ablated_answer_logit_probs,
         ablation_attention_mask,
@@ -41,6 +40,7 @@ def main() -> None:
         target_log_odds,
     )
     from at2_rag.models import load_default_model
+    from at2_rag.prompting.answer import answer_targets
     from at2_rag.training.data import read_examples
 
     model, tokenizer = load_default_model()
@@ -48,7 +48,7 @@ def main() -> None:
     examples = read_examples(ROOT / "data" / "rag_python_docs" / "train.jsonl")[: args.examples]
     rows = []
     for ex in examples:
-        run = attributor.capture({"query": ex.query, "documents": ex.documents}, max_new_tokens=48)
+        run = attributor.run(attributor.prepare({"query": ex.query, "documents": ex.documents}, max_new_tokens=48))
         targets = answer_targets(run.answer)
         ids = run.prompt.input_ids + run.answer.token_ids
         a_len = len(run.answer.token_ids)

@@ -15,16 +15,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import conversation_history, documents_for  # bench/_common.py: overhead.py's passages and history
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import conversation_history, documents_for  # noqa: E402  (the same real passages and history)
-
-from at2_rag import Attributor, load_default_model  # noqa: E402
+from at2_rag import Attributor, load_default_model
 
 
 def timed(fn) -> float:
@@ -45,7 +42,7 @@ def measure(att: Attributor, size: int, conversation: bool, new_tokens: int, rep
     att.attribute(answered)
     times: dict[str, list[float]] = {k: [] for k in ("generate_off", "generate_measured", "attribute_off",
                                                      "attribute_measured", "passes_alone")}
-    run = att.capture(answered)
+    run = att.run(att.prepare(answered))  # one forward pass over the given answer
     for rep in range(reps):
         order = ("off", "measured") if rep % 2 == 0 else ("measured", "off")
         for mode in order:

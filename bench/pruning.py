@@ -48,10 +48,20 @@ QUERIES = [
 ]
 
 
+def local_setup():
+    """`examples/llamaindex_rag.py`'s offline LlamaIndex helpers (folder loader, local `Settings`): the package
+    exports only its components; the integration's tests import the same functions from there."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from examples import llamaindex_rag
+
+    return llamaindex_rag
+
+
 def load_nodes(directory: Path):
     from llama_index.core.node_parser import SentenceSplitter
 
-    from llama_index.postprocessor.at2 import load_folder
+    load_folder = local_setup().load_folder
 
     splitter = SentenceSplitter(chunk_size=256, chunk_overlap=0, id_func=lambda i, doc: f"{doc.node_id}-{i}")
     return splitter.get_nodes_from_documents(load_folder(directory))
@@ -63,7 +73,7 @@ def answer_logprob(attributor: Any, query: str, documents: Sequence[Any], answer
     import torch
 
     prompt = attributor.render(query, documents)
-    ids = torch.tensor([prompt.input_ids + list(answer_ids)], device=attributor.runner.device)
+    ids = torch.tensor([prompt.input_ids + list(answer_ids)], device=attributor.model.device)
     start = prompt.num_tokens - 1  # the position that predicts the first answer token
     with torch.no_grad():
         logits = attributor.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
@@ -84,15 +94,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from llama_index.postprocessor.at2 import AT2NodePostprocessor, nodes_to_documents, use_local_settings
-    from llama_index.postprocessor.at2._common import annotate_nodes
+    from at2_rag import map_documents
+    from llama_index.postprocessor.at2 import AT2NodePostprocessor
+    from llama_index.postprocessor.at2._common import annotate_nodes  # what AT2NodePostprocessor computes
+
+    use_local_settings = local_setup().use_local_settings
 
     attributor = None
     if args.estimator:  # e.g. a trained estimator folder; default: the one shipped for the model, else uniform
-        from at2_rag import Attributor
-        from llama_index.postprocessor.at2 import default_attributor
+        from at2_rag import Attributor, get_attributor
 
-        base = default_attributor()
+        base = get_attributor()
         attributor = Attributor(base.model, base.tokenizer, estimator=args.estimator)
     attributor = use_local_settings(attributor, embed_model="minilm" if args.retriever == "vector" else None)
     nodes = load_nodes(args.data)
@@ -111,9 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for qi, (query, gold) in enumerate(QUERIES[: args.queries]):
         retrieved = retriever.retrieve(query)
         n = len(retrieved)
-        docs = nodes_to_documents(retrieved)
-        captured = attributor.capture({"query": query, "documents": docs}, max_new_tokens=args.max_new_tokens)
-        attribution = attributor.build_attribution(captured, query)
+        docs = map_documents(list(retrieved)).documents  # the postprocessor's node -> Document mapping
+        captured = attributor.run(attributor.prepare(query, docs, max_new_tokens=args.max_new_tokens))
+        attribution = attributor.score(captured)  # document scores; no extra passes
         answer_ids = captured.answer.token_ids
         annotated = annotate_nodes(retrieved, attribution)  # what AT2NodePostprocessor computes
 

@@ -13,6 +13,7 @@ inside a batch: `generate_batch` vs plain batched `model.generate` of the same l
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -64,25 +65,68 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def left_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Ids and attention mask of left-padded sequences (what a plain Hugging Face batch is), and each row's padding."""
+    width = max(len(s) for s in sequences)
+    pads = [width - len(s) for s in sequences]
+    ids = torch.tensor([[pad] * p + list(s) for p, s in zip(pads, sequences)])
+    mask = torch.tensor([[0] * p + [1] * len(s) for p, s in zip(pads, sequences)])
+    return ids, mask, pads
+
+
+def cache_argument(model) -> str:
+    """The keyword `generate` takes a KV cache by (transformers renamed `past_key_values` to `cache` during 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefill_rows(model, sequences: list[list[int]], pads: list[int], length: int):
+    """A plain transformers KV cache of the first `length` positions of left-padded rows, each row's real tokens run
+    alone (a padded prefill takes CPU attention's slow masked path), its keys and values then left-padded into one
+    `DynamicCache` (the attention mask hides the padding from then on)."""
+    from transformers.cache_utils import DynamicCache
+
+    rows = []
+    for seq, pad in zip(sequences, pads):
+        real = length - pad
+        if real <= 0:
+            rows.append(None)
+            continue
+        out = model(input_ids=torch.tensor([seq[:real]]), use_cache=True, logits_to_keep=1)
+        rows.append([(layer.keys, layer.values) for layer in getattr(out, cache_argument(model)).layers])
+    cache = DynamicCache(config=model.config)
+    template = next(r for r in rows if r is not None)
+    for layer, (k0, v0) in enumerate(template):
+        keys, values = [], []
+        for row in rows:
+            k, v = row[layer] if row is not None else (k0[:, :, :0], v0[:, :, :0])
+            keys.append(torch.nn.functional.pad(k, (0, 0, length - k.shape[2], 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, length - v.shape[2], 0)))
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
+
+
 def capture_overhead(att, requests: list[dict], new_tokens: int, reps: int) -> dict:
     """generate_batch vs plain batched generation of the same prompts, forced to the same number of tokens.
 
     Both prefill each row alone and decode the rows together (generate_batch's strategy: a padded prefill takes
-    CPU attention's slow masked path); the plain run does it without capture."""
-    prompts = [att.render(r) for r in requests]
-    runner = att.runner
-    ids, mask, pads = runner._left_padded([p.input_ids for p in prompts])
+    CPU attention's slow masked path); the plain run does it with transformers alone (left padding, attention mask,
+    a `DynamicCache` of the rows' prefills), without capture."""
+    prepared = [att.prepare(r, max_new_tokens=new_tokens, min_new_tokens=new_tokens) for r in requests]
+    sequences = [p.prompt.input_ids for p in prepared]
+    tokenizer, model = att.tokenizer, att.model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, mask, pads = left_padded(sequences, pad)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
-               top_k=None, pad_token_id=runner.pad_token_id)
+               top_k=None, pad_token_id=pad)
     plain_times, capture_times = [], []
 
     def plain():
-        with torch.no_grad():
-            cache = runner._prefill_rows([p.input_ids for p in prompts], pads, ids.shape[1] - 1)
-            return att.model.generate(input_ids=ids, attention_mask=mask, **gen, **{runner._cache_arg: cache})
+        with att.lock, torch.no_grad():
+            cache = prefill_rows(model, sequences, pads, ids.shape[1] - 1)
+            return model.generate(input_ids=ids, attention_mask=mask, **gen, **{cache_argument(model): cache})
 
     def captured():
-        return runner.generate_batch(prompts, new_tokens, min_new_tokens=new_tokens)
+        return att.run(prepared)  # one left-padded batch with capture (Attributor.generate_batch's run)
 
     plain(), captured()  # warm-up
     for rep in range(reps):
@@ -98,9 +142,9 @@ def capture_overhead(att, requests: list[dict], new_tokens: int, reps: int) -> d
     # (and the key release plain generation pays too); read = turning the captured rows into features
     timings = CaptureTimings()
     with timed_capture(timings):
-        runner.generate_batch(prompts, new_tokens, min_new_tokens=new_tokens)
+        captured()
     bookkeeping = timings.attention - timings.kernel - timings.release
-    return {"batch": len(prompts), "prompt_tokens": [p.num_tokens for p in prompts], "new_tokens": new_tokens,
+    return {"batch": len(prepared), "prompt_tokens": [p.prompt.num_tokens for p in prepared], "new_tokens": new_tokens,
             "plain_s": plain_times, "capture_s": capture_times, "plain_median_s": p, "capture_median_s": c,
             "overhead": c / p - 1, "overhead_median_of_pairs": statistics.median(pair_ratios) - 1,
             "bookkeeping_s": bookkeeping, "read_s": timings.read,

@@ -18,9 +18,9 @@ noisy at the level of the differences measured here (the seed draws the early-st
 the standard errors over targets leave out. It also reports the spread between seeds and the weights averaged over
 them.
 
-    python bench/conversation_cv.py [--variants recipe loo3 ...] [--single-leave-one-out FOLDER] [--seeds N]
+    python -m research.conversation_cv [--variants recipe loo3 ...] [--single-leave-one-out FOLDER] [--seeds N]
 
-Run from the repository root (it imports bench/conversation_training.py beside it).
+Run from the repository root (it imports research/conversation_training.py).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conversation_training import leave_one_out_hits
 
 from at2_rag.evaluation.metrics import mean_se
 from at2_rag.training.data import CollectedExample, load_collected, merge_collected
 from at2_rag.training.train import train_estimator
+from research.conversation_training import leave_one_out_hits
 
 FOLDS = 5
 NUM_HEADS = 9

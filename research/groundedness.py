@@ -12,7 +12,7 @@ recall of supported, are reported on the held-out split (the split the shipped e
 bootstrap standard errors. Writes docs/bench/groundedness.json;
 `--record` stores the calibration in the shipped estimator's config.json.
 
-    python bench/groundedness.py [--record]
+    python -m research.groundedness [--record]
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if args.record:
-        from shipped import record_metadata
+        from research.shipped import record_metadata
 
         path = record_metadata(
             "groundedness",
@@ -245,7 +245,7 @@ def main() -> None:
                 "heldout_auroc_single_turn": {"mean": report["auroc_head"], "se": report["auroc_head_se"], "n": n},
                 "fitted_on": (
                     f"{len(train[0])} single-turn (training split) and {len(multi[0])} multi-turn training targets "
-                    f"with every document removed (bench/groundedness.py); head: ridge {HEAD_RIDGE:g} on "
+                    f"with every document removed (research/groundedness.py); head: ridge {HEAD_RIDGE:g} on "
                     f"standardized features, log-odds drops capped at {HEAD_TARGET_CAP:g} nats"
                 ),
             },

@@ -4,9 +4,9 @@ held-out split (LDS over the collected masks) and on the conversations' own held
 the lasso surrogate of their random masks). The leave-one-out evaluation is `at2-rag evaluate --conversations
 --baseline FOLDER`.
 
-    python bench/conversation_training.py --out runs/estimator-conversations [--baseline FOLDER]
+    python -m research.conversation_training --out runs/estimator-conversations [--baseline FOLDER]
 
-Run from the repository root (it imports bench/context_scales.py beside it).
+Run from the repository root (it imports research/context_scales.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import math
 from pathlib import Path
 
 import torch
-from context_scales import conversation_rows, top1_agreement
 
 from at2_rag.attribution.estimator import ScoreEstimator
 from at2_rag.evaluation.metrics import lds, mean_se
 from at2_rag.training.data import load_collected, mask_kinds, merge_collected
 from at2_rag.training.train import report_summary, train_estimator
+from research.context_scales import conversation_rows, top1_agreement
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

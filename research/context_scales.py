@@ -10,7 +10,7 @@ sentence stands on most. The multipliers (one per context kind, from a grid) are
 best source is the surrogate's best as often as possible; grouped 5-fold cross-validation over conversations says
 what the choice is worth on conversations it did not see.
 
-    python bench/context_scales.py [--estimator FOLDER]   # writes docs/bench/context_scales.json
+    python -m research.context_scales [--estimator FOLDER]   # writes docs/bench/context_scales.json
 """
 
 from __future__ import annotations

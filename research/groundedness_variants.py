@@ -10,7 +10,7 @@ the answer's logits) or its word-bigram overlap with the documents and with the 
 as further inputs, with square-root or log feature sums, and fitted to the log-probability drop (what the label
 thresholds) instead of the log-odds drop. Writes docs/bench/groundedness_variants.json.
 
-    python bench/groundedness_variants.py --conversations FOLDER [FOLDER ...] [--examples JSONL ...]
+    python -m research.groundedness_variants --conversations FOLDER [FOLDER ...] [--examples JSONL ...]
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from groundedness import example_folds, removed_all
 
 from at2_rag.attribution.estimator import ScoreEstimator
 from at2_rag.attribution.grounding import HEAD_RIDGE, HEAD_TARGET_CAP, auroc
 from at2_rag.training.data import CollectedExample, load_collected
 from at2_rag.training.train import split_examples
+from research.groundedness import example_folds, removed_all
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FOLDS = 5

@@ -7,7 +7,7 @@ refinement's prior strengths are chosen on the training split, the numbers repor
 (the split the shipped estimator was trained with: 15 %, seed 0), with standard errors over targets.
 Writes docs/bench/refinement.json and .png.
 
-    python bench/refinement.py [--collected data/collected/smollm2-train]
+    python -m research.refinement [--collected data/collected/smollm2-train]
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from at2_rag.attribution.estimator import ScoreEstimator
-from at2_rag.attribution.refine import RefinementPrior, most_informative, refine_scores
+from at2_rag.attribution.refine import RefinementPrior, refine_scores
 from at2_rag.evaluation.baselines import surrogate_scores
 from at2_rag.evaluation.metrics import lds
+from at2_rag.evidence.ablations import most_informative
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
 
@@ -178,7 +179,7 @@ def main() -> None:
 
 def record(report: dict) -> None:
     """The refinement settings go beside the estimator's weights: `RefinementPrior.from_metadata` reads them."""
-    from shipped import record_metadata
+    from research.shipped import record_metadata
 
     path = record_metadata(
         "refinement",
@@ -186,7 +187,7 @@ def record(report: dict) -> None:
             "prior_scale": report["prior_scale"],
             "prior_strength": report["prior_strength"],
             "scale_strength": report["scale_strength"],
-            "chosen_on": f"training split ({report['train_examples']} examples), bench/refinement.py",
+            "chosen_on": f"training split ({report['train_examples']} examples), research/refinement.py",
         },
     )
     print(f"recorded the refinement settings in {path}")

@@ -1,4 +1,4 @@
-"""Record a bench's settings into the shipped SmolLM2 estimator (config.json and its model card)."""
+"""Record a study's settings into the shipped SmolLM2 estimator (config.json and its model card)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What limits AT2+k at k=4? Variants of the refinement, offline on the collected ablations (bench/refinement.py's
+"""What limits AT2+k at k=4? Variants of the refinement, offline on the collected ablations (research/refinement.py's
 split and protocol: settings chosen on the training split, LDS on held-out targets, the k most informative masks
 observed, LDS on the rest), and mask designs on the evaluation cache (64 random + leave-one-out masks per
 example, LDS on 32 fresh masks).
@@ -10,7 +10,7 @@ example, LDS on 32 fresh masks).
 - oracle: the prior direction mixed with the lasso surrogate of all 32 masks (in-sample, unattainable),
   which says how good a zero-pass prior must be for LDS(AT2+4) >= 0.80.
 
-    python bench/refinement_limits.py   # writes docs/bench/refinement_limits.json
+    python -m research.refinement_limits   # writes docs/bench/refinement_limits.json
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from refinement import chosen_first, lds_values, median_slope, targets
 
 from at2_rag.attribution.estimator import ScoreEstimator
-from at2_rag.attribution.refine import RefinementPrior, most_informative, refine_scores
+from at2_rag.attribution.refine import RefinementPrior, refine_scores
 from at2_rag.capture.masked import target_log_odds
+from at2_rag.evaluation.ablation_cache import ExampleAblations
 from at2_rag.evaluation.baselines import surrogate_scores
 from at2_rag.evaluation.metrics import lds
-from at2_rag.evaluation.report import ExampleAblations
+from at2_rag.evidence.ablations import most_informative
 from at2_rag.training.data import load_collected
 from at2_rag.training.train import split_examples
+from research.refinement import chosen_first, lds_values, median_slope, targets
 
 BUDGETS = (2, 4, 8)
 

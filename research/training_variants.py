@@ -16,7 +16,7 @@
 Each variant is trained with two seeds (the seed draws the early-stopping split and the subset). Held-out LDS is
 reported over all targets and over the targets of non-degenerate answers. Writes docs/bench/training_variants.json.
 
-    python bench/training_variants.py [--seeds 0 1]
+    python -m research.training_variants [--seeds 0 1]
 """
 
 from __future__ import annotations
