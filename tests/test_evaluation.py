@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from at2_rag import Attributor, ScoreEstimator
-from at2_rag.evaluation.report import BUDGETS, evaluate, merge_reports, write_report
+from at2_rag.evaluation.report import BUDGETS, evaluate, write_report
+from at2_rag.evaluation.report_files import merge_reports
 
 EXAMPLES = [
     {"id": "e1", "query": "What colour is the Zorvan flag?",
@@ -79,7 +80,7 @@ def _count_forward_rows(model):
 
 @pytest.mark.slow
 def test_evaluation_cache_reuses_ablations_and_measures_only_new_top_k_masks(smollm, tmp_path):
-    from at2_rag.evaluation.report import ExampleAblations, _cache_path
+    from at2_rag.evaluation.ablation_cache import ExampleAblations, _cache_path
 
     model, tokenizer = smollm
     attributor = Attributor(model, tokenizer, estimator=ScoreEstimator.uniform(30, 9))
@@ -128,7 +129,7 @@ def test_evaluation_cache_reuses_ablations_and_measures_only_new_top_k_masks(smo
 def test_evaluation_cache_refuses_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
-    from at2_rag.evaluation.report import ExampleAblations
+    from at2_rag.evaluation.ablation_cache import ExampleAblations
 
     path = tmp_path / "x.safetensors"
     save_file({"a": __import__("torch").zeros(1)}, str(path), metadata={"format": "something-else"})
@@ -138,7 +139,7 @@ def test_evaluation_cache_refuses_foreign_files(tmp_path):
 
 def test_recorded_evaluation_lands_in_config_and_model_card(tmp_path):
     """`at2-rag evaluate --record`: the summary is kept in config.json and rendered as a table in README.md."""
-    from at2_rag.evaluation.report import record_evaluation
+    from at2_rag.evaluation.report_files import record_evaluation
 
     folder = ScoreEstimator.single_head(2, 1, 4, 2, model_id="org/model").save_pretrained(tmp_path / "est")
     (folder / "training_report.json").write_text("{}")
@@ -190,8 +191,10 @@ def _additive_view(method, scores, effects):
 
 
 def test_a_registered_metric_reaches_summary_plot_and_model_card(tmp_path):
+    from at2_rag.evaluation.plots import plot_summary
     from at2_rag.evaluation.registry import MetricColumn, metrics, register_metric, unregister_metric
-    from at2_rag.evaluation.report import plot_summary, record_evaluation, summarize
+    from at2_rag.evaluation.report import summarize
+    from at2_rag.evaluation.report_files import record_evaluation
 
     @register_metric("top1_share", MetricColumn("top1_share", "share of the top source", digits=3))
     def top1_share(m):
@@ -283,9 +286,10 @@ def test_budget_curve_refines_and_fits_contextcite_on_the_same_chosen_masks(smol
     curve is drawn from the summary."""
     from at2_rag.attribution.refine import RefinementPrior, refine_scores
     from at2_rag.capture.masked import target_log_odds
+    from at2_rag.evaluation.ablation_cache import ExampleAblations, _cache_path
     from at2_rag.evaluation.baselines import surrogate_scores
     from at2_rag.evaluation.metrics import lds
-    from at2_rag.evaluation.report import ExampleAblations, _cache_path, budget_curves
+    from at2_rag.evaluation.plots import budget_curves
     from at2_rag.evidence.ablations import most_informative
 
     model, tokenizer = smollm
@@ -376,7 +380,7 @@ def test_evaluate_cli_measures_the_shipped_estimator_by_default_and_records_what
 def test_budget_curve_of_the_recorded_evaluation_keeps_random_mask_contextcite_apart(tmp_path):
     """The README's curve: ContextCite-k on the chosen masks stops at the largest budget; ContextCite-32/64 fitted
     on random masks are their own labelled family, never drawn as the same-masks line's continuation."""
-    from at2_rag.evaluation.report import CURVE_LABELS, budget_curves, plot_budget_curve
+    from at2_rag.evaluation.plots import CURVE_LABELS, budget_curves, plot_budget_curve
 
     summary = json.loads((Path(__file__).parents[1] / "docs/eval/smollm2-heldout.json").read_text())["summary"]
     curves = budget_curves(summary, "lds")

@@ -147,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..attribution.estimator import ScoreEstimator
-    from ..evaluation.report import evaluate, merge_reports, record_evaluation, write_report
+    from ..evaluation.report import evaluate, write_report
+    from ..evaluation.report_files import merge_reports, record_evaluation
 
     if args.record and (not args.estimator or not Path(args.estimator).is_dir()):
         raise SystemExit("--record needs --estimator FOLDER (an at2-rag estimator folder to update)")
