@@ -16,7 +16,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 
@@ -221,7 +221,8 @@ class Attributor:
                 raise InvalidInputError("pass either chat messages or prompt=, not both")
             if history is not None or system_prompt is not TEMPLATE_DEFAULT:
                 raise InvalidInputError("a prompt rendered elsewhere already holds its history and system prompt")
-            located = self._locate(request if prompt is None else prompt, documents or (), query)
+            elsewhere = prompt if prompt is not None else cast(Sequence[Any], request)
+            located = self._locate(elsewhere, documents or (), query)
             return self._checked(located.prompt, query, answer, max_new_tokens, generate_kwargs)
         if query:
             raise InvalidInputError("query= labels a prompt rendered elsewhere; pass the question as the request")
@@ -248,18 +249,21 @@ class Attributor:
 
     # ---- stage 2: run -------------------------------------------------------------------------------------
     @overload
-    def run(self, prepared: Prepared) -> Captured: ...
+    def run(self, prepared: Prepared, capture: bool = True) -> Captured: ...
 
     @overload
-    def run(self, prepared: Sequence[Prepared]) -> list[Captured]: ...
+    def run(self, prepared: Sequence[Prepared], capture: bool = True) -> list[Captured]: ...
 
-    def run(self, prepared: Prepared | Sequence[Prepared]) -> Captured | list[Captured]:
+    def run(self, prepared: Prepared | Sequence[Prepared], capture: bool = True) -> Captured | list[Captured]:
         """Run prepared requests with attention capture: the answer generated, or (a request with an answer) one
         forward pass over prompt + answer. A list runs in one left-padded batch, each result equal to its run
         alone (the same greedy answer; features equal up to float rounding): all generate with the same settings,
-        or all carry an answer."""
+        or all carry an answer. `capture=False` generates without capture (a chat model's turn with no documents):
+        the Captured has the answer, its token counts and finish reason, and no features."""
         if isinstance(prepared, Prepared):
-            return self._run_one(prepared)
+            return self._run_one(prepared, capture)
+        if not capture:
+            raise InvalidInputError("a batch always captures: run plain generations one by one")
         batch = _checked_batch(prepared)
         if not batch:
             return []
@@ -272,12 +276,27 @@ class Attributor:
             run.query = p.query
         return runs
 
-    def _run_one(self, prepared: Prepared, **extra: Any) -> Captured:
+    def run_stream(self, prepared: Prepared, capture: bool = True) -> Iterator[str | Captured]:
+        """`run` for a request that generates, yielding the answer's text in chunks as it is generated (from a
+        generation thread), then the Captured. A bad request raises on the first `next()`; an error in the
+        generation is re-raised here."""
+        _generating(prepared)
+        for item in self._runner.stream(
+            prepared.prompt, prepared.max_new_tokens, capture=capture, **prepared.generate_kwargs
+        ):
+            if isinstance(item, Captured):
+                item.query = prepared.query
+            yield item
+
+    def _run_one(self, prepared: Prepared, capture: bool = True) -> Captured:
         if prepared.answer is not None:
+            if not capture:
+                raise InvalidInputError("capture=False runs a plain generation: this prepared request has an answer")
             run = self._runner.forward(prepared.prompt, prepared.answer)
         else:
-            kwargs = {**prepared.generate_kwargs, **extra}
-            run = self._runner.generate(prepared.prompt, prepared.max_new_tokens, **kwargs)
+            run = self._runner.generate(
+                prepared.prompt, prepared.max_new_tokens, capture=capture, **prepared.generate_kwargs
+            )
         run.query = prepared.query
         return run
 
@@ -418,12 +437,8 @@ class Attributor:
         check_groundedness(groundedness)
         prepared = self._to_generate(query, documents, history, system_prompt, max_new_tokens, generate_kwargs)
         if not sentence_citations:
-            for item in self._runner.stream(prepared.prompt, prepared.max_new_tokens, **prepared.generate_kwargs):
-                if isinstance(item, Captured):
-                    item.query = prepared.query
-                    yield self._attribution(item, ablations, groundedness)
-                else:
-                    yield item
+            for item in self.run_stream(prepared):
+                yield self._attribution(item, ablations, groundedness) if isinstance(item, Captured) else item
             return
         if ablations:
             raise InvalidInputError(
@@ -565,25 +580,25 @@ class Attributor:
         """Plain generation, without capture (a chat model with no documents): the answer text.
 
         `prompt` is the exact prompt text or chat messages (rendered with the chat template, as in
-        `attribute_rendered`). Greedy by default; serialised with every other run on this model."""
-        check_max_new_tokens(max_new_tokens)
-        located = self._locate(prompt).prompt
-        self._runner.check_fits(located, max_new_tokens)
-        run = self._runner.generate(located, max_new_tokens, capture=False, streamer=streamer, **generate_kwargs)
-        return run.answer.text
+        `attribute_rendered`). Greedy by default; serialised with every other run on this model. For the token
+        counts and finish reason too: `run(prepare(messages), capture=False)`."""
+        if streamer is not None:
+            generate_kwargs["streamer"] = streamer
+        return self.run(self._plain(prompt, max_new_tokens, generate_kwargs), capture=False).answer.text
 
     def stream_text(
         self, prompt: str | Sequence[Any], max_new_tokens: int = 256, **generate_kwargs: Any
     ) -> Iterator[str]:
         """`generate_text`, yielding the text in chunks as it is generated."""
-        check_max_new_tokens(max_new_tokens)
-        located = self._locate(prompt).prompt
-        self._runner.check_fits(located, max_new_tokens)
-        for item in self._runner.stream(located, max_new_tokens, capture=False, **generate_kwargs):
+        for item in self.run_stream(self._plain(prompt, max_new_tokens, generate_kwargs), capture=False):
             if isinstance(item, str):
                 yield item
 
-    # ---- prompts ----------------------------------------------------------------------------------------
+    def _plain(self, prompt: str | Sequence[Any], max_new_tokens: int, generate_kwargs: Mapping[str, Any]) -> Prepared:
+        if isinstance(prompt, str):
+            return self.prepare(prompt=prompt, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return self.prepare(prompt, max_new_tokens=max_new_tokens, **generate_kwargs)
+
     def _to_generate(
         self,
         query: Any,
@@ -681,6 +696,13 @@ class Attributor:
 def _is_messages(value: Any) -> bool:
     """Chat messages (a list of role/content dicts or framework message objects), not a request or a question."""
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping, AttributionRequest))
+
+
+def _generating(prepared: Any) -> None:
+    if not isinstance(prepared, Prepared):
+        raise InvalidInputError(f"run_stream takes a Prepared request (from `prepare`), got {type(prepared).__name__}")
+    if prepared.answer is not None:
+        raise InvalidInputError("run_stream streams a generation: this prepared request carries an answer")
 
 
 def _checked_batch(prepared: Sequence[Prepared]) -> list[Prepared]:

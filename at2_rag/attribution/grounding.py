@@ -2,7 +2,7 @@
 
 Ranking documents answers "which one?"; groundedness answers "any of them?". `grounded` predicts how much the
 sentence's log-odds would drop if every document were removed. Two calibrations, both fitted on ablations where
-every document was removed (collected data, single- and multi-turn; bench/groundedness.py):
+every document was removed (collected data, single- and multi-turn; research/groundedness.py):
 
 - a learned head (`document_weights`, `history_weights`, `head_offset`): one weight per attention head on the
   sentence's attention features summed over the documents, and one on those summed over the earlier turns,

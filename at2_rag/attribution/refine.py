@@ -24,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Chosen on the shipped estimator's training split (510 examples; bench/refinement.py), not on held-out data;
+# Chosen on the shipped estimator's training split (510 examples; research/refinement.py), not on held-out data;
 # an estimator's own `metadata["refinement"]` overrides them.
 DEFAULT_PRIOR_STRENGTH = 0.3
 DEFAULT_SCALE_STRENGTH = 0.03

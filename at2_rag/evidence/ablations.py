@@ -83,7 +83,7 @@ def most_informative(pool: torch.Tensor, k: int, ridge: float = DESIGN_RIDGE) ->
 
 def choose_masks(num_sources: int, k: int, seed_text: str = "", pool_size: int = 64) -> torch.Tensor:
     """`[k', num_sources]` distinct keep-masks, k' = min(k, 2^n): the k most informative (`most_informative`)
-    of a pool of random masks (each source kept with probability 1/2). bench/refinement.py compares this with
+    of a pool of random masks (each source kept with probability 1/2). research/refinement.py compares this with
     the first k random masks: it lifts LDS at every small k (docs/benchmarks.md).
 
     Seeded by `seed_text` (the prompt and answer), so the same request gets the same masks.

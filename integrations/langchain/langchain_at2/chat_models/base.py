@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field
 
-from at2_rag import Attribution, AttributionRequest, Attributor, Prepared, PromptTemplate, get_micro_batcher
+from at2_rag import Attribution, AttributionRequest, Attributor, Captured, Prepared, PromptTemplate, get_micro_batcher
 from at2_rag.errors import InvalidInputError
 from at2_rag.evidence.groundedness import GroundednessMode
 from at2_rag.models import DEFAULT_MODEL_ID
@@ -52,47 +51,9 @@ class _Plan:
     """plain mode: the messages to generate after (no documents, no attribution)"""
 
 
-class _TokenCount:
-    """A `transformers` streamer that counts what a plain generation feeds it (the prompt first, then every new
-    token), for the usage metadata and finish reason; `inner`, a text streamer, receives the same calls."""
-
-    def __init__(self, eos_token_ids: frozenset[int], inner: Any = None) -> None:
-        self.eos_token_ids = eos_token_ids
-        self.inner = inner
-        self.prompt_tokens: int | None = None
-        self.generated: list[int] = []
-        self.text = ""
-        """the generation's answer text (what `Attributor.generate_text` returned)"""
-
-    def put(self, value: Any) -> None:
-        ids = [int(i) for i in value.reshape(-1).tolist()]
-        if self.prompt_tokens is None:
-            self.prompt_tokens = len(ids)
-        else:
-            self.generated.extend(ids)
-        if self.inner is not None:
-            self.inner.put(value)
-
-    def end(self) -> None:
-        if self.inner is not None:
-            self.inner.end()
-
-    def usage(self) -> tuple[int, int, str]:
-        """(prompt tokens, answer tokens, finish reason): trailing end-of-sequence tokens are not answer tokens and
-        mean the model stopped ("stop"); else it ran to the token limit or a stop string ("length")."""
-        answer, finish = len(self.generated), "length"
-        while answer and self.generated[answer - 1] in self.eos_token_ids:
-            answer, finish = answer - 1, "stop"
-        return self.prompt_tokens or 0, answer, finish
-
-
-def _eos_token_ids(attributor: Attributor) -> frozenset[int]:
-    """The token ids that end a generation: the model's generation config's and the tokenizer's."""
-    eos = attributor.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if attributor.tokenizer.eos_token_id is not None:
-        ids.add(attributor.tokenizer.eos_token_id)
-    return frozenset(ids)
+def _usage(run: Captured) -> tuple[str, None, int, int, str | None]:
+    """A plain generation's text, no attribution, its prompt and answer token counts and finish reason."""
+    return run.answer.text, None, run.prompt.num_tokens, len(run.answer.token_ids), run.finish_reason
 
 
 class _StopFilter:
@@ -389,41 +350,14 @@ class ChatAT2(BaseChatModel):
             return self._finish(
                 plan, result.answer, result, result.num_prompt_tokens, result.num_answer_tokens, result.finish_reason
             )
-        assert plan.messages is not None
-        count = _TokenCount(_eos_token_ids(att))
-        text = att.generate_text(plan.messages, plan.max_new_tokens, streamer=count, **plan.generate_kwargs)
-        prompt_tokens, answer_tokens, finish_reason = count.usage()
-        return self._finish(plan, text, None, prompt_tokens, answer_tokens, finish_reason)
+        run = att.run(self._plain(plan), capture=False)
+        return self._finish(plan, *_usage(run))
 
     @staticmethod
-    def _stream_plain(plan: _Plan, count: _TokenCount) -> Iterator[str]:
-        """`Attributor.generate_text` in a worker thread, yielding its text as it is generated (what
-        `Attributor.stream_text` does), counting the tokens for the usage metadata; an error in the worker is
-        re-raised here."""
-        from transformers import TextIteratorStreamer
-
-        att = plan.attributor
+    def _plain(plan: _Plan) -> Prepared:
+        """Plain mode: the messages prepared for a generation without capture (no documents, no attribution)."""
         assert plan.messages is not None
-        count.inner = TextIteratorStreamer(att.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                count.text = att.generate_text(
-                    plan.messages or [], plan.max_new_tokens, streamer=count, **plan.generate_kwargs
-                )
-            except BaseException as exc:  # surfaced in the consuming thread
-                outcome["error"] = exc
-                count.inner.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        for chunk in count.inner:
-            if chunk:
-                yield chunk
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
+        return plan.attributor.prepare(plan.messages, max_new_tokens=plan.max_new_tokens, **plan.generate_kwargs)
 
     def _generate(
         self,
@@ -459,12 +393,11 @@ class ChatAT2(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         plan = self._plan(messages, stop, kwargs)
         att = plan.attributor
-        count = _TokenCount(_eos_token_ids(att))
         items: Iterator[Any]
         if plan.prepared is not None:
             items = att.stream(plan.prepared, ablations=plan.ablations, groundedness=plan.groundedness)
         else:
-            items = self._stream_plain(plan, count)
+            items = att.run_stream(self._plain(plan), capture=False)
         filt = _StopFilter(plan.stop)
         final: Any = None
 
@@ -490,8 +423,8 @@ class ChatAT2(BaseChatModel):
             text, metadata, usage = self._finish(
                 plan, final.answer, final, final.num_prompt_tokens, final.num_answer_tokens, final.finish_reason
             )
-        elif plan.prepared is None:
-            text, metadata, usage = self._finish(plan, count.text, None, *count.usage())
+        elif isinstance(final, Captured):
+            text, metadata, usage = self._finish(plan, *_usage(final))
         else:  # pragma: no cover - the core always ends a stream with its result
             raise RuntimeError("the generation ended without a result")
         last = ChatGenerationChunk(
