@@ -96,15 +96,30 @@ class ModelRunner:
         if not generate_kwargs.get("do_sample"):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         kwargs.update(generate_kwargs)
+        if self.stop_strings(kwargs) and kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = self.tokenizer  # transformers needs it to match stop strings
         return kwargs
 
-    def _answer(self, generated: list[int], captured: bool) -> tuple[AnswerTokens, str]:
-        """Strip trailing end-of-sequence (and pad) tokens; the decoded answer and why generation ended."""
+    def stop_strings(self, generate_kwargs: dict[str, Any] | None = None) -> list[str]:
+        """Text that ends an answer (`stop_strings` given to generate, else the generation config's: a base
+        model's checkpoint names them, see `at2_rag.model_families`); the answer is the text before it."""
+        given = (generate_kwargs or {}).get("stop_strings", getattr(self.model.generation_config, "stop_strings", None))
+        return [given] if isinstance(given, str) else list(given or [])
+
+    def _answer(
+        self, generated: list[int], captured: bool, stop_strings: Sequence[str] = ()
+    ) -> tuple[AnswerTokens, str]:
+        """Strip trailing end-of-sequence (and pad) tokens, and everything from a stop string on; the decoded
+        answer and why generation ended."""
         eos = self.eos_token_ids
         finish = "length"
         while generated and generated[-1] in eos:
             generated.pop()
             finish = "stop"
+        if stop_strings:
+            kept = _before_stop_string(self.tokenizer, generated, stop_strings)
+            if kept is not None:
+                generated, finish = generated[:kept], "stop"
         if not generated:
             logger.warning("the model produced an empty answer")
         if captured:
@@ -159,7 +174,7 @@ class ModelRunner:
                 **kwargs,
             )
         generated = output[:, prompt.num_tokens :]
-        answer, finish = self._answer(generated[0].tolist(), state is not None)
+        answer, finish = self._answer(generated[0].tolist(), state is not None, self.stop_strings(kwargs))
         if state is None or recorder is None:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
             return Captured(prompt, answer, features, finish)
@@ -339,7 +354,9 @@ class ModelRunner:
         runs = []
         for row, prompt in enumerate(prompts):
             # a row that ended early is filled with padding up to the batch's end
-            answer, finish = self._answer(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True)
+            answer, finish = self._answer(
+                _until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True, self.stop_strings(kwargs)
+            )
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
             own_logit_probs = None if logit_probs is None else logit_probs[row, :rows].clone()
@@ -473,6 +490,20 @@ def _step_streamer_class() -> type:
 def _step_streamer(tokenizer: Any, live: LiveGeneration, on_step: Callable[[LiveGeneration], Iterable[Any]]) -> Any:
     """The streamer of `ModelRunner.stream(on_step=...)` (transformers is imported only when a stream starts)."""
     return _step_streamer_class()(tokenizer, live, on_step)
+
+
+def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequence[str]) -> int | None:
+    """How many of the generated tokens come before the first stop string in their text (None: no stop string).
+    A token that holds the stop string's first character goes with it."""
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    found = [at for at in (text.find(s) for s in stop_strings if s) if at >= 0]
+    if not found:
+        return None
+    cut = min(found)
+    kept = 0
+    while kept < len(generated) and len(tokenizer.decode(generated[: kept + 1], skip_special_tokens=True)) <= cut:
+        kept += 1
+    return kept
 
 
 def _until_first_stop(generated: list[int], eos: frozenset[int]) -> list[int]:

