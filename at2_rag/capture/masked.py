@@ -119,6 +119,26 @@ def full_attention_cache(model: Any) -> Any | None:
     return cache
 
 
+def prefix_sharing_cache(model: Any) -> Any | None:
+    """An empty KV cache for prefix-shared ablations: `full_attention_cache`, or, for a model whose other layers
+    only slide a window over positions (Gemma 2/3, Mistral, windowed Qwen 2), a cache that keeps every position in
+    every layer. Ablation passes never drop a token (an ablated source keeps its place, masked), so the model's
+    sliding-window mask, built over absolute positions, stays exact while the cache holds every key. Not for
+    passes that drop tokens (measured groundedness compacts the prompt: windows count sequence positions)."""
+    cache = full_attention_cache(model)
+    if cache is not None:
+        return cache
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # noqa: BLE001 - exotic configs: no prefix sharing, never a failure
+        return None
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+        return None
+    return DynamicCache()  # without a config: a full DynamicLayer for every layer
+
+
 def _prefix_segments(
     spans: Sequence[tuple[int, int]], seq_len: int, answer_len: int
 ) -> tuple[list[int], list[int]] | None:
@@ -208,13 +228,14 @@ def ablated_answer_logit_probs(
     Same numbers as `answer_logit_probs` over `ablation_attention_mask` (up to float rounding), but masks are
     sorted so that each chunk of `batch_size` computes a prompt prefix once per distinct pattern of the bits
     before it: with documents ablated at random, the early documents are shared by most masks and the work
-    drops roughly threefold. Models with sliding-window layers and overlapping sources use full passes.
+    drops roughly threefold. Sliding-window models share prefixes through a cache of every position
+    (`prefix_sharing_cache`); overlapping sources use full passes.
     """
     seq_len = len(input_ids)
     segments = _prefix_segments(spans, seq_len, answer_len) if share_prefixes else None
-    cache = full_attention_cache(model) if segments is not None else None
+    cache = prefix_sharing_cache(model) if segments is not None else None
     if segments is None or cache is None or not segments[0]:
-        logger.debug("ablations without prefix sharing (overlapping sources, sliding window or no sources)")
+        logger.debug("ablations without prefix sharing (overlapping sources, an unsupported cache or no sources)")
         return answer_logit_probs(
             model, input_ids, answer_len, ablation_attention_mask(seq_len, spans, masks), batch_size
         )
@@ -227,6 +248,6 @@ def ablated_answer_logit_probs(
     out = torch.empty(masks.shape[0], answer_len)
     for start in range(0, masks.shape[0], batch_size):
         idx = perm[start : start + batch_size]
-        chunk_cache = cache if start == 0 else full_attention_cache(model)
+        chunk_cache = cache if start == 0 else prefix_sharing_cache(model)
         out[idx] = _shared_prefix_chunk(model, ids, answer_len, spans, order, ends, masks[idx], chunk_cache)
     return out
