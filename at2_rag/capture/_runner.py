@@ -91,13 +91,17 @@ class ModelRunner:
             if needed > limit:
                 raise ContextTooLongError(needed, limit, what)
 
-    def _generate_kwargs(self, generate_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _generate_kwargs(self, generate_kwargs: dict[str, Any], prompt_length: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"do_sample": False, "pad_token_id": self.pad_token_id}
         if not generate_kwargs.get("do_sample"):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         kwargs.update(generate_kwargs)
-        if self.stop_strings(kwargs) and kwargs.get("tokenizer") is None:
-            kwargs["tokenizer"] = self.tokenizer  # transformers needs it to match stop strings
+        stops = self.stop_strings(generate_kwargs)
+        if stops:  # our own check of the decoded tail: transformers' indexes the whole vocabulary on every call
+            kwargs["stop_strings"] = None
+            kwargs["stopping_criteria"] = _stop_strings_criteria(
+                self.tokenizer, stops, prompt_length, kwargs.get("stopping_criteria")
+            )
         return kwargs
 
     def stop_strings(self, generate_kwargs: dict[str, Any] | None = None) -> list[str]:
@@ -147,7 +151,7 @@ class ModelRunner:
         between decode steps (see `stream(on_step=...)`); no other thread may touch the state. `recorder` (made
         here when not given) records the answer's logit-probs during a captured generation."""
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
-        kwargs = self._generate_kwargs(generate_kwargs)
+        kwargs = self._generate_kwargs(generate_kwargs, prompt.num_tokens)
         if streamer is not None:
             kwargs["streamer"] = streamer
         ctx = (
@@ -174,7 +178,7 @@ class ModelRunner:
                 **kwargs,
             )
         generated = output[:, prompt.num_tokens :]
-        answer, finish = self._answer(generated[0].tolist(), state is not None, self.stop_strings(kwargs))
+        answer, finish = self._answer(generated[0].tolist(), state is not None, self.stop_strings(generate_kwargs))
         if state is None or recorder is None:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
             return Captured(prompt, answer, features, finish)
@@ -333,7 +337,7 @@ class ModelRunner:
         ids, mask, pads = self._left_padded([p.input_ids for p in prompts])
         row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
-        kwargs = self._generate_kwargs(generate_kwargs)
+        kwargs = self._generate_kwargs(generate_kwargs, width)
         with self.lock, torch.no_grad():
             cache = self._prefill_rows([p.input_ids for p in prompts], pads, width - 1) if width > 1 else None
             if cache is not None:
@@ -355,7 +359,9 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             # a row that ended early is filled with padding up to the batch's end
             answer, finish = self._answer(
-                _until_first_stop(output[row, width:].tolist(), self.eos_token_ids), True, self.stop_strings(kwargs)
+                _until_first_stop(output[row, width:].tolist(), self.eos_token_ids),
+                True,
+                self.stop_strings(generate_kwargs),
             )
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
@@ -490,6 +496,26 @@ def _step_streamer_class() -> type:
 def _step_streamer(tokenizer: Any, live: LiveGeneration, on_step: Callable[[LiveGeneration], Iterable[Any]]) -> Any:
     """The streamer of `ModelRunner.stream(on_step=...)` (transformers is imported only when a stream starts)."""
     return _step_streamer_class()(tokenizer, live, on_step)
+
+
+def _stop_strings_criteria(
+    tokenizer: Any, stop_strings: Sequence[str], prompt_length: int, given: Iterable[Any] | None = None
+) -> Any:
+    """`given` stopping criteria and one more: a row is done once the text of its last generated tokens holds a
+    stop string (a few tokens more than the longest stop string has characters, decoded each step)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    window = max(len(s) for s in stop_strings) + 4
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            done = [
+                any(s in tokenizer.decode(row[-window:], skip_special_tokens=True) for s in stop_strings)
+                for row in input_ids[:, prompt_length:].tolist()
+            ]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([*(given or []), StopStrings()])
 
 
 def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequence[str]) -> int | None:
