@@ -290,6 +290,7 @@ EXAMPLES JSONL: one example per line, an object with
   history    earlier turns (optional): [{"role": "user" | "assistant", "content": "..."}, ...]
 Other fields (e.g. relevant_ids, answer_hint) are ignored.
 """
+MODEL_HELP = "local folder, Hub id, or gemma3-270m (the optional gemma extra) (default: embedded SmolLM2-135M)"
 DEVICE_HELP = "torch device to run the model on, e.g. cpu, cuda, cuda:1 (default: cpu; under an accelerate launch, " \
     "each process's own device)"
 
@@ -300,7 +301,7 @@ def add_training_commands(sub: Any) -> None:
                        epilog=EXAMPLES_EPILOG, formatter_class=raw)
     c.add_argument("examples", help="JSONL of {id, query, documents, history} (see below)")
     c.add_argument("output", help="folder of shards (rerun to resume)")
-    c.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
+    c.add_argument("--model", help=MODEL_HELP)
     c.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     c.add_argument("--num-masks", type=int, default=32)
     c.add_argument("--keep-prob", type=float, default=0.5)
@@ -350,7 +351,7 @@ def add_training_commands(sub: Any) -> None:
     e.add_argument("examples", nargs="?", help="JSONL of held-out {id, query, documents, history} (see below)")
     e.add_argument("--part", help="K/N: evaluate every N-th example starting at K (run N processes, then --merge)")
     e.add_argument("--merge", nargs="+", help="merge part reports into --output/--plot instead of evaluating")
-    e.add_argument("--model", help="local folder or Hub id (default: embedded SmolLM2-135M)")
+    e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--device", type=device_argument, help=DEVICE_HELP)
     e.add_argument("--estimator", help="estimator to evaluate (default: the model's shipped one)")
     e.add_argument("--output", type=Path, default=Path("evaluation.json"))
