@@ -171,7 +171,10 @@ def test_cycle_check_catches_lazy_cycles(tmp_path):
 # ---- the core's stages, in the order data flows ---------------------------------------------------------------
 
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("at2_rag._version", "at2_rag.errors", "at2_rag.storage", "at2_rag.plotting", "at2_rag.models")),
+    ("base", (
+        "at2_rag._version", "at2_rag.errors", "at2_rag.storage", "at2_rag.plotting", "at2_rag.models",
+        "at2_rag.model_families",
+    )),
     ("prepare", ("at2_rag.prompting", "at2_rag.examples")),
     ("run", ("at2_rag.capture",)),
     ("evidence", ("at2_rag.evidence",)),

@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_capture_equivalence import TOL, _reference_features, source_matrix
 
-from at2_rag import Attributor, Document, ModelNotAvailableError
-from at2_rag.capture import CAPTURE_PREFIX, capture_attention, install_capture
+from at2_rag import Attributor, Document
+from at2_rag.capture.attention import CAPTURE_PREFIX, capture_attention, install_capture
+from at2_rag.errors import ModelNotAvailableError
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def test_gemma_is_the_expected_model(gemma):
 
 
 def test_gemma_capture_equals_eager_beyond_the_window(gemma, example, clone_model):
-    from at2_rag.prompt import render_prompt
+    from at2_rag.prompting.render import render_prompt
 
     model, tokenizer = gemma
     query, docs = example
@@ -86,7 +87,7 @@ def test_gemma_capture_equals_eager_beyond_the_window(gemma, example, clone_mode
     forward_diff = (state2.features()[0] - ref).abs().max().item()
 
     # the Attributor's own path (ModelRunner.generate: stop strings, answer-probability recorder)
-    run = Attributor(model, tokenizer).runner.generate(prompt, max_new_tokens=n_new)
+    run = Attributor(model, tokenizer)._runner.generate(prompt, max_new_tokens=n_new)
     k = len(run.answer.token_ids)
     assert 0 < k <= n_new and run.answer.token_ids == out[0, p : p + k].tolist()
     runner_diff = (run.token_features - ref[:k]).abs().max().item()
@@ -112,7 +113,7 @@ def test_gemma_generate_then_attribute_round_trip(gemma, example):
     generated = att.generate(query, docs, max_new_tokens=48, groundedness="off")
     assert generated.num_prompt_tokens > WINDOW + 100
     assert generated.answer.strip()
-    for stop in att.runner.stop_strings():
+    for stop in att._runner.stop_strings():
         assert stop not in generated.answer, "the answer runs on past a stop string"
     given = att.attribute(query, docs, answer=generated.answer, groundedness="off")
     assert given.num_answer_tokens == generated.num_answer_tokens  # the answer's text re-tokenizes to its tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_capture_equivalence import CASES
 
-from at2_rag.ablation import (
+from at2_rag.capture.masked import (
     ablated_answer_logit_probs,
     ablation_attention_mask,
     answer_logit_probs,

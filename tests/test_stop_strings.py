@@ -22,14 +22,14 @@ pytestmark = pytest.mark.slow
 def plain(smollm):
     model, tokenizer = smollm
     att = Attributor(model, tokenizer)
-    return att, att.runner.generate(att.render(QUERY, DOCS), max_new_tokens=40)
+    return att, att._runner.generate(att.render(QUERY, DOCS), max_new_tokens=40)
 
 
 def test_generation_ends_at_a_given_stop_string(smollm, plain):
     att, full = plain
     assert "." in full.answer.text
     stop = "."
-    run = att.runner.generate(att.render(QUERY, DOCS), max_new_tokens=40, stop_strings=[stop])
+    run = att._runner.generate(att.render(QUERY, DOCS), max_new_tokens=40, stop_strings=[stop])
     assert run.finish_reason == "stop"
     assert stop not in run.answer.text
     assert full.answer.text.startswith(run.answer.text)
@@ -39,7 +39,7 @@ def test_generation_ends_at_a_given_stop_string(smollm, plain):
     assert run.token_features.shape[0] == n == run.answer_logit_probs.shape[0]
     assert (run.token_features - full.token_features[:n]).abs().max().item() < 1e-5
     # a batch row stops at the same place
-    batch = att.runner.generate_batch([att.render(QUERY, DOCS)], max_new_tokens=40, stop_strings=[stop])
+    batch = att._runner.generate_batch([att.render(QUERY, DOCS)], max_new_tokens=40, stop_strings=[stop])
     assert batch[0].answer.token_ids == run.answer.token_ids and batch[0].finish_reason == "stop"
 
 
@@ -49,7 +49,7 @@ def test_generation_config_stop_strings(smollm, plain):
     before = getattr(model.generation_config, "stop_strings", None)
     model.generation_config.stop_strings = ["."]
     try:
-        assert att.runner.stop_strings() == ["."]
+        assert att._runner.stop_strings() == ["."]
         result = att.generate(QUERY, DOCS, max_new_tokens=40, groundedness="off")
     finally:
         model.generation_config.stop_strings = before
