@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..attribution.grounding import HEAD_RIDGE, HEAD_TARGET_CAP
 from ..errors import InvalidInputError
 from ..evaluation.report import BUDGETS
 from ..evidence.layout import SOURCE_KINDS, TARGET_KINDS
 from ..models import device_argument
+from .refinement import STRENGTHS
+from .runtime_settings import CONVERSATION_CHOICES
 
 # `evaluate` options of the single-turn evaluation alone (None unless given), and their defaults there
 SINGLE_TURN_ONLY = ("merge", "part", "cache", "metrics", "plot", "curve", "budgets", "seed")
@@ -91,9 +94,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..attribution.estimator import ScoreEstimator
     from ..models import DEFAULT_MODEL_ID
     from .collect import recorded_settings
     from .data import SHARD_GLOB, load_collected, merge_collected
+    from .runtime_settings import fit_runtime_settings
     from .train import report_summary, train_estimator
 
     groups = []
@@ -121,27 +126,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     # a folder of leave-one-out masks for examples of an earlier folder adds them to those examples
     groups = merge_collected(groups, [str(folder) for folder in args.data])
     examples = groups[0]
-    num_layers, num_heads = args.num_layers, args.num_heads
-    if num_layers is None or num_heads is None:
-        if args.model is None and d == 30 * 9:
-            num_layers, num_heads = 30, 9
-        else:
-            raise InvalidInputError("pass --num-layers and --num-heads for this model")
-    estimator, report = train_estimator(
-        examples,
-        num_layers,
-        num_heads,
-        model_id=model_id,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        heldout_fraction=args.heldout_fraction,
-        patience=args.patience,
-        seed=args.seed,
-        more_examples=groups[1:],
-        **({} if args.leave_one_out_weight is None else {"loo_weight": args.leave_one_out_weight}),
+    if args.weights_from is not None:  # the weights of an existing estimator: only the runtime settings are fitted
+        estimator = ScoreEstimator.from_pretrained(args.weights_from)
+        if estimator.weights.numel() != d:
+            raise InvalidInputError(f"{args.weights_from} has {estimator.weights.numel()} head weights, the shards "
+                                    f"have {d} features per source: collected with another model")
+        report: dict[str, Any] = {"weights_from": str(args.weights_from)}
+    else:
+        num_layers, num_heads = args.num_layers, args.num_heads
+        if num_layers is None or num_heads is None:
+            if args.model is None and d == 30 * 9:
+                num_layers, num_heads = 30, 9
+            else:
+                raise InvalidInputError("pass --num-layers and --num-heads for this model")
+        estimator, report = train_estimator(
+            examples,
+            num_layers,
+            num_heads,
+            model_id=model_id,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            heldout_fraction=args.heldout_fraction,
+            patience=args.patience,
+            seed=args.seed,
+            more_examples=groups[1:],
+            **({} if args.leave_one_out_weight is None else {"loo_weight": args.leave_one_out_weight}),
+        )
+    runtime = fit_runtime_settings(
+        groups, estimator.weights.detach(), heldout_fraction=args.heldout_fraction, seed=args.seed,
+        conversations=args.groundedness_conversations, ridge=args.groundedness_ridge, cap=args.groundedness_cap,
+        strengths=args.refinement_strengths,
     )
-    estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
+    for key in ("groundedness", "refinement"):  # a setting not fitted now is not kept from --weights-from either
+        estimator.metadata.pop(key, None)
+    estimator.metadata.update(runtime.metadata)
+    report["runtime_settings"] = runtime.summary()
+    if args.training_data or args.weights_from is None:
+        estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)
     (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report_summary(report), indent=2))
@@ -344,6 +366,20 @@ def add_training_commands(sub: Any) -> None:
     t.add_argument("--leave-one-out-weight", type=float, help="weight of the correlation over leave-one-out masks "
                    "(`collect --leave-one-out`, in a later data folder) beside the random masks' (default: 1)")
     t.add_argument("--training-data", help="description of the training data for the model card")
+    t.add_argument("--weights-from", type=Path, metavar="ESTIMATOR", help="take the weights of this estimator "
+                   "folder instead of training them, and fit only the runtime settings (groundedness, refinement "
+                   "prior) on the data: e.g. to recalibrate an estimator after collecting conversations")
+    t.add_argument("--groundedness-conversations", choices=CONVERSATION_CHOICES, default="all",
+                   help="which examples of the multi-turn sets (collect --sources context) fit the groundedness "
+                   "head: all of them (default: their held-out evaluation is `evaluate --conversations` on another "
+                   "file), or their training split only (their held-out split then measures the head too)")
+    t.add_argument("--groundedness-ridge", type=float, default=HEAD_RIDGE,
+                   help=f"ridge penalty of the groundedness head on standardized features (default: {HEAD_RIDGE:g})")
+    t.add_argument("--groundedness-cap", type=float, default=HEAD_TARGET_CAP, help="the head's training targets "
+                   f"(log-odds drops) are clipped to [-cap, cap] nats (default: {HEAD_TARGET_CAP:g})")
+    t.add_argument("--refinement-strengths", type=float, nargs="+", default=list(STRENGTHS), metavar="S",
+                   help="grid of prior strengths and scale strengths the refinement prior is chosen from "
+                   f"(default: {' '.join(f'{x:g}' for x in STRENGTHS)})")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="LDS and top-k drop of AT2 vs baselines on held-out examples",
