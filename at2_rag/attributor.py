@@ -26,6 +26,7 @@ from .attribution.scoring import Scorer
 from .capture._runner import LiveGeneration, ModelRunner
 from .capture.attention import paused_capture
 from .capture.captured import Captured
+from .capture.hooks import RunHooks
 from .errors import DocumentsNotLocatedError, InvalidInputError
 from .evidence.ablations import AblationEvidence, check_ablations, gather_ablations
 from .evidence.bundle import Evidence
@@ -249,29 +250,44 @@ class Attributor:
 
     # ---- stage 2: run -------------------------------------------------------------------------------------
     @overload
-    def run(self, prepared: Prepared, capture: bool = True) -> Captured: ...
+    def run(self, prepared: Prepared, capture: bool = True, hooks: RunHooks | None = None) -> Captured: ...
 
     @overload
-    def run(self, prepared: Sequence[Prepared], capture: bool = True) -> list[Captured]: ...
+    def run(
+        self, prepared: Sequence[Prepared], capture: bool = True, hooks: Sequence[RunHooks | None] | None = None
+    ) -> list[Captured]: ...
 
-    def run(self, prepared: Prepared | Sequence[Prepared], capture: bool = True) -> Captured | list[Captured]:
+    def run(
+        self,
+        prepared: Prepared | Sequence[Prepared],
+        capture: bool = True,
+        hooks: RunHooks | Sequence[RunHooks | None] | None = None,
+    ) -> Captured | list[Captured]:
         """Run prepared requests with attention capture: the answer generated, or (a request with an answer) one
         forward pass over prompt + answer. A list runs in one left-padded batch, each result equal to its run
         alone (the same greedy answer; features equal up to float rounding): all generate with the same settings,
         or all carry an answer. `capture=False` generates without capture (a chat model's turn with no documents):
-        the Captured has the answer, its token counts and finish reason, and no features."""
+        the Captured has the answer, its token counts and finish reason, and no features.
+
+        `hooks` (`RunHooks`; one per request of a list) stop a generation early, a batch's row alone while the
+        others go on (`finish_reason="stopped"`), and receive its text as it is generated."""
         if isinstance(prepared, Prepared):
-            return self._run_one(prepared, capture)
+            if hooks is not None and not isinstance(hooks, RunHooks):
+                raise InvalidInputError("one request takes one RunHooks")
+            return self._run_one(prepared, capture, hooks)
         if not capture:
             raise InvalidInputError("a batch always captures: run plain generations one by one")
         batch = _checked_batch(prepared)
+        rows = _row_hooks(hooks, len(batch))
         if not batch:
             return []
         prompts = [p.prompt for p in batch]
         if batch[0].answer is not None:
             runs = self._runner.forward_batch(prompts, [p.answer for p in batch if p.answer is not None])
         else:
-            runs = self._runner.generate_batch(prompts, batch[0].max_new_tokens, **batch[0].generate_kwargs)
+            runs = self._runner.generate_batch(
+                prompts, batch[0].max_new_tokens, hooks=rows, **batch[0].generate_kwargs
+            )
         for run, p in zip(runs, batch):
             run.query = p.query
         return runs
@@ -288,14 +304,14 @@ class Attributor:
                 item.query = prepared.query
             yield item
 
-    def _run_one(self, prepared: Prepared, capture: bool = True) -> Captured:
+    def _run_one(self, prepared: Prepared, capture: bool = True, hooks: RunHooks | None = None) -> Captured:
         if prepared.answer is not None:
             if not capture:
                 raise InvalidInputError("capture=False runs a plain generation: this prepared request has an answer")
             run = self._runner.forward(prepared.prompt, prepared.answer)
         else:
             run = self._runner.generate(
-                prepared.prompt, prepared.max_new_tokens, capture=capture, **prepared.generate_kwargs
+                prepared.prompt, prepared.max_new_tokens, capture=capture, hooks=hooks, **prepared.generate_kwargs
             )
         run.query = prepared.query
         return run
@@ -703,6 +719,17 @@ def _generating(prepared: Any) -> None:
         raise InvalidInputError(f"run_stream takes a Prepared request (from `prepare`), got {type(prepared).__name__}")
     if prepared.answer is not None:
         raise InvalidInputError("run_stream streams a generation: this prepared request carries an answer")
+
+
+def _row_hooks(hooks: Any, rows: int) -> list[RunHooks | None] | None:
+    """A batch's hooks, one per row (None: no row has any)."""
+    if hooks is None:
+        return None
+    if isinstance(hooks, RunHooks) or not isinstance(hooks, Sequence) or len(hooks) != rows:
+        raise InvalidInputError(f"a batch of {rows} takes a list of {rows} RunHooks (or None for a row)")
+    if any(h is not None and not isinstance(h, RunHooks) for h in hooks):
+        raise InvalidInputError("hooks must be RunHooks (or None for a row)")
+    return list(hooks)
 
 
 def _checked_batch(prepared: Sequence[Prepared]) -> list[Prepared]:

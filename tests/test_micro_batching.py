@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -161,3 +162,71 @@ def test_a_lone_caller_does_not_wait_for_itself(att, alone):
         reasons = list(batcher.stats.closed_by)
     assert reasons == ["window", "expected", "expected"], reasons
     assert answers == [a.answer for a in alone[:3]]
+
+
+# ---- stop, cancel and stream a row of a batch (issue 36 point 5) ----------------------------------------------
+
+LONG = 60
+DOCS = ["The Eiffel Tower is in Paris. It was completed in 1889.", "Mount Fuji is the highest mountain in Japan."]
+DESCRIBE = ["Describe the Eiffel Tower in detail.", "Describe Mount Fuji in detail."]
+
+
+@pytest.fixture(scope="module")
+def described(att):
+    return [att.generate(q, DOCS, max_new_tokens=LONG) for q in DESCRIBE]
+
+
+def _wait_for(texts: list[str], chars: int, deadline_s: float = 300) -> None:
+    deadline = time.monotonic() + deadline_s
+    while len("".join(texts)) < chars:
+        assert time.monotonic() < deadline, "no text streamed"
+        time.sleep(0.02)
+
+
+def test_a_row_of_a_running_batch_stops_alone_and_streams_its_text(att, described):
+    """Stop ends one row of the running batch where it is (scored, `finish_reason="stopped"`) while the other row
+    finishes exactly as it would alone; each row's streamed text joins to its answer."""
+    with MicroBatcher(att, max_batch_size=4, max_wait_ms=300) as batcher:
+        texts: list[list[str]] = [[], []]
+        stop = threading.Event()
+        first = batcher.submit({"query": DESCRIBE[0], "documents": DOCS}, LONG, on_text=texts[0].append)
+        second = batcher.submit({"query": DESCRIBE[1], "documents": DOCS}, LONG, on_text=texts[1].append, stop=stop)
+        _wait_for(texts[1], 20)
+        stop.set()
+        kept, stopped = first.result(timeout=600), second.result(timeout=600)
+        assert batcher.stats.batch_sizes == [2]
+    assert kept.answer == described[0].answer and "".join(texts[0]) == kept.answer
+    _assert_close(kept, described[0])
+    assert stopped.finish_reason == "stopped" and stopped.num_answer_tokens < described[1].num_answer_tokens
+    assert described[1].answer.startswith(stopped.answer) and "".join(texts[1]) == stopped.answer
+    assert stopped.citations  # the shorter answer is attributed
+
+
+def test_cancel_frees_a_running_row_and_a_queued_request_never_runs(att, described):
+    with MicroBatcher(att, max_batch_size=4, max_wait_ms=300) as batcher:
+        texts: list[list[str]] = [[], []]
+        kept = batcher.submit({"query": DESCRIBE[0], "documents": DOCS}, LONG, on_text=texts[0].append)
+        gone = batcher.submit({"query": DESCRIBE[1], "documents": DOCS}, LONG, on_text=texts[1].append)
+        _wait_for(texts[1], 10)
+        assert batcher.cancel(gone)
+        with pytest.raises(concurrent.futures.CancelledError):
+            gone.result(timeout=600)
+        assert kept.result(timeout=600).answer == described[0].answer
+        assert len("".join(texts[1])) < len(described[1].answer)  # it stopped decoding
+        assert not batcher.cancel(kept)  # finished: nothing to cancel
+
+        with att.lock:  # the model is busy: the next requests queue
+            queued = batcher.submit({"query": DESCRIBE[0], "documents": DOCS}, LONG)
+            stopped_early = threading.Event()
+            waiting = batcher.submit({"query": DESCRIBE[1], "documents": DOCS}, LONG, stop=stopped_early)
+            assert batcher.cancel(queued)
+            stopped_early.set()
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued.result(timeout=600)
+        with pytest.raises(concurrent.futures.CancelledError):
+            waiting.result(timeout=600)
+
+
+def _assert_close(got, want) -> None:
+    assert got.answer == want.answer
+    assert got.document_scores() == pytest.approx(want.document_scores(), abs=SCORE_TOL)

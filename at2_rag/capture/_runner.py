@@ -19,6 +19,7 @@ from ..prompting.answer import AnswerTokens, decode_with_offsets
 from ..prompting.render import RenderedPrompt
 from .attention import CaptureState, capture_attention, install_capture, model_shape, text_config
 from .captured import Captured, model_lock
+from .hooks import RowControl, RunHooks, TeeStreamer
 from .logits import GeneratedLogitProbs
 from .masked import cache_argument, full_attention_cache, token_logit_probs
 
@@ -104,6 +105,20 @@ class ModelRunner:
             )
         return kwargs
 
+    def _hooked(
+        self, kwargs: dict[str, Any], hooks: Sequence[RunHooks | None], prompt_width: int
+    ) -> RowControl | None:
+        """The rows' hooks as one stopping criterion (added to `kwargs`) and one streamer (returned): None when no
+        row has any."""
+        control = RowControl(self.tokenizer, hooks, prompt_width, self.eos_token_ids)
+        if not control.active:
+            return None
+        from transformers import StoppingCriteriaList
+
+        given = kwargs.get("stopping_criteria") or []
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*given, control.criterion()])
+        return control
+
     def stop_strings(self, generate_kwargs: dict[str, Any] | None = None) -> list[str]:
         """Text that ends an answer (`stop_strings` given to generate, else the generation config's: a base
         model's checkpoint names them, see `at2_rag.model_families`); the answer is the text before it."""
@@ -140,6 +155,7 @@ class ModelRunner:
         streamer: Any = None,
         on_state: Callable[[CaptureState], None] | None = None,
         recorder: GeneratedLogitProbs | None = None,
+        hooks: RunHooks | None = None,
         **generate_kwargs: Any,
     ) -> Captured:
         """Generate after a ready prompt (greedy by default) while capturing attention to its sources.
@@ -149,9 +165,14 @@ class ModelRunner:
         `on_state` is called with the live CaptureState before the first forward pass (not at all without
         capture): a streamer may then read `state.features()` in its `put`, which runs in the generation thread
         between decode steps (see `stream(on_step=...)`); no other thread may touch the state. `recorder` (made
-        here when not given) records the answer's logit-probs during a captured generation."""
+        here when not given) records the answer's logit-probs during a captured generation. `hooks` may stop the
+        answer early (`finish_reason="stopped"`) and receive its text as it is generated."""
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
         kwargs = self._generate_kwargs(generate_kwargs, prompt.num_tokens)
+        control = self._hooked(kwargs, [hooks], prompt.num_tokens)
+        streamer = TeeStreamer(streamer, control) if control is not None and streamer is not None else (
+            streamer or control
+        )
         if streamer is not None:
             kwargs["streamer"] = streamer
         ctx = (
@@ -178,7 +199,10 @@ class ModelRunner:
                 **kwargs,
             )
         generated = output[:, prompt.num_tokens :]
-        answer, finish = self._answer(generated[0].tolist(), state is not None, self.stop_strings(generate_kwargs))
+        answer, finish = self._answer(
+            _kept(generated[0].tolist(), control, 0), state is not None, self.stop_strings(generate_kwargs)
+        )
+        finish = "stopped" if control is not None and control.stopped(0) and finish == "length" else finish
         if state is None or recorder is None:
             features = torch.zeros(len(answer.token_ids), 0, self.num_layers * self.num_heads)
             return Captured(prompt, answer, features, finish)
@@ -325,10 +349,15 @@ class ModelRunner:
         return [[(a + pad, b + pad) for a, b in source_spans(prompt)] for prompt, pad in zip(prompts, pads)]
 
     def generate_batch(
-        self, prompts: Sequence[RenderedPrompt], max_new_tokens: int = 256, **generate_kwargs: Any
+        self,
+        prompts: Sequence[RenderedPrompt],
+        max_new_tokens: int = 256,
+        hooks: Sequence[RunHooks | None] | None = None,
+        **generate_kwargs: Any,
     ) -> list[Captured]:
         """Generate after several prompts in one left-padded batch, with capture; each run as `generate` alone
-        would return it (the same greedy tokens; features equal up to float rounding).
+        would return it (the same greedy tokens; features equal up to float rounding). `hooks` (one per row, or
+        None) stop a row early (the others go on) and stream each row's text as it is generated.
 
         Left padding makes every prompt end at the same position, so one capture window covers every row's
         answer; padding keys are masked for each row, and each row keeps its own source columns."""
@@ -338,6 +367,9 @@ class ModelRunner:
         row_spans = self._batch_spans(prompts, pads)
         width = ids.shape[1]
         kwargs = self._generate_kwargs(generate_kwargs, width)
+        control = self._hooked(kwargs, list(hooks) if hooks is not None else [None] * len(prompts), width)
+        if control is not None:
+            kwargs["streamer"] = control
         with self.lock, torch.no_grad():
             cache = self._prefill_rows([p.input_ids for p in prompts], pads, width - 1) if width > 1 else None
             if cache is not None:
@@ -359,10 +391,11 @@ class ModelRunner:
         for row, prompt in enumerate(prompts):
             # a row that ended early is filled with padding up to the batch's end
             answer, finish = self._answer(
-                _until_first_stop(output[row, width:].tolist(), self.eos_token_ids),
+                _kept(_until_first_stop(output[row, width:].tolist(), self.eos_token_ids), control, row),
                 True,
                 self.stop_strings(generate_kwargs),
             )
+            finish = "stopped" if control is not None and control.stopped(row) and finish == "length" else finish
             rows = len(answer.token_ids)
             own = features[row, :rows, : len(row_spans[row])]
             own_logit_probs = None if logit_probs is None else logit_probs[row, :rows].clone()
@@ -530,6 +563,12 @@ def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequ
     while kept < len(generated) and len(tokenizer.decode(generated[: kept + 1], skip_special_tokens=True)) <= cut:
         kept += 1
     return kept
+
+
+def _kept(generated: list[int], control: RowControl | None, row: int) -> list[int]:
+    """A row's tokens up to where its hooks stopped it (the rest of the batch's steps are padding for it)."""
+    ended = control.ended_at[row] if control is not None else None
+    return generated if ended is None else generated[:ended]
 
 
 def _until_first_stop(generated: list[int], eos: frozenset[int]) -> list[int]:

@@ -14,13 +14,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..attribution.result import Attribution
 from ..attributor import Attributor, RequestLike
+from ..capture.hooks import RunHooks
 from ..errors import AT2Error, InvalidInputError
 from ..evidence.ablations import check_ablations
 from ..evidence.groundedness import GroundednessMode, check_groundedness
@@ -41,6 +42,18 @@ class _Pending:
     ablations: int
     groundedness: GroundednessMode = "measured"  # scoring only: requests of any mode share a batch
     arrived: float = field(default_factory=time.perf_counter)
+    stop: threading.Event | None = None  # the caller's: set, the answer stops where it is (and is still scored)
+    on_text: Callable[[str], None] | None = None
+    halted: threading.Event = field(default_factory=threading.Event)  # `cancel`: stop, and nobody wants the result
+
+    def stopping(self) -> bool:
+        return self.halted.is_set() or (self.stop is not None and self.stop.is_set())
+
+    def hooks(self) -> RunHooks:
+        return RunHooks(should_stop=self.stopping, on_text=self.on_text)
+
+    def wanted(self) -> bool:
+        return not self.halted.is_set()
 
 
 _Outcome = tuple[_Pending, Any, BaseException | None]  # a request, its result, or its own error
@@ -55,6 +68,8 @@ class BatchItem:
     ablations: int = 0
     groundedness: GroundednessMode = "measured"
     max_new_tokens: int = 256  # for a request prepared inside the batch
+    hooks: RunHooks | None = None  # stop this row early, stream its text (`RunHooks`)
+    wanted: Callable[[], bool] | None = None  # False once its caller is gone: its result is not scored
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ def run_batch(attributor: Attributor, items: Sequence[BatchItem]) -> tuple[list[
     if len(items) > 1:
         started = time.perf_counter()
         try:
-            runs = attributor.run([_prepared(attributor, item) for item in items])
+            runs = attributor.run([_prepared(attributor, item) for item in items], hooks=[i.hooks for i in items])
             results: list[Any] = [_scored(attributor, run, item) for run, item in zip(runs, items)]
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: retry one by one
             attempts.append(BatchAttempt(len(items), time.perf_counter() - started, retry=False, ok=False))
@@ -90,7 +105,8 @@ def run_batch(attributor: Attributor, items: Sequence[BatchItem]) -> tuple[list[
     for item in items:
         started = time.perf_counter()
         try:
-            outcomes.append(_scored(attributor, attributor.run(_prepared(attributor, item)), item))
+            run = attributor.run(_prepared(attributor, item), hooks=item.hooks)
+            outcomes.append(_scored(attributor, run, item))
         except Exception as exc:  # noqa: BLE001 - handed to its own caller
             outcomes.append(exc)
         ok = not isinstance(outcomes[-1], BaseException)
@@ -104,8 +120,11 @@ def _prepared(attributor: Attributor, item: BatchItem) -> Prepared:
     return attributor.prepare(item.request, max_new_tokens=item.max_new_tokens)
 
 
-def _scored(attributor: Attributor, run: Any, item: BatchItem) -> Attribution:
-    """The request's evidence (its groundedness mode, its ablations), then its Attribution."""
+def _scored(attributor: Attributor, run: Any, item: BatchItem) -> Any:
+    """The request's evidence (its groundedness mode, its ablations), then its Attribution; a request whose caller
+    is gone is not scored (its evidence passes would only keep the model from the others)."""
+    if item.wanted is not None and not item.wanted():
+        return CancelledError("the request was cancelled while it ran")
     evidence = attributor.gather_evidence(run, item.groundedness, item.ablations)
     return attributor.score(run, evidence, item.groundedness)
 
@@ -146,6 +165,8 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_ms = float(max_wait_ms)
         self.stats = BatchStats()
+        self._submitted: dict[Future, _Pending] = {}  # running or queued, for `cancel`
+        self._guard = threading.Lock()
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._last_batch_end = 0.0
@@ -160,13 +181,21 @@ class MicroBatcher:
         max_new_tokens: int = 256,
         ablations: int = 0,
         groundedness: GroundednessMode = "measured",
+        *,
+        stop: threading.Event | None = None,
+        on_text: Callable[[str], None] | None = None,
         **generate_kwargs: Any,
     ) -> Future:
         """Queue a request; the Future resolves to its Attribution (or raises its own error). A request is
         prepared here (`Attributor.prepare`), so malformed input raises in the caller's thread; a `Prepared` one
         (e.g. a prompt rendered elsewhere, `Attributor.prepare(messages, documents)`) is queued as it is, with its
         own settings. A request carrying an answer is attributed with one forward pass, else its answer is
-        generated. `groundedness` as in `Attributor.generate`."""
+        generated. `groundedness` as in `Attributor.generate`.
+
+        `stop` (an event the caller sets) ends the answer where it is, also as one row of a running batch while the
+        others go on; the shorter answer is still attributed (`finish_reason="stopped"`); set before the request
+        ran, it never runs (the Future raises `CancelledError`). `on_text(chunk)` receives the answer's text as it
+        is generated (in the batch's thread), batched or not. `cancel(future)` stops a request nobody waits for."""
         if self._closed:
             raise RuntimeError("this MicroBatcher is closed")
         check_ablations(ablations)
@@ -182,9 +211,24 @@ class MicroBatcher:
         if "streamer" in prepared.generate_kwargs:
             raise InvalidInputError("a micro-batched request cannot stream: use Attributor.stream")
         settings = prepared.run_settings() + (ablations,)
-        pending = _Pending(prepared, settings, Future(), ablations, groundedness)
+        pending = _Pending(prepared, settings, Future(), ablations, groundedness, stop=stop, on_text=on_text)
+        with self._guard:
+            self._submitted[pending.future] = pending
         self._queue.put(pending)
         return pending.future
+
+    def cancel(self, future: Future) -> bool:
+        """Stop a submitted request wherever it is: queued (it never runs), or a row of the running batch (it stops
+        decoding at the next step while the others go on, and is not scored). Its Future then raises
+        `CancelledError`. False when it had already finished."""
+        if future.cancel():
+            return True
+        with self._guard:
+            pending = self._submitted.get(future)
+        if pending is None or future.done():
+            return False
+        pending.halted.set()
+        return True
 
     def generate(
         self,
@@ -309,15 +353,21 @@ class MicroBatcher:
                 pending.future.set_exception(error)
             else:
                 pending.future.set_result(result)
+        with self._guard:
+            for pending in batch:
+                self._submitted.pop(pending.future, None)
 
     def _run(self, batch: list[_Pending], reason: str, held: int) -> None:
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
-        items = [BatchItem(p.prepared, p.ablations, p.groundedness) for p in live]
+        running = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        # stopped or cancelled while queued: it never runs
+        gone: list[_Outcome] = [(p, None, CancelledError("stopped before it ran")) for p in running if p.stopping()]
+        live = [p for p in running if not p.stopping()]
+        items = [BatchItem(p.prepared, p.ablations, p.groundedness, hooks=p.hooks(), wanted=p.wanted) for p in live]
         outcomes, attempts = run_batch(self.attributor, items)
         # a batch that failed is not one the model finished: its requests' single runs are what ran
         self._record([a.size for a in attempts if a.ok or a.size == 1], reason)
         self._finish(
             batch,
             held,
-            [(p, None, o) if isinstance(o, BaseException) else (p, o, None) for p, o in zip(live, outcomes)],
+            gone + [(p, None, o) if isinstance(o, BaseException) else (p, o, None) for p, o in zip(live, outcomes)],
         )

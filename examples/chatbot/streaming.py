@@ -6,6 +6,7 @@ micro-batcher instead and is answered whole, in one batched generation with whoe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
@@ -53,6 +54,55 @@ def model_busy(attributor: Attributor) -> bool:
     return False
 
 
+async def batched_events(
+    service: ChatService,
+    question: str,
+    documents: list[Any],
+    history: list[dict[str, str]],
+    cancel: Cancelled,
+    sampling: dict[str, Any],
+) -> AsyncIterator[str]:
+    """One answer through the core's micro-batcher: `token` events as its batch row generates, then its citations
+    and attribution (or a `stopped` error when Stop came before it ran). Leaving cancels it in the batcher."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_text(chunk: str) -> None:  # in the batch's thread
+        loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+
+    request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
+    batcher = get_micro_batcher(service.attributor)
+    future = batcher.submit(
+        request, service.max_new_tokens, groundedness=service.groundedness, stop=cancel.event, on_text=on_text,
+        **sampling,
+    )
+    waiter = asyncio.wrap_future(future)
+    try:
+        while not waiter.done():
+            getter = asyncio.ensure_future(chunks.get())
+            await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield sse("token", {"text": getter.result()})
+            else:
+                getter.cancel()
+        while not chunks.empty():  # text handed over just before the answer was scored
+            yield sse("token", {"text": chunks.get_nowait()})
+        try:
+            attribution = waiter.result()
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            yield sse("error", {"error": "stopped", "message": "You stopped the answer before it was generated."})
+            return
+    except (asyncio.CancelledError, GeneratorExit):
+        batcher.cancel(future)  # the page went away: free its place in the batch (or the queue)
+        logger.info("the client went away: its batched answer was cancelled")
+        raise
+    for citation in attribution.citations:
+        yield sse("citation", citation_payload(citation, attribution.support_threshold, attribution.grounded_threshold))
+    payload = attribution_payload(attribution)
+    payload["stopped"], payload["sampled"], payload["batched"] = cancel.event.is_set(), bool(sampling), True
+    yield sse("attribution", payload)
+
+
 async def events(
     service: ChatService,
     question: str,
@@ -78,22 +128,14 @@ async def events(
     try:
         if model_busy(service.attributor):
             # the model is busy with someone else's answer: wait in the core's micro-batcher, where every question
-            # that queues meanwhile joins one batched generation once the model is free (answers come whole)
+            # that queues meanwhile joins one batched generation once the model is free; its text streams token by
+            # token as the batch generates, Stop ends this row alone (the others go on), and a client that goes
+            # away is cancelled wherever its question is (queued, or a row of the running batch)
             yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
-            request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
-            batcher = get_micro_batcher(service.attributor)
-            future = batcher.submit(request, service.max_new_tokens, groundedness=service.groundedness, **sampling)
-            attribution = await asyncio.wrap_future(future)
-            yield sse("token", {"text": attribution.answer})
-            for citation in attribution.citations:
-                yield sse(
-                    "citation",
-                    citation_payload(citation, attribution.support_threshold, attribution.grounded_threshold),
-                )
-            payload = attribution_payload(attribution)
-            payload["stopped"], payload["sampled"], payload["batched"] = False, regenerate, True
-            yield sse("attribution", payload)
-            yield sse("done", {"seconds": round(time.perf_counter() - started, 2), "history_messages": len(history)})
+            async for event in batched_events(service, question, documents, history, cancel, sampling):
+                yield event
+            payload_seconds = round(time.perf_counter() - started, 2)
+            yield sse("done", {"seconds": payload_seconds, "history_messages": len(history)})
             return
         from transformers import StoppingCriteriaList
 
