@@ -3,16 +3,19 @@ do not? Calibrated and measured on the collected ablation data.
 
 Of the 32 random masks of a collected target, some remove every document (each document is kept with
 probability 1/2, 4-6 documents per example): for those targets the all-documents-removed label is measured.
-The calibration `grounded = scale * sum(document scores) + history_scale * sum(earlier turns' scores) + offset`
-(log-odds, nats) is fitted on the training split and, when collected, the multi-turn training conversations
-(`collect --sources context`, whose last mask removes every document); a sentence is supported when
-grounded >= 1 nat. The multi-turn held-out evaluation's rows (bench/conversations.py) are scored too. AUROC of
+The head and the calibration `grounded = scale * sum(document scores) + history_scale * sum(earlier turns'
+scores) + offset` (log-odds, nats) are fitted as `at2-rag train` fits them (`fit_groundedness_settings`,
+at2_rag/training/groundedness.py) on the training split and, when collected, the multi-turn training
+conversations (`collect --sources context`, whose last mask removes every document); a sentence is supported
+when grounded >= 1 nat. The multi-turn held-out evaluation's rows (bench/conversations.py) are scored too. AUROC of
 grounded against "removing every document lowers the sentence's log-probability by >= 1 nat", and precision and
 recall of supported, are reported on the held-out split (the split the shipped estimator was trained with), with
-bootstrap standard errors. Writes docs/bench/groundedness.json;
-`--record` stores the calibration in the shipped estimator's config.json.
+bootstrap standard errors, beside the score-sum calibration, average attention and the cross-validated choice
+of the head's ridge and cap. Writes docs/bench/groundedness.json. (`at2-rag train` writes the settings into an
+estimator; the shipped one's were fitted by the same function.)
 
-    python -m research.groundedness [--record]
+    python -m research.groundedness --conversations data/collected/smollm2-conversations \
+        data/collected/smollm2-conversations-more
 """
 
 from __future__ import annotations
@@ -24,59 +27,22 @@ from pathlib import Path
 import torch
 
 from at2_rag.attribution.estimator import ScoreEstimator
-from at2_rag.attribution.grounding import (
-    DEFAULT_THRESHOLD,
-    HEAD_RIDGE,
-    HEAD_TARGET_CAP,
-    auroc,
-    fit_groundedness,
-    fit_groundedness_head,
-)
+from at2_rag.attribution.grounding import DEFAULT_THRESHOLD, HEAD_RIDGE, HEAD_TARGET_CAP, auroc, fit_groundedness_head
 from at2_rag.evaluation.metrics import bootstrap_se
 from at2_rag.training.data import load_collected
+from at2_rag.training.groundedness import fit_groundedness_settings, no_documents_targets
 from at2_rag.training.train import split_examples
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def removed_all(examples, weights):
-    """Every target whose masks include one removing every document: `[N, 5]` rows of (document score sum,
-    earlier turns' score sum, log-odds drop, log-prob drop, max document score), and the target's attention
-    features summed over the documents and over the earlier turns (`[N, L*H]` each, for the learned head).
-    Single-turn shards (documents only) have no earlier turns; `--sources context` shards name their sources
-    and record the all-documents-removed mask."""
-    rows, doc_features, history_features = [], [], []
-    for ex in examples:
-        ids = ex.meta.get("source_ids") or []
-        if ex.meta.get("sources") == "context":
-            n_docs = int(ex.meta["num_documents"])
-            history = [j for j, key in enumerate(ids) if str(key).startswith("history:")]
-            gone = torch.tensor([int(ex.meta["no_documents_mask"])])
-        else:
-            n_docs, history = ex.masks.shape[1], []
-            gone = (~ex.masks).all(dim=1).nonzero().flatten()
-        if len(gone) == 0:
-            continue
-        m = int(gone[0])
-        for t in range(ex.features.shape[0]):
-            features = ex.features[t].double()
-            scores = features @ weights.double()
-            full, removed = float(ex.full[t]), float(ex.labels[t, m])
-            log_p = torch.nn.functional.logsigmoid(torch.tensor([full, removed], dtype=torch.double))
-            rows.append(
-                (
-                    float(scores[:n_docs].sum()),
-                    float(scores[history].sum()) if history else 0.0,
-                    full - removed,
-                    float(log_p[0] - log_p[1]),
-                    float(scores[:n_docs].max()),
-                )
-            )
-            doc_features.append(features[:n_docs].sum(0))
-            history_features.append(features[history].sum(0))
-    width = weights.numel()
-    stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, width, dtype=torch.double)  # noqa: E731
-    return torch.tensor(rows, dtype=torch.double).reshape(-1, 5), stack(doc_features), stack(history_features)
+    """Every target with an all-documents-removed label (`at2_rag.training.groundedness.no_documents_targets`, what
+    `at2-rag train` fits on): `[N, 5]` rows of (document score sum, earlier turns' score sum, log-odds drop,
+    log-prob drop, max document score), and the target's features summed over the documents and over the earlier
+    turns (`[N, L*H]` each, for the learned head)."""
+    found = no_documents_targets(examples, weights)
+    return found.rows, found.document_features, found.history_features
 
 
 def example_folds(examples, folds: int = 5, seed: int = 0) -> list[int]:
@@ -153,12 +119,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collected", default="data/collected/smollm2-train")
     parser.add_argument("--out", default="docs/bench/groundedness.json")
-    parser.add_argument("--conversations", nargs="+", default=["data/collected/smollm2-conversations"],
+    parser.add_argument("--conversations", nargs="+",
+                        default=["data/collected/smollm2-conversations", "data/collected/smollm2-conversations-more"],
                         help="folder(s) of multi-turn shards collected with --sources context (fitted too, when "
                         "present)")
     parser.add_argument("--conversation-rows", default="docs/bench/conversations.jsonl",
                         help="rows of bench/conversations.py: the multi-turn held-out evaluation")
-    parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
 
     estimator = ScoreEstimator.shipped(MODEL)
@@ -169,13 +135,15 @@ def main() -> None:
     train, held = removed_all(train_ex, weights), removed_all(held_ex, weights)
     held_uniform = removed_all(held_ex, uniform)[0]
     multi = removed_all(multi_ex, weights)
-    fit_rows, fit_docs, fit_hist = (torch.cat([a, b]) for a, b in zip(train, multi))
-    scale, offset, history_scale = fit_groundedness(
-        fit_rows[:, 0], fit_rows[:, 2], fit_rows[:, 1] if len(multi[0]) else None
-    )
+    fitted = fit_groundedness_settings(list(train_ex) + multi_ex, weights, held_ex, source="research/groundedness.py",
+                                       multi_turn_examples="every example").settings
+    assert fitted is not None, "no target with every document removed"
+    scale, offset, history_scale = fitted["scale"], fitted["offset"], fitted["history_scale"]
     threshold = DEFAULT_THRESHOLD  # nats: the definition itself, not a number tuned to the data
     cv = cross_validate_head(list(train_ex) + list(multi_ex), weights, (100, 300, 1000, 3000), (3, 5, 8))
-    doc_w, hist_w, head_offset = fit_groundedness_head(fit_docs, fit_hist, fit_rows[:, 2])
+    doc_w = torch.tensor(fitted["document_weights"], dtype=torch.double)
+    hist_w = torch.tensor(fitted.get("history_weights", [0.0] * weights.numel()), dtype=torch.double)
+    head_offset = fitted["head_offset"]
 
     held_rows, held_docs, held_hist = held
     positive = held_rows[:, 3] >= 1.0
@@ -229,28 +197,6 @@ def main() -> None:
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    if args.record:
-        from research.shipped import record_metadata
-
-        path = record_metadata(
-            "groundedness",
-            {
-                "scale": scale,
-                "offset": offset,
-                "history_scale": history_scale,
-                "threshold": threshold,
-                "document_weights": doc_w.tolist(),
-                "history_weights": hist_w.tolist(),
-                "head_offset": head_offset,
-                "heldout_auroc_single_turn": {"mean": report["auroc_head"], "se": report["auroc_head_se"], "n": n},
-                "fitted_on": (
-                    f"{len(train[0])} single-turn (training split) and {len(multi[0])} multi-turn training targets "
-                    f"with every document removed (research/groundedness.py); head: ridge {HEAD_RIDGE:g} on "
-                    f"standardized features, log-odds drops capped at {HEAD_TARGET_CAP:g} nats"
-                ),
-            },
-        )
-        print(f"recorded in {path}")
 
 
 if __name__ == "__main__":
