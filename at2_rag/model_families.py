@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ModelNotAvailableError
-from .models import cache_root, load_model
+from .models import cache_root, converted_once, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +135,7 @@ def _convert(gguf: Path, target: Path) -> None:
 def gemma3_270m_path() -> Path:
     """The cached converted checkpoint folder of Gemma 3 270M, assembling and converting it on first use."""
     gguf = gemma3_270m_gguf_path()
-    target = cache_root() / "models" / f"gemma3-270m-{_fingerprint(gguf)}"
-    if (target / "model.safetensors").is_file():
-        return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "model.safetensors").is_file():
-            _convert(gguf, target)
-    return target
+    return converted_once(gguf, cache_root() / "models" / f"gemma3-270m-{_fingerprint(gguf)}", _convert)
 
 
 def load_gemma3_270m(device: str | torch.device | None = None) -> tuple[Any, Any]:

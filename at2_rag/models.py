@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -257,17 +258,21 @@ def default_model_path() -> Path:
     """The cached converted checkpoint of the embedded model, converting it on first use."""
     check_default_model()  # a missing piece is named before any conversion starts
     gguf = default_gguf_path()
-    target = _checkpoint_folder(gguf)
+    return converted_once(gguf, _checkpoint_folder(gguf), _convert_gguf)
+
+
+def converted_once(gguf: Path, target: Path, convert: Callable[[Path, Path], None]) -> Path:
+    """`target`, the checkpoint `convert(gguf, target)` writes, converted on first use only. Several processes
+    (accelerate/torchrun, pytest-xdist) may start cold together: one converts, the others wait and then load its
+    result instead of replacing the folder under a reader."""
     if (target / "model.safetensors").is_file():
         return target
     from filelock import FileLock  # a dependency of huggingface_hub
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Several processes (accelerate/torchrun, pytest-xdist) may start cold together: one converts, the
-    # others wait and then load its result instead of replacing the folder under a reader.
     with FileLock(str(target) + ".lock"):
         if not (target / "model.safetensors").is_file():
-            _convert_gguf(gguf, target)
+            convert(gguf, target)
     return target
 
 
