@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         estimator.metadata.pop(key, None)
     estimator.metadata.update(runtime.metadata)
     report["runtime_settings"] = runtime.summary()
+    for key, text in report["runtime_settings"].items():  # said on the console too, never silently
+        if text != "fitted":
+            print(f"at2-rag train: {key} {text}", file=sys.stderr)
     if args.training_data or args.weights_from is None:
         estimator.metadata["training_data"] = args.training_data or ", ".join(map(str, args.data))
     estimator.save_pretrained(args.output)

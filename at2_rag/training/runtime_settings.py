@@ -112,5 +112,5 @@ def fit_runtime_settings(
         out.notes["refinement"] = str(reason)
     for key, text in out.summary().items():
         if text != "fitted":
-            logger.warning("%s: %s", key, text)
+            logger.warning("%s %s", key, text)
     return out
