@@ -137,6 +137,15 @@ def test_runtime_settings_use_the_weights_own_split_and_say_what_falls_back(capl
     assert "falls back to the scores' scale" in caplog.text
 
 
+def _approx(value):
+    """`value` with every float compared within float noise (a refit may differ in the last bit)."""
+    if isinstance(value, dict):
+        return {k: _approx(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx(v) for v in value]
+    return pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value
+
+
 def _write_set(folder: Path, examples: list[CollectedExample]) -> Path:
     folder.mkdir(parents=True)
     write_shard(folder / "shard-00000.safetensors", examples)
@@ -163,7 +172,7 @@ def test_train_cli_writes_one_folder_with_weights_settings_and_card(tmp_path, ca
     again = tmp_path / "again"
     assert main(["train", str(single), str(multi), str(again), "--weights-from", str(out)]) == 0
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    assert json.loads((again / "config.json").read_text())["metadata"] == config["metadata"]
+    assert json.loads((again / "config.json").read_text())["metadata"] == _approx(config["metadata"])
     # data that cannot fit groundedness: the folder is still written, and the console says what falls back
     few = _write_set(tmp_path / "few", single_turn(4, 3))
     capsys.readouterr()
