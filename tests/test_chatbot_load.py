@@ -170,3 +170,33 @@ def test_a_client_that_leaves_frees_the_model_within_a_second(server, attributor
     assert freed < 1.0, f"the model was busy {freed:.2f} s after the client left"
     if batched:
         assert any(k == "status" for k, _, _ in leaving.events)  # it really waited and ran batched
+
+
+def test_sixteen_clients_at_once_each_get_their_own_answer(attributor):
+    """16 clients ask at the same instant: one answer streams alone, the others batch; every client gets its own
+    question's answer and documents, streamed token by token, no request fails, and the status probe answers
+    throughout."""
+    questions = [f"{q} (client {i})" for i, q in enumerate([FIRST, *WAITING, "Who approves a business trip?"] * 4)]
+    with ServerThread(create_app(SAMPLE_DOCS, attributor=attributor, max_new_tokens=12)) as server:
+        service = server.app.state.service
+        clients = [Client(server.origin, q) for q in questions]
+        probes: list[int] = []
+        for client in clients:
+            client.start()
+        while any(c.is_alive() for c in clients):
+            probes.append(httpx.get(f"{server.origin}/api/status", timeout=30).status_code)
+            time.sleep(0.5)
+        for client, question in zip(clients, questions):
+            kinds = [k for k, _, _ in client.events]
+            assert "error" not in kinds and kinds[-2:] == ["attribution", "done"], (question, kinds)
+            attribution = client.first("attribution")
+            retrieval = client.first("retrieval")
+            assert attribution is not None and retrieval is not None
+            assert attribution["query"] == question and client.text() == attribution["answer"]
+            expected = [d.id for d in service.retrieve(question, [])]
+            assert [d["id"] for d in retrieval["documents"]] == expected
+            assert [d["id"] for d in attribution["documents"]] == expected
+            assert "token" in kinds
+        batched = [bool((c.first("attribution") or {}).get("batched")) for c in clients]
+        assert sum(batched) == len(clients) - 1  # one streamed alone, the rest waited and batched
+    assert probes and set(probes) == {200}

@@ -146,6 +146,9 @@ class ChatService:
         # None: the core's default system prompt (it works best with the small embedded model)
         self.prompt_kwargs: dict[str, Any] = {} if system_prompt is None else {"system_prompt": system_prompt}
         self.streams: dict[str, Cancelled] = {}  # stream id -> its stop switch (POST /api/chat/stop)
+        # one answer streams alone at a time (taken and freed in the event loop): the chatbot's policy of who streams
+        # alone and who batches, not a model lock (the core's `Attributor.lock` serialises the model)
+        self.stream_slot = threading.Lock()
         for problem in self.folder_report.problems + (self.uploads.problems if self.users is None else []):
             logger.warning("%s %s", problem["file"], problem["error"])
 

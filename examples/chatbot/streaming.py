@@ -1,7 +1,8 @@
 """The answer as server-sent events: `retrieval`, then `token`* and `citation`* (interleaved), `attribution`,
-`done` (or one `error`). One answer streams while the model is free; a question that arrives while the model is
-busy (its lock, `Attributor.lock`, is held: another answer streams, or a batch runs) waits in the core's
-micro-batcher instead and is answered whole, in one batched generation with whoever else waits."""
+`done` (or one `error`). One answer streams alone while the model is free (`ChatService.stream_slot`); a question
+that arrives while another streams or the model is busy (`Attributor.lock` held: a batch runs) waits in the core's
+micro-batcher instead and is answered in one batched generation with whoever else waits, its row's text streaming
+token by token."""
 
 from __future__ import annotations
 
@@ -125,8 +126,12 @@ async def events(
     end = object()
     started = time.perf_counter()
     sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
+    # one answer streams alone with its sentence citations; the slot is taken in the event loop, so of questions
+    # arriving together exactly one gets it and the others batch (the model's own lock is taken only later, in
+    # the generation thread)
+    alone = not model_busy(service.attributor) and service.stream_slot.acquire(blocking=False)
     try:
-        if model_busy(service.attributor):
+        if not alone:
             # the model is busy with someone else's answer: wait in the core's micro-batcher, where every question
             # that queues meanwhile joins one batched generation once the model is free; its text streams token by
             # token as the batch generates, Stop ends this row alone (the others go on), and a client that goes
@@ -181,5 +186,7 @@ async def events(
         yield sse("error", {"error": "internal", "message": f"Generation failed: {type(exc).__name__}: {exc}"})
     finally:
         service.streams.pop(stream_id, None)
+        if alone:
+            service.stream_slot.release()
 
 
