@@ -173,7 +173,7 @@ def test_cycle_check_catches_lazy_cycles(tmp_path):
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("base", (
         "at2_rag._version", "at2_rag.errors", "at2_rag.storage", "at2_rag.plotting", "at2_rag.models",
-        "at2_rag.model_families",
+        "at2_rag.model_families", "at2_rag.stats",
     )),
     ("prepare", ("at2_rag.prompting", "at2_rag.examples")),
     ("run", ("at2_rag.capture",)),

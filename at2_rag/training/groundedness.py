@@ -34,6 +34,7 @@ from ..attribution.grounding import (
     fit_groundedness,
     fit_groundedness_head,
 )
+from ..stats import bootstrap_se
 from .data import CollectedExample, mask_kinds
 
 logger = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ def no_documents_targets(examples: Sequence[CollectedExample], weights: torch.Te
     return NoDocumentsTargets(torch.tensor(rows, dtype=torch.double).reshape(-1, 5), stack(doc_features),
                               stack(history_features), torch.tensor(multi_turn, dtype=torch.bool),
                               torch.tensor(with_history, dtype=torch.bool))
-
-
-def bootstrap_se(statistic: Any, n: int, reps: int = 500, seed: int = 0) -> float:
-    """Standard error of `statistic(indices)` over `reps` seeded resamples of n items (as the evaluation's
-    reports compute it); resamples where it is undefined (NaN) are left out."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.tensor([statistic(torch.randint(0, n, (n,), generator=generator)) for _ in range(reps)])
-    values = values[~values.isnan()]
-    return float(values.std()) if len(values) else float("nan")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 
 from ..attribution.refine import RefinementPrior, refine_scores
 from ..evidence.ablations import most_informative
+from ..stats import lds
 from .data import CollectedExample, mask_kinds
 
 STRENGTHS = (0.01, 0.03, 0.1, 0.3, 1.0)  # the grid of prior strengths and scale strengths
@@ -45,33 +46,6 @@ def refinement_targets(examples: Sequence[CollectedExample]) -> list[Target]:
             if len(labels) > 1 and labels.std() > 1e-4:
                 out.append((ex.features[t], masks, labels))
     return out
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks from 1, ties at their average rank (as scipy.stats.rankdata and the evaluation's `rankdata`)."""
-    x = x.double().flatten()
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.double)
-    sorted_x = x[order]
-    i, n = 0, len(x)
-    while i < n:
-        j = i
-        while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        if j > i:
-            ranks[order[i : j + 1]] = (i + j + 2) / 2.0
-        i = j + 1
-    return ranks
-
-
-def lds(scores: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> float:
-    """Spearman correlation of the predicted effects (kept sources' scores summed) with the labels; NaN when
-    either side is constant (the same number as at2_rag.evaluation.metrics.lds)."""
-    a, b = _ranks(masks.double() @ scores.double()), _ranks(labels)
-    a, b = a - a.mean(), b - b.mean()
-    denominator = a.norm() * b.norm()
-    return float("nan") if denominator == 0 else float((a * b).sum() / denominator)
 
 
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
