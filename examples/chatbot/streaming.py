@@ -71,6 +71,10 @@ async def batched_events(
     def on_text(chunk: str) -> None:  # in the batch's thread
         loop.call_soon_threadsafe(chunks.put_nowait, chunk)
 
+    while service.stream_slot.locked():
+        # the answer streaming alone goes first; every question waiting for it then reaches the batcher together
+        # and shares one batch (submitted at once, the first could run alone before the stream took the model)
+        await asyncio.sleep(0.02)
     request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
     batcher = get_micro_batcher(service.attributor)
     future = batcher.submit(
