@@ -1,5 +1,5 @@
 """Would one multiplier per kind of context source (system prompt, earlier turns, question) put them on the
-documents' scale? Tried on the multi-turn training conversations and not adopted (docs/training.md).
+documents' scale? Tried on the multi-turn training conversations and not adopted (docs/training-studies.md).
 
 The estimator's head weights are learned mostly from document ablations, and the same weights score the context
 parts, whose attention may not read the same way.
