@@ -149,6 +149,7 @@ class ChatService:
         # one answer streams alone at a time (taken and freed in the event loop): the chatbot's policy of who streams
         # alone and who batches, not a model lock (the core's `Attributor.lock` serialises the model)
         self.stream_slot = threading.Lock()
+        self.slot_freed_at = 0.0  # time.monotonic() when the last answer that streamed alone ended
         for problem in self.folder_report.problems + (self.uploads.problems if self.users is None else []):
             logger.warning("%s %s", problem["file"], problem["error"])
 

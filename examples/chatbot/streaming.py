@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("at2_rag.chatbot")
 
 
+SUBMIT_AFTER_STREAM_S = 0.05  # questions that waited for the streaming answer are submitted together this long after it
+
+
 def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -72,9 +75,11 @@ async def batched_events(
         loop.call_soon_threadsafe(chunks.put_nowait, chunk)
 
     while service.stream_slot.locked():
-        # the answer streaming alone goes first; every question waiting for it then reaches the batcher together
-        # and shares one batch (submitted at once, the first could run alone before the stream took the model)
+        # the answer streaming alone goes first; every question waiting for it then reaches the batcher at the same
+        # instant, a moment after it ended, and shares one batch (submitted as they came, the first could run alone
+        # before the stream took the model, and waiters polling apart split across the batcher's window)
         await asyncio.sleep(0.02)
+    await asyncio.sleep(max(0.0, service.slot_freed_at + SUBMIT_AFTER_STREAM_S - time.monotonic()))
     request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
     batcher = get_micro_batcher(service.attributor)
     future = batcher.submit(
@@ -191,6 +196,7 @@ async def events(
     finally:
         service.streams.pop(stream_id, None)
         if alone:
+            service.slot_freed_at = time.monotonic()
             service.stream_slot.release()
 
 
