@@ -222,7 +222,7 @@ def create_app(
                 "None of the indexed documents contains the words of your question. Try other keywords.",
             )
         try:
-            await run_in_threadpool(service.check_fits, question, documents, history)
+            prepared = await run_in_threadpool(service.prepare, question, documents, history, body.regenerate)
         except ContextTooLongError as exc:
             message = await run_in_threadpool(service.context_too_long_message, exc, question, documents, history)
             return error_response(
@@ -233,7 +233,7 @@ def create_app(
         except AT2Error as exc:
             return error_response(400, "invalid_input", str(exc))
         return StreamingResponse(
-            events(service, question, documents, history, regenerate=body.regenerate, user=user),
+            events(service, prepared, documents, history, regenerate=body.regenerate, user=user),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 import at2_rag.models
-from at2_rag import Attributor, ContextTooLongError, get_attributor
+from at2_rag import Attributor, ContextTooLongError, Prepared, get_attributor
 from at2_rag.evidence.groundedness import GroundednessMode, check_groundedness
 
 from .corpus import BM25Index, LoadReport, load_folder, text_to_passages
@@ -396,10 +396,16 @@ class ChatService:
             max_chars=self.max_history_chars,
         )
 
-    def check_fits(self, question: str, documents: list[Any], history: list[dict[str, str]]) -> None:
-        """Raise ContextTooLongError before streaming if the prompt plus the answer cannot fit (and any other input
-        error of the request): `Attributor.prepare` runs every check once."""
-        self.attributor.prepare(question, documents, history, **self.prompt_kwargs, max_new_tokens=self.max_new_tokens)
+    def prepare(
+        self, question: str, documents: list[Any], history: list[dict[str, str]], regenerate: bool = False
+    ) -> Prepared:
+        """The question prepared once (`Attributor.prepare`: every check, ContextTooLongError before streaming if the
+        prompt plus the answer cannot fit); the streamed and the batched answer both run this `Prepared`.
+        Regenerate samples (temperature 0.8, top-p 0.95) instead of the greedy answer."""
+        sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
+        return self.attributor.prepare(
+            question, documents, history, **self.prompt_kwargs, max_new_tokens=self.max_new_tokens, **sampling
+        )
 
     def context_too_long_message(
         self, exc: ContextTooLongError, question: str, documents: list[Any], history: list[dict[str, str]]
@@ -412,7 +418,7 @@ class ChatService:
         )
         if history:
             try:
-                self.check_fits(question, documents, [])
+                self.prepare(question, documents, [])
             except ContextTooLongError:
                 pass
             else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import secrets
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextTooLongError, get_micro_batcher
+from at2_rag import AT2Error, Attribution, Attributor, Citation, ContextTooLongError, Prepared, get_micro_batcher
 
 from .citations import attribution_payload, citation_payload
 
@@ -59,12 +60,7 @@ def model_busy(attributor: Attributor) -> bool:
 
 
 async def batched_events(
-    service: ChatService,
-    question: str,
-    documents: list[Any],
-    history: list[dict[str, str]],
-    cancel: Cancelled,
-    sampling: dict[str, Any],
+    service: ChatService, prepared: Prepared, cancel: Cancelled, regenerate: bool
 ) -> AsyncIterator[str]:
     """One answer through the core's micro-batcher: `token` events as its batch row generates, then its citations
     and attribution (or a `stopped` error when Stop came before it ran). Leaving cancels it in the batcher."""
@@ -80,12 +76,8 @@ async def batched_events(
         # before the stream took the model, and waiters polling apart split across the batcher's window)
         await asyncio.sleep(0.02)
     await asyncio.sleep(max(0.0, service.slot_freed_at + SUBMIT_AFTER_STREAM_S - time.monotonic()))
-    request = {"query": question, "documents": documents, "history": history, **service.prompt_kwargs}
     batcher = get_micro_batcher(service.attributor)
-    future = batcher.submit(
-        request, service.max_new_tokens, groundedness=service.groundedness, stop=cancel.event, on_text=on_text,
-        **sampling,
-    )
+    future = batcher.submit(prepared, groundedness=service.groundedness, stop=cancel.event, on_text=on_text)
     waiter = asyncio.wrap_future(future)
     try:
         while not waiter.done():
@@ -109,13 +101,13 @@ async def batched_events(
     for citation in attribution.citations:
         yield sse("citation", citation_payload(citation, attribution.support_threshold, attribution.grounded_threshold))
     payload = attribution_payload(attribution)
-    payload["stopped"], payload["sampled"], payload["batched"] = cancel.event.is_set(), bool(sampling), True
+    payload["stopped"], payload["sampled"], payload["batched"] = cancel.event.is_set(), regenerate, True
     yield sse("attribution", payload)
 
 
 async def events(
     service: ChatService,
-    question: str,
+    prepared: Prepared,
     documents: list[Any],
     history: list[dict[str, str]],
     regenerate: bool = False,
@@ -134,7 +126,7 @@ async def events(
     yield sse("retrieval", {"documents": retrieved, "stream_id": stream_id})
     end = object()
     started = time.perf_counter()
-    sampling: dict[str, Any] = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if regenerate else {}
+    question = prepared.query
     # one answer streams alone with its sentence citations; the slot is taken in the event loop, so of questions
     # arriving together exactly one gets it and the others batch (the model's own lock is taken only later, in
     # the generation thread)
@@ -146,24 +138,17 @@ async def events(
             # token as the batch generates, Stop ends this row alone (the others go on), and a client that goes
             # away is cancelled wherever its question is (queued, or a row of the running batch)
             yield sse("status", {"message": "Waiting for the model (another answer is being generated)…"})
-            async for event in batched_events(service, question, documents, history, cancel, sampling):
+            async for event in batched_events(service, prepared, cancel, regenerate):
                 yield event
             payload_seconds = round(time.perf_counter() - started, 2)
             yield sse("done", {"seconds": payload_seconds, "history_messages": len(history)})
             return
         from transformers import StoppingCriteriaList
 
-        stream = service.attributor.stream(
-            question,
-            documents,
-            history=history,
-            **service.prompt_kwargs,
-            max_new_tokens=service.max_new_tokens,
-            sentence_citations=True,
-            groundedness=service.groundedness,
-            stopping_criteria=StoppingCriteriaList([cancel]),
-            **sampling,
+        stoppable = dataclasses.replace(
+            prepared, generate_kwargs={**prepared.generate_kwargs, "stopping_criteria": StoppingCriteriaList([cancel])}
         )
+        stream = service.attributor.stream(stoppable, sentence_citations=True, groundedness=service.groundedness)
         while True:
             item = await run_in_threadpool(next, stream, end)
             if item is end:
