@@ -135,16 +135,22 @@ class ModelRunner:
         while generated and generated[-1] in eos:
             generated.pop()
             finish = "stop"
+        cut = None
         if stop_strings:
-            kept = _before_stop_string(self.tokenizer, generated, stop_strings)
-            if kept is not None:
+            found = _before_stop_string(self.tokenizer, generated, stop_strings)
+            if found is not None:
+                kept, cut = found
                 generated, finish = generated[:kept], "stop"
         if not generated:
             logger.warning("the model produced an empty answer")
         if captured:
-            return decode_with_offsets(self.tokenizer, generated), finish
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        return AnswerTokens(token_ids=generated, text=text, char_spans=[]), finish
+            answer = decode_with_offsets(self.tokenizer, generated)
+        else:
+            answer = AnswerTokens(generated, self.tokenizer.decode(generated, skip_special_tokens=True), [])
+        if cut is not None and cut < len(answer.text):  # a token holds the text's end and the stop string's start
+            spans = [(min(a, cut), min(b, cut)) for a, b in answer.char_spans]
+            answer = AnswerTokens(answer.token_ids, answer.text[:cut], spans)
+        return answer, finish
 
     # ---- one request ----------------------------------------------------------------------------------------
     def generate(
@@ -551,9 +557,10 @@ def _stop_strings_criteria(
     return StoppingCriteriaList([*(given or []), StopStrings()])
 
 
-def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequence[str]) -> int | None:
-    """How many of the generated tokens come before the first stop string in their text (None: no stop string).
-    A token that holds the stop string's first character goes with it."""
+def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequence[str]) -> tuple[int, int] | None:
+    """Where the answer ends before the first stop string in its text (None: no stop string): the tokens to keep
+    (up to the one holding the stop string's first character, when the text before it ends inside that token) and
+    the characters to keep (exactly the text before the stop string)."""
     text = tokenizer.decode(generated, skip_special_tokens=True)
     found = [at for at in (text.find(s) for s in stop_strings if s) if at >= 0]
     if not found:
@@ -562,7 +569,9 @@ def _before_stop_string(tokenizer: Any, generated: list[int], stop_strings: Sequ
     kept = 0
     while kept < len(generated) and len(tokenizer.decode(generated[: kept + 1], skip_special_tokens=True)) <= cut:
         kept += 1
-    return kept
+    if kept < len(generated) and len(tokenizer.decode(generated[:kept], skip_special_tokens=True)) < cut:
+        kept += 1  # the text before the stop string ends inside this token: keep it, cut its characters
+    return kept, cut
 
 
 def _kept(generated: list[int], control: RowControl | None, row: int) -> list[int]:
