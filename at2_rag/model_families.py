@@ -18,18 +18,15 @@ answer before them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ModelNotAvailableError
-from .models import cache_root, converted_once, load_model
+from .models import cache_root, checkpoint_fingerprint, converted_once, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,49 +90,19 @@ def gemma3_270m_gguf_path() -> Path:
     return target
 
 
-def _fingerprint(gguf: Path) -> str:
-    import transformers
-
-    stat = gguf.stat()
-    key = f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}:{transformers.__version__}:{PLAIN_RAG_CHAT_TEMPLATE}:"
-    key += json.dumps(GEMMA_STOP_STRINGS)
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def _convert(gguf: Path, target: Path) -> None:
-    """De-quantize the GGUF once into a float32 safetensors checkpoint with the plain RAG template and the stop
-    strings, written atomically."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    logger.warning("first run: converting %s to a cached checkpoint in %s (~40 s, once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+def _adapt(model: Any, tokenizer: Any) -> None:
+    """A base model's checkpoint: the plain RAG template and the stop strings that end its answers."""
     tokenizer.chat_template = PLAIN_RAG_CHAT_TEMPLATE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["_name_or_path"] = GEMMA3_270M_ID
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        model.hf_quantizer = None  # type: ignore[assignment]
-        model.config.quantization_config = None
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.generation_config.stop_strings = list(GEMMA_STOP_STRINGS)
-        model.generation_config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        if target.exists():  # a stale, incomplete folder (the lock rules out a live writer)
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config.stop_strings = list(GEMMA_STOP_STRINGS)
 
 
 def gemma3_270m_path() -> Path:
     """The cached converted checkpoint folder of Gemma 3 270M, assembling and converting it on first use."""
     gguf = gemma3_270m_gguf_path()
-    return converted_once(gguf, cache_root() / "models" / f"gemma3-270m-{_fingerprint(gguf)}", _convert)
+    # the template and stop strings are part of the checkpoint's name: changing them converts again
+    settings = f":{PLAIN_RAG_CHAT_TEMPLATE}:{json.dumps(GEMMA_STOP_STRINGS)}"
+    target = cache_root() / "models" / f"gemma3-270m-{checkpoint_fingerprint(gguf, settings)}"
+    return converted_once(gguf, target, GEMMA3_270M_ID, _adapt)
 
 
 def load_gemma3_270m(device: str | torch.device | None = None) -> tuple[Any, Any]:

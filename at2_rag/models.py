@@ -205,32 +205,38 @@ def check_default_model() -> None:
         raise ModelNotAvailableError("; ".join(problems))
 
 
-def _fingerprint(path: Path) -> str:
+def checkpoint_fingerprint(path: Path, settings: str = "") -> str:
+    """Names a converted checkpoint: the GGUF (name, size, time), the transformers that converted it and whatever
+    `settings` the conversion added (a new one converts again)."""
     stat = path.stat()
     import transformers
 
-    key = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}:{transformers.__version__}"
+    key = f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}:{transformers.__version__}{settings}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize the GGUF once and write a plain safetensors checkpoint, atomically."""
+def convert_gguf(
+    gguf: Path, target: Path, model_id: str, adapt: Callable[[Any, Any], None] | None = None
+) -> None:
+    """Dequantize the GGUF once and write a plain safetensors checkpoint named `model_id`, atomically; `adapt(model,
+    tokenizer)` may set what the family needs first (a chat template, stop strings in the generation config)."""
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("first run: converting %s to a cached checkpoint in %s (~20 s, once)", gguf.name, target)
+    logger.warning("first run: converting %s to a cached checkpoint in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if adapt is not None:
+        adapt(model, tokenizer)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        config["_name_or_path"] = DEFAULT_MODEL_ID
+        config["_name_or_path"] = model_id
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module's __setattr__ typing allows only tensors
         model.config.quantization_config = None
-        from safetensors.torch import save_model
-
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -242,7 +248,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def _checkpoint_folder(gguf: Path) -> Path:
-    return cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
+    return cache_root() / "models" / f"smollm2-135m-instruct-{checkpoint_fingerprint(gguf)}"
 
 
 def _cached_checkpoint() -> Path | None:
@@ -258,11 +264,13 @@ def default_model_path() -> Path:
     """The cached converted checkpoint of the embedded model, converting it on first use."""
     check_default_model()  # a missing piece is named before any conversion starts
     gguf = default_gguf_path()
-    return converted_once(gguf, _checkpoint_folder(gguf), _convert_gguf)
+    return converted_once(gguf, _checkpoint_folder(gguf), DEFAULT_MODEL_ID)
 
 
-def converted_once(gguf: Path, target: Path, convert: Callable[[Path, Path], None]) -> Path:
-    """`target`, the checkpoint `convert(gguf, target)` writes, converted on first use only. Several processes
+def converted_once(
+    gguf: Path, target: Path, model_id: str, adapt: Callable[[Any, Any], None] | None = None
+) -> Path:
+    """`target`, the checkpoint `convert_gguf` writes, converted on first use only. Several processes
     (accelerate/torchrun, pytest-xdist) may start cold together: one converts, the others wait and then load its
     result instead of replacing the folder under a reader."""
     if (target / "model.safetensors").is_file():
@@ -272,7 +280,7 @@ def converted_once(gguf: Path, target: Path, convert: Callable[[Path, Path], Non
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "model.safetensors").is_file():
-            convert(gguf, target)
+            convert_gguf(gguf, target, model_id, adapt)
     return target
 
 
