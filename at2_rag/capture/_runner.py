@@ -108,15 +108,16 @@ class ModelRunner:
     def _hooked(
         self, kwargs: dict[str, Any], hooks: Sequence[RunHooks | None], prompt_width: int
     ) -> RowControl | None:
-        """The rows' hooks as one stopping criterion (added to `kwargs`) and one streamer (returned): None when no
-        row has any."""
+        """The rows' hooks in one control: its stopping criterion added to `kwargs` when a row may be stopped; it is
+        the streamer too when a row wants its text (`control.streams`). None when no row has any hook."""
         control = RowControl(self.tokenizer, hooks, prompt_width, self.eos_token_ids)
-        if not control.active:
+        if not (control.stops or control.streams):
             return None
-        from transformers import StoppingCriteriaList
+        if control.stops:
+            from transformers import StoppingCriteriaList
 
-        given = kwargs.get("stopping_criteria") or []
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*given, control.criterion()])
+            given = kwargs.get("stopping_criteria") or []
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*given, control.criterion()])
         return control
 
     def stop_strings(self, generate_kwargs: dict[str, Any] | None = None) -> list[str]:
@@ -176,9 +177,8 @@ class ModelRunner:
         input_ids = torch.tensor([prompt.input_ids], device=self.device)
         kwargs = self._generate_kwargs(generate_kwargs, prompt.num_tokens)
         control = self._hooked(kwargs, [hooks], prompt.num_tokens)
-        streamer = TeeStreamer(streamer, control) if control is not None and streamer is not None else (
-            streamer or control
-        )
+        texts = control if control is not None and control.streams else None
+        streamer = TeeStreamer(streamer, texts) if texts is not None and streamer is not None else streamer or texts
         if streamer is not None:
             kwargs["streamer"] = streamer
         ctx = (
@@ -374,7 +374,7 @@ class ModelRunner:
         width = ids.shape[1]
         kwargs = self._generate_kwargs(generate_kwargs, width)
         control = self._hooked(kwargs, list(hooks) if hooks is not None else [None] * len(prompts), width)
-        if control is not None:
+        if control is not None and control.streams:
             kwargs["streamer"] = control
         with self.lock, torch.no_grad():
             cache = self._prefill_rows([p.input_ids for p in prompts], pads, width - 1) if width > 1 else None

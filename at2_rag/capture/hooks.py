@@ -41,8 +41,14 @@ class RowControl:
         self._prompt_seen = False
 
     @property
-    def active(self) -> bool:
-        return any(h is not None and (h.should_stop or h.on_text) for h in self.hooks)
+    def stops(self) -> bool:
+        """Some row may be stopped: the criterion is needed."""
+        return any(h is not None and h.should_stop is not None for h in self.hooks)
+
+    @property
+    def streams(self) -> bool:
+        """Some row wants its text: the streamer is needed (decoding every step costs nothing otherwise)."""
+        return any(h is not None and h.on_text is not None for h in self.hooks)
 
     def stopped(self, row: int) -> bool:
         return self.ended_at[row] is not None
