@@ -20,19 +20,29 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ModelNotAvailableError
-from .models import cache_root, checkpoint_fingerprint, converted_once, load_model
+from .models import (
+    DEFAULT_MODEL_ID,
+    GGUF_SHA256,
+    cache_root,
+    checkpoint_fingerprint,
+    converted_once,
+    file_sha256,
+    load_model,
+    smollm2_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GEMMA3_270M_ID", "GEMMA_EXTRA_COMMAND", "GEMMA_STOP_STRINGS", "PLAIN_RAG_CHAT_TEMPLATE", "gemma3_270m_gguf_path",
-    "gemma3_270m_path", "load_gemma3_270m", "FAMILY_LOADERS",
+    "gemma3_270m_path", "load_gemma3_270m", "FAMILY_LOADERS", "KNOWN_SHAPES", "gguf_checkpoint",
 ]
 
 GEMMA3_270M_ID = "google/gemma-3-270m"
@@ -96,9 +106,10 @@ def _adapt(model: Any, tokenizer: Any) -> None:
     model.generation_config.stop_strings = list(GEMMA_STOP_STRINGS)
 
 
-def gemma3_270m_path() -> Path:
-    """The cached converted checkpoint folder of Gemma 3 270M, assembling and converting it on first use."""
-    gguf = gemma3_270m_gguf_path()
+def gemma3_270m_path(gguf: Path | None = None) -> Path:
+    """The cached converted checkpoint folder of Gemma 3 270M (the installed extra's GGUF, or `gguf`, the same
+    file elsewhere), assembling and converting it on first use."""
+    gguf = gguf or gemma3_270m_gguf_path()
     # the template and stop strings are part of the checkpoint's name: changing them converts again
     settings = f":{PLAIN_RAG_CHAT_TEMPLATE}:{json.dumps(GEMMA_STOP_STRINGS)}"
     target = cache_root() / "models" / f"gemma3-270m-{checkpoint_fingerprint(gguf, settings)}"
@@ -112,5 +123,25 @@ def load_gemma3_270m(device: str | torch.device | None = None) -> tuple[Any, Any
     return model, tokenizer
 
 
+def gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
+    """The converted checkpoint folder of a GGUF file and the model id to give it (`load_model` on a GGUF).
+
+    The GGUFs of the embedded SmolLM2 and of Gemma 3 270M are recognised by their sha256 and converted as their
+    loaders convert them: the plain RAG template and stop strings a base model needs, and the model id their
+    shipped estimators are named after. Any other GGUF is converted as transformers reads it (its own chat
+    template, if the file has one) and named after its file; pass its estimator explicitly."""
+    digest = file_sha256(gguf)
+    if digest == GGUF_SHA256:
+        return smollm2_checkpoint(gguf), DEFAULT_MODEL_ID
+    if digest == GEMMA_GGUF_SHA256:
+        return gemma3_270m_path(gguf), GEMMA3_270M_ID
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem).strip("-.").lower() or "model"
+    target = cache_root() / "models" / f"{name[:60]}-{checkpoint_fingerprint(gguf, ':' + digest)}"
+    return converted_once(gguf, target, gguf.stem), gguf.stem
+
+
 # `--model NAME` of the collect/evaluate command lines: the optional families by short name
 FAMILY_LOADERS = {"gemma3-270m": load_gemma3_270m}
+# (attention layers, query heads) of the models at2-rag ships or loads by name: `train` reads the feature grid of
+# data collected before collect.json recorded it
+KNOWN_SHAPES = {DEFAULT_MODEL_ID: (30, 9), GEMMA3_270M_ID: (18, 4)}

@@ -263,8 +263,7 @@ def _cached_checkpoint() -> Path | None:
 def default_model_path() -> Path:
     """The cached converted checkpoint of the embedded model, converting it on first use."""
     check_default_model()  # a missing piece is named before any conversion starts
-    gguf = default_gguf_path()
-    return converted_once(gguf, _checkpoint_folder(gguf), DEFAULT_MODEL_ID)
+    return smollm2_checkpoint(default_gguf_path())
 
 
 def converted_once(
@@ -320,17 +319,51 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode, on `device` (default: CPU)."""
+    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode, on `device` (default: CPU).
+
+    `name_or_path` may be a GGUF file: it is de-quantized once into a cached float32 checkpoint
+    (`model_families.gguf_checkpoint`; the embedded SmolLM2's and Gemma 3 270M's are recognised and get their
+    template, stop strings and model id, so their shipped estimators load with them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device is not None:
         device = check_device(device)  # a bad device fails before the weights load
+    if is_gguf_file(name_or_path):
+        from .model_families import gguf_checkpoint  # the families know their GGUFs; they import this module
+
+        folder, model_id = gguf_checkpoint(Path(name_or_path))
+        model, tokenizer = load_model(folder, device=device, dtype=dtype, **kwargs)
+        model.config._name_or_path = model_id
+        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto", **kwargs)
     if device is not None:
         model.to(device)  # type: ignore[arg-type]  # transformers' decorated PreTrainedModel.to is mistyped
     model.eval()
     return model, tokenizer
+
+
+def is_gguf_file(name_or_path: str | os.PathLike[str]) -> bool:
+    """A local file in the GGUF format (its magic bytes; the extension alone would take a misnamed file)."""
+    path = Path(name_or_path)
+    try:
+        with path.open("rb") as f:
+            return path.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def smollm2_checkpoint(gguf: Path) -> Path:
+    """The converted checkpoint of the embedded model's GGUF `gguf` (converted on first use)."""
+    return converted_once(gguf, _checkpoint_folder(gguf), DEFAULT_MODEL_ID)
 
 
 def load_default_model(device: str | torch.device | None = None) -> tuple[Any, Any]:

@@ -123,3 +123,15 @@ def test_gemma_generate_then_attribute_round_trip(gemma, example):
     assert (a - b).abs().max().item() < 1e-5, f"scores differ: {a.tolist()} vs {b.tolist()}"
     for x, y in zip(generated.citations, given.citations):
         assert x.text == y.text and [d.index for d in x.documents] == [d.index for d in y.documents]
+
+
+def test_gemma_from_pretrained_on_its_gguf_file(gemma):
+    """The assembled GGUF given by path is recognised as Gemma 3 270M: the same converted checkpoint (template,
+    stop strings) and its shipped estimator."""
+    from at2_rag.model_families import GEMMA3_270M_ID, gemma3_270m_gguf_path
+
+    att = Attributor.from_pretrained(gemma3_270m_gguf_path())
+    assert att.model_id == GEMMA3_270M_ID and att.estimator.trained
+    assert (att.estimator.num_layers, att.estimator.num_heads) == (18, 4)
+    assert att.tokenizer.chat_template == gemma[1].chat_template
+    assert att._runner.stop_strings() == Attributor(*gemma)._runner.stop_strings()

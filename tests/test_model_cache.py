@@ -130,3 +130,54 @@ def test_missing_extra_names_the_pip_command(tmp_path, monkeypatch):
     assert 'needs the package accelerate: run `pip install "at2-rag[embedded]"`' in done.stderr
     assert "converting" not in done.stdout + done.stderr
     assert not (tmp_path / "models").exists()
+
+
+# ---- a GGUF file given directly (`Attributor.from_pretrained("model.gguf")`) ---------------------------------
+
+
+def test_from_pretrained_on_the_embedded_gguf_file_is_the_default_model(tmp_path, monkeypatch):
+    """The embedded model's GGUF, given by path (a copy elsewhere), is recognised by its sha256: converted once as
+    the default loader converts it, named after the model, so its shipped estimator comes with it."""
+    from at2_rag import Attributor
+
+    reference = Attributor.default()  # from the real cache, before the empty one is set
+    copy = tmp_path / "downloads" / "my-copy.gguf"
+    copy.parent.mkdir()
+    copy.symlink_to(default_gguf_path())
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    att = Attributor.from_pretrained(copy)
+    assert att.model_id == models.DEFAULT_MODEL_ID and att.estimator.trained
+    assert att.estimator.model_id == models.DEFAULT_MODEL_ID
+    [folder] = [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
+    assert folder.name.startswith("smollm2-135m-instruct-")
+    docs = ["The cat eats fish every morning.", "The dog sleeps in the garden."]
+    a = att.attribute("What does the cat eat?", docs, answer="Fish.", groundedness="off")
+    b = reference.attribute("What does the cat eat?", docs, answer="Fish.", groundedness="off")
+    assert [d.score for d in a.documents] == [d.score for d in b.documents]
+
+
+def test_from_pretrained_on_an_unknown_gguf_converts_it_as_transformers_reads_it(tmp_path, monkeypatch, caplog):
+    """A GGUF no family knows (here the embedded one, with the known digests taken away) is converted once into
+    the cache, named after its file; without an estimator for it the attributor says so and uses uniform
+    attention. A file that is not a GGUF goes the ordinary way and fails there, naming the path."""
+    from at2_rag import Attributor, model_families
+
+    gguf = tmp_path / "Tiny Model.Q4_1.gguf"
+    gguf.symlink_to(default_gguf_path())
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(model_families, "GGUF_SHA256", "0" * 64)
+    with caplog.at_level(logging.WARNING):
+        att = Attributor.from_pretrained(gguf)
+    assert att.model_id == "Tiny Model.Q4_1" and not att.estimator.trained
+    assert "no trained AT2 estimator is known for Tiny Model.Q4_1" in caplog.text
+    [folder] = [p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]
+    assert folder.name.startswith("tiny-model.q4_1-") and (folder / "model.safetensors").is_file()
+    assert (att.num_layers, att.num_heads) == (30, 9)
+    again = Attributor.from_pretrained(gguf)  # converted once: the second load reads the cached folder
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == [folder.name]
+    assert again.model_id == att.model_id
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"not a model")
+    assert not models.is_gguf_file(not_gguf) and models.is_gguf_file(gguf)
+    with pytest.raises(OSError, match="weights.gguf"):
+        Attributor.from_pretrained(not_gguf)

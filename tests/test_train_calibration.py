@@ -184,6 +184,31 @@ def test_train_cli_writes_one_folder_with_weights_settings_and_card(tmp_path, ca
     assert "groundedness" not in json.loads((tmp_path / "few-est" / "config.json").read_text())["metadata"]
 
 
+def test_train_takes_the_feature_grid_from_collect_json_or_a_known_model_and_checks_it(tmp_path, capsys):
+    single = _write_set(tmp_path / "single", single_turn(30, 0))
+    out = tmp_path / "est"
+    fast = ["--epochs", "2", "--heldout-fraction", "0"]
+
+    def refused(*argv: str) -> str:
+        assert main(["train", str(single), str(out), *argv, *fast]) == 2
+        return capsys.readouterr().err
+
+    # no collect.json: the embedded model's known grid (30 x 9) does not fit these shards' LAYERS x HEADS features
+    assert (f"30 layers x 9 heads (from the known shape of HuggingFaceTB/SmolLM2-135M-Instruct) is 270 features per "
+            f"source, but the shards have {LAYERS * HEADS}") in refused()
+    assert "is not a known model: pass --num-layers and --num-heads" in refused("--model", "me/my-model")
+    assert "pass both --num-layers and --num-heads, or neither" in refused("--num-layers", str(LAYERS))
+    (single / "collect.json").write_text(json.dumps({"model": "me/my-model", "num_layers": HEADS,
+                                                     "num_heads": LAYERS + 1}))
+    assert "(from collect.json) is" in refused()
+    assert not out.exists()  # nothing written on any of these errors
+    (single / "collect.json").write_text(json.dumps({"model": "me/my-model", "num_layers": LAYERS,
+                                                     "num_heads": HEADS}))
+    assert main(["train", str(single), str(out), *fast]) == 0, capsys.readouterr().err
+    estimator = ScoreEstimator.from_folder(out)
+    assert (estimator.num_layers, estimator.num_heads, estimator.model_id) == (LAYERS, HEADS, "me/my-model")
+
+
 @pytest.fixture(scope="module")
 def tiny_model_folder(tmp_path_factory):
     """A random 2-layer, 4-head Llama with the embedded model's tokenizer, saved as a local model folder."""
@@ -230,8 +255,11 @@ def test_collect_train_and_the_attributor_uses_both_settings(tmp_path, tiny_mode
     assert all(ex.meta["no_documents_mask"] == 12 for ex in load_collected(tmp_path / "c-multi"))
     capsys.readouterr()
     est = tmp_path / "est"
+    recorded = json.loads((tmp_path / "c-single" / "collect.json").read_text())
+    assert (recorded["num_layers"], recorded["num_heads"]) == (LAYERS, HEADS)
+    # the shape comes from collect.json: no --num-layers/--num-heads for a model of one's own
     assert main(["train", str(tmp_path / "c-single"), str(tmp_path / "c-multi"), str(est), *model,
-                 "--num-layers", str(LAYERS), "--num-heads", str(HEADS), "--epochs", "5"]) == 0
+                 "--epochs", "5"]) == 0
     summary = json.loads(capsys.readouterr().out)["runtime_settings"]
     estimator = ScoreEstimator.from_folder(est)
     assert summary["refinement"] == "fitted" and "refinement" in estimator.metadata

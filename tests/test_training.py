@@ -640,6 +640,12 @@ def test_collect_refuses_to_resume_a_folder_with_other_settings(att, tmp_path, c
         collect(examples, out, att, num_masks=0, leave_one_out=True, max_new_tokens=8, rank=0, world_size=1)
     assert collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)["collected"] == 0
     assert [ex.id for ex in load_collected(out)] == ["cat"]  # the settings file is not read as a shard
+    assert (settings["num_layers"], settings["num_heads"]) == (att.num_layers, att.num_heads)
+    # a settings file from before the model's shape was recorded resumes, and gets the shape added
+    (out / SETTINGS_FILE).write_text(json.dumps({k: v for k, v in settings.items()
+                                                 if k not in ("num_layers", "num_heads")}))
+    assert collect(examples, out, att, num_masks=2, max_new_tokens=8, rank=0, world_size=1)["collected"] == 0
+    assert json.loads((out / SETTINGS_FILE).read_text()) == settings
     # a folder from before settings were recorded resumes, with a warning, and is not stamped with these settings
     (out / SETTINGS_FILE).unlink()
     with caplog.at_level("WARNING", logger="at2_rag.training.collect"):

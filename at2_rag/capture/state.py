@@ -312,13 +312,15 @@ class CaptureState:
         """`[batch, rows, sources, layers * heads]`, heads ordered layer-major (as the reference package).
 
         Each layer is reduced and copied straight into its slot of the result; its rows are then kept as a view
-        of that slot, so the features exist once in memory, and a second call returns the same values.
+        of that slot, so the features exist once in memory, and a second call returns the same values. They are
+        returned on the CPU, where scoring, evidence and storage work (a copy for a model on an accelerator: a few
+        floats per answer token and source; a GPU run once failed in the estimator on mixed devices).
         """
         if timing.current() is None:
-            return self._features()
+            return self._features().cpu()
         t = time.perf_counter()
         try:
-            return self._features()
+            return self._features().cpu()
         finally:
             timings = timing.current()
             assert timings is not None

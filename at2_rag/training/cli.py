@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from ..evidence.layout import SOURCE_KINDS, TARGET_KINDS
 from ..models import device_argument
 from .refinement import STRENGTHS
 from .runtime_settings import CONVERSATION_CHOICES
+
+logger = logging.getLogger(__name__)
 
 # `evaluate` options of the single-turn evaluation alone (None unless given), and their defaults there
 SINGLE_TURN_ONLY = ("merge", "part", "cache", "metrics", "plot", "curve", "budgets", "seed")
@@ -134,12 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                     f"have {d} features per source: collected with another model")
         report: dict[str, Any] = {"weights_from": str(args.weights_from)}
     else:
-        num_layers, num_heads = args.num_layers, args.num_heads
-        if num_layers is None or num_heads is None:
-            if args.model is None and d == 30 * 9:
-                num_layers, num_heads = 30, 9
-            else:
-                raise InvalidInputError("pass --num-layers and --num-heads for this model")
+        num_layers, num_heads = _feature_grid(args, model_id, d)
         estimator, report = train_estimator(
             examples,
             num_layers,
@@ -172,6 +170,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     (args.output / "training_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report_summary(report), indent=2))
     return 0
+
+
+def _feature_grid(args: argparse.Namespace, model_id: str, num_features: int) -> tuple[int, int]:
+    """(layers, heads) of the estimator to train: --num-layers/--num-heads, else the shape `collect` recorded in
+    collect.json, else the known shape of the embedded model or an optional family; checked against the shards'
+    features, since a wrong grid would train an estimator that no model of this shape can load."""
+    from ..model_families import KNOWN_SHAPES
+    from .collect import recorded_settings
+
+    given = (args.num_layers, args.num_heads)
+    if given != (None, None):
+        if None in given:
+            raise InvalidInputError("pass both --num-layers and --num-heads, or neither (collect.json records them)")
+        shape, origin = (int(args.num_layers), int(args.num_heads)), "--num-layers/--num-heads"
+    else:
+        recorded = [(int(s["num_layers"]), int(s["num_heads"])) for folder in args.data
+                    if (s := recorded_settings(folder)) is not None and "num_layers" in s and "num_heads" in s]
+        if recorded:
+            shape, origin = recorded[0], "collect.json"
+        elif model_id in KNOWN_SHAPES:
+            shape, origin = KNOWN_SHAPES[model_id], f"the known shape of {model_id}"
+        elif fits := [(known, grid) for known, grid in KNOWN_SHAPES.items() if grid[0] * grid[1] == num_features]:
+            # e.g. a fine-tuned SmolLM2 collected before collect.json recorded the shape
+            (known, shape), origin = fits[0], f"the shape of {fits[0][0]}, the known model with this many features"
+            logger.warning("%s is not a known model: training on %s's grid (%d x %d), which has the shards' %d "
+                           "features; pass --num-layers/--num-heads otherwise", model_id, known, *shape, num_features)
+        else:
+            raise InvalidInputError(
+                f"the shards do not record the model's shape (collected before collect.json did) and {model_id} is "
+                "not a known model: pass --num-layers and --num-heads (its attention layers and query heads)"
+            )
+    if shape[0] * shape[1] != num_features:
+        raise InvalidInputError(
+            f"{shape[0]} layers x {shape[1]} heads (from {origin}) is {shape[0] * shape[1]} features per source, "
+            f"but the shards have {num_features}"
+        )
+    return shape
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

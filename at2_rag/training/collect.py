@@ -212,13 +212,17 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_shards: bool)
         logger.warning("%s has shards but no %s (collected before settings were recorded): resuming it with %s",
                        output_dir, SETTINGS_FILE, settings)
         return
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items()
+              if k in recorded and recorded[k] != v]
     if differ:
         raise InvalidInputError(
             f"{output_dir} was collected with other settings ({'; '.join(differ)}): resuming would skip its "
             "examples and mix two kinds of shards. Collect into another folder (train and merge_collected take "
             "several)"
         )
+    if settings.keys() - recorded.keys():  # a setting recorded only by newer versions (the model's shape) is added
+        with atomic_path(output_dir / SETTINGS_FILE) as tmp:
+            tmp.write_text(json.dumps({**recorded, **settings}, indent=2) + "\n", encoding="utf-8")
 
 
 def collect(
@@ -261,6 +265,8 @@ def collect(
     check_settings(output_dir, {
         "model": attributor.model_id, "num_masks": num_masks, "keep_prob": keep_prob, "sources": sources,
         "targets_of": targets_of, "max_new_tokens": max_new_tokens, "seed": seed, "leave_one_out": leave_one_out,
+        # the feature grid, so `train` needs no --num-layers/--num-heads for any model
+        "num_layers": attributor.num_layers, "num_heads": attributor.num_heads,
     }, has_shards=bool(done))
     mine = [ex for ex in scanned.examples if (ex.position or 0) % world_size == rank and ex.id not in done]
     check_examples(scanned, attributor, mine, max_new_tokens)
