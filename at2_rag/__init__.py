@@ -13,7 +13,8 @@ from .attributor import Attributor
 from .capture.captured import Captured
 from .errors import AT2Error, ContextTooLongError, InvalidInputError, NoDocumentsError
 from .evidence.bundle import Evidence
-from .models import download_default_model, load_default_model, load_model
+from .model_families import load_any_model as load_model  # folders, Hub ids, GGUF files, family names
+from .models import download_default_model, load_default_model
 from .prompting.prepared import Prepared
 from .prompting.render import PromptTemplate
 from .prompting.request import AttributionRequest

@@ -158,12 +158,13 @@ class Attributor:
         dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> Attributor:
-        """Load a local (or Hub) Hugging Face causal LM and wrap it."""
-        from .models import load_model
+        """Load a local (or Hub) Hugging Face causal LM, a GGUF file (converted once into a cached checkpoint) or
+        an optional model family by its short name (`"gemma3-270m"`), and wrap it."""
+        from .model_families import load_any_model
 
         attributor_keys = {"template", "model_id", "check_model_id", "support_threshold", "grounded_threshold"}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in attributor_keys}
-        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, **kwargs)
+        model, tokenizer = load_any_model(name_or_path, device=device, dtype=dtype, **kwargs)
         return cls(model, tokenizer, estimator=estimator, **own)
 
     @classmethod

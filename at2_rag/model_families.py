@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ModelNotAvailableError
+from .errors import InvalidInputError, ModelNotAvailableError
 from .models import (
     DEFAULT_MODEL_ID,
     GGUF_SHA256,
     cache_root,
+    check_device,
     checkpoint_fingerprint,
     converted_once,
     file_sha256,
+    is_gguf_file,
     load_model,
     smollm2_checkpoint,
 )
@@ -42,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "GEMMA3_270M_ID", "GEMMA_EXTRA_COMMAND", "GEMMA_STOP_STRINGS", "PLAIN_RAG_CHAT_TEMPLATE", "gemma3_270m_gguf_path",
-    "gemma3_270m_path", "load_gemma3_270m", "FAMILY_LOADERS", "KNOWN_SHAPES", "gguf_checkpoint",
+    "gemma3_270m_path", "load_gemma3_270m", "FAMILY_LOADERS", "KNOWN_SHAPES", "gguf_checkpoint", "load_any_model",
 ]
 
 GEMMA3_270M_ID = "google/gemma-3-270m"
@@ -138,6 +141,30 @@ def gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf.stem).strip("-.").lower() or "model"
     target = cache_root() / "models" / f"{name[:60]}-{checkpoint_fingerprint(gguf, ':' + digest)}"
     return converted_once(gguf, target, gguf.stem), gguf.stem
+
+
+def load_any_model(
+    name_or_path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """A model and its tokenizer from whatever a user names: an optional family's short name (`gemma3-270m`), a
+    GGUF file (converted once, `gguf_checkpoint`), or a Hugging Face folder or Hub id (`models.load_model`).
+    `Attributor.from_pretrained` and the `--model` option of the command line load through it."""
+    if str(name_or_path) in FAMILY_LOADERS:
+        if dtype is not None or kwargs:
+            raise InvalidInputError(f"{name_or_path} loads in float32 with its own settings: pass no dtype or "
+                                    "loading options")
+        return FAMILY_LOADERS[str(name_or_path)](device=device)
+    if is_gguf_file(name_or_path):
+        if device is not None:
+            check_device(device)  # a bad device fails before any conversion
+        folder, model_id = gguf_checkpoint(Path(name_or_path))
+        model, tokenizer = load_model(folder, device=device, dtype=dtype, **kwargs)
+        model.config._name_or_path = model_id
+        return model, tokenizer
+    return load_model(name_or_path, device=device, dtype=dtype, **kwargs)
 
 
 # `--model NAME` of the collect/evaluate command lines: the optional families by short name

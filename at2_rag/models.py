@@ -319,22 +319,12 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode, on `device` (default: CPU).
-
-    `name_or_path` may be a GGUF file: it is de-quantized once into a cached float32 checkpoint
-    (`model_families.gguf_checkpoint`; the embedded SmolLM2's and Gemma 3 270M's are recognised and get their
-    template, stop strings and model id, so their shipped estimators load with them)."""
+    """Any Hugging Face causal LM and its (fast) tokenizer, in eval mode, on `device` (default: CPU). A GGUF file
+    or a model family's short name: `model_families.load_any_model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device is not None:
         device = check_device(device)  # a bad device fails before the weights load
-    if is_gguf_file(name_or_path):
-        from .model_families import gguf_checkpoint  # the families know their GGUFs; they import this module
-
-        folder, model_id = gguf_checkpoint(Path(name_or_path))
-        model, tokenizer = load_model(folder, device=device, dtype=dtype, **kwargs)
-        model.config._name_or_path = model_id
-        return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype or "auto", **kwargs)
     if device is not None:

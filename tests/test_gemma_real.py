@@ -127,7 +127,7 @@ def test_gemma_generate_then_attribute_round_trip(gemma, example):
 
 def test_gemma_from_pretrained_on_its_gguf_file(gemma):
     """The assembled GGUF given by path is recognised as Gemma 3 270M: the same converted checkpoint (template,
-    stop strings) and its shipped estimator."""
+    stop strings) and its shipped estimator; so is the family's short name."""
     from at2_rag.model_families import GEMMA3_270M_ID, gemma3_270m_gguf_path
 
     att = Attributor.from_pretrained(gemma3_270m_gguf_path())
@@ -135,3 +135,5 @@ def test_gemma_from_pretrained_on_its_gguf_file(gemma):
     assert (att.estimator.num_layers, att.estimator.num_heads) == (18, 4)
     assert att.tokenizer.chat_template == gemma[1].chat_template
     assert att._runner.stop_strings() == Attributor(*gemma)._runner.stop_strings()
+    by_name = Attributor.from_pretrained("gemma3-270m")  # the family's short name, as `--model` takes it
+    assert by_name.model_id == GEMMA3_270M_ID and by_name.estimator.model_id == GEMMA3_270M_ID

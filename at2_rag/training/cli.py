@@ -32,8 +32,8 @@ def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool =
     from ..attribution.estimator import ScoreEstimator
     from ..attributor import Attributor
     from ..capture.attention import model_shape
-    from ..model_families import FAMILY_LOADERS
-    from ..models import load_default_model, load_model
+    from ..model_families import load_any_model
+    from ..models import load_default_model
     from .collect import process_split
 
     _, _, launched_device = process_split()
@@ -44,10 +44,8 @@ def _attributor(args: argparse.Namespace, estimator: Any = None, shipped: bool =
             f"({launched_device} here): drop --device"
         )
     device = device if device is not None else launched_device
-    if args.model in FAMILY_LOADERS:  # an optional model family by its short name (at2_rag.model_families)
-        model, tokenizer = FAMILY_LOADERS[args.model](device=device)
-    elif args.model:
-        model, tokenizer = load_model(args.model, device=device)
+    if args.model:  # a folder, Hub id, GGUF file or optional family's short name (at2_rag.model_families)
+        model, tokenizer = load_any_model(args.model, device=device)
     else:
         model, tokenizer = load_default_model(device=device)
     if estimator is None and not shipped:
@@ -351,7 +349,8 @@ EXAMPLES JSONL: one example per line, an object with
   history    earlier turns (optional): [{"role": "user" | "assistant", "content": "..."}, ...]
 Other fields (e.g. relevant_ids, answer_hint) are ignored.
 """
-MODEL_HELP = "local folder, Hub id, or gemma3-270m (the optional gemma extra) (default: embedded SmolLM2-135M)"
+MODEL_HELP = ("local folder, Hub id, GGUF file, or gemma3-270m (the optional gemma extra) "
+              "(default: embedded SmolLM2-135M)")
 DEVICE_HELP = "torch device to run the model on, e.g. cpu, cuda, cuda:1 (default: cpu; under an accelerate launch, " \
     "each process's own device)"
 
