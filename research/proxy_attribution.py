@@ -48,6 +48,7 @@ from at2_rag.stats import lds
 logger = logging.getLogger(__name__)
 
 MODELS = ("smollm2", "gemma3-270m")
+METRICS = ("lds", "lds_dependent", "top1_agreement", "top1_drop")
 
 
 def load(name: str) -> Attributor:
@@ -129,32 +130,86 @@ def study(answering: str, cache: Path, examples_path: Path, attributing: list[st
         rows.append({"id": data.id, "sentences": len(spans), "kept": len(kept),
                      "methods": {m: example_metrics(s, w, data, kept) for m, (s, w) in methods.items()}})
     scored = [r for r in rows if r.get("methods")]
-    names = list(scored[0]["methods"]) if scored else []
-    summary = {
-        m: {k: mean_se([r["methods"][m][k] for r in scored if not math.isnan(r["methods"][m][k])])
-            for k in ("lds", "lds_dependent", "top1_agreement", "top1_drop")}
-        for m in names
-    }
     return {"answering_model": answering, "examples": str(examples_path), "cache": str(cache),
             "num_examples": len(rows), "num_scored": len(scored),
             "sentences": sum(r["sentences"] for r in rows), "sentences_kept": sum(r["kept"] for r in rows),
-            "summary": summary, "rows": rows}
+            **summarize(scored, f"self: {answering} AT2"), "rows": rows}
+
+
+def summarize(scored: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    """Mean ± standard error over examples of every method and metric, and each method's paired difference to
+    `reference` (the answering model attributing itself) on the same examples."""
+    names = list(scored[0]["methods"]) if scored else []
+
+    def values(method: str, key: str) -> list[float]:
+        return [r["methods"][method][key] for r in scored]
+
+    def finite(v: list[float]) -> list[float]:
+        return [x for x in v if not math.isnan(x)]
+
+    summary = {m: {k: mean_se(finite(values(m, k))) for k in METRICS} for m in names}
+    paired = {m: {k: mean_se(finite([a - b for a, b in zip(values(m, k), values(reference, k), strict=True)]))
+                  for k in METRICS} for m in names if m != reference}
+    return {"summary": summary, "paired_difference_to": reference, "paired": paired}
+
+
+def plot_results(paths: list[Path], out: Path) -> None:
+    """One panel per metric (LDS, top-1 agreement), one group of bars per answering model: itself and each
+    proxy, with AT2 and average attention, mean ± standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(p.read_text()) for p in paths]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, label) in zip(axes, (("lds", "LDS, all answer sentences"), ("top1_agreement", "top-1 agreement"))):
+        for g, result in enumerate(results):
+            names = list(result["summary"])
+            width = 0.8 / len(names)
+            for i, name in enumerate(names):
+                v = result["summary"][name][key]
+                color = ("tab:red" if "AT2" in name else "tab:gray") if name.startswith("self") else \
+                    ("tab:blue" if "AT2" in name else "tab:cyan")
+                ax.bar(g + (i - (len(names) - 1) / 2) * width, v["mean"], width, yerr=v["se"], capsize=3,
+                       color=color, label=name.split(": ")[0] + ": " + ("AT2" if "AT2" in name else "average attention")
+                       if g == 0 else None)
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels([f"{r['answering_model']} answers\n({r['num_scored']} held-out)" for r in results])
+        ax.set_title(label)
+        ax.set_ylim(0, 1.05)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Proxy attribution: each answer attributed by its own model (self) and by the other (proxy)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--answers", choices=MODELS, required=True, help="the model whose answers are attributed")
-    parser.add_argument("--cache", type=Path, required=True, help="its `at2-rag evaluate --cache` folder")
-    parser.add_argument("--examples", type=Path, required=True, help="the held-out examples that cache is of")
+    parser.add_argument("--answers", choices=MODELS, help="the model whose answers are attributed")
+    parser.add_argument("--cache", type=Path, help="its `at2-rag evaluate --cache` folder")
+    parser.add_argument("--examples", type=Path, help="the held-out examples that cache is of")
     parser.add_argument("--attributing", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, help="JSON of the study (or, with --plot-from, the plot)")
+    parser.add_argument("--plot-from", nargs="+", type=Path, help="draw --output from these study JSONs instead")
     args = parser.parse_args(argv)
+    if args.output is None:
+        parser.error("--output is required")
+    if args.plot_from:
+        plot_results(args.plot_from, args.output)
+        return 0
+    if not (args.answers and args.cache and args.examples):
+        parser.error("--answers, --cache and --examples are required (or --plot-from)")
     logging.basicConfig(level=logging.INFO)
     result = study(args.answers, args.cache, args.examples, args.attributing, args.limit)
     args.output.write_text(json.dumps(result, indent=2))
     for method, values in result["summary"].items():
         print(f"{method:45s} " + "  ".join(f"{k} {v['mean']:.3f} ± {v['se']:.3f}" for k, v in values.items()))
+    for method, values in result["paired"].items():
+        print(f"{method + ' - self':45s} " + "  ".join(f"{k} {v['mean']:+.3f} ± {v['se']:.3f}"
+                                                       for k, v in values.items()))
     return 0
 
 
