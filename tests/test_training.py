@@ -48,6 +48,21 @@ def test_token_logit_probs_match_direct_softmax():
     torch.testing.assert_close(torch.nn.functional.logsigmoid(lp.double()), torch.log(p), atol=1e-5, rtol=1e-5)
 
 
+def test_token_logit_probs_in_chunks_are_the_same_numbers(monkeypatch):
+    """Large logits (a batch of masks x answer rows x a big vocabulary) are worked on a few rows at a time: the
+    numbers are bit for bit those of one pass, for a non-contiguous slice too (the runner passes `logits[:, :-1]`)."""
+    from at2_rag.capture import masked
+
+    torch.manual_seed(2)
+    logits = (torch.randn(7, 10, 301) * 4)[:, :-1]
+    targets = torch.randint(0, 301, (7, 9))
+    whole = token_logit_probs(logits, targets)
+    for chunk in (1, 9 * 301, 2 * 9 * 301 + 5, 6 * 9 * 301):
+        monkeypatch.setattr(masked, "TOKEN_CHUNK_ELEMENTS", chunk)
+        assert torch.equal(token_logit_probs(logits, targets), whole)
+        assert torch.equal(token_logit_probs(logits[0], targets[0]), whole[0])  # 2-D input: one pass
+
+
 def test_target_log_odds_equals_direct_computation():
     torch.manual_seed(1)
     logits = torch.randn(4, 6, 9)

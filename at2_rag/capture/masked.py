@@ -35,11 +35,23 @@ def ablation_attention_mask(
     return out
 
 
+# vocabulary entries worked on at once by `token_logit_probs` (64M floats, 256 MB): a batch of 64 ablation masks x
+# 65 answer rows x a 262k vocabulary (Gemma 3) is 4.4 GB of logits, and working on it whole made two more copies
+TOKEN_CHUNK_ELEMENTS = 1 << 26
+
+
 def token_logit_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per token, the logit of its probability: correct logit minus logsumexp of all other logits.
 
-    `logsigmoid` of it is log p and `logsigmoid(-x)` is log(1 - p), both without cancellation.
+    `logsigmoid` of it is log p and `logsigmoid(-x)` is log(1 - p), both without cancellation. Large inputs are
+    worked on a few rows of the leading dimension at a time (each row's numbers are the same either way), so the
+    temporary copies stay small next to the logits themselves.
     """
+    if logits.dim() > 2 and logits[0].numel() < logits.numel():
+        rows = max(1, TOKEN_CHUNK_ELEMENTS // logits[0].numel())
+        if rows < logits.shape[0]:
+            return torch.cat([token_logit_probs(logits[i : i + rows], targets[i : i + rows])
+                              for i in range(0, logits.shape[0], rows)])
     logits = logits.float()
     correct = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     others = logits.scatter(-1, targets.unsqueeze(-1), float("-inf"))
