@@ -2,10 +2,11 @@
 logit-probs worked out a few rows at a time (`capture.masked.TOKEN_CHUNK_ELEMENTS`, the default) against in one
 piece (the earlier behaviour).
 
-One held-out example (the second domain's example 9), its greedy answer, then 64 random document masks in one batch (`--batch-size`, the
-default of `collect`/`evaluate`) through `ablated_answer_logit_probs`. Each variant runs in a fresh process (peak
-resident memory is per process), twice, alternating; the logit-probs of both must be identical. Gemma 3 270M (a
-262k vocabulary) when the optional extra is installed, else the embedded SmolLM2 (49k).
+One held-out example (the second domain's example 9), its greedy answer, then 64 random document masks in one
+batch (`--batch-size`, the default of `collect`/`evaluate`) through `ablated_answer_logit_probs`. Each variant
+runs in a fresh process (peak resident memory is per process), twice, alternating; the logit-probs of both must
+be identical. Gemma 3 270M (a 262k vocabulary) when the optional extra is installed, else the embedded SmolLM2
+(49k).
 
     python bench/ablation_memory.py [--model gemma3-270m|smollm2] [--batch-size 64] [--out docs/bench]
 """
