@@ -47,7 +47,7 @@ def token_logit_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     worked on a few rows of the leading dimension at a time (each row's numbers are the same either way), so the
     temporary copies stay small next to the logits themselves.
     """
-    if logits.dim() > 2 and logits[0].numel() < logits.numel():
+    if logits.dim() > 2 and logits.shape[0] > 1:
         rows = max(1, TOKEN_CHUNK_ELEMENTS // logits[0].numel())
         if rows < logits.shape[0]:
             return torch.cat([token_logit_probs(logits[i : i + rows], targets[i : i + rows])

@@ -317,10 +317,10 @@ class CaptureState:
         floats per answer token and source; a GPU run once failed in the estimator on mixed devices).
         """
         if timing.current() is None:
-            return self._features().cpu()
+            return self._features()
         t = time.perf_counter()
         try:
-            return self._features().cpu()
+            return self._features()
         finally:
             timings = timing.current()
             assert timings is not None
@@ -357,7 +357,7 @@ class CaptureState:
         if len(lengths) != 1 or out is None:
             raise UnsupportedModelError(f"layers captured different numbers of rows {sorted(lengths)}")
         b, t, s, layers, h = out.shape
-        return out.view(b, t, s, layers * h)
+        return out.view(b, t, s, layers * h).cpu()
 
 
 class _Workspace:
